@@ -1,0 +1,32 @@
+"""The maths of every head, as pure functions.
+
+No module state, no in-place writes to inputs, no ``.item()`` or Python branching on tensor values in the
+computation: every function here works under ``torch.func.vmap``/``grad`` and ``torch.compile(fullgraph=True)``.
+Input checks that read tensor values run in eager mode only.
+
+Typical use::
+
+    from mll import functional as MF
+    cos = MF.cosine_logits(x, W)                        # (N, C) in [-1, 1]
+    logits = MF.arc_margin(cos, y, 0.5, scale=s)        # s·cos(θ + m) on the targets, s·cos θ elsewhere
+"""
+
+from mll.functional.cosine import cosine_logits, normalize
+from mll.functional.margins import arc_margin, cos_margin
+from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
+from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
+
+__all__ = [
+    "adacos_reduce",
+    "adacos_scale",
+    "adacos_statistics",
+    "arc_margin",
+    "cos_margin",
+    "cosine_logits",
+    "heuristic_scale",
+    "ncm_batch_statistics",
+    "ncm_logits",
+    "ncm_update",
+    "ncm_update_from_statistics",
+    "normalize",
+]

@@ -1,0 +1,140 @@
+"""Argument and input checks shared by the functional core.
+
+Shape and dtype checks always run (shapes are static under ``vmap`` and ``torch.compile``).
+Checks that read tensor *values* (label range, negative soft targets) run only in eager mode:
+they need a host synchronisation and would break tracing and ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def values_checkable() -> bool:
+    """Whether data-dependent checks may run: eager mode, outside any ``torch.func`` transform."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
+
+def shape_str(shape: tuple[int, ...] | torch.Size) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_floating(tensor: object, name: str) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, but got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, but got {tensor.dtype}")
+    return tensor
+
+
+def check_features(input: Tensor, weight: Tensor, num_sub_centers: int, *, weight_name: str = "weight") -> None:
+    check_floating(input, "input")
+    check_floating(weight, weight_name)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{weight_name} must have shape (num_classes * num_sub_centers, in_features), "
+            f"but got {shape_str(weight.shape)}"
+        )
+    if input.dim() < 1:
+        raise ValueError("input must have shape (*, in_features), but got a 0-dim tensor")
+    if input.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"input must have shape (*, {weight.shape[-1]}) to match {weight_name}'s in_features, "
+            f"but got {shape_str(input.shape)}"
+        )
+    check_num_sub_centers(num_sub_centers)
+    if weight.shape[0] % num_sub_centers != 0:
+        raise ValueError(
+            f"{weight_name} has {weight.shape[0]} rows, which is not a multiple of num_sub_centers={num_sub_centers}"
+        )
+    if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+        raise TypeError(
+            f"input and {weight_name} must have the same dtype outside autocast, "
+            f"but got {input.dtype} and {weight.dtype}"
+        )
+
+
+def check_num_sub_centers(num_sub_centers: object) -> None:
+    if isinstance(num_sub_centers, bool) or not isinstance(num_sub_centers, int) or num_sub_centers < 1:
+        raise ValueError(f"num_sub_centers must be an integer >= 1, but got {num_sub_centers!r}")
+
+
+def check_num_classes(num_classes: object, name: str = "out_features") -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"{name} must be an integer >= 2 (number of classes), but got {num_classes!r}")
+
+
+def check_in_features(in_features: object) -> None:
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be an integer >= 1, but got {in_features!r}")
+
+
+def check_scale(scale: object, name: str = "scale") -> None:
+    """A Python number must be positive and finite; a tensor must be floating (values checked in eager)."""
+    if isinstance(scale, Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, but got {scale.dtype}")
+        if values_checkable() and scale.numel() > 0:
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            if bool(bad.any()):
+                raise ValueError(f"{name} must be positive and finite, but got {scale.detach().cpu().tolist()}")
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a positive float or a tensor, but got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name} must be positive and finite, but got {scale!r}")
+
+
+def check_margin(margin: object, low: float, high: float, kind: str, *, high_inclusive: bool = False) -> None:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"{kind} margin must be a float, but got {type(margin).__name__}")
+    ok = low <= margin <= high if high_inclusive else low <= margin < high
+    if not (math.isfinite(margin) and ok):
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{kind} margin must be in [{low:g}, {high:.4g}{bracket}, but got {margin!r}")
+
+
+def is_soft(target: Tensor) -> bool:
+    """Soft targets are floating point with a class dimension; class indices are integers."""
+    return target.is_floating_point()
+
+
+def check_target(target: object, cosine_shape: torch.Size, *, name: str = "target") -> Tensor:
+    """Validate ``target`` against logits of shape ``(*, C)``.
+
+    Returns the target, with integer class indices converted to int64 (``gather`` needs it).
+    """
+    lead, num_classes = tuple(cosine_shape[:-1]), int(cosine_shape[-1])
+    expected = (
+        f"class indices of shape {shape_str(lead)} (an integer dtype) or soft targets of shape "
+        f"{shape_str(tuple(cosine_shape))} (a floating dtype)"
+    )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of {expected}, but got {type(target).__name__}")
+    if target.is_floating_point():
+        if tuple(target.shape) != tuple(cosine_shape):
+            raise ValueError(f"{name} must be {expected}, but got a float tensor of shape {shape_str(target.shape)}")
+        if values_checkable() and bool((target < 0).any()):
+            raise ValueError(f"soft {name} must be non-negative, but got min {target.min().item():g}")
+        return target
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be {expected}, but got dtype {target.dtype}")
+    if tuple(target.shape) != lead:
+        raise ValueError(f"{name} must be {expected}, but got an integer tensor of shape {shape_str(target.shape)}")
+    if values_checkable() and target.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(target))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must hold class indices in [0, {num_classes}), but got values from {lo} to {hi}")
+    return target.long()
+
+
+def check_momentum(momentum: object, name: str = "momentum") -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum < 1.0):
+        raise ValueError(f"{name} must be a float in [0, 1), but got {momentum!r}")

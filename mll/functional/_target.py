@@ -1,0 +1,106 @@
+"""The target-only fast path shared by every margin.
+
+A margin changes one logit per sample. Written with ``gather``/``scatter`` in plain autograd, that one change
+costs several extra passes over the N×C logits (a copy for the scatter, a zero-filled N×C gradient for the
+gather, an N×C sum of the two gradients). :class:`_ScaledTargetReplace` instead fuses the scale and the
+replacement: forward is ``scale * cosine`` (which the floor pays anyway) plus an in-place write of N numbers,
+backward is ``scale * grad`` plus an in-place write of N numbers. The margin's derivative at the N target
+cosines comes in as ``slope``, computed analytically by each margin (and checked against autograd in the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+Scale = Union[float, Tensor]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Margin trigonometry runs in float32 for half-precision inputs and in the input's dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """Write ``src`` into a tensor this module just allocated: in place in eager mode and under compile;
+    out of place under ``torch.func`` transforms, where in-place ``scatter_`` has no batching rule and would
+    fall back to a slow per-sample loop."""
+    if torch._C._are_functorch_transforms_active():
+        return fresh.scatter(-1, index, src)
+    return fresh.scatter_(-1, index, src)
+
+
+class _ScaledTargetReplace(torch.autograd.Function):
+    """``out = scale·cosine``, with ``out[..., y] = scale·value`` and ``∂out[..., y]/∂cosine[..., y] = scale·slope``.
+
+    ``value`` must carry autograd only through quantities other than ``cosine`` (a margin tensor, say): the
+    dependence of the target logit on ``cosine`` is supplied by ``slope``, which is treated as a constant.
+    First derivatives are exact; a second derivative (``create_graph=True``, ``torch.func.hessian``) misses
+    the margin's curvature ``d slope / d cosine`` at the N target entries. Computing ``slope`` with autograd
+    attached would fix that but makes ``gather`` keep the whole N×C ``cosine`` alive until backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(cosine: Tensor, index: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
+        out = cosine * scale
+        return _scatter(out, index, (value * scale).to(out.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        cosine, index, value, slope, scale = inputs
+        scale_is_tensor = isinstance(scale, Tensor)
+        ctx.scale_is_tensor = scale_is_tensor
+        ctx.scale = None if scale_is_tensor else scale
+        ctx.value_dtype = value.dtype
+        ctx.scale_needs_grad = scale_is_tensor and ctx.needs_input_grad[4]
+        saved = [index, slope, scale if scale_is_tensor else None]
+        if ctx.scale_needs_grad:
+            saved += [cosine, value]
+        ctx.save_for_backward(*saved)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        index, slope, scale_t, *rest = ctx.saved_tensors
+        scale = scale_t if ctx.scale_is_tensor else ctx.scale
+        grad_cosine = grad_value = grad_scale = None
+        g = grad * scale
+        g_target = g.gather(-1, index)
+        if ctx.needs_input_grad[2]:
+            grad_value = g_target.to(ctx.value_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_cosine = _scatter(g, index, (g_target * slope).to(g.dtype))
+        if ctx.scale_needs_grad:
+            cosine, value = rest
+            if scale_t.dim() == 0:
+                # d out / d scale is the unscaled output: cosine with the target entries replaced by value
+                cos_target = cosine.gather(-1, index)
+                grad_raw = grad.gather(-1, index)
+                grad_scale = (grad * cosine).sum() + (grad_raw * (value.to(grad.dtype) - cos_target)).sum()
+            else:
+                unscaled = cosine.scatter(-1, index, value.to(cosine.dtype))
+                grad_scale = (grad * unscaled).sum_to_size(scale_t.shape)
+            grad_scale = grad_scale.to(scale_t.dtype)
+        return grad_cosine, None, grad_value, None, grad_scale
+
+
+def scaled_target_replace(cosine: Tensor, target: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
+    """Scale ``cosine`` and replace each sample's target logit by ``scale * value``.
+
+    Args:
+        cosine (Tensor[*, C]): cosines.
+        target (Tensor[*], int64): class indices.
+        value (Tensor[*]): new target cosines (any floating dtype; cast to ``cosine``'s).
+        slope (Tensor[*]): derivative of ``value`` with respect to the target cosine.
+        scale (float or Tensor): logit scale.
+    """
+    index = target.unsqueeze(-1)
+    return _ScaledTargetReplace.apply(cosine, index, value.unsqueeze(-1), slope.unsqueeze(-1), scale)
+
+
+def gather_target(cosine: Tensor, target: Tensor) -> Tensor:
+    """The N target cosines, detached: their gradient is routed through ``slope``, not through ``gather``."""
+    return cosine.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)

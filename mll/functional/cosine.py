@@ -1,0 +1,64 @@
+"""Normalisation and cosine logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mll.functional._checks import check_features
+
+__all__ = ["cosine_logits", "normalize"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def normalize(input: Tensor) -> Tensor:
+    r"""L2-normalise the last dimension, mapping zero vectors to zero vectors.
+
+    .. math:: \hat x = x / \max(\lVert x \rVert_2, \varepsilon)
+
+    Float32 and float64 use :func:`torch.nn.functional.normalize` unchanged (``eps=1e-12``), so results match
+    the ``F.normalize`` floor exactly. Half-precision inputs are normalised in float32 and cast back: the norm
+    of a float16 vector overflows past 256 per component, and ``1e-12`` underflows to 0 in float16 (0/0 = NaN for a
+    zero vector). For float16 the ε is ``2**-10`` so that the gradient at a zero vector (``1/ε`` times the
+    upstream gradient) stays representable.
+
+    Args:
+        input (Tensor[*, d]): vectors to normalise.
+
+    Returns:
+        Tensor[*, d] of the same dtype, unit norm (or zero) along the last dimension.
+    """
+    if input.dtype in _HALF:
+        eps = 2.0**-10 if input.dtype == torch.float16 else 1e-12
+        return F.normalize(input.float(), dim=-1, eps=eps).to(input.dtype)
+    return F.normalize(input, dim=-1, eps=1e-12)
+
+
+def cosine_logits(input: Tensor, weight: Tensor, num_sub_centers: int = 1) -> Tensor:
+    r"""Cosine similarity between features and class weights, pooled over sub-centers.
+
+    .. math:: \cos\theta_{ij} = \max_{k < K} \langle \hat x_i, \hat w_{jK + k} \rangle
+
+    One GEMM on the L2-normalised operands (see :func:`normalize`). With ``num_sub_centers = K > 1`` row
+    ``c*K + k`` of ``weight`` is sub-center ``k`` of class ``c`` (the 0.1.6 layout) and each class keeps its most
+    similar sub-center, as in "Sub-center ArcFace: Boosting Face Recognition by Large-scale Noisy Web Faces"
+    (Deng et al., ECCV 2020).
+
+    The result is not clamped: rounding can put it a few ulps outside ``[-1, 1]``; the margin functions are
+    written to be finite there.
+
+    Args:
+        input (Tensor[*, d]): features; any number of leading dimensions.
+        weight (Tensor[C*K, d]): class weights (prototypes).
+        num_sub_centers (int): ``K``, sub-centers per class.
+
+    Returns:
+        Tensor[*, C] of cosines in the GEMM's dtype.
+    """
+    check_features(input, weight, num_sub_centers)
+    cosine = F.linear(normalize(input), normalize(weight))
+    if num_sub_centers > 1:
+        cosine = cosine.unflatten(-1, (-1, num_sub_centers)).amax(dim=-1)
+    return cosine

@@ -1,0 +1,147 @@
+"""Additive margins on the target logit: CosFace and ArcFace.
+
+Every margin has two paths that agree exactly for one-hot targets:
+
+* **class indices** ``target: Tensor[*]`` (integers): the margin's trigonometry runs on the N target cosines
+  only and is written back in place (see ``_target.py``): O(N) extra work, no N×C one-hot, no N×C arccos;
+* **soft targets** ``target: Tensor[*, C]`` (floats, e.g. mixup): the margin is weighted per entry, ``m·t``,
+  on the dense N×C tensor with plain autograd.
+
+Each margin is defined once as a value function ``ψ(cos, m)`` written in differentiable torch ops (used by the
+dense path) and its analytic derivative ``∂ψ/∂cos`` (used by the index path); the tests check one against the
+other and both against an independent float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mll.functional._checks import check_margin, check_scale, check_target, is_soft
+from mll.functional._target import Scale, gather_target, scaled_target_replace, work_dtype
+
+__all__ = ["arc_margin", "cos_margin"]
+
+#: Valid ranges. CosFace: ``m < 1`` keeps a perfectly aligned target positive. ArcFace: ``m < π/2`` keeps
+#: ``cos(0 + m) > 0`` and makes the fallback past ``π − m`` monotone in ``m``.
+COS_MARGIN_RANGE = (0.0, 1.0)
+ARC_MARGIN_RANGE = (0.0, math.pi / 2)
+
+
+def _sin_from_cos(cosine: Tensor) -> Tensor:
+    # sin θ = sqrt(1 − cos²θ), clamped away from 0 so neither it nor its gradient is infinite at cos = ±1
+    # (where the clamp is active its gradient is 0, and the analytic slope below says the same).
+    eps = torch.finfo(cosine.dtype).eps
+    return (1 - cosine * cosine).clamp(min=eps).sqrt()
+
+
+def _arc_value(cosine: Tensor, margin: Tensor | float, easy_margin: bool) -> Tensor:
+    r"""ψ(θ) = cos(θ + m) = cosθ·cos m − sinθ·sin m where it is monotone, else the established fallback.
+
+    Past θ > π − m, cos(θ + m) rises again and would reward a worse feature. Like InsightFace and
+    pytorch-metric-learning we use cosθ − m·sin m there; with ``easy_margin`` the margin is applied only where
+    cosθ > 0 and the cosine passes through elsewhere.
+    """
+    m = torch.as_tensor(margin, dtype=cosine.dtype, device=cosine.device)
+    cos_m, sin_m = torch.cos(m), torch.sin(m)
+    shifted = cosine * cos_m - _sin_from_cos(cosine) * sin_m
+    if easy_margin:
+        return torch.where(cosine > 0, shifted, cosine)
+    return torch.where(cosine > -cos_m, shifted, cosine - m * sin_m)
+
+
+def _arc_slope(cosine: Tensor, margin: Tensor | float, easy_margin: bool) -> Tensor:
+    """∂ψ/∂cos of :func:`_arc_value`, written out: cos m + sin m · cosθ / sinθ on the shifted branch."""
+    m = torch.as_tensor(margin, dtype=cosine.dtype, device=cosine.device)
+    cos_m, sin_m = torch.cos(m), torch.sin(m)
+    eps = torch.finfo(cosine.dtype).eps
+    sin2 = 1 - cosine * cosine
+    active = sin2 > eps
+    ratio = torch.where(active, cosine / sin2.clamp(min=eps).sqrt(), torch.zeros_like(cosine))
+    shifted = cos_m + sin_m * ratio
+    keep = cosine > 0 if easy_margin else cosine > -cos_m
+    return torch.where(keep, shifted, torch.ones_like(cosine))
+
+
+def _dense(cosine: Tensor, target: Tensor, margin: float, value_fn, scale: Scale) -> Tensor:
+    dtype = work_dtype(cosine.dtype)
+    out = value_fn(cosine.to(dtype), margin * target.to(dtype))
+    return (out * scale).to(cosine.dtype)
+
+
+def cos_margin(cosine: Tensor, target: Tensor, margin: float, *, scale: Scale = 1.0) -> Tensor:
+    r"""CosFace's additive cosine margin on the target logit, optionally scaled.
+
+    "CosFace: Large Margin Cosine Loss for Deep Face Recognition" (Wang et al., CVPR 2018,
+    https://arxiv.org/abs/1801.09414), Eq. 4:
+
+    .. math:: \psi_{ij} = s\,(\cos\theta_{ij} - m\,t_{ij})
+
+    with :math:`t` the one-hot target (class indices) or the soft target (e.g. mixup weights).
+
+    Args:
+        cosine (Tensor[*, C]): cosines, e.g. from :func:`cosine_logits`.
+        target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
+        margin (float): ``m`` in ``[0, 1)``.
+        scale (float or Tensor): ``s``, multiplied in (fused, no extra pass over the logits).
+
+    Returns:
+        Tensor[*, C]: the scaled logits with the margin applied, in ``cosine``'s dtype.
+    """
+    check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
+    check_scale(scale)
+    return cos_margin_unchecked(cosine, check_target(target, cosine.shape), margin, scale)
+
+
+def cos_margin_unchecked(cosine: Tensor, target: Tensor, margin: float, scale: Scale) -> Tensor:
+    """:func:`cos_margin` without argument checks, for modules that validated their inputs already."""
+    if is_soft(target):
+        return _dense(cosine, target, margin, lambda c, m: c - m, scale)
+    t = gather_target(cosine, target).to(work_dtype(cosine.dtype))
+    return scaled_target_replace(cosine, target, t - margin, torch.ones_like(t), scale)
+
+
+def arc_margin(
+    cosine: Tensor, target: Tensor, margin: float, *, easy_margin: bool = False, scale: Scale = 1.0
+) -> Tensor:
+    r"""ArcFace's additive angular margin on the target logit, optionally scaled.
+
+    "ArcFace: Additive Angular Margin Loss for Deep Face Recognition" (Deng et al., CVPR 2019,
+    https://arxiv.org/abs/1801.07698), Eq. 3:
+
+    .. math:: \psi_{ij} = s\,\cos(\theta_{ij} + m\,t_{ij})
+
+    computed as :math:`\cos\theta\cos m - \sin\theta\sin m` with :math:`\sin\theta` clamped away from 0, so
+    values and gradients are finite at :math:`\cos\theta = \pm 1` in every dtype (trigonometry in float32 for
+    float16/bfloat16). Past :math:`\theta > \pi - m` the logit would rise again with θ; there it is
+    :math:`\cos\theta - m\sin m` (InsightFace's fix), which keeps it non-increasing in θ and in ``m``.
+    With ``easy_margin=True`` the margin applies only where :math:`\cos\theta > 0` (not monotone at θ = π/2).
+
+    The gradient is the exact derivative of the value above (no straight-through shortcut); first derivatives
+    only (see the module notes in ``mll/functional/_target.py``).
+
+    Args:
+        cosine (Tensor[*, C]): cosines, e.g. from :func:`cosine_logits`.
+        target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
+        margin (float): ``m`` in radians, in ``[0, π/2)``.
+        easy_margin (bool): apply the margin only to targets with positive cosine.
+        scale (float or Tensor): ``s``, multiplied in (fused, no extra pass over the logits).
+
+    Returns:
+        Tensor[*, C]: the scaled logits with the margin applied, in ``cosine``'s dtype.
+    """
+    check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
+    check_scale(scale)
+    return arc_margin_unchecked(cosine, check_target(target, cosine.shape), margin, easy_margin, scale)
+
+
+def arc_margin_unchecked(cosine: Tensor, target: Tensor, margin: float, easy_margin: bool, scale: Scale) -> Tensor:
+    """:func:`arc_margin` without argument checks, for modules that validated their inputs already."""
+    if is_soft(target):
+        return _dense(cosine, target, margin, lambda c, m: _arc_value(c, m, easy_margin), scale)
+    t = gather_target(cosine, target).to(work_dtype(cosine.dtype))
+    value = _arc_value(t, margin, easy_margin)
+    slope = _arc_slope(t, margin, easy_margin)
+    return scaled_target_replace(cosine, target, value, slope, scale)

@@ -1,0 +1,91 @@
+"""Nearest class mean (DeepNCM): logits against running class means, and their update."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mll.functional._checks import check_floating, check_momentum, check_scale, check_target, is_soft, shape_str
+from mll.functional._target import Scale
+from mll.functional.cosine import cosine_logits
+
+__all__ = ["ncm_batch_statistics", "ncm_logits", "ncm_update", "ncm_update_from_statistics"]
+
+
+def ncm_logits(input: Tensor, means: Tensor, scale: Scale) -> Tensor:
+    r"""Scaled cosine similarity to the class means.
+
+    "DeepNCM: Deep Nearest Class Mean Classifiers" (Guerriero et al., ICLR 2018 workshop,
+    https://openreview.net/forum?id=rkPLZ4JPM), with cosine instead of Euclidean distance as in the 0.1.6 release:
+
+    .. math:: z_{ic} = s\,\langle \hat x_i, \hat\mu_c \rangle
+
+    A class whose mean is still zero (never seen) gets logit 0, not NaN.
+
+    Args:
+        input (Tensor[*, d]): features.
+        means (Tensor[C, d]): class means.
+        scale (float or Tensor): ``s``.
+
+    Returns:
+        Tensor[*, C].
+    """
+    check_scale(scale)
+    return cosine_logits(input, means.to(input.dtype)) * scale
+
+
+def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class feature sums and (soft) counts of one batch: ``(Tensor[C, d], Tensor[C])``.
+
+    Class indices use ``index_add`` (O(N·d)); soft targets a ``tᵀx`` GEMM. No Python loop over classes.
+    """
+    features = input.reshape(-1, input.shape[-1])
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    features = features.to(dtype)
+    if is_soft(target):
+        weights = target.reshape(-1, num_classes).to(dtype)
+        return weights.transpose(0, 1) @ features, weights.sum(dim=0)
+    labels = target.reshape(-1)
+    sums = features.new_zeros(num_classes, features.shape[-1]).index_add(0, labels, features)
+    counts = features.new_zeros(num_classes).index_add(0, labels, torch.ones_like(labels, dtype=dtype))
+    return sums, counts
+
+
+def ncm_update_from_statistics(means: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
+    """EMA of the class means towards ``sums / counts`` for classes with a positive count; others unchanged."""
+    present = (counts > 0).unsqueeze(-1)
+    batch_mean = sums / counts.clamp(min=torch.finfo(counts.dtype).tiny).unsqueeze(-1)
+    updated = momentum * means.to(sums.dtype) + (1 - momentum) * batch_mean
+    return torch.where(present, updated, means.to(sums.dtype)).to(means.dtype)
+
+
+def ncm_update(means: Tensor, input: Tensor, target: Tensor, momentum: float) -> Tensor:
+    r"""New class means: an exponential moving average of per-class batch means, for classes in the batch.
+
+    .. math:: \mu_c \leftarrow \alpha\,\mu_c + (1 - \alpha)\,\bar x_c \quad\text{if class } c \text{ is in the batch}
+
+    ``momentum`` is α, the weight of the *old* mean (the 0.1.6 ``alpha``, MoCo's convention; torch's BatchNorm
+    weights the new value instead). With soft targets, :math:`\bar x_c = \sum_i t_{ic} x_i / \sum_i t_{ic}` over
+    samples with weight on ``c``. Pure: returns a new tensor; vectorised over classes.
+
+    Args:
+        means (Tensor[C, d]): current class means.
+        input (Tensor[*, d]): features (no gradient flows to them).
+        target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
+        momentum (float): α in ``[0, 1)``.
+
+    Returns:
+        Tensor[C, d]: the updated means, in ``means``' dtype.
+    """
+    check_floating(means, "means")
+    check_floating(input, "input")
+    check_momentum(momentum)
+    if means.dim() != 2 or input.dim() < 1 or input.shape[-1] != means.shape[-1]:
+        raise ValueError(
+            f"means must have shape (C, d) and input shape (*, d) with the same d, but got means "
+            f"{shape_str(means.shape)} and input {shape_str(input.shape)}"
+        )
+    target = check_target(target, torch.Size((*input.shape[:-1], means.shape[0])))
+    with torch.no_grad():
+        sums, counts = ncm_batch_statistics(input.detach(), target, means.shape[0])
+        return ncm_update_from_statistics(means, sums, counts, momentum)

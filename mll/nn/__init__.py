@@ -1,0 +1,17 @@
+"""Modules: own the parameters and buffers, validate their arguments, call :mod:`mll.functional`."""
+
+from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
+from mll.nn.margin import ArcFace, CosFace
+from mll.nn.ncm import DeepNCM
+
+__all__ = [
+    "AdaCos",
+    "ArcFace",
+    "CosFace",
+    "DeepNCM",
+    "FixedAdaCos",
+    "NormalizedLinear",
+    "ScaledNormalizedLinear",
+    "ScaledNormalizedLinearSqrt",
+]

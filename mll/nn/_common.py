@@ -1,0 +1,83 @@
+"""Small helpers the modules share: parameter creation, 0.1.6 checkpoint upgrades, cross-rank statistics.
+
+Plain functions, not a base class: each module stays a flat ``nn.Module`` that reads top to bottom.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mll.functional._checks import check_in_features, check_num_classes, check_num_sub_centers, check_scale
+
+
+def check_head_args(in_features: int, out_features: int, num_sub_centers: int) -> None:
+    check_in_features(in_features)
+    check_num_classes(out_features)
+    check_num_sub_centers(num_sub_centers)
+
+
+def class_weight(in_features: int, out_features: int, num_sub_centers: int, factory: dict[str, Any]) -> nn.Parameter:
+    """Weight of shape ``(out_features * num_sub_centers, in_features)``: row ``c*K + k`` is sub-center k of c."""
+    return nn.Parameter(torch.empty((out_features * num_sub_centers, in_features), **factory))
+
+
+def reset_class_weight(weight: Tensor) -> None:
+    # Gaussian rows point in uniformly random directions on the sphere (a uniform box, as in nn.Linear's
+    # init, favours its diagonals); the norm is irrelevant after normalisation.
+    nn.init.normal_(weight)
+
+
+def register_scale(module: nn.Module, value: float, trainable: bool, factory: dict[str, Any]) -> None:
+    """``module.scale``: a 0-dim Parameter when trainable, else a buffer (saved, moved, never optimised)."""
+    check_scale(value)
+    if not isinstance(trainable, bool):
+        raise TypeError(f"trainable_scale must be a bool, but got {type(trainable).__name__}")
+    dtype = factory.get("dtype") or torch.get_default_dtype()
+    tensor = torch.tensor(float(value), dtype=dtype, device=factory.get("device"))
+    if trainable:
+        module.scale = nn.Parameter(tensor)
+    else:
+        module.register_buffer("scale", tensor)
+    module._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
+
+
+def _upgrade_legacy_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # 0.1.6 stored the scale as a Parameter of shape (1,); ours is 0-dim.
+    key = prefix + "scale"
+    value = state_dict.get(key)
+    if isinstance(value, Tensor) and value.shape == (1,):
+        state_dict[key] = value.reshape(())
+
+
+def scale_repr(scale: Tensor) -> str:
+    return f"scale={float(scale):.4g}"
+
+
+def distributed_world_size() -> int:
+    """World size of the default process group when statistics should be shared, else 1."""
+    if torch.compiler.is_compiling() or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def all_gather_samples(tensor: Tensor) -> Tensor:
+    """Concatenate a per-sample tensor (first dim may differ between ranks) from every rank."""
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s) for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+
+
+def all_reduce_sum(*tensors: Tensor) -> None:
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -1,0 +1,148 @@
+"""AdaCos heads: a fixed heuristic scale, or one adapted to every training batch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from mll import functional as MF
+from mll.functional._checks import check_scale, check_target
+from mll.nn._common import (
+    all_gather_samples,
+    check_head_args,
+    class_weight,
+    distributed_world_size,
+    register_scale,
+    reset_class_weight,
+    scale_repr,
+)
+
+__all__ = ["AdaCos", "FixedAdaCos"]
+
+
+class FixedAdaCos(nn.Module):
+    r"""Scaled cosine logits with AdaCos's fixed scale :math:`\sqrt2\ln(C-1)`.
+
+    "AdaCos: Adaptively Scaling Cosine Logits for Effectively Learning Deep Face Representations"
+    (Zhang et al., CVPR 2019, https://arxiv.org/abs/1905.00292), Sec. 4.1. See
+    :func:`mll.functional.heuristic_scale`.
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): override the heuristic with a fixed ``s > 0`` (0.1.6 crashed when given one).
+
+    Shape:
+        - input: ``(*, d)``; labels (ignored): ``(*)`` or ``(*, C)``
+        - output: ``(*, C)``
+    """
+
+    scale: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, num_sub_centers)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
+        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
+        register_scale(self, MF.heuristic_scale(out_features) if scale is None else scale, False, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}"
+        )
+
+
+class AdaCos(nn.Module):
+    r"""Scaled cosine logits whose scale follows AdaCos's dynamic update in training mode.
+
+    "AdaCos: Adaptively Scaling Cosine Logits for Effectively Learning Deep Face Representations"
+    (Zhang et al., CVPR 2019, https://arxiv.org/abs/1905.00292), Eq. 15–16; see
+    :func:`mll.functional.adacos_scale`. In training mode each forward first updates the ``scale`` buffer from
+    the batch (no gradient flows through it), then returns ``scale · cos θ`` with the *updated* scale. In eval
+    mode the scale is frozen. Labels are optional: without them the predicted class stands in for the target.
+    Under ``torch.distributed`` the statistics of every rank's batch are gathered first, so all ranks hold the
+    same scale (the one a single process would compute on the global batch).
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): initial scale; ``None`` uses √2·ln(C − 1).
+        min_scale (float): floor of the adapted scale (see :func:`mll.functional.adacos_reduce`).
+
+    Shape:
+        - input: ``(*, d)``; labels (optional): ``(*)`` or ``(*, C)``
+        - output: ``(*, C)``
+    """
+
+    scale: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        *,
+        min_scale: float = 0.5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, num_sub_centers)
+        check_scale(min_scale, "min_scale")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
+        self.initial_scale = MF.heuristic_scale(out_features) if scale is None else float(scale)
+        self.min_scale = float(min_scale)
+        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
+        register_scale(self, self.initial_scale, False, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        """Set the scale back to its initial value."""
+        with torch.no_grad():
+            self.scale.fill_(self.initial_scale)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        cosine = MF.cosine_logits(input, self.weight, self.num_sub_centers)
+        if self.training:
+            if labels is not None:
+                labels = check_target(labels, cosine.shape, name="labels")
+            with torch.no_grad():
+                log_b, theta = MF.adacos_statistics(cosine, labels, self.scale)
+                if distributed_world_size() > 1:
+                    log_b, theta = all_gather_samples(log_b), all_gather_samples(theta)
+                self.scale.copy_(MF.adacos_reduce(log_b, theta, min_scale=self.min_scale))
+        return cosine * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}, min_scale={self.min_scale}"
+        )

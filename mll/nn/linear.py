@@ -1,0 +1,164 @@
+"""Margin-free cosine heads."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch import Tensor, nn
+
+from mll import functional as MF
+from mll.nn._common import check_head_args, class_weight, register_scale, reset_class_weight, scale_repr
+
+__all__ = ["NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt"]
+
+
+class NormalizedLinear(nn.Module):
+    r"""Cosine similarity between normalised features and normalised class weights.
+
+    .. math:: y_{ij} = \max_k \langle \hat x_i, \hat w_{jK+k} \rangle
+
+    See :func:`mll.functional.cosine_logits`.
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K`` (default 1).
+
+    Shape:
+        - input: ``(*, d)``; labels (ignored, accepted for a uniform call): ``(*)`` or ``(*, C)``
+        - output: ``(*, C)``, cosines in ``[-1, 1]``
+
+    Attributes:
+        weight (Tensor[C*K, d]): class weights; row ``c*K + k`` is sub-center ``k`` of class ``c``.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, *, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, num_sub_centers)
+        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
+        self.weight = class_weight(in_features, out_features, num_sub_centers, {"device": device, "dtype": dtype})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return MF.cosine_logits(input, self.weight, self.num_sub_centers)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_sub_centers={self.num_sub_centers}"
+        )
+
+
+class ScaledNormalizedLinear(nn.Module):
+    r"""Scaled cosine logits, the margin-free base of every head here.
+
+    .. math:: y_{ij} = s \cos\theta_{ij}
+
+    The normalised softmax of "Classification is a Strong Baseline for Deep Metric Learning" (Zhai & Wu,
+    BMVC 2019, https://arxiv.org/abs/1811.12649). See :func:`mll.functional.cosine_logits`.
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` (√2·ln(C − 1)).
+        trainable_scale (bool): learn ``s`` (a Parameter) instead of keeping it fixed (a buffer).
+
+    Shape:
+        - input: ``(*, d)``; labels (ignored): ``(*)`` or ``(*, C)``
+        - output: ``(*, C)``
+    """
+
+    scale: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        trainable_scale: bool = False,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, num_sub_centers)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
+        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
+        register_scale(self, MF.heuristic_scale(out_features) if scale is None else scale, trainable_scale, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}, "
+            f"trainable_scale={self.scale.requires_grad}"
+        )
+
+
+class ScaledNormalizedLinearSqrt(nn.Module):
+    r"""Scaled cosine logits with the scale multiplied by :math:`\sqrt d`.
+
+    .. math:: y_{ij} = s \sqrt d \cos\theta_{ij}
+
+    The :math:`\sqrt d` makes the logits' range grow like those of a plain linear layer on unit-variance features.
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float): ``s > 0``, multiplied by √d (default 1, as in 0.1.6).
+        trainable_scale (bool): learn ``s``.
+
+    Shape:
+        - input: ``(*, d)``; labels (ignored): ``(*)`` or ``(*, C)``
+        - output: ``(*, C)``
+    """
+
+    scale: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = 1.0,
+        trainable_scale: bool = False,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_head_args(in_features, out_features, num_sub_centers)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
+        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
+        register_scale(self, 1.0 if scale is None else scale, trainable_scale, factory)
+        self.sqrt_in_features = math.sqrt(in_features)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return MF.cosine_logits(input, self.weight, self.num_sub_centers) * (self.scale * self.sqrt_in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)} (times sqrt(in_features)), "
+            f"trainable_scale={self.scale.requires_grad}"
+        )
