@@ -115,8 +115,11 @@ def arc_margin(
 
     computed as :math:`\cos\theta\cos m - \sin\theta\sin m` with :math:`\sin\theta` clamped away from 0, so
     values and gradients are finite at :math:`\cos\theta = \pm 1` in every dtype (trigonometry in float32 for
-    float16/bfloat16). Past :math:`\theta > \pi - m` the logit would rise again with θ; there it is
-    :math:`\cos\theta - m\sin m` (InsightFace's fix), which keeps it non-increasing in θ and in ``m``.
+    float16/bfloat16). At exactly :math:`|\cos\theta| = 1`, :math:`\sin\theta` is taken as √ε of the working
+    dtype (1.5e-8 in float64, 3.5e-4 in float32): a change of at most √ε·sin m, below the angular resolution of
+    a floating-point cosine there (the next float32 below 1 is already θ ≈ 3.5e-4).
+    Past :math:`\theta > \pi - m` the logit would rise again with θ; there it is :math:`\cos\theta - m\sin m`
+    (InsightFace's fix), which keeps it non-increasing in θ and in ``m``.
     With ``easy_margin=True`` the margin applies only where :math:`\cos\theta > 0` (not monotone at θ = π/2).
 
     The gradient is the exact derivative of the value above (no straight-through shortcut); first derivatives

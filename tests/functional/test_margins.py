@@ -1,0 +1,224 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mll import functional as MF
+from mll.functional.margins import _arc_slope, _arc_value
+from tests import reference as ref
+from tests.conftest import ALL_DTYPES
+
+ARC_MARGINS = st.floats(0.0, 1.5)
+COS_MARGINS = st.floats(0.0, 0.99)
+
+
+def arc(cos, target, m, s=1.0, easy=False):
+    return MF.arc_margin(cos, target, m, easy_margin=easy, scale=s)
+
+
+def cos_(cos, target, m, s=1.0, easy=False):
+    return MF.cos_margin(cos, target, m, scale=s)
+
+
+MARGINS = {"arc": (arc, ref.arc_margin, ARC_MARGINS), "cos": (cos_, ref.cos_margin, COS_MARGINS)}
+
+
+@st.composite
+def batches(draw):
+    n = draw(st.integers(1, 6))
+    c = draw(st.integers(2, 6))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    cos = torch.rand(n, c, generator=g, dtype=torch.float64) * 2 - 1
+    # adversarial entries: exactly ±1 and 0
+    special = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    mask = torch.rand(n, c, generator=g) < 0.2
+    cos = torch.where(mask, special[torch.randint(0, 3, (n, c), generator=g)], cos)
+    labels = torch.randint(0, c, (n,), generator=g)
+    soft = torch.rand(n, c, generator=g, dtype=torch.float64)
+    soft = soft / soft.sum(-1, keepdim=True)
+    return cos, labels, soft
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@pytest.mark.parametrize("easy", [False, True])
+@given(batch=batches(), data=st.data(), s=st.floats(0.1, 64.0))
+def test_matches_float64_reference(kind, easy, batch, data, s) -> None:
+    fn, reference, margins = MARGINS[kind]
+    m = data.draw(margins)
+    cos, labels, soft = batch
+    c = cos.shape[-1]
+    for target, t in ((labels, ref.onehot(labels.numpy(), c)), (soft, soft.numpy())):
+        expected = reference(cos.numpy(), t, m, s, easy) if kind == "arc" else reference(cos.numpy(), t, m, s)
+        # at |cos| = 1 exactly sin θ is clamped to √ε = 1.5e-8, below the angular resolution of a cosine there
+        np.testing.assert_allclose(ref.as_np(fn(cos, target, m, s, easy)), expected, rtol=1e-9, atol=2e-8 * s)
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@given(batch=batches(), data=st.data())
+def test_hard_labels_equal_one_hot_soft_labels(kind, batch, data) -> None:
+    fn, _, margins = MARGINS[kind]
+    m = data.draw(margins)
+    cos, labels, _ = batch
+    cos = cos.clamp(-0.999, 0.999).requires_grad_(True)  # away from the clamp, where both gradients are 0·∞-free
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    onehot = (torch.arange(cos.shape[-1]) == labels[:, None]).double()
+    weights = torch.randn(cos.shape, dtype=torch.float64)
+    hard = fn(cos, labels, m, scale)
+    soft = fn(cos, onehot, m, scale)
+    torch.testing.assert_close(hard, soft, rtol=1e-14, atol=1e-14)
+    g_hard = torch.autograd.grad((hard * weights).sum(), (cos, scale))
+    g_soft = torch.autograd.grad((soft * weights).sum(), (cos, scale))
+    for a, b in zip(g_hard, g_soft):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@given(batch=batches(), data=st.data())
+def test_only_target_logits_change(kind, batch, data) -> None:
+    fn, _, margins = MARGINS[kind]
+    cos, labels, _ = batch
+    out = fn(cos, labels, data.draw(margins), 3.0)
+    off_target = torch.arange(cos.shape[-1]) != labels[:, None]
+    assert torch.equal(out[off_target], cos[off_target] * 3.0)
+
+
+THETAS = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@given(data=st.data())
+def test_target_logit_is_below_cosine_and_monotone(kind, data) -> None:
+    fn, _, margins = MARGINS[kind]
+    m1, m2 = sorted((data.draw(margins), data.draw(margins)))
+    cos = torch.cos(THETAS)[:, None].expand(-1, 2).contiguous()
+    labels = torch.zeros(len(THETAS), dtype=torch.long)
+    psi1, psi2 = fn(cos, labels, m1)[:, 0], fn(cos, labels, m2)[:, 0]
+    assert (psi1 <= cos[:, 0] + 1e-15).all(), "a margin never raises the target logit"
+    assert (psi2 <= psi1 + 1e-15).all(), "non-increasing in the margin"
+    assert (psi1.diff() <= 1e-15).all(), "non-increasing in θ over [0, π]"
+
+
+def test_arcface_fallback_past_pi_minus_m() -> None:
+    m = 0.5
+    theta = torch.tensor([math.pi - 0.3, math.pi], dtype=torch.float64)
+    cos = torch.stack([torch.cos(theta), torch.zeros(2, dtype=torch.float64)], dim=1)
+    out = MF.arc_margin(cos, torch.zeros(2, dtype=torch.long), m)[:, 0]
+    torch.testing.assert_close(out, torch.cos(theta) - m * math.sin(m))
+
+
+def test_easy_margin_passes_negative_cosines_through() -> None:
+    cos = torch.tensor([[0.5, 0.1], [-0.5, 0.1]], dtype=torch.float64)
+    out = MF.arc_margin(cos, torch.tensor([0, 0]), 0.5, easy_margin=True)
+    torch.testing.assert_close(out[:, 0], torch.tensor([math.cos(math.acos(0.5) + 0.5), -0.5], dtype=torch.float64))
+
+
+@given(st.floats(0.0, 1.5), st.booleans())
+def test_arc_slope_is_the_derivative_of_the_value(m, easy) -> None:
+    t = torch.cat([torch.linspace(-1, 1, 401, dtype=torch.float64), torch.tensor([1 - 1e-17, -1 + 1e-17]).double()])
+    t.requires_grad_(True)
+    (autograd_slope,) = torch.autograd.grad(_arc_value(t, m, easy).sum(), t)
+    torch.testing.assert_close(_arc_slope(t.detach(), m, easy), autograd_slope, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("easy", [False, True])
+def test_gradcheck(kind, soft, easy) -> None:
+    fn = MARGINS[kind][0]
+    g = torch.Generator().manual_seed(1)
+    cos = (torch.rand(4, 5, generator=g, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
+    labels = torch.tensor([0, 2, 4, 2])
+    target = torch.softmax(torch.randn(4, 5, generator=g, dtype=torch.float64), -1) if soft else labels
+    scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, s: fn(c, target, 0.4, s, easy), (cos, scale))
+
+
+def test_gradcheck_through_features_and_weights() -> None:
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    assert torch.autograd.gradcheck(lambda a, b: F.cross_entropy(arc(MF.cosine_logits(a, b, 2), y, 0.5, 8.0), y), (x, w))
+
+
+def test_scale_of_shape_one_gets_its_gradient() -> None:
+    cos = torch.rand(3, 4, dtype=torch.float64) - 0.5
+    scale = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, 2, 3])
+    assert torch.autograd.gradcheck(lambda s: MF.arc_margin(cos, labels, 0.3, scale=s), (scale,))
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("soft", [False, True])
+def test_features_equal_or_opposite_to_a_weight_row_are_finite(kind, dtype, soft) -> None:
+    w = torch.randn(4, 8, dtype=dtype)
+    x = torch.stack([w[0], -w[1], w[2] * 3, torch.zeros(8, dtype=dtype)]).requires_grad_(True)
+    w.requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 3])
+    target = (torch.arange(4) == labels[:, None]).to(dtype) if soft else labels
+    cos = MF.cosine_logits(x, w)
+    out = MARGINS[kind][0](cos, target, 0.5, 30.0)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    F.cross_entropy(out.float(), labels).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_trigonometry_runs_in_float32(dtype) -> None:
+    cos = torch.tensor([[0.99951171875, 0.2]], dtype=dtype)  # close to 1: arccos in half would be coarse
+    labels = torch.tensor([0])
+    expected = ref.arc_margin(cos.double().numpy(), ref.onehot(labels.numpy(), 2), 0.5)
+    out = MF.arc_margin(cos, labels, 0.5)
+    np.testing.assert_allclose(ref.as_np(out), expected, rtol=torch.finfo(dtype).eps)
+
+
+def test_inputs_are_not_modified() -> None:
+    cos = torch.rand(3, 4)
+    before = cos.clone()
+    MF.arc_margin(cos, torch.tensor([0, 1, 2]), 0.5, scale=10.0)
+    MF.cos_margin(cos, torch.softmax(torch.randn(3, 4), -1), 0.5)
+    assert torch.equal(cos, before)
+
+
+def test_leading_dimensions() -> None:
+    cos = torch.rand(2, 3, 5, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 3))
+    out = MF.arc_margin(cos, labels, 0.5)
+    flat = MF.arc_margin(cos.reshape(6, 5), labels.reshape(6), 0.5)
+    torch.testing.assert_close(out.reshape(6, 5), flat)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda c: MF.arc_margin(c, torch.tensor([0, 5]), 0.5), ValueError, r"class indices in \[0, 5\).*0 to 5"),
+        (lambda c: MF.arc_margin(c, torch.tensor([-1, 0]), 0.5), ValueError, r"values from -1 to 0"),
+        (lambda c: MF.cos_margin(c, torch.tensor([0, 1, 2]), 0.5), ValueError, r"shape \(2\).*got .* shape \(3\)"),
+        (lambda c: MF.cos_margin(c, torch.rand(2, 4), 0.5), ValueError, r"soft targets of shape \(2, 5\).*\(2, 4\)"),
+        (lambda c: MF.cos_margin(c, -torch.rand(2, 5), 0.5), ValueError, r"must be non-negative"),
+        (lambda c: MF.cos_margin(c, torch.tensor([True, False]), 0.5), TypeError, r"got dtype torch.bool"),
+        (lambda c: MF.cos_margin(c, [0, 1], 0.5), TypeError, r"target must be a torch.Tensor"),
+        (lambda c: MF.cos_margin(c, torch.tensor([0, 1]), 1.0), ValueError, r"CosFace margin must be in \[0, 1\)"),
+        (lambda c: MF.arc_margin(c, torch.tensor([0, 1]), -0.1), ValueError, r"ArcFace margin must be in \[0, 1.571\)"),
+        (lambda c: MF.arc_margin(c, torch.tensor([0, 1]), 0.5, scale=0.0), ValueError, r"scale must be positive"),
+        (
+            lambda c: MF.arc_margin(c, torch.tensor([0, 1]), 0.5, scale=torch.tensor(-1.0)),
+            ValueError,
+            r"scale must be positive and finite, but got -1.0",
+        ),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call(torch.rand(2, 5))
+
+
+def test_int32_labels_are_accepted() -> None:
+    cos = torch.rand(2, 5)
+    torch.testing.assert_close(
+        MF.arc_margin(cos, torch.tensor([1, 3], dtype=torch.int32), 0.5), MF.arc_margin(cos, torch.tensor([1, 3]), 0.5)
+    )

@@ -1,0 +1,100 @@
+"""The functional core under torch.func transforms and torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mll import functional as MF
+
+N, D, C, K = 5, 4, 6, 2
+
+
+def pipeline(x, w, y, soft):
+    cos = MF.cosine_logits(x, w, K)
+    arc = F.cross_entropy(MF.arc_margin(cos, y, 0.5, scale=8.0), y)
+    cosf = F.cross_entropy(MF.cos_margin(cos, soft, 0.35, scale=8.0), soft)
+    return arc + cosf
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    ws = torch.randn(3, C * K, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    soft = torch.softmax(torch.randn(N, C, generator=g, dtype=torch.float64), -1)
+    return x, ws, y, soft
+
+
+def test_vmap_over_a_stack_of_weights_equals_a_loop(data) -> None:
+    x, ws, y, soft = data
+
+    def heads(w):
+        cos = MF.cosine_logits(x, w, K)
+        return (
+            MF.arc_margin(cos, y, 0.5, scale=4.0),
+            MF.cos_margin(cos, soft, 0.3, scale=4.0),
+            MF.ncm_logits(x, w[:C], 3.0),
+            MF.adacos_scale(cos, y, scale=4.0),
+            MF.ncm_update(w[:C], x, y, 0.9),
+        )
+
+    batched = torch.func.vmap(heads)(ws)
+    looped = [torch.stack(out) for out in zip(*(heads(w) for w in ws))]
+    for b, l in zip(batched, looped):
+        torch.testing.assert_close(b, l, rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_over_labels_and_soft_targets(data) -> None:
+    x, ws, y, soft = data
+    labels = torch.stack([y, y.flip(0), (y + 1) % C])
+    cos = MF.cosine_logits(x, ws[0], K)
+    batched = torch.func.vmap(lambda t: MF.arc_margin(cos, t, 0.5, scale=2.0))(labels)
+    looped = torch.stack([MF.arc_margin(cos, t, 0.5, scale=2.0) for t in labels])
+    torch.testing.assert_close(batched, looped)
+
+
+def test_per_sample_gradients_equal_a_loop(data) -> None:
+    x, ws, y, soft = data
+    w = ws[0]
+
+    def loss(w, xi, yi, ti):
+        return pipeline(xi[None], w, yi[None], ti[None])
+
+    batched = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(w, x, y, soft)
+    looped = torch.stack([torch.func.grad(loss)(w, x[i], y[i], soft[i]) for i in range(N)])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+    w_ = w.clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(loss(w_, x[1], y[1], soft[1]), w_)
+    torch.testing.assert_close(batched[1], autograd, rtol=1e-12, atol=1e-12)
+
+
+def test_grad_of_the_pipeline_equals_autograd(data) -> None:
+    x, ws, y, soft = data
+    w = ws[1].clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(pipeline(x, w, y, soft), w)
+    torch.testing.assert_close(torch.func.grad(pipeline, argnums=1)(x, ws[1], y, soft), expected)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_equals_eager() -> None:
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.randn(C * K, D, generator=g, requires_grad=True)
+    y = torch.randint(0, C, (N,), generator=g)
+    soft = torch.softmax(torch.randn(N, C, generator=g), -1)
+    means = torch.randn(C, D, generator=g)
+
+    def everything(x, w, y, soft, means):
+        cos = MF.cosine_logits(x, w, K)
+        new_scale = MF.adacos_scale(cos, y, scale=4.0)
+        loss = pipeline(x, w, y, soft) + F.cross_entropy(MF.ncm_logits(x, means, new_scale), y)
+        return loss, new_scale, MF.ncm_update(means, x, y, 0.9)
+
+    eager = everything(x, w, y, soft, means)
+    eager_grads = torch.autograd.grad(eager[0], (x, w))
+    compiled = torch.compile(everything, fullgraph=True)(x, w, y, soft, means)
+    compiled_grads = torch.autograd.grad(compiled[0], (x, w))
+    for a, b in zip((*eager, *eager_grads), (*compiled, *compiled_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

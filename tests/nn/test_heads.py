@@ -1,0 +1,253 @@
+"""The battery every head runs: module == functional, eval without labels, state, dtypes, transforms, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mll
+from mll import functional as MF
+
+D, C, K = 6, 5, 3
+
+# name -> (constructor, expected training output from the functional core given (module, x, labels))
+HEADS = {
+    "NormalizedLinear": (
+        lambda **kw: mll.NormalizedLinear(D, C, K, **kw),
+        lambda h, x, y: MF.cosine_logits(x, h.weight, K),
+    ),
+    "ScaledNormalizedLinear": (
+        lambda **kw: mll.ScaledNormalizedLinear(D, C, K, **kw),
+        lambda h, x, y: MF.cosine_logits(x, h.weight, K) * MF.heuristic_scale(C),
+    ),
+    "ScaledNormalizedLinearSqrt": (
+        lambda **kw: mll.ScaledNormalizedLinearSqrt(D, C, K, scale=2.0, **kw),
+        lambda h, x, y: MF.cosine_logits(x, h.weight, K) * 2.0 * math.sqrt(D),
+    ),
+    "CosFace": (
+        lambda **kw: mll.CosFace(D, C, K, margin=0.35, **kw),
+        lambda h, x, y: MF.cos_margin(
+            MF.cosine_logits(x, h.weight, K), y, 0.35, scale=MF.heuristic_scale(C, 0.35, margin_type="cos")
+        ),
+    ),
+    "ArcFace": (
+        lambda **kw: mll.ArcFace(D, C, K, margin=0.5, **kw),
+        lambda h, x, y: MF.arc_margin(
+            MF.cosine_logits(x, h.weight, K), y, 0.5, scale=MF.heuristic_scale(C, 0.5, margin_type="arc")
+        ),
+    ),
+    "FixedAdaCos": (
+        lambda **kw: mll.FixedAdaCos(D, C, K, **kw),
+        lambda h, x, y: MF.cosine_logits(x, h.weight, K) * MF.heuristic_scale(C),
+    ),
+    "AdaCos": (
+        lambda **kw: mll.AdaCos(D, C, K, **kw),
+        lambda h, x, y: MF.cosine_logits(x, h.weight, K)
+        * MF.adacos_scale(MF.cosine_logits(x, h.weight, K), y, scale=MF.heuristic_scale(C)),
+    ),
+    "DeepNCM": (
+        lambda **kw: _with_means(mll.DeepNCM(D, C, **kw)),
+        lambda h, x, y: MF.ncm_logits(x, h.means, MF.heuristic_scale(C)),
+    ),
+}
+NEEDS_LABELS = {"CosFace", "ArcFace", "DeepNCM"}
+
+
+def _with_means(head: mll.DeepNCM) -> mll.DeepNCM:
+    with torch.no_grad():
+        head.means.copy_(torch.randn(head.means.shape))
+    return head
+
+
+def batch(n=4, dtype=torch.float32, soft=False):
+    x = torch.randn(n, D, dtype=dtype)
+    y = torch.randint(0, C, (n,))
+    if soft:
+        return x, torch.softmax(torch.randn(n, C, dtype=dtype), -1)
+    return x, y
+
+
+def eval_expected(head, x):
+    if isinstance(head, mll.DeepNCM):
+        return MF.ncm_logits(x, head.means, head.scale)
+    cos = MF.cosine_logits(x, head.weight, head.num_sub_centers)
+    if isinstance(head, mll.NormalizedLinear):
+        return cos
+    extra = math.sqrt(D) if isinstance(head, mll.ScaledNormalizedLinearSqrt) else 1.0
+    return cos * head.scale * extra
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("soft", [False, True])
+def test_module_equals_functional(name, soft) -> None:
+    make, expected = HEADS[name]
+    head = make(dtype=torch.float64)
+    x, y = batch(dtype=torch.float64, soft=soft)
+    want = expected(head, x, y)  # computed before the module updates any running state
+    torch.testing.assert_close(head(x, y), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_eval_mode_needs_no_labels_and_applies_no_margin(name) -> None:
+    head = HEADS[name][0]().eval()
+    x, y = batch()
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    out = head(x)
+    torch.testing.assert_close(out, eval_expected(head, x))
+    torch.testing.assert_close(head(x, y), out)  # labels are accepted and ignored in eval mode
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed in eval mode"
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_training_without_labels(name) -> None:
+    head = HEADS[name][0]()
+    x, _ = batch()
+    if name in NEEDS_LABELS:
+        with pytest.raises(ValueError, match=rf"{name} needs labels in training mode"):
+            head(x)
+    else:
+        assert head(x).shape == (4, C)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_LABELS | {"AdaCos"}))
+def test_bad_labels_name_the_argument(name) -> None:
+    head = HEADS[name][0]()
+    x, _ = batch()
+    with pytest.raises(ValueError, match=rf"labels must hold class indices in \[0, {C}\), but got values from 0 to {C}"):
+        head(x, torch.tensor([0, 1, 2, C]))
+    with pytest.raises(ValueError, match=r"labels must be class indices of shape \(4\)"):
+        head(x, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match=r"labels must be .* but got dtype torch.bool"):
+        head(x, torch.tensor([True, False, True, False]))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_bad_features_name_the_argument(name) -> None:
+    head = HEADS[name][0]()
+    with pytest.raises(ValueError, match=rf"input must have shape \(\*, {D}\)"):
+        head(torch.randn(4, D + 1), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_leading_dimensions(name) -> None:
+    make, _ = HEADS[name]
+    head = make()
+    x, y = torch.randn(2, 3, D), torch.randint(0, C, (2, 3))
+    torch.manual_seed(1)
+    out = head.eval()(x, y)
+    torch.testing.assert_close(out.reshape(6, C), head(x.reshape(6, D), y.reshape(6)))
+    assert head.train()(x, y).shape == (2, 3, C)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_state_dict_round_trip(name) -> None:
+    make, _ = HEADS[name]
+    head, fresh = make(), make()
+    fresh.load_state_dict(head.state_dict())
+    x, _ = batch()
+    torch.testing.assert_close(fresh.eval()(x), head.eval()(x))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_functional_call_with_other_state(name) -> None:
+    make, _ = HEADS[name]
+    head, other = make().eval(), make().eval()
+    x, _ = batch()
+    state = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+    torch.testing.assert_close(torch.func.functional_call(head, state, (x,)), other(x))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_float64_factory_and_gradcheck(name) -> None:
+    make, _ = HEADS[name]
+    head = make(dtype=torch.float64).eval() if name in {"AdaCos", "DeepNCM"} else make(dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in head.state_dict().values())
+    x, y = batch(dtype=torch.float64)
+    x.requires_grad_(True)
+    params = [p for p in head.parameters() if p.requires_grad]
+
+    def f(x, *ps):
+        state = dict(zip([n for n, p in head.named_parameters() if p.requires_grad], ps))
+        return F.cross_entropy(torch.func.functional_call(head, state, (x, y)), y)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("soft", [False, True])
+def test_autocast_keeps_parameter_dtypes_and_is_finite(name, soft) -> None:
+    make, _ = HEADS[name]
+    head = make()
+    x, y = batch(n=8, soft=soft)
+    x.requires_grad_(True)
+    dtypes = {k: v.dtype for k, v in head.state_dict().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x, y)
+        loss = F.cross_entropy(out.float(), y)
+    loss.backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert {k: v.dtype for k, v in head.state_dict().items()} == dtypes
+    for p in head.parameters():
+        assert p.grad is None or (p.grad.dtype == p.dtype and torch.isfinite(p.grad).all())
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_modules_at_cos_plus_minus_one(name, dtype) -> None:
+    make, _ = HEADS[name]
+    head = make(dtype=dtype)
+    rows = head.means if isinstance(head, mll.DeepNCM) else head.weight
+    x = torch.stack([rows[0].detach(), -rows[K].detach(), torch.zeros(D, dtype=dtype)]).requires_grad_(True)
+    y = torch.tensor([0, 1, 2])
+    out = head(x, y)
+    F.cross_entropy(out.float(), y).backward()
+    assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_extra_repr_shows_hyper_parameters(name) -> None:
+    text = repr(HEADS[name][0]())
+    assert f"in_features={D}" in text and f"out_features={C}" in text
+    if name != "DeepNCM":
+        assert f"num_sub_centers={K}" in text
+
+
+def test_margin_heads_show_their_margin() -> None:
+    assert "margin=0.35" in repr(mll.CosFace(D, C, margin=0.35))
+    assert "margin=0.5, easy_margin=True" in repr(mll.ArcFace(D, C, easy_margin=True))
+
+
+@pytest.mark.parametrize("name", ["ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "CosFace", "ArcFace"])
+def test_trainable_scale_is_a_parameter_with_a_gradient(name) -> None:
+    cls = getattr(mll, name)
+    head = cls(D, C, trainable_scale=True, dtype=torch.float64)
+    assert any(p is head.scale for p in head.parameters())
+    x, y = batch(dtype=torch.float64)
+    F.cross_entropy(head(x, y), y).backward()
+    assert head.scale.grad is not None and head.scale.grad.shape == ()
+    fixed = cls(D, C)
+    assert all(p is not fixed.scale for p in fixed.parameters()) and "scale" in dict(fixed.named_buffers())
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: mll.ArcFace(D, 1), ValueError, r"out_features must be an integer >= 2 .*got 1"),
+        (lambda: mll.CosFace(0, C), ValueError, r"in_features must be an integer >= 1, but got 0"),
+        (lambda: mll.ScaledNormalizedLinear(D, C, 0), ValueError, r"num_sub_centers must be an integer >= 1"),
+        (lambda: mll.NormalizedLinear(D, C, 1.5), ValueError, r"num_sub_centers must be an integer >= 1"),
+        (lambda: mll.CosFace(D, C, margin=1.2), ValueError, r"CosFace margin must be in \[0, 1\), but got 1.2"),
+        (lambda: mll.ArcFace(D, C, margin=2.0), ValueError, r"ArcFace margin must be in \[0, 1.571\), but got 2.0"),
+        (lambda: mll.ArcFace(D, C, scale=0.0), ValueError, r"scale must be positive and finite, but got 0.0"),
+        (lambda: mll.AdaCos(D, C, scale=float("nan")), ValueError, r"scale must be positive and finite"),
+        (lambda: mll.ScaledNormalizedLinear(D, C, scale="30"), TypeError, r"scale must be a positive float"),
+        (lambda: mll.CosFace(D, C, trainable_scale=1), TypeError, r"trainable_scale must be a bool"),
+        (lambda: mll.DeepNCM(D, C, alpha=1.0), ValueError, r"alpha must be a float in \[0, 1\), but got 1.0"),
+        (lambda: mll.FixedAdaCos(D, C, margin=0.2), TypeError, r"unexpected keyword argument 'margin'"),
+    ],
+)
+def test_bad_constructor_arguments(make, error, match) -> None:
+    with pytest.raises(error, match=match):
+        make()
