@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 
-def as_np(t) -> np.ndarray:  # noqa: ANN001
+def as_np(t) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
@@ -39,11 +39,9 @@ def arc_margin(cos: np.ndarray, t: np.ndarray, m: float, s: float = 1.0, easy: b
     mt = m * t
     shifted = np.cos(theta + mt)
     if easy:
-        out = np.where(cos > 0, shifted, cos)
-    else:
-        # beyond θ + m·t = π the angle would wrap around: InsightFace's linear fallback
-        out = np.where(theta + mt < math.pi, shifted, cos - mt * np.sin(mt))
-    return s * out
+        return s * np.where(cos > 0, shifted, cos)
+    # beyond θ + m·t = π the angle would wrap around: InsightFace's linear fallback
+    return s * np.where(theta + mt < math.pi, shifted, cos - mt * np.sin(mt))
 
 
 def adacos_scale(cos: np.ndarray, t: np.ndarray, s: float, min_scale: float = 0.5) -> float:

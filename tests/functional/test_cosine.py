@@ -11,7 +11,7 @@ from tests.conftest import ALL_DTYPES
 
 
 @st.composite
-def problems(draw, max_lead=2):  # noqa: ANN001, ANN201
+def problems(draw, max_lead=2):
     lead = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=max_lead)))
     d = draw(st.integers(1, 8))
     c = draw(st.integers(2, 7))
@@ -24,7 +24,7 @@ def problems(draw, max_lead=2):  # noqa: ANN001, ANN201
 
 
 @given(problems())
-def test_matches_float64_reference(problem) -> None:  # noqa: ANN001
+def test_matches_float64_reference(problem) -> None:
     x, w, k = problem
     out = MF.cosine_logits(x, w, k)
     assert out.shape == (*x.shape[:-1], w.shape[0] // k)
@@ -32,7 +32,7 @@ def test_matches_float64_reference(problem) -> None:  # noqa: ANN001
 
 
 @given(problems(), st.data())
-def test_invariant_to_feature_and_weight_norms(problem, data) -> None:  # noqa: ANN001
+def test_invariant_to_feature_and_weight_norms(problem, data) -> None:
     x, w, k = problem
     fx = torch.tensor(data.draw(st.lists(st.floats(1e-3, 1e3), min_size=x[..., 0].numel(), max_size=x[..., 0].numel())))
     fw = torch.tensor(data.draw(st.lists(st.floats(1e-3, 1e3), min_size=w.shape[0], max_size=w.shape[0])))
@@ -41,7 +41,7 @@ def test_invariant_to_feature_and_weight_norms(problem, data) -> None:  # noqa: 
 
 
 @given(problems(), st.integers(0, 2**16))
-def test_equivariant_to_class_permutation(problem, seed) -> None:  # noqa: ANN001
+def test_equivariant_to_class_permutation(problem, seed) -> None:
     x, w, k = problem
     c = w.shape[0] // k
     perm = torch.randperm(c, generator=torch.Generator().manual_seed(seed))
@@ -50,13 +50,13 @@ def test_equivariant_to_class_permutation(problem, seed) -> None:  # noqa: ANN00
 
 
 @given(problems())
-def test_one_sub_center_is_the_plain_normalised_gemm(problem) -> None:  # noqa: ANN001
+def test_one_sub_center_is_the_plain_normalised_gemm(problem) -> None:
     x, w, _ = problem
     torch.testing.assert_close(MF.cosine_logits(x, w, 1), F.linear(F.normalize(x, dim=-1), F.normalize(w, dim=-1)))
 
 
 @given(problems())
-def test_identical_sub_centers_equal_one(problem) -> None:  # noqa: ANN001
+def test_identical_sub_centers_equal_one(problem) -> None:
     x, w, k = problem
     repeated = w.repeat_interleave(3, dim=0)  # every class' rows copied 3 times, in the c*K + k layout
     torch.testing.assert_close(MF.cosine_logits(x, repeated, 3 * k), MF.cosine_logits(x, w, k))
@@ -75,7 +75,7 @@ def test_gradcheck() -> None:
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_zero_vectors_give_zeros_and_finite_gradients(dtype) -> None:  # noqa: ANN001
+def test_zero_vectors_give_zeros_and_finite_gradients(dtype) -> None:
     x = torch.zeros(2, 4, dtype=dtype)
     x[1] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     x.requires_grad_(True)
@@ -88,7 +88,7 @@ def test_zero_vectors_give_zeros_and_finite_gradients(dtype) -> None:  # noqa: A
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_dtype_follows_input(dtype) -> None:  # noqa: ANN001
+def test_dtype_follows_input(dtype) -> None:
     x, w = torch.randn(2, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
     out = MF.cosine_logits(x, w)
     assert out.dtype == dtype
@@ -112,13 +112,13 @@ def test_normalize_is_pure_and_unit_norm() -> None:
         ((4, 5), (6, 5), 0, r"num_sub_centers must be an integer >= 1, but got 0"),
     ],
 )
-def test_bad_shapes_name_the_argument(x_shape, w_shape, k, match) -> None:  # noqa: ANN001
+def test_bad_shapes_name_the_argument(x_shape, w_shape, k, match) -> None:
     with pytest.raises(ValueError, match=match):
         MF.cosine_logits(torch.randn(x_shape), torch.randn(w_shape), k)
 
 
 def test_bad_dtypes_name_the_argument() -> None:
-    with pytest.raises(TypeError, match="input must have a floating-point dtype, but got torch.int64"):
+    with pytest.raises(TypeError, match=r"input must have a floating-point dtype, but got torch\.int64"):
         MF.cosine_logits(torch.ones(2, 3, dtype=torch.long), torch.randn(4, 3))
-    with pytest.raises(TypeError, match="same dtype outside autocast, but got torch.float64 and torch.float32"):
+    with pytest.raises(TypeError, match=r"same dtype outside autocast, but got torch\.float64 and torch\.float32"):
         MF.cosine_logits(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3))

@@ -141,7 +141,9 @@ def test_gradcheck_through_features_and_weights() -> None:
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 1, 0])
-    assert torch.autograd.gradcheck(lambda a, b: F.cross_entropy(arc(MF.cosine_logits(a, b, 2), y, 0.5, 8.0), y), (x, w))
+    assert torch.autograd.gradcheck(
+        lambda a, b: F.cross_entropy(arc(MF.cosine_logits(a, b, 2), y, 0.5, 8.0), y), (x, w)
+    )
 
 
 def test_scale_of_shape_one_gets_its_gradient() -> None:

@@ -28,7 +28,9 @@ def test_update_matches_reference(batch, alpha) -> None:
     c = means.shape[0]
     for target, t in ((labels, ref.onehot(labels.numpy(), c)), (soft, soft.numpy())):
         new = MF.ncm_update(means, x, target, alpha)
-        np.testing.assert_allclose(new.numpy(), ref.ncm_update(means.numpy(), x.numpy(), t, alpha), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            new.numpy(), ref.ncm_update(means.numpy(), x.numpy(), t, alpha), rtol=1e-12, atol=1e-12
+        )
 
 
 @given(batches(), st.floats(0.0, 0.99))

@@ -108,7 +108,9 @@ def test_adacos_scale_stays_finite_and_positive(batch, s, fill) -> None:
     if fill is not None:
         cos = torch.full_like(cos, fill)
     for target in (labels, soft, None):
-        new = MF.adacos_scale(cos.float(), target if target is None or target.dtype == torch.long else target.float(), scale=s)
+        new = MF.adacos_scale(
+            cos.float(), target if target is None or target.dtype == torch.long else target.float(), scale=s
+        )
         assert torch.isfinite(new) and new > 0
 
 

@@ -41,8 +41,8 @@ def test_vmap_over_a_stack_of_weights_equals_a_loop(data) -> None:
 
     batched = torch.func.vmap(heads)(ws)
     looped = [torch.stack(out) for out in zip(*(heads(w) for w in ws))]
-    for b, l in zip(batched, looped):
-        torch.testing.assert_close(b, l, rtol=1e-12, atol=1e-12)
+    for b, lo in zip(batched, looped):
+        torch.testing.assert_close(b, lo, rtol=1e-12, atol=1e-12)
 
 
 def test_vmap_over_labels_and_soft_targets(data) -> None:
@@ -51,6 +51,10 @@ def test_vmap_over_labels_and_soft_targets(data) -> None:
     cos = MF.cosine_logits(x, ws[0], K)
     batched = torch.func.vmap(lambda t: MF.arc_margin(cos, t, 0.5, scale=2.0))(labels)
     looped = torch.stack([MF.arc_margin(cos, t, 0.5, scale=2.0) for t in labels])
+    torch.testing.assert_close(batched, looped)
+    softs = torch.stack([soft, soft.flip(0), soft.roll(1, -1)])
+    batched = torch.func.vmap(lambda t: MF.arc_margin(cos, t, 0.5, scale=2.0))(softs)
+    looped = torch.stack([MF.arc_margin(cos, t, 0.5, scale=2.0) for t in softs])
     torch.testing.assert_close(batched, looped)
 
 

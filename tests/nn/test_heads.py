@@ -43,8 +43,10 @@ HEADS = {
     ),
     "AdaCos": (
         lambda **kw: mll.AdaCos(D, C, K, **kw),
-        lambda h, x, y: MF.cosine_logits(x, h.weight, K)
-        * MF.adacos_scale(MF.cosine_logits(x, h.weight, K), y, scale=MF.heuristic_scale(C)),
+        lambda h, x, y: (
+            MF.cosine_logits(x, h.weight, K)
+            * MF.adacos_scale(MF.cosine_logits(x, h.weight, K), y, scale=MF.heuristic_scale(C))
+        ),
     ),
     "DeepNCM": (
         lambda **kw: _with_means(mll.DeepNCM(D, C, **kw)),
@@ -115,7 +117,9 @@ def test_training_without_labels(name) -> None:
 def test_bad_labels_name_the_argument(name) -> None:
     head = HEADS[name][0]()
     x, _ = batch()
-    with pytest.raises(ValueError, match=rf"labels must hold class indices in \[0, {C}\), but got values from 0 to {C}"):
+    with pytest.raises(
+        ValueError, match=rf"labels must hold class indices in \[0, {C}\), but got values from 0 to {C}"
+    ):
         head(x, torch.tensor([0, 1, 2, C]))
     with pytest.raises(ValueError, match=r"labels must be class indices of shape \(4\)"):
         head(x, torch.tensor([0, 1]))

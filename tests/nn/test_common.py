@@ -1,0 +1,61 @@
+"""Cross-rank statistics: AdaCos and DeepNCM under torch.distributed (gloo, CPU) equal one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mll
+
+WORLD = 2
+SPLIT = (5, 3)  # uneven per-rank batches
+D, C = 6, 7
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(sum(SPLIT), D, generator=g)
+    y = torch.randint(0, C, (sum(SPLIT),), generator=g)
+    soft = torch.softmax(torch.randn(sum(SPLIT), C, generator=g), -1)
+    return x, y, soft
+
+
+def heads():
+    torch.manual_seed(3)
+    return mll.AdaCos(D, C), mll.DeepNCM(D, C, alpha=0.7)
+
+
+def run_steps(adacos, ncm, x, y, soft):
+    """Two steps each (hard then soft labels); returns the state after each step."""
+    out = []
+    for target in (y, soft):
+        adacos(x, target)
+        ncm(x, target)
+        out.append((adacos.scale.clone(), ncm.means.clone()))
+    return out
+
+
+def _worker(rank, path, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        x, y, soft = global_batch()
+        lo = sum(SPLIT[:rank])
+        part = slice(lo, lo + SPLIT[rank])
+        adacos, ncm = heads()
+        torch.save(run_steps(adacos, ncm, x[part], y[part], soft[part]), f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_statistics_are_gathered_across_ranks(tmp_path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "result")), nprocs=WORLD, join=True)
+    expected = run_steps(*heads(), *global_batch())
+    for rank in range(WORLD):
+        got = torch.load(f"{tmp_path / 'result'}.{rank}")
+        for (scale, means), (want_scale, want_means) in zip(got, expected):
+            torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(means, want_means, rtol=1e-6, atol=1e-6)
+    local = run_steps(*heads(), *(t[: SPLIT[0]] for t in global_batch()))
+    assert not torch.allclose(local[0][0], expected[0][0]), "the test must tell local from global statistics"
