@@ -1,0 +1,173 @@
+"""Time and measure every head side by side with the floor and the peers; print Markdown tables of ratios.
+
+    python -m benchmarks.run            # the full run (about 10 minutes on 2 cores)
+    python -m benchmarks.run --quick    # a smoke run: small shapes, few rounds
+
+Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by
+round in this one process with ``torch.utils.benchmark``; the median (and the minimum) per implementation, and
+their ratios to the floor of the same suite and class count. The process re-executes itself with
+``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (the same for every implementation) so that large
+tensors are not mmapped and unmapped on every step (page faults otherwise take a third of the time at C=50k).
+
+Memory: each implementation runs in a fresh process; after a warm-up step (gradient buffers allocated) the peak
+resident set of one more step is read from ``VmHWM`` (reset through ``/proc/self/clear_refs``), minus the resident
+set before it. Those processes use ``MALLOC_MMAP_THRESHOLD_=65536`` instead, so freed tensors leave the RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+from torch.utils import benchmark
+
+from benchmarks.cases import SUITES, Config, make_data
+from benchmarks.peers import load_legacy, pml_version
+
+TIMING_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+# suite -> (class counts, sub-centers, soft targets) for the full and the quick run
+PLAN = {
+    "int labels": ([1_000, 10_000, 100_000], 1, False),
+    "sub-centers": ([10_000], 3, False),
+    "soft targets": ([10_000], 1, True),
+    "DeepNCM": ([100_000], 1, False),
+}
+QUICK = Config(batch=32, features=64)
+QUICK_CLASSES = 500
+
+
+@dataclass
+class Result:
+    suite: str
+    head: str
+    impl: str
+    classes: int
+    times: list[float]
+    memory_mb: float | None = None
+
+
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe_memory(suite: str, index: int, cfg: Config) -> float:
+    """Peak extra resident memory (MB) of one steady-state step, in this (fresh) process."""
+    case = SUITES[suite][index]
+    data = make_data(cfg)
+    step = case.factory(cfg, data)
+    step()  # warm-up: gradient buffers exist from here on
+    gc.collect()
+    baseline = _vm_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS
+    step()
+    return (_vm_kb("VmHWM") - baseline) / 1024
+
+
+def measure_memory(suite: str, index: int, cfg: Config) -> float | None:
+    env = {k: v for k, v in os.environ.items() if k not in TIMING_ENV}
+    env.update(MEMORY_ENV)
+    args = [sys.executable, "-m", "benchmarks.run", "--probe", suite, str(index), json.dumps(cfg.__dict__)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"memory probe failed for {SUITES[suite][index].head} ({suite}):\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def time_suite(suite: str, cfg: Config, rounds: int, memory: bool) -> list[Result]:
+    cases = [case for case in SUITES[suite] if case.available()]
+    data = make_data(cfg)
+    steps = [case.factory(cfg, data) for case in cases]
+    for step in steps:  # warm-up, and allocate the gradient buffers
+        step()
+        step()
+    timers = [benchmark.Timer(stmt="step()", globals={"step": step}) for step in steps]
+    results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
+    for _ in range(rounds):
+        for timer, result in zip(timers, results):
+            result.times.append(timer.timeit(1).median)
+    if memory:
+        for index, (case, result) in enumerate(zip(SUITES[suite], results)):
+            if case.available():
+                result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
+            del index
+    return results
+
+
+def table(results: list[Result]) -> str:
+    base = results[0]
+    base_median, base_min = statistics.median(base.times), min(base.times)
+    lines = [
+        "| head | implementation | median ms | × floor (median) | × floor (min) | peak step MB | × floor memory |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        median = statistics.median(r.times)
+        mem = "—" if r.memory_mb is None else f"{r.memory_mb:.1f}"
+        mem_ratio = "—" if r.memory_mb is None or not base.memory_mb else f"{r.memory_mb / base.memory_mb:.3f}"
+        lines.append(
+            f"| {r.head} | {r.impl} | {median * 1e3:.1f} | {median / base_median:.3f} | "
+            f"{min(r.times) / base_min:.3f} | {mem} | {mem_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace) -> str:
+    legacy = load_legacy()
+    return "\n".join(
+        [
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+            f"peers: pytorch-metric-learning {pml_version() or 'not installed'}; "
+            f"metric-learning-layers 0.1.6 {'loaded from ' + str(legacy.__file__) if legacy else 'not fetched'}",
+            f"allocator (timing): {' '.join(f'{k}={v}' for k, v in TIMING_ENV.items())}; "
+            f"(memory, one process per head): {' '.join(f'{k}={v}' for k, v in MEMORY_ENV.items())}",
+            f"rounds per implementation: {args.rounds or 'auto'}; quick={args.quick}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few rounds: a smoke run")
+    parser.add_argument("--suites", nargs="*", default=list(PLAN), choices=list(PLAN))
+    parser.add_argument("--rounds", type=int, default=0, help="timed rounds per implementation (0: auto)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory probes")
+    parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.probe:
+        suite, index, cfg = args.probe
+        print(probe_memory(suite, int(index), Config(**json.loads(cfg))))
+        return
+    if any(os.environ.get(k) != v for k, v in TIMING_ENV.items()):
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], {**os.environ, **TIMING_ENV})
+
+    print(header(args), flush=True)
+    for suite in args.suites:
+        classes, sub_centers, soft = PLAN[suite]
+        for c in [QUICK_CLASSES] if args.quick else classes:
+            base = QUICK if args.quick else Config()
+            cfg = replace(base, classes=c, sub_centers=sub_centers, soft=soft)
+            rounds = args.rounds or (3 if args.quick else (9 if c * sub_centers >= 100_000 else 25))
+            results = time_suite(suite, cfg, rounds, memory=not args.no_memory)
+            title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}"
+            print(f"\n### {title}\n\n{table(results)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
