@@ -131,7 +131,8 @@ def header(args: argparse.Namespace) -> str:
     legacy = load_legacy()
     return "\n".join(
         [
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}",
             f"peers: pytorch-metric-learning {pml_version() or 'not installed'}; "
             f"metric-learning-layers 0.1.6 {'loaded from ' + str(legacy.__file__) if legacy else 'not fetched'}",
             f"allocator (timing): {' '.join(f'{k}={v}' for k, v in TIMING_ENV.items())}; "

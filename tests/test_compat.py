@@ -30,6 +30,16 @@ def test_compat_names_are_the_same_objects(name) -> None:
     assert getattr(metric_learning_layers, name) is getattr(mll, name) is getattr(legacy_module, name)
 
 
+def test_legacy_utils() -> None:
+    from metric_learning_layers.utils import heuristic_scale, one_hot
+
+    labels = torch.tensor([2, 0])
+    assert torch.equal(one_hot(labels, 3), torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+    soft = torch.rand(2, 3)
+    assert one_hot(soft, 3) is soft  # 0.1.6 passed 2-D (soft) labels through
+    assert heuristic_scale(10) == pytest.approx(math.sqrt(2) * math.log(9))
+
+
 def test_seed_readme_example_runs_verbatim() -> None:
     example = ROOT / "examples" / "seed_readme.py"
     seed = ROOT.parent / "shared" / "SEED-README.md"

@@ -8,6 +8,7 @@ they need a host synchronisation and would break tracing and ``torch.func`` tran
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -61,18 +62,28 @@ def check_features(input: Tensor, weight: Tensor, num_sub_centers: int, *, weigh
         )
 
 
+def _is_int(value: object) -> bool:
+    """Python and NumPy integers, not bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """Python and NumPy reals, not bools or tensors."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_num_sub_centers(num_sub_centers: object) -> None:
-    if isinstance(num_sub_centers, bool) or not isinstance(num_sub_centers, int) or num_sub_centers < 1:
+    if not _is_int(num_sub_centers) or num_sub_centers < 1:  # type: ignore[operator]
         raise ValueError(f"num_sub_centers must be an integer >= 1, but got {num_sub_centers!r}")
 
 
 def check_num_classes(num_classes: object, name: str = "out_features") -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not _is_int(num_classes) or num_classes < 2:  # type: ignore[operator]
         raise ValueError(f"{name} must be an integer >= 2 (number of classes), but got {num_classes!r}")
 
 
 def check_in_features(in_features: object) -> None:
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+    if not _is_int(in_features) or in_features < 1:  # type: ignore[operator]
         raise ValueError(f"in_features must be an integer >= 1, but got {in_features!r}")
 
 
@@ -81,24 +92,35 @@ def check_scale(scale: object, name: str = "scale") -> None:
     if isinstance(scale, Tensor):
         if not scale.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, but got {scale.dtype}")
+        if scale.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, but got shape {shape_str(scale.shape)}")
         if values_checkable() and scale.numel() > 0:
             bad = ~(torch.isfinite(scale) & (scale > 0))
             if bool(bad.any()):
                 raise ValueError(f"{name} must be positive and finite, but got {scale.detach().cpu().tolist()}")
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if not _is_real(scale):
         raise TypeError(f"{name} must be a positive float or a tensor, but got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    if not (math.isfinite(scale) and scale > 0):  # type: ignore[arg-type, operator]
         raise ValueError(f"{name} must be positive and finite, but got {scale!r}")
 
 
 def check_margin(margin: object, low: float, high: float, kind: str, *, high_inclusive: bool = False) -> None:
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+    if not _is_real(margin):
         raise TypeError(f"{kind} margin must be a float, but got {type(margin).__name__}")
-    ok = low <= margin <= high if high_inclusive else low <= margin < high
-    if not (math.isfinite(margin) and ok):
+    ok = low <= margin <= high if high_inclusive else low <= margin < high  # type: ignore[operator]
+    if not (math.isfinite(margin) and ok):  # type: ignore[arg-type]
         bracket = "]" if high_inclusive else ")"
         raise ValueError(f"{kind} margin must be in [{low:g}, {high:.4g}{bracket}, but got {margin!r}")
+
+
+def check_cosine(cosine: object) -> Tensor:
+    """Cosines (or logits) of shape ``(*, C)``: a floating tensor with a class dimension of at least 2."""
+    check_floating(cosine, "cosine")
+    assert isinstance(cosine, Tensor)
+    if cosine.dim() < 1 or cosine.shape[-1] < 2:
+        raise ValueError(f"cosine must have shape (*, C) with C >= 2 classes, but got {shape_str(cosine.shape)}")
+    return cosine
 
 
 def is_soft(target: Tensor) -> bool:
@@ -121,8 +143,8 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
     if target.is_floating_point():
         if tuple(target.shape) != tuple(cosine_shape):
             raise ValueError(f"{name} must be {expected}, but got a float tensor of shape {shape_str(target.shape)}")
-        if values_checkable() and bool((target < 0).any()):
-            raise ValueError(f"soft {name} must be non-negative, but got min {target.min().item():g}")
+        if values_checkable() and not bool((target >= 0).all()):  # also catches NaN
+            raise ValueError(f"soft {name} must be non-negative and not NaN, but got min {target.min().item():g}")
         return target
     if target.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be {expected}, but got dtype {target.dtype}")
@@ -136,5 +158,5 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
 
 
 def check_momentum(momentum: object, name: str = "momentum") -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum < 1.0):
+    if not _is_real(momentum) or not (0.0 <= momentum < 1.0):  # type: ignore[operator]
         raise ValueError(f"{name} must be a float in [0, 1), but got {momentum!r}")

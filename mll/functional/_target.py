@@ -24,10 +24,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """Write ``src`` into a tensor this module just allocated: in place in eager mode and under compile;
-    out of place under ``torch.func`` transforms, where in-place ``scatter_`` has no batching rule and would
-    fall back to a slow per-sample loop."""
-    if torch._C._are_functorch_transforms_active():
+    """Write ``src`` into a tensor this module just allocated: in place in eager mode and under compile.
+
+    Out of place under ``torch.func`` transforms, where in-place ``scatter_`` has no batching rule (a slow
+    per-sample fallback), and when grad mode is on (a backward with ``create_graph=True``), where ``fresh`` is
+    part of the graph being recorded.
+    """
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
         return fresh.scatter(-1, index, src)
     return fresh.scatter_(-1, index, src)
 
@@ -37,9 +40,11 @@ class _ScaledTargetReplace(torch.autograd.Function):
 
     ``value`` must carry autograd only through quantities other than ``cosine`` (a margin tensor, say): the
     dependence of the target logit on ``cosine`` is supplied by ``slope``, which is treated as a constant.
-    First derivatives are exact; a second derivative (``create_graph=True``, ``torch.func.hessian``) misses
-    the margin's curvature ``d slope / d cosine`` at the N target entries. Computing ``slope`` with autograd
-    attached would fix that but makes ``gather`` keep the whole N×C ``cosine`` alive until backward.
+    First derivatives are exact. A double backward (``create_graph=True``, a gradient penalty) runs but misses
+    the margin's curvature ``d slope / d cosine`` at the N target entries; forward-mode AD (``jvp``,
+    ``torch.func.hessian``) is not implemented. The dense path (one-hot soft targets) is exact to any order.
+    Computing ``slope`` with autograd attached would make ``gather`` keep the whole N×C ``cosine`` alive until
+    backward, which is the memory this path exists to save.
     """
 
     generate_vmap_rule = True

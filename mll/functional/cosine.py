@@ -28,7 +28,8 @@ def normalize(input: Tensor) -> Tensor:
         input (Tensor[*, d]): vectors to normalise.
 
     Returns:
-        Tensor[*, d] of the same dtype, unit norm (or zero) along the last dimension.
+        Tensor[*, d] of the same dtype: unit norm along the last dimension for norms above ε (float16: vectors
+        shorter than ``2**-10`` come out shorter than 1), zero for zero vectors.
     """
     if input.dtype in _HALF:
         eps = 2.0**-10 if input.dtype == torch.float16 else 1e-12
@@ -36,7 +37,7 @@ def normalize(input: Tensor) -> Tensor:
     return F.normalize(input, dim=-1, eps=1e-12)
 
 
-def cosine_logits(input: Tensor, weight: Tensor, num_sub_centers: int = 1) -> Tensor:
+def cosine_logits(input: Tensor, weight: Tensor, num_sub_centers: int = 1, *, weight_name: str = "weight") -> Tensor:
     r"""Cosine similarity between features and class weights, pooled over sub-centers.
 
     .. math:: \cos\theta_{ij} = \max_{k < K} \langle \hat x_i, \hat w_{jK + k} \rangle
@@ -53,11 +54,12 @@ def cosine_logits(input: Tensor, weight: Tensor, num_sub_centers: int = 1) -> Te
         input (Tensor[*, d]): features; any number of leading dimensions.
         weight (Tensor[C*K, d]): class weights (prototypes).
         num_sub_centers (int): ``K``, sub-centers per class.
+        weight_name (str): what to call ``weight`` in error messages.
 
     Returns:
         Tensor[*, C] of cosines in the GEMM's dtype.
     """
-    check_features(input, weight, num_sub_centers)
+    check_features(input, weight, num_sub_centers, weight_name=weight_name)
     cosine = F.linear(normalize(input), normalize(weight))
     if num_sub_centers > 1:
         cosine = cosine.unflatten(-1, (-1, num_sub_centers)).amax(dim=-1)

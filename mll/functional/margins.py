@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_margin, check_scale, check_target, is_soft
+from mll.functional._checks import check_cosine, check_margin, check_scale, check_target, is_soft
 from mll.functional._target import Scale, gather_target, scaled_target_replace, work_dtype
 
 __all__ = ["arc_margin", "cos_margin"]
@@ -33,8 +33,9 @@ ARC_MARGIN_RANGE = (0.0, math.pi / 2)
 def _sin_from_cos(cosine: Tensor) -> Tensor:
     # sin θ = sqrt(1 − cos²θ), clamped away from 0 so neither it nor its gradient is infinite at cos = ±1
     # (where the clamp is active its gradient is 0, and the analytic slope below says the same).
+    # (1 − c)(1 + c) rather than 1 − c²: no cancellation near |c| = 1
     eps = torch.finfo(cosine.dtype).eps
-    return (1 - cosine * cosine).clamp(min=eps).sqrt()
+    return ((1 - cosine) * (1 + cosine)).clamp(min=eps).sqrt()
 
 
 def _arc_value(cosine: Tensor, margin: Tensor | float, easy_margin: bool) -> Tensor:
@@ -52,17 +53,27 @@ def _arc_value(cosine: Tensor, margin: Tensor | float, easy_margin: bool) -> Ten
     return torch.where(cosine > -cos_m, shifted, cosine - m * sin_m)
 
 
-def _arc_slope(cosine: Tensor, margin: Tensor | float, easy_margin: bool) -> Tensor:
-    """∂ψ/∂cos of :func:`_arc_value`, written out: cos m + sin m · cosθ / sinθ on the shifted branch."""
-    m = torch.as_tensor(margin, dtype=cosine.dtype, device=cosine.device)
+def _arc_target(cosine: Tensor, margin: float, easy_margin: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_arc_value` and its derivative ∂ψ/∂cos for the N target cosines, in one pass of small ops.
+
+    On the shifted branch ∂ψ/∂cos = cos m + sin m · cosθ / sinθ (0 in place of the ratio where the clamp on
+    sin²θ is active, as autograd of :func:`_arc_value` gives); 1 on the fallback branches. The tests hold the
+    value to :func:`_arc_value` and the slope to its autograd derivative.
+    """
+    # cos m and sin m through torch in the working dtype, exactly as the dense path computes them, so that
+    # class indices and one-hot soft targets give bit-identical logits
+    m = torch.tensor(margin, dtype=cosine.dtype, device=cosine.device)
     cos_m, sin_m = torch.cos(m), torch.sin(m)
     eps = torch.finfo(cosine.dtype).eps
-    sin2 = 1 - cosine * cosine
-    active = sin2 > eps
-    ratio = torch.where(active, cosine / sin2.clamp(min=eps).sqrt(), torch.zeros_like(cosine))
-    shifted = cos_m + sin_m * ratio
-    keep = cosine > 0 if easy_margin else cosine > -cos_m
-    return torch.where(keep, shifted, torch.ones_like(cosine))
+    sin2 = (1 - cosine) * (1 + cosine)
+    sin = sin2.clamp(min=eps).sqrt()
+    shifted = cosine * cos_m - sin * sin_m
+    shifted_slope = torch.where(sin2 > eps, cosine / sin, 0.0) * sin_m + cos_m
+    if easy_margin:
+        keep, fallback = cosine > 0, cosine
+    else:
+        keep, fallback = cosine > -cos_m, cosine - m * sin_m
+    return torch.where(keep, shifted, fallback), torch.where(keep, shifted_slope, 1.0)
 
 
 def _dense(cosine: Tensor, target: Tensor, margin: float, value_fn, scale: Scale) -> Tensor:
@@ -90,6 +101,7 @@ def cos_margin(cosine: Tensor, target: Tensor, margin: float, *, scale: Scale = 
     Returns:
         Tensor[*, C]: the scaled logits with the margin applied, in ``cosine``'s dtype.
     """
+    check_cosine(cosine)
     check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
     check_scale(scale)
     return cos_margin_unchecked(cosine, check_target(target, cosine.shape), margin, scale)
@@ -135,6 +147,7 @@ def arc_margin(
     Returns:
         Tensor[*, C]: the scaled logits with the margin applied, in ``cosine``'s dtype.
     """
+    check_cosine(cosine)
     check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
     check_scale(scale)
     return arc_margin_unchecked(cosine, check_target(target, cosine.shape), margin, easy_margin, scale)
@@ -145,6 +158,5 @@ def arc_margin_unchecked(cosine: Tensor, target: Tensor, margin: float, easy_mar
     if is_soft(target):
         return _dense(cosine, target, margin, lambda c, m: _arc_value(c, m, easy_margin), scale)
     t = gather_target(cosine, target).to(work_dtype(cosine.dtype))
-    value = _arc_value(t, margin, easy_margin)
-    slope = _arc_slope(t, margin, easy_margin)
+    value, slope = _arc_target(t, margin, easy_margin)
     return scaled_target_replace(cosine, target, value, slope, scale)

@@ -31,7 +31,8 @@ def ncm_logits(input: Tensor, means: Tensor, scale: Scale) -> Tensor:
         Tensor[*, C].
     """
     check_scale(scale)
-    return cosine_logits(input, means.to(input.dtype)) * scale
+    check_floating(means, "means")
+    return cosine_logits(input, means.to(input.dtype), weight_name="means") * scale
 
 
 def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

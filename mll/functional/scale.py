@@ -8,7 +8,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_margin, check_num_classes, check_scale, check_target, is_soft
+from mll.functional._checks import (
+    check_cosine,
+    check_margin,
+    check_num_classes,
+    check_scale,
+    check_target,
+    is_soft,
+)
 from mll.functional._target import work_dtype
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE
 
@@ -112,13 +119,14 @@ def adacos_reduce(log_b: Tensor, theta: Tensor, *, min_scale: float = 0.5) -> Te
 
     ``B_avg = mean_i exp(log_b_i)`` is computed as a log-mean-exp (finite for any scale). The result is
     floored at ``min_scale``: ``ln B_avg`` is negative when the non-targets are far below orthogonal, and for
-    two classes AdaCos's fixed point is ``s = 0``.
+    two classes AdaCos's fixed point is ``s = 0``. Needs at least one sample (:func:`adacos_scale` and the
+    module keep the old scale for an empty batch).
     """
     count = torch.tensor(log_b.numel(), dtype=log_b.dtype, device=log_b.device)
     log_b_avg = torch.logsumexp(log_b, dim=-1) - torch.log(count)
     theta_med = torch.median(theta, dim=-1).values
     new = log_b_avg / torch.cos(torch.clamp(theta_med, max=math.pi / 4))
-    # nan_to_num: an empty batch or all-masked rows give −inf or nan; the floor then applies
+    # nan_to_num: rows whose every class is fully a target give −inf; the floor then applies
     return torch.nan_to_num(new, nan=min_scale, neginf=min_scale).clamp(min=min_scale)
 
 
@@ -147,10 +155,13 @@ def adacos_scale(
     Returns:
         Tensor: the new scale, 0-dim, float32 (float64 for float64 input), no grad.
     """
+    check_cosine(cosine)
     check_scale(scale)
     check_scale(min_scale, "min_scale")
     if target is not None:
         target = check_target(target, cosine.shape)
     with torch.no_grad():
         log_b, theta = adacos_statistics(cosine, target, scale)
+        if log_b.numel() == 0:  # an empty batch carries no statistics: keep the scale (a static shape check)
+            return torch.as_tensor(scale, dtype=log_b.dtype, device=log_b.device).detach().reshape(())
         return adacos_reduce(log_b, theta, min_scale=min_scale)

@@ -59,14 +59,23 @@ def scale_repr(scale: Tensor) -> str:
 
 def distributed_world_size() -> int:
     """World size of the default process group when statistics should be shared, else 1."""
-    if torch.compiler.is_compiling() or not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size()
 
 
 def all_gather_samples(tensor: Tensor) -> Tensor:
-    """Concatenate a per-sample tensor (first dim may differ between ranks) from every rank."""
+    """Concatenate a per-sample tensor from every rank.
+
+    In eager mode the first dimension may differ between ranks (sizes are exchanged first). Under
+    ``torch.compile`` the sizes cannot be read without a graph break, so every rank must contribute the same
+    number of samples (as with ``DistributedSampler``); a mismatch is an error from the collective.
+    """
     world = dist.get_world_size()
+    if torch.compiler.is_compiling():
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)

@@ -138,7 +138,8 @@ class AdaCos(nn.Module):
                 log_b, theta = MF.adacos_statistics(cosine, labels, self.scale)
                 if distributed_world_size() > 1:
                     log_b, theta = all_gather_samples(log_b), all_gather_samples(theta)
-                self.scale.copy_(MF.adacos_reduce(log_b, theta, min_scale=self.min_scale))
+                if log_b.numel() > 0:  # an empty (global) batch keeps the scale
+                    self.scale.copy_(MF.adacos_reduce(log_b, theta, min_scale=self.min_scale))
         return cosine * self.scale
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mll import functional as MF
-from mll.functional.margins import _arc_slope, _arc_value
+from mll.functional.margins import _arc_target, _arc_value
 from tests import reference as ref
 from tests.conftest import ALL_DTYPES
 
@@ -77,6 +77,18 @@ def test_hard_labels_equal_one_hot_soft_labels(kind, batch, data) -> None:
 
 
 @pytest.mark.parametrize("kind", ["arc", "cos"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@given(batch=batches(), data=st.data(), s=st.floats(0.5, 64.0))
+def test_hard_and_one_hot_logits_are_bit_identical_in_every_dtype(kind, dtype, batch, data, s) -> None:
+    fn, _, margins = MARGINS[kind]
+    m = data.draw(margins)
+    cos, labels, _ = batch
+    cos = cos.to(dtype)
+    onehot = (torch.arange(cos.shape[-1]) == labels[:, None]).to(dtype)
+    assert torch.equal(fn(cos, labels, m, s), fn(cos, onehot, m, s))
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
 @given(batch=batches(), data=st.data())
 def test_only_target_logits_change(kind, batch, data) -> None:
     fn, _, margins = MARGINS[kind]
@@ -120,8 +132,11 @@ def test_easy_margin_passes_negative_cosines_through() -> None:
 def test_arc_slope_is_the_derivative_of_the_value(m, easy) -> None:
     t = torch.cat([torch.linspace(-1, 1, 401, dtype=torch.float64), torch.tensor([1 - 1e-17, -1 + 1e-17]).double()])
     t.requires_grad_(True)
-    (autograd_slope,) = torch.autograd.grad(_arc_value(t, m, easy).sum(), t)
-    torch.testing.assert_close(_arc_slope(t.detach(), m, easy), autograd_slope, rtol=1e-12, atol=1e-12)
+    value = _arc_value(t, m, easy)
+    (autograd_slope,) = torch.autograd.grad(value.sum(), t)
+    fused_value, fused_slope = _arc_target(t.detach(), m, easy)
+    torch.testing.assert_close(fused_value, value.detach(), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(fused_slope, autograd_slope, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["arc", "cos"])
@@ -144,6 +159,20 @@ def test_gradcheck_through_features_and_weights() -> None:
     assert torch.autograd.gradcheck(
         lambda a, b: F.cross_entropy(arc(MF.cosine_logits(a, b, 2), y, 0.5, 8.0), y), (x, w)
     )
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+def test_double_backward_runs_and_keeps_first_order_gradients(kind) -> None:
+    fn = MARGINS[kind][0]
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = F.cross_entropy(fn(MF.cosine_logits(x, w), y, 0.3, 6.0), y)
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    (plain,) = torch.autograd.grad(F.cross_entropy(fn(MF.cosine_logits(x, w), y, 0.3, 6.0), y), x)
+    torch.testing.assert_close(grad_x, plain)
+    grad_x.pow(2).sum().backward()  # a gradient penalty through the head
+    assert torch.isfinite(w.grad).all()
 
 
 def test_scale_of_shape_one_gets_its_gradient() -> None:
@@ -202,6 +231,11 @@ def test_leading_dimensions() -> None:
         (lambda c: MF.cos_margin(c, torch.tensor([0, 1, 2]), 0.5), ValueError, r"shape \(2\).*got .* shape \(3\)"),
         (lambda c: MF.cos_margin(c, torch.rand(2, 4), 0.5), ValueError, r"soft targets of shape \(2, 5\).*\(2, 4\)"),
         (lambda c: MF.cos_margin(c, -torch.rand(2, 5), 0.5), ValueError, r"must be non-negative"),
+        (lambda c: MF.cos_margin(c, torch.full((2, 5), float("nan")), 0.5), ValueError, r"non-negative and not NaN"),
+        (lambda c: MF.cos_margin(c, torch.tensor([0, 1]), 0.5, scale=torch.ones(5)), ValueError, r"one-element"),
+        (lambda c: MF.arc_margin(c.long(), torch.tensor([0, 1]), 0.5), TypeError, r"cosine must have a floating"),
+        (lambda c: MF.arc_margin(c[0, 0], torch.tensor(0), 0.5), ValueError, r"cosine must have shape \(\*, C\)"),
+        (lambda c: MF.arc_margin(c.tolist(), torch.tensor([0, 1]), 0.5), TypeError, r"cosine must be a torch.Tensor"),
         (lambda c: MF.cos_margin(c, torch.tensor([True, False]), 0.5), TypeError, r"got dtype torch.bool"),
         (lambda c: MF.cos_margin(c, [0, 1], 0.5), TypeError, r"target must be a torch.Tensor"),
         (lambda c: MF.cos_margin(c, torch.tensor([0, 1]), 1.0), ValueError, r"CosFace margin must be in \[0, 1\)"),

@@ -135,8 +135,15 @@ def test_adacos_takes_no_gradient_and_keeps_input() -> None:
     assert not new.requires_grad and torch.equal(cos.detach(), before)
 
 
+def test_adacos_empty_batch_keeps_the_scale() -> None:
+    assert MF.adacos_scale(torch.zeros(0, 5), scale=3.0).item() == 3.0
+    assert MF.adacos_scale(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), scale=torch.tensor(2.5)).item() == 2.5
+
+
 def test_adacos_bad_input() -> None:
     with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
         MF.adacos_scale(torch.rand(2, 3), torch.tensor([0, 3]), scale=2.0)
     with pytest.raises(ValueError, match="scale must be positive"):
         MF.adacos_scale(torch.rand(2, 3), scale=-2.0)
+    with pytest.raises(TypeError, match="cosine must have a floating-point dtype"):
+        MF.adacos_scale(torch.ones(2, 3, dtype=torch.long), scale=2.0)

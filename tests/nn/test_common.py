@@ -31,31 +31,45 @@ def run_steps(adacos, ncm, x, y, soft):
     for target in (y, soft):
         adacos(x, target)
         ncm(x, target)
-        out.append((adacos.scale.clone(), ncm.means.clone()))
+        out.append((_module(adacos).scale.clone(), _module(ncm).means.clone()))
     return out
 
 
-def _worker(rank, path, results):
+def _module(head):
+    return getattr(head, "_orig_mod", head)
+
+
+def _worker(rank, path, results, split, compiled):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
     try:
         x, y, soft = global_batch()
-        lo = sum(SPLIT[:rank])
-        part = slice(lo, lo + SPLIT[rank])
+        lo = sum(split[:rank])
+        part = slice(lo, lo + split[rank])
         adacos, ncm = heads()
-        torch.save(run_steps(adacos, ncm, x[part], y[part], soft[part]), f"{results}.{rank}")
+        if compiled:  # the statistics must be shared under torch.compile too
+            adacos = torch.compile(adacos, fullgraph=True, backend="aot_eager")
+            ncm = torch.compile(ncm, fullgraph=True, backend="aot_eager")
+        steps = run_steps(adacos, ncm, x[part], y[part], soft[part])
+        torch.save(steps, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_statistics_are_gathered_across_ranks(tmp_path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "result")), nprocs=WORLD, join=True)
+@pytest.mark.parametrize(
+    ("split", "compiled"),
+    [(SPLIT, False), ((4, 4), True)],  # under compile, ranks contribute equal numbers of samples
+    ids=["eager-uneven", "compiled-even"],
+)
+def test_statistics_are_gathered_across_ranks(tmp_path, split, compiled) -> None:
+    args = (str(tmp_path / "store"), str(tmp_path / "result"), split, compiled)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     expected = run_steps(*heads(), *global_batch())
     for rank in range(WORLD):
         got = torch.load(f"{tmp_path / 'result'}.{rank}")
         for (scale, means), (want_scale, want_means) in zip(got, expected):
             torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(means, want_means, rtol=1e-6, atol=1e-6)
-    local = run_steps(*heads(), *(t[: SPLIT[0]] for t in global_batch()))
+    local = run_steps(*heads(), *(t[: split[0]] for t in global_batch()))
     assert not torch.allclose(local[0][0], expected[0][0]), "the test must tell local from global statistics"

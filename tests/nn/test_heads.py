@@ -1,7 +1,9 @@
 """The battery every head runs: module == functional, eval without labels, state, dtypes, transforms, errors."""
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,20 +137,23 @@ def test_bad_features_name_the_argument(name) -> None:
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_leading_dimensions(name) -> None:
-    make, _ = HEADS[name]
-    head = make()
+@pytest.mark.parametrize("training", [False, True])
+def test_leading_dimensions(name, training) -> None:
+    head = HEADS[name][0]().train(training)
+    flat = copy.deepcopy(head)  # training updates running state: each copy sees the batch once
     x, y = torch.randn(2, 3, D), torch.randint(0, C, (2, 3))
-    torch.manual_seed(1)
-    out = head.eval()(x, y)
-    torch.testing.assert_close(out.reshape(6, C), head(x.reshape(6, D), y.reshape(6)))
-    assert head.train()(x, y).shape == (2, 3, C)
+    out = head(x, y)
+    assert out.shape == (2, 3, C)
+    torch.testing.assert_close(out.reshape(6, C), flat(x.reshape(6, D), y.reshape(6)))
+    for (key, a), b in zip(head.state_dict().items(), flat.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=key)
 
 
 @pytest.mark.parametrize("name", HEADS)
 def test_state_dict_round_trip(name) -> None:
     make, _ = HEADS[name]
     head, fresh = make(), make()
+    head(*batch())  # a training step, so that running state (AdaCos scale, DeepNCM means) moves
     fresh.load_state_dict(head.state_dict())
     x, _ = batch()
     torch.testing.assert_close(fresh.eval()(x), head.eval()(x))
@@ -203,8 +208,13 @@ def test_half_precision_modules_at_cos_plus_minus_one(name, dtype) -> None:
     make, _ = HEADS[name]
     head = make(dtype=dtype)
     rows = head.means if isinstance(head, mll.DeepNCM) else head.weight
-    x = torch.stack([rows[0].detach(), -rows[K].detach(), torch.zeros(D, dtype=dtype)]).requires_grad_(True)
+    k = 1 if isinstance(head, mll.DeepNCM) else K
+    with torch.no_grad():
+        rows[k : 2 * k] = rows[k]  # class 1's sub-centers coincide, so its pooled cosine can reach -1
+    x = torch.stack([rows[0].detach(), -rows[k].detach(), torch.zeros(D, dtype=dtype)]).requires_grad_(True)
     y = torch.tensor([0, 1, 2])
+    cos = MF.cosine_logits(x.detach(), rows.detach(), k)
+    assert cos[0, 0] > 0.99 and cos[1, 1] < -0.99  # the edges this test is about
     out = head(x, y)
     F.cross_entropy(out.float(), y).backward()
     assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(x.grad).all()
@@ -216,6 +226,18 @@ def test_extra_repr_shows_hyper_parameters(name) -> None:
     assert f"in_features={D}" in text and f"out_features={C}" in text
     if name != "DeepNCM":
         assert f"num_sub_centers={K}" in text
+
+
+def test_numpy_numbers_are_accepted() -> None:
+    head = mll.ArcFace(np.int64(D), np.int64(C), np.int32(2), scale=np.float32(20.0), margin=np.float64(0.4))
+    assert head.weight.shape == (2 * C, D) and head.scale.item() == 20.0 and head.margin == pytest.approx(0.4)
+    assert mll.DeepNCM(np.int64(D), np.int64(C), alpha=np.float32(0.5)).means.shape == (C, D)
+
+
+def test_adacos_keeps_its_scale_on_an_empty_batch() -> None:
+    head = mll.AdaCos(D, C, scale=4.0)
+    assert head(torch.zeros(0, D), torch.zeros(0, dtype=torch.long)).shape == (0, C)
+    assert head.scale.item() == 4.0
 
 
 def test_margin_heads_show_their_margin() -> None:

@@ -1,0 +1,34 @@
+"""The benchmark's smoke run: it must run and print its tables. Timings are printed, never asserted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run
+from benchmarks.cases import SUITES, Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_run_prints_a_table_per_suite() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-memory"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for suite in run.PLAN:
+        assert f"### {suite}: N=32, d=64, C=500" in done.stdout
+    assert "| ArcFace | mll |" in done.stdout
+
+
+def test_memory_probe_measures_a_step() -> None:
+    cfg = Config(batch=64, features=32, classes=20_000)
+    index = next(i for i, case in enumerate(SUITES["int labels"]) if case.head == "ArcFace" and case.impl == "mll")
+    peak = run.probe_memory("int labels", index, cfg)
+    assert peak >= 64 * 20_000 * 4 / 2**20  # at least the N×C float32 logits (4.9 MB) must show
