@@ -109,3 +109,46 @@ def scaled_target_replace(cosine: Tensor, target: Tensor, value: Tensor, slope: 
 def gather_target(cosine: Tensor, target: Tensor) -> Tensor:
     """The N target cosines, detached: their gradient is routed through ``slope``, not through ``gather``."""
     return cosine.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+class _ScaledDense(torch.autograd.Function):
+    """``out = scale·value`` with ``∂out/∂cosine = scale·slope`` elementwise: the dense (soft-target) twin.
+
+    The margin's value and slope are computed once without autograd; backward is one product. ``value`` may
+    carry autograd through quantities other than ``cosine`` (soft targets that require grad).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(cosine: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
+        return (value * scale).to(cosine.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        cosine, value, slope, scale = inputs
+        ctx.scale_is_tensor = isinstance(scale, Tensor)
+        ctx.scale = None if ctx.scale_is_tensor else scale
+        ctx.dtypes = (cosine.dtype, value.dtype)
+        ctx.scale_needs_grad = ctx.scale_is_tensor and ctx.needs_input_grad[3]
+        ctx.save_for_backward(slope, scale if ctx.scale_is_tensor else None, value if ctx.scale_needs_grad else None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        slope, scale_t, value = ctx.saved_tensors
+        scale = scale_t if ctx.scale_is_tensor else ctx.scale
+        grad_cosine = grad_value = grad_scale = None
+        g = grad.to(slope.dtype) * scale
+        if ctx.needs_input_grad[1]:
+            grad_value = g.to(ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:
+            fresh = not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active())
+            grad_cosine = (g.mul_(slope) if fresh and grad_value is None else g * slope).to(ctx.dtypes[0])
+        if ctx.scale_needs_grad:
+            grad_scale = (grad.to(value.dtype) * value).sum_to_size(scale_t.shape).to(scale_t.dtype)
+        return grad_cosine, grad_value, None, grad_scale
+
+
+def scaled_dense_replace(cosine: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
+    """``scale·value`` in ``cosine``'s dtype, differentiated with respect to ``cosine`` through ``slope``."""
+    return _ScaledDense.apply(cosine, value, slope, scale)

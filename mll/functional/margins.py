@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mll.functional._checks import check_cosine, check_margin, check_scale, check_target, is_soft
-from mll.functional._target import Scale, gather_target, scaled_target_replace, work_dtype
+from mll.functional._target import Scale, gather_target, scaled_dense_replace, scaled_target_replace, work_dtype
 
 __all__ = ["arc_margin", "cos_margin"]
 
@@ -53,17 +53,16 @@ def _arc_value(cosine: Tensor, margin: Tensor | float, easy_margin: bool) -> Ten
     return torch.where(cosine > -cos_m, shifted, cosine - m * sin_m)
 
 
-def _arc_target(cosine: Tensor, margin: float, easy_margin: bool) -> tuple[Tensor, Tensor]:
-    """:func:`_arc_value` and its derivative ∂ψ/∂cos for the N target cosines, in one pass of small ops.
+def _arc_value_and_slope(cosine: Tensor, margin: Tensor, easy_margin: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_arc_value` and its derivative ∂ψ/∂cos, without autograd, for both paths.
 
-    On the shifted branch ∂ψ/∂cos = cos m + sin m · cosθ / sinθ (0 in place of the ratio where the clamp on
-    sin²θ is active, as autograd of :func:`_arc_value` gives); 1 on the fallback branches. The tests hold the
-    value to :func:`_arc_value` and the slope to its autograd derivative.
+    ``margin`` is a 0-dim tensor (class indices: applied to the N target cosines) or ``m·t`` of the same shape as
+    ``cosine`` (soft targets). One function for both keeps class indices and one-hot soft targets bit-identical.
+    On the shifted branch ∂ψ/∂cos = cos m + sin m · cosθ / sinθ (0 in place of the ratio where the clamp on sin²θ
+    is active, as autograd of :func:`_arc_value` gives); 1 on the fallback branches. The tests hold the value to
+    :func:`_arc_value` and the slope to its autograd derivative.
     """
-    # cos m and sin m through torch in the working dtype, exactly as the dense path computes them, so that
-    # class indices and one-hot soft targets give bit-identical logits
-    m = torch.tensor(margin, dtype=cosine.dtype, device=cosine.device)
-    cos_m, sin_m = torch.cos(m), torch.sin(m)
+    cos_m, sin_m = torch.cos(margin), torch.sin(margin)
     eps = torch.finfo(cosine.dtype).eps
     sin2 = (1 - cosine) * (1 + cosine)
     sin = sin2.clamp(min=eps).sqrt()
@@ -72,7 +71,7 @@ def _arc_target(cosine: Tensor, margin: float, easy_margin: bool) -> tuple[Tenso
     if easy_margin:
         keep, fallback = cosine > 0, cosine
     else:
-        keep, fallback = cosine > -cos_m, cosine - m * sin_m
+        keep, fallback = cosine > -cos_m, cosine - margin * sin_m
     return torch.where(keep, shifted, fallback), torch.where(keep, shifted_slope, 1.0)
 
 
@@ -155,8 +154,14 @@ def arc_margin(
 
 def arc_margin_unchecked(cosine: Tensor, target: Tensor, margin: float, easy_margin: bool, scale: Scale) -> Tensor:
     """:func:`arc_margin` without argument checks, for modules that validated their inputs already."""
+    dtype = work_dtype(cosine.dtype)
     if is_soft(target):
-        return _dense(cosine, target, margin, lambda c, m: _arc_value(c, m, easy_margin), scale)
-    t = gather_target(cosine, target).to(work_dtype(cosine.dtype))
-    value, slope = _arc_target(t, margin, easy_margin)
+        # ψ and ∂ψ/∂cos in one no-grad pass over the N×C entries; only the slope is kept for backward
+        with torch.no_grad():
+            value, slope = _arc_value_and_slope(cosine.detach().to(dtype), margin * target.to(dtype), easy_margin)
+        if target.requires_grad:  # rare: a gradient for the soft targets themselves, through plain autograd
+            value = _arc_value(cosine.detach().to(dtype), margin * target.to(dtype), easy_margin)
+        return scaled_dense_replace(cosine, value, slope, scale)
+    t = gather_target(cosine, target).to(dtype)
+    value, slope = _arc_value_and_slope(t, torch.tensor(margin, dtype=dtype, device=t.device), easy_margin)
     return scaled_target_replace(cosine, target, value, slope, scale)

@@ -47,17 +47,19 @@ def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tup
         weights = target.reshape(-1, num_classes).to(dtype)
         return weights.transpose(0, 1) @ features, weights.sum(dim=0)
     labels = target.reshape(-1)
-    sums = features.new_zeros(num_classes, features.shape[-1]).index_add(0, labels, features)
+    # in place on the zeros allocated here (an out-of-place index_add would copy all C×d of them)
+    sums = features.new_zeros(num_classes, features.shape[-1]).index_add_(0, labels, features)
     counts = features.new_zeros(num_classes).index_add(0, labels, torch.ones_like(labels, dtype=dtype))
     return sums, counts
 
 
 def ncm_update_from_statistics(means: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
     """EMA of the class means towards ``sums / counts`` for classes with a positive count; others unchanged."""
-    present = (counts > 0).unsqueeze(-1)
+    # μ + w·(x̄ − μ) with w = 1 − α for classes present and 0 otherwise (lerp returns μ exactly at w = 0):
+    # one C×d temporary besides the result and the sums, which matters at 10^5+ classes
     batch_mean = sums / counts.clamp(min=torch.finfo(counts.dtype).tiny).unsqueeze(-1)
-    updated = momentum * means.to(sums.dtype) + (1 - momentum) * batch_mean
-    return torch.where(present, updated, means.to(sums.dtype)).to(means.dtype)
+    weight = ((counts > 0).to(sums.dtype) * (1 - momentum)).unsqueeze(-1)
+    return torch.lerp(means.to(sums.dtype), batch_mean, weight).to(means.dtype)
 
 
 def ncm_update(means: Tensor, input: Tensor, target: Tensor, momentum: float) -> Tensor:

@@ -49,6 +49,10 @@ def test_update_is_pure() -> None:
     before_means, before_x = means.clone(), x.clone()
     MF.ncm_update(means, x, torch.tensor([0, 1, 1, 2]), 0.9)
     assert torch.equal(means, before_means) and torch.equal(x, before_x)
+    sums, counts = MF.ncm_batch_statistics(x, torch.tensor([0, 1, 1, 2]), 3)
+    copies = sums.clone(), counts.clone()
+    MF.ncm_update_from_statistics(means, sums, counts, 0.9)
+    assert torch.equal(sums, copies[0]) and torch.equal(counts, copies[1]) and torch.equal(means, before_means)
 
 
 def test_update_keeps_the_means_dtype() -> None:
