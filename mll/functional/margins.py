@@ -19,8 +19,15 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_cosine, check_margin, check_scale, check_target, is_soft
-from mll.functional._target import Scale, gather_target, scaled_dense_replace, scaled_target_replace, work_dtype
+from mll.functional._checks import check_cosine, check_margin, check_scale, check_target, is_soft, values_checkable
+from mll.functional._target import (
+    Scale,
+    _ScaledTargetReplace,
+    gather_target,
+    scaled_dense_replace,
+    scaled_target_replace,
+    work_dtype,
+)
 
 __all__ = ["arc_margin", "cos_margin"]
 
@@ -81,6 +88,39 @@ def _dense(cosine: Tensor, target: Tensor, margin: float, value_fn, scale: Scale
     return (out * scale).to(cosine.dtype)
 
 
+#: soft targets with at most this fraction of non-zero entries take the sparse path in eager mode
+SPARSE_FRACTION = 1 / 8
+
+
+def _soft_nonzero(target: Tensor) -> Tensor | None:
+    """Flat indices of the non-zero soft-target entries when few enough for the sparse path, else None.
+
+    Few-hot soft targets (mixup, CutMix: two classes per row) leave most of the N×C entries at t = 0, where
+    every margin here is the identity with slope 1. In eager mode the margin then runs on those entries only,
+    through the same fused scatter as class indices: O(nnz) trigonometry instead of O(N·C). The number of
+    entries is data-dependent, so under ``torch.compile`` and ``torch.func`` (and for dense targets such as
+    label smoothing, or targets that require grad) the dense path runs instead; both give identical logits.
+    """
+    if target.requires_grad or not values_checkable():
+        return None
+    index = target.reshape(-1).nonzero().squeeze(-1)
+    return index if index.numel() <= SPARSE_FRACTION * target.numel() else None
+
+
+def _sparse(cosine: Tensor, target: Tensor, index: Tensor, margin: float, value_and_slope, scale: Scale) -> Tensor:
+    flat = cosine.reshape(1, -1)
+    dtype = work_dtype(cosine.dtype)
+    t = flat.detach()[0, index].to(dtype)
+    value, slope = value_and_slope(t, margin * target.reshape(-1)[index].to(dtype))
+    return _ScaledTargetReplace.apply(flat, index.unsqueeze(0), value.unsqueeze(0), slope.unsqueeze(0), scale).reshape(
+        cosine.shape
+    )
+
+
+def _cos_value_and_slope(cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
+    return cosine - margin, torch.ones_like(cosine)
+
+
 def cos_margin(cosine: Tensor, target: Tensor, margin: float, *, scale: Scale = 1.0) -> Tensor:
     r"""CosFace's additive cosine margin on the target logit, optionally scaled.
 
@@ -109,6 +149,9 @@ def cos_margin(cosine: Tensor, target: Tensor, margin: float, *, scale: Scale = 
 def cos_margin_unchecked(cosine: Tensor, target: Tensor, margin: float, scale: Scale) -> Tensor:
     """:func:`cos_margin` without argument checks, for modules that validated their inputs already."""
     if is_soft(target):
+        index = _soft_nonzero(target)
+        if index is not None:
+            return _sparse(cosine, target, index, margin, _cos_value_and_slope, scale)
         return _dense(cosine, target, margin, lambda c, m: c - m, scale)
     t = gather_target(cosine, target).to(work_dtype(cosine.dtype))
     return scaled_target_replace(cosine, target, t - margin, torch.ones_like(t), scale)
@@ -156,6 +199,9 @@ def arc_margin_unchecked(cosine: Tensor, target: Tensor, margin: float, easy_mar
     """:func:`arc_margin` without argument checks, for modules that validated their inputs already."""
     dtype = work_dtype(cosine.dtype)
     if is_soft(target):
+        index = _soft_nonzero(target)
+        if index is not None:
+            return _sparse(cosine, target, index, margin, lambda c, m: _arc_value_and_slope(c, m, easy_margin), scale)
         # ψ and ∂ψ/∂cos in one no-grad pass over the N×C entries; only the slope is kept for backward
         with torch.no_grad():
             value, slope = _arc_value_and_slope(cosine.detach().to(dtype), margin * target.to(dtype), easy_margin)

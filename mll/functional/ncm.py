@@ -45,7 +45,9 @@ def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tup
     features = features.to(dtype)
     if is_soft(target):
         weights = target.reshape(-1, num_classes).to(dtype)
-        return weights.transpose(0, 1) @ features, weights.sum(dim=0)
+        # class means are state: accumulate them in float32 or better even under autocast
+        with torch.autocast(features.device.type, enabled=False):
+            return weights.transpose(0, 1) @ features, weights.sum(dim=0)
     labels = target.reshape(-1)
     # in place on the zeros allocated here (an out-of-place index_add would copy all C×d of them)
     sums = features.new_zeros(num_classes, features.shape[-1]).index_add_(0, labels, features)

@@ -89,6 +89,36 @@ def test_hard_and_one_hot_logits_are_bit_identical_in_every_dtype(kind, dtype, b
 
 
 @pytest.mark.parametrize("kind", ["arc", "cos"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("easy", [False, True])
+def test_sparse_and_dense_soft_paths_agree(kind, dtype, easy, monkeypatch) -> None:
+    import mll.functional.margins as margins
+
+    fn = MARGINS[kind][0]
+    g = torch.Generator().manual_seed(4)
+    cos = (torch.rand(6, 9, generator=g) * 2 - 1).to(dtype)
+    cos[0, :3] = torch.tensor([1.0, -1.0, 0.0], dtype=dtype)
+    rows = torch.arange(6)
+    lam = torch.rand(6, generator=g).to(dtype)
+    soft = torch.zeros(6, 9, dtype=dtype)  # mixup: two classes per row, one row with a single class
+    soft[rows, torch.randint(0, 9, (6,), generator=g)] += lam
+    soft[rows, torch.tensor([0, 1, 2, 3, 4, 5])] += 1 - lam
+    scale = torch.tensor(5.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    weights = torch.randn(6, 9, generator=g).to(dtype)
+    results = []
+    for fraction in (1.0, 0.0):  # always sparse, never sparse
+        monkeypatch.setattr(margins, "SPARSE_FRACTION", fraction)
+        c = cos.clone().requires_grad_(True)
+        out = fn(c, soft, 0.4, scale, easy)
+        results.append((out, *torch.autograd.grad((out * weights).float().sum(), (c, scale))))
+    (sparse, *sparse_grads), (dense, *dense_grads) = results
+    assert torch.equal(sparse, dense)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
 @given(batch=batches(), data=st.data())
 def test_only_target_logits_change(kind, batch, data) -> None:
     fn, _, margins = MARGINS[kind]
@@ -140,14 +170,21 @@ def test_arc_slope_is_the_derivative_of_the_value(m, easy) -> None:
 
 
 @pytest.mark.parametrize("kind", ["arc", "cos"])
-@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("soft", ["index", "dense", "sparse"])
 @pytest.mark.parametrize("easy", [False, True])
-def test_gradcheck(kind, soft, easy) -> None:
+def test_gradcheck(kind, soft, easy, monkeypatch) -> None:
+    import mll.functional.margins as margins
+
     fn = MARGINS[kind][0]
     g = torch.Generator().manual_seed(1)
     cos = (torch.rand(4, 5, generator=g, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
     labels = torch.tensor([0, 2, 4, 2])
-    target = torch.softmax(torch.randn(4, 5, generator=g, dtype=torch.float64), -1) if soft else labels
+    target = {
+        "index": labels,
+        "dense": torch.softmax(torch.randn(4, 5, generator=g, dtype=torch.float64), -1),
+        "sparse": 0.7 * (torch.arange(5) == labels[:, None]) + 0.3 * (torch.arange(5) == 1),
+    }[soft].to(labels.dtype if soft == "index" else torch.float64)
+    monkeypatch.setattr(margins, "SPARSE_FRACTION", 1.0 if soft == "sparse" else 0.0)
     scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c, s: fn(c, target, 0.4, s, easy), (cos, scale))
 
