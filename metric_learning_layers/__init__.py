@@ -4,26 +4,8 @@
 See the README's migration notes for what changed.
 """
 
-from mll import (
-    AdaCos,
-    ArcFace,
-    CosFace,
-    DeepNCM,
-    FixedAdaCos,
-    NormalizedLinear,
-    ScaledNormalizedLinear,
-    ScaledNormalizedLinearSqrt,
-    __version__,
-)
+from mll import __version__
+from mll.nn import *  # noqa: F403  (the 0.1.6 names are exactly mll.nn's)
+from mll.nn import __all__ as _layers
 
-__all__ = [
-    "AdaCos",
-    "ArcFace",
-    "CosFace",
-    "DeepNCM",
-    "FixedAdaCos",
-    "NormalizedLinear",
-    "ScaledNormalizedLinear",
-    "ScaledNormalizedLinearSqrt",
-    "__version__",
-]
+__all__ = [*_layers, "__version__"]

@@ -5,7 +5,7 @@ Plain functions, not a base class: each module stays a flat ``nn.Module`` that r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,8 +53,47 @@ def _upgrade_legacy_scale(module: nn.Module, state_dict: dict[str, Any], prefix:
         state_dict[key] = value.reshape(())
 
 
-def scale_repr(scale: Tensor) -> str:
-    return f"scale={float(scale):.4g}"
+def init_head(
+    module: nn.Module,
+    in_features: int,
+    out_features: int,
+    num_sub_centers: int,
+    *,
+    scale: Optional[float] = None,
+    default_scale: Optional[Callable[[], float]] = None,
+    trainable_scale: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+) -> None:
+    """Validate and store the shared hyper-parameters, create ``weight``, and ``scale`` when the head has one.
+
+    ``default_scale`` is called (after the checks, so its errors never mask them) when ``scale`` is None; a head
+    without either has no scale.
+    """
+    check_head_args(in_features, out_features, num_sub_centers)
+    factory = {"device": device, "dtype": dtype}
+    sizes = int(in_features), int(out_features), int(num_sub_centers)
+    module.in_features, module.out_features, module.num_sub_centers = sizes  # type: ignore[assignment]
+    module.weight = class_weight(*sizes, factory)
+    if scale is None and default_scale is not None:
+        scale = default_scale()
+    if scale is not None:
+        register_scale(module, scale, trainable_scale, factory)
+
+
+def head_repr(module: nn.Module, *extra: str, show_trainable: bool = True) -> str:
+    """``extra_repr`` of a head: sizes, scale (and whether it is trained), then the head's own options."""
+    parts = [
+        f"in_features={module.in_features}",
+        f"out_features={module.out_features}",
+        f"num_sub_centers={module.num_sub_centers}",
+    ]
+    scale = getattr(module, "scale", None)
+    if isinstance(scale, Tensor):
+        parts.append(f"scale={float(scale):.4g}")
+        if show_trainable:
+            parts.append(f"trainable_scale={scale.requires_grad}")
+    return ", ".join([*parts, *extra])
 
 
 def distributed_world_size() -> int:

@@ -11,12 +11,10 @@ from mll import functional as MF
 from mll.functional._checks import check_scale, check_target
 from mll.nn._common import (
     all_gather_samples,
-    check_head_args,
-    class_weight,
     distributed_world_size,
-    register_scale,
+    head_repr,
+    init_head,
     reset_class_weight,
-    scale_repr,
 )
 
 __all__ = ["AdaCos", "FixedAdaCos"]
@@ -40,6 +38,10 @@ class FixedAdaCos(nn.Module):
         - output: ``(*, C)``
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
     scale: Tensor
 
     def __init__(
@@ -53,11 +55,10 @@ class FixedAdaCos(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
-        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
-        register_scale(self, MF.heuristic_scale(out_features) if scale is None else scale, False, factory)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale,
+            default_scale=lambda: MF.heuristic_scale(out_features), device=device, dtype=dtype,
+        )  # fmt: skip
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,10 +68,7 @@ class FixedAdaCos(nn.Module):
         return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}"
-        )
+        return head_repr(self, show_trainable=False)
 
 
 class AdaCos(nn.Module):
@@ -96,6 +94,10 @@ class AdaCos(nn.Module):
         - output: ``(*, C)``
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
     scale: Tensor
 
     def __init__(
@@ -110,14 +112,13 @@ class AdaCos(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
         check_scale(min_scale, "min_scale")
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
-        self.initial_scale = MF.heuristic_scale(out_features) if scale is None else float(scale)
         self.min_scale = float(min_scale)
-        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
-        register_scale(self, self.initial_scale, False, factory)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale,
+            default_scale=lambda: MF.heuristic_scale(out_features), device=device, dtype=dtype,
+        )  # fmt: skip
+        self.initial_scale = float(self.scale)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,7 +144,4 @@ class AdaCos(nn.Module):
         return cosine * self.scale
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}, min_scale={self.min_scale}"
-        )
+        return head_repr(self, f"min_scale={self.min_scale}", show_trainable=False)

@@ -8,7 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.nn._common import check_head_args, class_weight, register_scale, reset_class_weight, scale_repr
+from mll.nn._common import head_repr, init_head, reset_class_weight
 
 __all__ = ["NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt"]
 
@@ -33,13 +33,16 @@ class NormalizedLinear(nn.Module):
         weight (Tensor[C*K, d]): class weights; row ``c*K + k`` is sub-center ``k`` of class ``c``.
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
+
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, *, device=None, dtype=None
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
-        self.weight = class_weight(in_features, out_features, num_sub_centers, {"device": device, "dtype": dtype})
+        init_head(self, in_features, out_features, num_sub_centers, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -49,9 +52,7 @@ class NormalizedLinear(nn.Module):
         return MF.cosine_logits(input, self.weight, self.num_sub_centers)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, num_sub_centers={self.num_sub_centers}"
-        )
+        return head_repr(self)
 
 
 class ScaledNormalizedLinear(nn.Module):
@@ -74,6 +75,10 @@ class ScaledNormalizedLinear(nn.Module):
         - output: ``(*, C)``
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
     scale: Tensor
 
     def __init__(
@@ -88,11 +93,10 @@ class ScaledNormalizedLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
-        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
-        register_scale(self, MF.heuristic_scale(out_features) if scale is None else scale, trainable_scale, factory)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: MF.heuristic_scale(out_features), device=device, dtype=dtype,
+        )  # fmt: skip
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -102,11 +106,7 @@ class ScaledNormalizedLinear(nn.Module):
         return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}, "
-            f"trainable_scale={self.scale.requires_grad}"
-        )
+        return head_repr(self)
 
 
 class ScaledNormalizedLinearSqrt(nn.Module):
@@ -128,6 +128,10 @@ class ScaledNormalizedLinearSqrt(nn.Module):
         - output: ``(*, C)``
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
     scale: Tensor
 
     def __init__(
@@ -142,11 +146,10 @@ class ScaledNormalizedLinearSqrt(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
-        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
-        register_scale(self, 1.0 if scale is None else scale, trainable_scale, factory)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: 1.0, device=device, dtype=dtype,
+        )  # fmt: skip
         self.sqrt_in_features = math.sqrt(in_features)
         self.reset_parameters()
 
@@ -157,8 +160,4 @@ class ScaledNormalizedLinearSqrt(nn.Module):
         return MF.cosine_logits(input, self.weight, self.num_sub_centers) * (self.scale * self.sqrt_in_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)} (times sqrt(in_features)), "
-            f"trainable_scale={self.scale.requires_grad}"
-        )
+        return head_repr(self, "scale multiplied by sqrt(in_features)")

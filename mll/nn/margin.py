@@ -14,7 +14,7 @@ from mll.functional.margins import (
     arc_margin_unchecked,
     cos_margin_unchecked,
 )
-from mll.nn._common import check_head_args, class_weight, register_scale, reset_class_weight, scale_repr
+from mll.nn._common import head_repr, init_head, reset_class_weight
 
 __all__ = ["ArcFace", "CosFace"]
 
@@ -46,6 +46,10 @@ class CosFace(nn.Module):
         - output: ``(*, C)``
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
     scale: Tensor
 
     def __init__(
@@ -61,15 +65,13 @@ class CosFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
         check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
         self.margin = float(margin)
-        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
-        if scale is None:
-            scale = MF.heuristic_scale(out_features, self.margin, margin_type="cos")
-        register_scale(self, scale, trainable_scale, factory)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: MF.heuristic_scale(out_features, self.margin, margin_type="cos"),
+            device=device, dtype=dtype,
+        )  # fmt: skip
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,11 +87,7 @@ class CosFace(nn.Module):
         return cos_margin_unchecked(cosine, labels, self.margin, self.scale)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}, "
-            f"trainable_scale={self.scale.requires_grad}, margin={self.margin}"
-        )
+        return head_repr(self, f"margin={self.margin}")
 
 
 class ArcFace(nn.Module):
@@ -113,6 +111,10 @@ class ArcFace(nn.Module):
         - output: ``(*, C)``
     """
 
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
     scale: Tensor
 
     def __init__(
@@ -129,15 +131,13 @@ class ArcFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_head_args(in_features, out_features, num_sub_centers)
         check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.num_sub_centers = in_features, out_features, num_sub_centers
         self.margin, self.easy_margin = float(margin), bool(easy_margin)
-        self.weight = class_weight(in_features, out_features, num_sub_centers, factory)
-        if scale is None:
-            scale = MF.heuristic_scale(out_features, self.margin, margin_type="arc")
-        register_scale(self, scale, trainable_scale, factory)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: MF.heuristic_scale(out_features, self.margin, margin_type="arc"),
+            device=device, dtype=dtype,
+        )  # fmt: skip
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,8 +153,4 @@ class ArcFace(nn.Module):
         return arc_margin_unchecked(cosine, labels, self.margin, self.easy_margin, self.scale)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_sub_centers={self.num_sub_centers}, {scale_repr(self.scale)}, "
-            f"trainable_scale={self.scale.requires_grad}, margin={self.margin}, easy_margin={self.easy_margin}"
-        )
+        return head_repr(self, f"margin={self.margin}", f"easy_margin={self.easy_margin}")
