@@ -11,6 +11,7 @@ Typical use::
     logits = MF.arc_margin(cos, y, 0.5, scale=s)        # s·cos(θ + m) on the targets, s·cos θ elsewhere
 """
 
+from mll.functional.chunked import margin_cross_entropy
 from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.margins import arc_margin, cos_margin
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
@@ -24,6 +25,7 @@ __all__ = [
     "cos_margin",
     "cosine_logits",
     "heuristic_scale",
+    "margin_cross_entropy",
     "ncm_batch_statistics",
     "ncm_logits",
     "ncm_update",

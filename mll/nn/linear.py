@@ -105,6 +105,19 @@ class ScaledNormalizedLinear(nn.Module):
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
 
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, never building the N×C logits.
+
+        Same value and gradients as the dense path (margin in training mode only, like :meth:`forward`); see
+        :func:`mll.functional.margin_cross_entropy` for ``chunk_size`` and the memory it saves.
+        """
+        return MF.margin_cross_entropy(
+            input, self.weight, labels, scale=self.scale, margin_type="none", num_sub_centers=self.num_sub_centers,
+            chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         return head_repr(self)
 

@@ -86,6 +86,20 @@ class CosFace(nn.Module):
         labels = check_target(labels, cosine.shape, name="labels")
         return cos_margin_unchecked(cosine, labels, self.margin, self.scale)
 
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, never building the N×C logits.
+
+        Same value and gradients as the dense path (margin in training mode only, like :meth:`forward`); see
+        :func:`mll.functional.margin_cross_entropy` for ``chunk_size`` and the memory it saves.
+        """
+        return MF.margin_cross_entropy(
+            input, self.weight, labels, scale=self.scale, margin=self.margin,
+            margin_type="cos" if self.training else "none", num_sub_centers=self.num_sub_centers,
+            chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         return head_repr(self, f"margin={self.margin}")
 
@@ -151,6 +165,21 @@ class ArcFace(nn.Module):
             raise _missing_labels(type(self).__name__)
         labels = check_target(labels, cosine.shape, name="labels")
         return arc_margin_unchecked(cosine, labels, self.margin, self.easy_margin, self.scale)
+
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, never building the N×C logits.
+
+        Same value and gradients as the dense path (margin in training mode only, like :meth:`forward`); see
+        :func:`mll.functional.margin_cross_entropy` for ``chunk_size`` and the memory it saves.
+        """
+        return MF.margin_cross_entropy(
+            input, self.weight, labels, scale=self.scale, margin=self.margin,
+            margin_type="arc" if self.training else "none", easy_margin=self.easy_margin,
+            num_sub_centers=self.num_sub_centers,
+            chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return head_repr(self, f"margin={self.margin}", f"easy_margin={self.easy_margin}")

@@ -1,0 +1,143 @@
+"""margin_cross_entropy: the chunked loss equals the dense path, value and gradients, for every chunk size."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mll
+from mll import functional as MF
+
+MARGINS = {"arc": 0.5, "cos": 0.35, "none": 0.0}
+
+
+def dense_loss(x, w, target, scale, margin_type, k, reduction="mean", easy=False):
+    cos = MF.cosine_logits(x, w, k)
+    m = MARGINS[margin_type]
+    if margin_type == "arc":
+        logits = MF.arc_margin(cos, target, m, easy_margin=easy, scale=scale)
+    else:
+        logits = MF.cos_margin(cos, target, m, scale=scale)
+    flat = logits.reshape(-1, logits.shape[-1])
+    t = target.reshape(-1, logits.shape[-1]) if target.is_floating_point() else target.reshape(-1)
+    out = F.cross_entropy(flat, t, reduction=reduction)
+    return out.reshape(target.shape[: target.dim() - target.is_floating_point()]) if reduction == "none" else out
+
+
+@st.composite
+def problems(draw):
+    n, d, c, k = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(2, 9)), draw(st.integers(1, 3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c * k, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    if draw(st.booleans()):
+        target = torch.softmax(3 * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    else:
+        target = y
+    return x, w, target, k, draw(st.integers(1, c + 2)), draw(st.sampled_from(list(MARGINS)))
+
+
+@given(problems(), st.sampled_from(["mean", "sum", "none"]), st.booleans())
+def test_equals_the_dense_path_in_float64(problem, reduction, easy) -> None:
+    x, w, target, k, chunk, margin_type = problem
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    dense = dense_loss(x, w, target, scale, margin_type, k, reduction, easy)
+    chunked = MF.margin_cross_entropy(
+        x, w, target, scale=scale, margin=MARGINS[margin_type], margin_type=margin_type, easy_margin=easy,
+        num_sub_centers=k, chunk_size=chunk, reduction=reduction,
+    )  # fmt: skip
+    torch.testing.assert_close(chunked, dense, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(dense.shape, dtype=torch.float64)
+    g_dense = torch.autograd.grad((dense * weights).sum(), (x, w, scale))
+    g_chunked = torch.autograd.grad((chunked * weights).sum(), (x, w, scale))
+    for a, b in zip(g_chunked, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("margin_type", list(MARGINS))
+@pytest.mark.parametrize("soft", [False, True])
+def test_float32_matches_dense_to_1e_5(margin_type, soft) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = torch.randn(3 * 300, 32, generator=g, requires_grad=True)
+    y = torch.randint(0, 300, (64,), generator=g)
+    target = torch.softmax(torch.randn(64, 300, generator=g), -1) if soft else y
+    dense = dense_loss(x, w, target, 30.0, margin_type, 3)
+    chunked = MF.margin_cross_entropy(
+        x, w, target, scale=30.0, margin=MARGINS[margin_type], margin_type=margin_type, num_sub_centers=3, chunk_size=37
+    )
+    torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(chunked, (x, w)), torch.autograd.grad(dense, (x, w))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin_type", list(MARGINS))
+def test_gradcheck(margin_type) -> None:
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, 2, 4])
+
+    def f(x, w, s):
+        return MF.margin_cross_entropy(
+            x, w, y, scale=s, margin=MARGINS[margin_type], margin_type=margin_type, num_sub_centers=2, chunk_size=2
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w, s))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulates_in_float32(dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    x32, w32 = torch.randn(16, 8, generator=g), torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (16,), generator=g)
+    x, w = x32.to(dtype).requires_grad_(True), w32.to(dtype).requires_grad_(True)
+    loss = MF.margin_cross_entropy(x, w, y, scale=30.0, margin=0.5, margin_type="arc", chunk_size=7)
+    assert loss.dtype == torch.float32
+    reference = dense_loss(x.detach().float(), w.detach().float(), y, 30.0, "arc", 1)
+    torch.testing.assert_close(loss, reference, rtol=5e-2, atol=5e-2)
+    loss.backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("name", ["ScaledNormalizedLinear", "CosFace", "ArcFace"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("soft", [False, True])
+def test_module_loss_equals_cross_entropy_of_forward(name, training, soft) -> None:
+    head = getattr(mll, name)(6, 9, 2, dtype=torch.float64).train(training)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 9, (2, 5))
+    target = torch.softmax(torch.randn(2, 5, 9, dtype=torch.float64), -1) if soft else y
+    logits = head(x, target)
+    dense = F.cross_entropy(logits.reshape(10, 9), target.reshape(10, 9) if soft else y.reshape(10))
+    chunked = head.loss(x, target, chunk_size=4)
+    torch.testing.assert_close(chunked, dense, rtol=1e-10, atol=1e-10)
+    g_dense = torch.autograd.grad(dense, (x, head.weight))
+    g_chunked = torch.autograd.grad(chunked, (x, head.weight))
+    for a, b in zip(g_chunked, g_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert head.loss(x, target, reduction="none").shape == (2, 5)
+
+
+def test_default_chunk_size() -> None:
+    assert MF.chunked.default_chunk_size(256, 1_000_000, 1) == 2**22 // 256
+    assert MF.chunked.default_chunk_size(2**23, 10, 1) == 1
+    assert MF.chunked.default_chunk_size(4, 10, 1) == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"chunk_size": 0}, r"chunk_size must be an integer >= 1, but got 0"),
+        ({"reduction": "avg"}, r"reduction must be 'mean', 'sum' or 'none', but got 'avg'"),
+        ({"margin_type": "sphere"}, r"margin_type must be 'cos', 'arc' or 'none'"),
+        ({"margin": 2.0, "margin_type": "arc"}, r"ArcFace margin must be in"),
+    ],
+)
+def test_bad_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        MF.margin_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), scale=10.0, **kwargs)
