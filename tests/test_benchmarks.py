@@ -32,3 +32,13 @@ def test_memory_probe_measures_a_step() -> None:
     index = next(i for i, case in enumerate(SUITES["int labels"]) if case.head == "ArcFace" and case.impl == "mll")
     peak = run.probe_memory("int labels", index, cfg)
     assert peak >= 64 * 20_000 * 4 / 2**20  # at least the N×C float32 logits (4.9 MB) must show
+
+
+@pytest.mark.slow
+def test_chunked_quick_run_prints_its_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.chunked", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for impl in ("dense", "chunked", "torch linear_cross_entropy"):
+        assert f"| 20000 | {impl} |" in done.stdout

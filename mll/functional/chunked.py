@@ -26,12 +26,14 @@ __all__ = ["margin_cross_entropy"]
 MarginType = Literal["cos", "arc", "none"]
 Reduction = Literal["mean", "sum", "none"]
 
-#: the default chunk keeps one chunk's N×chunk·K float32 logits near this many elements (16 MB)
-CHUNK_ELEMENTS = 1 << 22
+#: the default chunk keeps one chunk's N×chunk·K float32 logits near this many elements (1 MB): small enough that
+#: a chunk's few buffers stay a few percent of the dense path's memory from C = 10^5, large enough (1024 classes at
+#: N = 256) that each chunk is still an efficient GEMM and the Python loop over chunks costs little
+CHUNK_ELEMENTS = 1 << 18
 
 
 def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int) -> int:
-    """Classes per chunk: ``2**22 // (N·K)`` (16 MB of float32 logits per chunk), at least 1, at most C."""
+    """Classes per chunk: ``2**18 // (N·K)`` (1 MB of float32 logits per chunk), at least 1, at most C."""
     return max(1, min(num_classes, CHUNK_ELEMENTS // max(1, batch * num_sub_centers)))
 
 
@@ -103,7 +105,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             z, slope, (w_hat, norms, cos_k, pooled) = _chunk_logits(
                 x, weight, target, soft, start, stop, k, s, ctx.margin, ctx.value_and_slope, acc, keep=True
             )
-            p = torch.exp(z - lse[:, None])
+            p = torch.exp_(z - lse[:, None])
             if soft:
                 dz = p * weight_sum[:, None] - target[:, start:stop].to(acc)
             else:
@@ -114,7 +116,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
             dz *= g[:, None]
             if grad_s is not None:
                 grad_s += (dz * z).sum() / s
-            dcos = dz * slope * s
+            if soft:
+                dcos = dz.mul_(slope).mul_(s)
+            else:
+                dcos = dz.mul_(s)
+                target_index = (target - start).clamp(0, stop - start - 1).unsqueeze(1)
+                dcos.scatter_(1, target_index, dcos.gather(1, target_index) * slope.unsqueeze(1))
             if k > 1:  # max-pool: split among ties as amax does
                 view = cos_k.view(n, stop - start, k)
                 winners = (view == pooled.unsqueeze(-1)).to(acc)
@@ -160,8 +167,9 @@ def _chunk_logits(
     acc: torch.dtype,
     keep: bool = False,
 ) -> tuple[Tensor, Tensor, Any]:
-    """Scaled margin logits of classes [start, stop) in the accumulation dtype, their slope ∂z/(s·∂cos), and
-    (with ``keep``) what backward needs: normalised weight rows, their norms, sub-center cosines, pooled cosines."""
+    """Scaled margin logits of classes [start, stop) in the accumulation dtype, their slope ∂z/(s·∂cos) (N×chunk
+    for soft targets; for class indices N numbers, the slope at each row's target entry, 1 elsewhere), and (with
+    ``keep``) what backward needs: normalised weight rows, their norms, sub-center cosines, pooled cosines."""
     rows = weight[start * k : stop * k]
     norms = rows.detach().to(acc).norm(dim=1, keepdim=True)
     w_hat = normalize(rows.detach())
@@ -170,15 +178,16 @@ def _chunk_logits(
     width = stop - start
     if soft:
         value, slope = value_and_slope(pooled, margin * target[:, start:stop].to(acc))
-    else:
-        local = target - start
-        inside = (local >= 0) & (local < width)
-        index = local.clamp(0, width - 1).unsqueeze(1)
-        t = pooled.gather(1, index).squeeze(1)
-        v, sl = value_and_slope(t, torch.tensor(margin, dtype=acc, device=x.device))
-        value = pooled.scatter(1, index, torch.where(inside, v, t).unsqueeze(1))
-        slope = torch.ones_like(pooled).scatter_(1, index, torch.where(inside, sl, torch.ones_like(sl)).unsqueeze(1))
-    return value * s, slope, (w_hat, norms, cos_k, pooled) if keep else None
+        return value * s, slope, (w_hat, norms, cos_k, pooled) if keep else None
+    # class indices: the margin touches at most one entry per row; its slope comes back as N numbers
+    local = target - start
+    inside = (local >= 0) & (local < width)
+    index = local.clamp(0, width - 1).unsqueeze(1)
+    t = pooled.gather(1, index).squeeze(1)
+    v, sl = value_and_slope(t, torch.tensor(margin, dtype=acc, device=x.device))
+    z = pooled * s
+    z.scatter_(1, index, (torch.where(inside, v, t) * s).unsqueeze(1))
+    return z, torch.where(inside, sl, torch.ones_like(sl)), (w_hat, norms, cos_k, pooled) if keep else None
 
 
 def margin_cross_entropy(
@@ -215,7 +224,7 @@ def margin_cross_entropy(
         margin_type (str): ``"cos"`` (CosFace), ``"arc"`` (ArcFace) or ``"none"``.
         easy_margin (bool): ArcFace's easy margin.
         num_sub_centers (int): ``K``.
-        chunk_size (int, optional): classes per chunk; default ``2**22 // (N·K)`` (16 MB of logits per chunk).
+        chunk_size (int, optional): classes per chunk; default ``2**18 // (N·K)`` (1 MB of logits per chunk).
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(*)``).
 
     Returns:

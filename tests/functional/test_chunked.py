@@ -32,10 +32,8 @@ def problems(draw):
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     w = torch.randn(c * k, d, generator=g, dtype=torch.float64)
     y = torch.randint(0, c, (n,), generator=g)
-    if draw(st.booleans()):
-        target = torch.softmax(3 * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
-    else:
-        target = y
+    soft = torch.softmax(3 * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    target = soft if draw(st.booleans()) else y
     return x, w, target, k, draw(st.integers(1, c + 2)), draw(st.sampled_from(list(MARGINS)))
 
 
@@ -124,8 +122,8 @@ def test_module_loss_equals_cross_entropy_of_forward(name, training, soft) -> No
 
 
 def test_default_chunk_size() -> None:
-    assert MF.chunked.default_chunk_size(256, 1_000_000, 1) == 2**22 // 256
-    assert MF.chunked.default_chunk_size(2**23, 10, 1) == 1
+    assert MF.chunked.default_chunk_size(256, 1_000_000, 1) == 2**18 // 256 == 1024
+    assert MF.chunked.default_chunk_size(2**19, 10, 1) == 1
     assert MF.chunked.default_chunk_size(4, 10, 1) == 10
 
 
