@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mll.functional._checks import check_in_features, check_num_classes, check_num_sub_centers, check_scale
+from mll.functional.chunked import margin_cross_entropy
 
 
 def check_head_args(in_features: int, out_features: int, num_sub_centers: int) -> None:
@@ -79,6 +80,24 @@ def init_head(
         scale = default_scale()
     if scale is not None:
         register_scale(module, scale, trainable_scale, factory)
+
+
+def chunked_loss(
+    module: nn.Module,
+    input: Tensor,
+    labels: Tensor,
+    reduction: str,
+    chunk_size: Optional[int],
+    margin_type: str,
+    margin: float = 0.0,
+    easy_margin: bool = False,
+) -> Tensor:
+    """The body of a head's ``loss()``: its margin in training mode, none in eval mode, like its ``forward``."""
+    return margin_cross_entropy(
+        input, module.weight, labels, scale=module.scale, margin=margin,  # type: ignore[arg-type]
+        margin_type=margin_type if module.training else "none", easy_margin=easy_margin,  # type: ignore[arg-type]
+        num_sub_centers=module.num_sub_centers, chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 def head_repr(module: nn.Module, *extra: str, show_trainable: bool = True) -> str:

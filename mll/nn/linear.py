@@ -8,7 +8,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.nn._common import head_repr, init_head, reset_class_weight
+from mll.nn._common import chunked_loss, head_repr, init_head, reset_class_weight
 
 __all__ = ["NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt"]
 
@@ -108,15 +108,9 @@ class ScaledNormalizedLinear(nn.Module):
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, never building the N×C logits.
-
-        Same value and gradients as the dense path (margin in training mode only, like :meth:`forward`); see
-        :func:`mll.functional.margin_cross_entropy` for ``chunk_size`` and the memory it saves.
-        """
-        return MF.margin_cross_entropy(
-            input, self.weight, labels, scale=self.scale, margin_type="none", num_sub_centers=self.num_sub_centers,
-            chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
-        )  # fmt: skip
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
+        :func:`mll.functional.margin_cross_entropy`."""
+        return chunked_loss(self, input, labels, reduction, chunk_size, "none")
 
     def extra_repr(self) -> str:
         return head_repr(self)

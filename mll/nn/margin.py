@@ -14,7 +14,7 @@ from mll.functional.margins import (
     arc_margin_unchecked,
     cos_margin_unchecked,
 )
-from mll.nn._common import head_repr, init_head, reset_class_weight
+from mll.nn._common import chunked_loss, head_repr, init_head, reset_class_weight
 
 __all__ = ["ArcFace", "CosFace"]
 
@@ -89,16 +89,9 @@ class CosFace(nn.Module):
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, never building the N×C logits.
-
-        Same value and gradients as the dense path (margin in training mode only, like :meth:`forward`); see
-        :func:`mll.functional.margin_cross_entropy` for ``chunk_size`` and the memory it saves.
-        """
-        return MF.margin_cross_entropy(
-            input, self.weight, labels, scale=self.scale, margin=self.margin,
-            margin_type="cos" if self.training else "none", num_sub_centers=self.num_sub_centers,
-            chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
-        )  # fmt: skip
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
+        :func:`mll.functional.margin_cross_entropy`."""
+        return chunked_loss(self, input, labels, reduction, chunk_size, "cos", self.margin)
 
     def extra_repr(self) -> str:
         return head_repr(self, f"margin={self.margin}")
@@ -169,17 +162,9 @@ class ArcFace(nn.Module):
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, never building the N×C logits.
-
-        Same value and gradients as the dense path (margin in training mode only, like :meth:`forward`); see
-        :func:`mll.functional.margin_cross_entropy` for ``chunk_size`` and the memory it saves.
-        """
-        return MF.margin_cross_entropy(
-            input, self.weight, labels, scale=self.scale, margin=self.margin,
-            margin_type="arc" if self.training else "none", easy_margin=self.easy_margin,
-            num_sub_centers=self.num_sub_centers,
-            chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
-        )  # fmt: skip
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
+        :func:`mll.functional.margin_cross_entropy`."""
+        return chunked_loss(self, input, labels, reduction, chunk_size, "arc", self.margin, self.easy_margin)
 
     def extra_repr(self) -> str:
         return head_repr(self, f"margin={self.margin}", f"easy_margin={self.easy_margin}")
