@@ -251,8 +251,16 @@ def margin_cross_entropy(
         chunk_size = default_chunk_size(x.shape[0], num_classes, num_sub_centers)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, but got {chunk_size!r}")
+    if target.requires_grad:
+        raise ValueError(
+            "margin_cross_entropy does not differentiate soft targets: detach target, or use the dense path "
+            "F.cross_entropy(head(input, target), target)"
+        )
     fn = _value_and_slope(margin_type, margin, easy_margin)
-    losses = _ChunkedMarginCE.apply(x, weight, flat_target, scale, margin, fn, num_sub_centers, chunk_size)
+    if x.shape[0] == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
+        losses = x.sum(-1) + 0.0 * weight.sum()
+    else:
+        losses = _ChunkedMarginCE.apply(x, weight, flat_target, scale, margin, fn, num_sub_centers, chunk_size)
     if reduction == "none":
         return losses.reshape(lead)
     return losses.sum() if reduction == "sum" else losses.mean()

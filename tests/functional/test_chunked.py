@@ -121,6 +121,26 @@ def test_module_loss_equals_cross_entropy_of_forward(name, training, soft) -> No
     assert head.loss(x, target, reduction="none").shape == (2, 5)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none", "mean"])
+def test_empty_batch_matches_the_dense_path(reduction) -> None:
+    x = torch.randn(0, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    dense = dense_loss(x, w, y, 10.0, "arc", 2, reduction)
+    chunked = MF.margin_cross_entropy(x, w, y, scale=10.0, margin=0.5, margin_type="arc", num_sub_centers=2,
+                                      reduction=reduction)  # fmt: skip
+    torch.testing.assert_close(chunked, dense, equal_nan=True)
+    if reduction != "mean":
+        chunked.sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_soft_targets_that_require_grad_are_refused() -> None:
+    target = torch.softmax(torch.randn(3, 5), -1).requires_grad_(True)
+    with pytest.raises(ValueError, match="does not differentiate soft targets"):
+        MF.margin_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), target, scale=10.0)
+
+
 def test_default_chunk_size() -> None:
     assert MF.chunked.default_chunk_size(256, 1_000_000, 1) == 2**18 // 256 == 1024
     assert MF.chunked.default_chunk_size(2**19, 10, 1) == 1
