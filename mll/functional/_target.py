@@ -23,16 +23,21 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """Write ``src`` into a tensor this module just allocated: in place in eager mode and under compile.
+def _in_place_ok() -> bool:
+    """Whether a tensor this module just allocated may be written in place: yes in eager mode and under compile.
 
-    Out of place under ``torch.func`` transforms, where in-place ``scatter_`` has no batching rule (a slow
-    per-sample fallback), and when grad mode is on (a backward with ``create_graph=True``), where ``fresh`` is
+    No under ``torch.func`` transforms, where in-place ops such as ``scatter_`` have no batching rule (a slow
+    per-sample fallback), and when grad mode is on (a backward with ``create_graph=True``), where the tensor is
     part of the graph being recorded.
     """
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-        return fresh.scatter(-1, index, src)
-    return fresh.scatter_(-1, index, src)
+    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active())
+
+
+def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """Write ``src`` into a tensor this module just allocated, in place where :func:`_in_place_ok`."""
+    if _in_place_ok():
+        return fresh.scatter_(-1, index, src)
+    return fresh.scatter(-1, index, src)
 
 
 class _ScaledTargetReplace(torch.autograd.Function):
@@ -142,8 +147,8 @@ class _ScaledDense(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_value = g.to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
-            fresh = not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active())
-            grad_cosine = (g.mul_(slope) if fresh and grad_value is None else g * slope).to(ctx.dtypes[0])
+            in_place = _in_place_ok() and grad_value is None  # g is also grad_value's storage otherwise
+            grad_cosine = (g.mul_(slope) if in_place else g * slope).to(ctx.dtypes[0])
         if ctx.scale_needs_grad:
             grad_scale = (grad.to(value.dtype) * value).sum_to_size(scale_t.shape).to(scale_t.dtype)
         return grad_cosine, grad_value, None, grad_scale
