@@ -64,3 +64,62 @@ def ncm_update(means: np.ndarray, x: np.ndarray, t: np.ndarray, alpha: float) ->
             batch_mean = (t[:, c : c + 1] * x).sum(0) / weight
             new[c] = alpha * means[c] + (1 - alpha) * batch_mean
     return new
+
+
+def _angles(cos: np.ndarray) -> np.ndarray:
+    return np.arccos(np.clip(cos, -1.0, 1.0))
+
+
+def combined_margin(cos, t, m1, m2, m3, s=1.0):
+    """ArcFace paper Eq. 4, cos(m1·θ + m2) − m3, continued past π as SphereFace's ψ; soft t interpolates."""
+    theta = _angles(cos)
+    phi = (1 + (m1 - 1) * t) * theta + m2 * t
+    k = np.floor(phi / math.pi)
+    return s * ((-1.0) ** k * np.cos(phi) - 2 * k - m3 * t)
+
+
+def sphere_margin(cos, t, m, lam=0.0, s=1.0):
+    """SphereFace Eq. 6 with the annealing (λ cos θ + ψ) / (1 + λ)."""
+    psi = combined_margin(cos, t, m, 0.0, 0.0)
+    return s * (lam * cos + psi) / (1 + lam)
+
+
+def curricular_margin(cos, labels, m, t, s=1.0):
+    """CurricularFace Eq. 7-8, one sample at a time."""
+    n, c = cos.shape
+    out = np.empty_like(cos)
+    for i in range(n):
+        y = labels[i]
+        theta_y = math.acos(min(1.0, max(-1.0, cos[i, y])))
+        threshold = math.cos(theta_y + m)
+        for j in range(c):
+            if j == y:
+                out[i, j] = math.cos(theta_y + m) if theta_y + m < math.pi else cos[i, y] - m * math.sin(m)
+            elif cos[i, j] > threshold:
+                out[i, j] = cos[i, j] * (t + cos[i, j])
+            else:
+                out[i, j] = cos[i, j]
+    return s * out
+
+
+def ada_margin(cos, t, norms, m, mean, std, h=0.333, s=1.0, eps=1e-3):
+    """AdaFace Eq. 6-11 (norms clipped to [0.001, 100], the shifted angle kept in [ε, π − ε])."""
+    z = np.clip(h * (np.clip(norms, 1e-3, 100) - mean) / (std + eps), -1, 1)[:, None]
+    theta = _angles(cos)
+    shifted = theta - m * z * t
+    shifted = np.clip(shifted, np.minimum(theta, eps), np.maximum(theta, math.pi - eps))
+    return s * (np.cos(shifted) - (m * z + m) * t)
+
+
+def mag_margin(cos, t, norms, lower=10.0, upper=110.0, m_low=0.45, m_high=0.8, s=1.0):
+    """MagFace Eq. 3 with the linear m(a) of Sec. 4.1 and ArcFace's fix past π − m."""
+    a = np.clip(norms, lower, upper)
+    m = ((m_high - m_low) / (upper - lower) * (a - lower) + m_low)[:, None] * t
+    theta = _angles(cos)
+    return s * np.where(theta + m < math.pi, np.cos(theta + m), cos - m * np.sin(m))
+
+
+def soft_pool(cos_k: np.ndarray, gamma: float) -> np.ndarray:
+    """SoftTriple Eq. 8: Σ_k softmax_k(c_k / γ) c_k over the last axis."""
+    e = np.exp((cos_k - cos_k.max(-1, keepdims=True)) / gamma)
+    return (e / e.sum(-1, keepdims=True) * cos_k).sum(-1)

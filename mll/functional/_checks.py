@@ -105,13 +105,65 @@ def check_scale(scale: object, name: str = "scale") -> None:
         raise ValueError(f"{name} must be positive and finite, but got {scale!r}")
 
 
-def check_margin(margin: object, low: float, high: float, kind: str, *, high_inclusive: bool = False) -> None:
+def _interval(low: float, high: float, high_inclusive: bool) -> str:
+    return f"[{low:g}, {high:.4g}{']' if high_inclusive else ')'}"
+
+
+def check_margin(
+    margin: object, low: float, high: float, kind: str, *, name: str = "margin", high_inclusive: bool = False
+) -> None:
+    """A Python (or NumPy) real in ``[low, high)`` (``[low, high]`` with ``high_inclusive``)."""
     if not _is_real(margin):
-        raise TypeError(f"{kind} margin must be a float, but got {type(margin).__name__}")
+        raise TypeError(f"{kind} {name} must be a float, but got {type(margin).__name__}")
     ok = low <= margin <= high if high_inclusive else low <= margin < high  # type: ignore[operator]
     if not (math.isfinite(margin) and ok):  # type: ignore[arg-type]
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{kind} margin must be in [{low:g}, {high:.4g}{bracket}, but got {margin!r}")
+        raise ValueError(f"{kind} {name} must be in {_interval(low, high, high_inclusive)}, but got {margin!r}")
+
+
+def check_margin_param(
+    margin: object,
+    low: float,
+    high: float,
+    kind: str,
+    cosine_shape: torch.Size | tuple[int, ...] | None,
+    *,
+    name: str = "margin",
+    high_inclusive: bool = False,
+) -> None:
+    """A margin is a float or a floating tensor that broadcasts to the logits' shape ``(*, C)``.
+
+    ``(C,)`` gives one margin per class, ``(*, 1)`` one per sample, ``(*, C)`` one per entry. With
+    ``cosine_shape=None`` (a module's constructor, before any input) a tensor must have shape ``(C,)`` for some C;
+    the caller checks C. Tensor values are range-checked in eager mode only.
+    """
+    if not isinstance(margin, Tensor):
+        check_margin(margin, low, high, kind, name=name, high_inclusive=high_inclusive)
+        return
+    if not margin.is_floating_point():
+        raise TypeError(f"{kind} {name} must be a float or a floating-point tensor, but got dtype {margin.dtype}")
+    if cosine_shape is None:
+        if margin.dim() != 1:
+            raise ValueError(
+                f"{kind} {name} must be a float or a tensor of shape (C,) (one per class), "
+                f"but got shape {shape_str(margin.shape)}"
+            )
+    else:
+        try:
+            broadcast = tuple(torch.broadcast_shapes(margin.shape, cosine_shape))
+        except RuntimeError:
+            broadcast = None
+        if broadcast != tuple(cosine_shape):
+            raise ValueError(
+                f"{kind} {name} must be a float or a tensor that broadcasts to the logits' shape "
+                f"{shape_str(cosine_shape)}: (C,) per class, (*, 1) per sample, but got shape {shape_str(margin.shape)}"
+            )
+    if values_checkable() and margin.numel() > 0:
+        lo, hi = (float(v) for v in torch.aminmax(margin.detach()))
+        ok = low <= lo and (hi <= high if high_inclusive else hi < high)
+        if not (ok and math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(
+                f"{kind} {name} must be in {_interval(low, high, high_inclusive)}, but got values from {lo:g} to {hi:g}"
+            )
 
 
 def check_cosine(cosine: object) -> Tensor:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mll.functional._checks import check_features, check_margin, check_scale, check_target, is_soft
+from mll.functional._checks import check_features, check_margin_param, check_scale, check_target, is_soft
 from mll.functional._target import Scale
-from mll.functional.cosine import normalize
+from mll.functional.cosine import Pooling, check_pooling, normalize
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope, _cos_value_and_slope
 
 __all__ = ["margin_cross_entropy"]
@@ -37,7 +37,7 @@ def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int) -> in
     return max(1, min(num_classes, CHUNK_ELEMENTS // max(1, batch * num_sub_centers)))
 
 
-def _value_and_slope(margin_type: str, margin: float, easy_margin: bool) -> Callable[[Tensor, Tensor], Any]:
+def _value_and_slope(margin_type: str, margin: Any, easy_margin: bool) -> Callable[[Tensor, Tensor], Any]:
     if margin_type == "arc":
         return lambda c, m: _arc_value_and_slope(c, m, easy_margin)
     return _cos_value_and_slope  # "cos", and "none" with m = 0
@@ -51,10 +51,11 @@ class _ChunkedMarginCE(torch.autograd.Function):
         weight: Tensor,
         target: Tensor,
         scale: Scale,
-        margin: float,
+        margin: Any,
         value_and_slope: Callable[[Tensor, Tensor], Any],
         num_sub_centers: int,
         chunk: int,
+        tau: Optional[float],
     ) -> Tensor:
         n, k = x.shape[0], num_sub_centers
         num_classes = weight.shape[0] // k
@@ -66,7 +67,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         target_logit = torch.zeros(n, dtype=acc, device=x.device)  # Σ_j t_ij z_ij (one-hot: z_iy)
         for start in range(0, num_classes, chunk):
             stop = min(start + chunk, num_classes)
-            z, _, _ = _chunk_logits(x, weight, target, soft, start, stop, k, s, margin, value_and_slope, acc)
+            z, _, _ = _chunk_logits(x, weight, target, soft, start, stop, k, s, margin, value_and_slope, acc, tau=tau)
             if soft:
                 target_logit += (target[:, start:stop].to(acc) * z).sum(1)
             else:
@@ -83,6 +84,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         ctx.save_for_backward(x, weight, target, running_max + torch.log(running_sum))
         ctx.scale, ctx.scale_is_tensor = scale, isinstance(scale, Tensor)
         ctx.margin, ctx.value_and_slope, ctx.k, ctx.chunk, ctx.acc = margin, value_and_slope, k, chunk, acc
+        ctx.tau = tau
         return (lse - target_logit).to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
 
     @staticmethod
@@ -103,7 +105,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         for start in range(0, num_classes, chunk):
             stop = min(start + chunk, num_classes)
             z, slope, (w_hat, norms, cos_k, pooled) = _chunk_logits(
-                x, weight, target, soft, start, stop, k, s, ctx.margin, ctx.value_and_slope, acc, keep=True
+                x, weight, target, soft, start, stop, k, s, ctx.margin, ctx.value_and_slope, acc, keep=True, tau=ctx.tau
             )
             p = torch.exp_(z - lse[:, None])
             if soft:
@@ -122,10 +124,14 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 dcos = dz.mul_(s)
                 target_index = (target - start).clamp(0, stop - start - 1).unsqueeze(1)
                 dcos.scatter_(1, target_index, dcos.gather(1, target_index) * slope.unsqueeze(1))
-            if k > 1:  # max-pool: split among ties as amax does
+            if k > 1 and ctx.tau is None:  # max-pool: split among ties as amax does
                 view = cos_k.view(n, stop - start, k)
                 winners = (view == pooled.unsqueeze(-1)).to(acc)
                 dcos = (winners * (dcos / winners.sum(-1)).unsqueeze(-1)).view(n, -1)
+            elif k > 1:  # soft pooling S = Σ p_k c_k: ∂S/∂c_k = p_k·(1 + (c_k − S)/τ)
+                view = cos_k.view(n, stop - start, k)
+                p_k = torch.softmax(view / ctx.tau, dim=-1)
+                dcos = (dcos.unsqueeze(-1) * p_k * (1 + (view - pooled.unsqueeze(-1)) / ctx.tau)).view(n, -1)
             rows = slice(start * k, stop * k)
             if grad_x is not None:
                 grad_x += dcos @ w_hat.to(acc)
@@ -146,6 +152,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -162,10 +169,11 @@ def _chunk_logits(
     stop: int,
     k: int,
     s: Any,
-    margin: float,
+    margin: Any,
     value_and_slope: Callable[[Tensor, Tensor], Any],
     acc: torch.dtype,
     keep: bool = False,
+    tau: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Any]:
     """Scaled margin logits of classes [start, stop) in the accumulation dtype, their slope ∂z/(s·∂cos) (N×chunk
     for soft targets; for class indices N numbers, the slope at each row's target entry, 1 elsewhere), and (with
@@ -174,17 +182,26 @@ def _chunk_logits(
     norms = rows.detach().to(acc).norm(dim=1, keepdim=True)
     w_hat = normalize(rows.detach())
     cos_k = F.linear(x, w_hat).to(acc)
-    pooled = cos_k.view(x.shape[0], stop - start, k).amax(-1) if k > 1 else cos_k
+    if k == 1:
+        pooled = cos_k
+    elif tau is None:
+        pooled = cos_k.view(x.shape[0], stop - start, k).amax(-1)
+    else:
+        view = cos_k.view(x.shape[0], stop - start, k)
+        pooled = (torch.softmax(view / tau, dim=-1) * view).sum(-1)
     width = stop - start
+    per_class = isinstance(margin, Tensor)
     if soft:
-        value, slope = value_and_slope(pooled, margin * target[:, start:stop].to(acc))
+        m = margin[start:stop].to(acc) if per_class else margin
+        value, slope = value_and_slope(pooled, m * target[:, start:stop].to(acc))
         return value * s, slope, (w_hat, norms, cos_k, pooled) if keep else None
     # class indices: the margin touches at most one entry per row; its slope comes back as N numbers
     local = target - start
     inside = (local >= 0) & (local < width)
     index = local.clamp(0, width - 1).unsqueeze(1)
     t = pooled.gather(1, index).squeeze(1)
-    v, sl = value_and_slope(t, torch.tensor(margin, dtype=acc, device=x.device))
+    m_t = margin.to(acc)[target] if per_class else torch.tensor(margin, dtype=acc, device=x.device)
+    v, sl = value_and_slope(t, m_t)
     z = pooled * s
     z.scatter_(1, index, (torch.where(inside, v, t) * s).unsqueeze(1))
     return z, torch.where(inside, sl, torch.ones_like(sl)), (w_hat, norms, cos_k, pooled) if keep else None
@@ -196,10 +213,12 @@ def margin_cross_entropy(
     target: Tensor,
     *,
     scale: Scale,
-    margin: float = 0.0,
+    margin: float | Tensor = 0.0,
     margin_type: MarginType = "cos",
     easy_margin: bool = False,
     num_sub_centers: int = 1,
+    pooling: Pooling = "max",
+    temperature: float = 0.1,
     chunk_size: Optional[int] = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -220,10 +239,12 @@ def margin_cross_entropy(
         weight (Tensor[C*K, d]): class weights.
         target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
         scale (float or Tensor): ``s``.
-        margin (float): ``m`` (ignored for ``"none"``).
+        margin (float or Tensor): ``m`` (ignored for ``"none"``); a tensor of shape ``(C,)`` gives one per class.
         margin_type (str): ``"cos"`` (CosFace), ``"arc"`` (ArcFace) or ``"none"``.
         easy_margin (bool): ArcFace's easy margin.
         num_sub_centers (int): ``K``.
+        pooling (str): ``"max"`` or ``"soft"`` sub-center pooling (see :func:`cosine_logits`).
+        temperature (float): γ of soft pooling.
         chunk_size (int, optional): classes per chunk; default ``2**18 // (N·K)`` (1 MB of logits per chunk).
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(*)``).
 
@@ -231,18 +252,19 @@ def margin_cross_entropy(
         Tensor: the loss, float32 for half-precision inputs.
     """
     check_features(input, weight, num_sub_centers)
+    check_pooling(pooling, temperature)
     check_scale(scale)
+    num_classes = weight.shape[0] // num_sub_centers
     if margin_type == "cos":
-        check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
+        check_margin_param(margin, *COS_MARGIN_RANGE, "CosFace", torch.Size((num_classes,)))
     elif margin_type == "arc":
-        check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
+        check_margin_param(margin, *ARC_MARGIN_RANGE, "ArcFace", torch.Size((num_classes,)))
     elif margin_type == "none":
         margin = 0.0
     else:
         raise ValueError(f"margin_type must be 'cos', 'arc' or 'none', but got {margin_type!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', but got {reduction!r}")
-    num_classes = weight.shape[0] // num_sub_centers
     lead = input.shape[:-1]
     target = check_target(target, torch.Size((*lead, num_classes)))
     x = normalize(input).reshape(-1, input.shape[-1])
@@ -260,7 +282,8 @@ def margin_cross_entropy(
     if x.shape[0] == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
         losses = x.sum(-1) + 0.0 * weight.sum()
     else:
-        losses = _ChunkedMarginCE.apply(x, weight, flat_target, scale, margin, fn, num_sub_centers, chunk_size)
+        tau = float(temperature) if pooling == "soft" else None
+        losses = _ChunkedMarginCE.apply(x, weight, flat_target, scale, margin, fn, num_sub_centers, chunk_size, tau)
     if reduction == "none":
         return losses.reshape(lead)
     return losses.sum() if reduction == "sum" else losses.mean()

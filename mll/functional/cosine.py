@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mll.functional._checks import check_features
+from mll.functional._checks import _is_real, check_features
 
 __all__ = ["cosine_logits", "normalize"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+Pooling = Literal["max", "soft"]
 
 
 def normalize(input: Tensor) -> Tensor:
@@ -37,15 +42,29 @@ def normalize(input: Tensor) -> Tensor:
     return F.normalize(input, dim=-1, eps=1e-12)
 
 
-def cosine_logits(input: Tensor, weight: Tensor, num_sub_centers: int = 1, *, weight_name: str = "weight") -> Tensor:
+def cosine_logits(
+    input: Tensor,
+    weight: Tensor,
+    num_sub_centers: int = 1,
+    *,
+    pooling: Pooling = "max",
+    temperature: float = 0.1,
+    weight_name: str = "weight",
+) -> Tensor:
     r"""Cosine similarity between features and class weights, pooled over sub-centers.
 
     .. math:: \cos\theta_{ij} = \max_{k < K} \langle \hat x_i, \hat w_{jK + k} \rangle
+              \quad\text{or}\quad
+              \sum_{k < K} \operatorname{softmax}_k\!\Big(\frac{c_{ijk}}{\gamma}\Big)\, c_{ijk},
+              \quad c_{ijk} = \langle \hat x_i, \hat w_{jK + k} \rangle
 
     One GEMM on the L2-normalised operands (see :func:`normalize`). With ``num_sub_centers = K > 1`` row
-    ``c*K + k`` of ``weight`` is sub-center ``k`` of class ``c`` (the 0.1.6 layout) and each class keeps its most
-    similar sub-center, as in "Sub-center ArcFace: Boosting Face Recognition by Large-scale Noisy Web Faces"
-    (Deng et al., ECCV 2020).
+    ``c*K + k`` of ``weight`` is sub-center ``k`` of class ``c`` (the 0.1.6 layout). ``pooling="max"`` keeps each
+    class's most similar sub-center, as in "Sub-center ArcFace: Boosting Face Recognition by Large-scale Noisy Web
+    Faces" (Deng et al., ECCV 2020); ``pooling="soft"`` weighs the sub-centers by a softmax of their cosines with
+    temperature γ, as in "SoftTriple Loss: Deep Metric Learning Without Triplet Sampling" (Qian et al., ICCV 2019,
+    https://arxiv.org/abs/1909.05235, Eq. 8; γ = 0.1 there): every sub-center gets a gradient, and γ → 0 recovers
+    max pooling.
 
     The result is not clamped: rounding can put it a few ulps outside ``[-1, 1]``; the margin functions are
     written to be finite there.
@@ -54,13 +73,35 @@ def cosine_logits(input: Tensor, weight: Tensor, num_sub_centers: int = 1, *, we
         input (Tensor[*, d]): features; any number of leading dimensions.
         weight (Tensor[C*K, d]): class weights (prototypes).
         num_sub_centers (int): ``K``, sub-centers per class.
+        pooling (str): ``"max"`` or ``"soft"``, how sub-centers pool (ignored for ``K = 1``).
+        temperature (float): γ > 0 of soft pooling.
         weight_name (str): what to call ``weight`` in error messages.
 
     Returns:
         Tensor[*, C] of cosines in the GEMM's dtype.
     """
     check_features(input, weight, num_sub_centers, weight_name=weight_name)
+    check_pooling(pooling, temperature)
     cosine = F.linear(normalize(input), normalize(weight))
     if num_sub_centers > 1:
-        cosine = cosine.unflatten(-1, (-1, num_sub_centers)).amax(dim=-1)
+        cosine = pool_sub_centers(cosine.unflatten(-1, (-1, num_sub_centers)), pooling, temperature)
     return cosine
+
+
+def pool_sub_centers(cosine: Tensor, pooling: Pooling, temperature: float) -> Tensor:
+    """Pool ``(*, C, K)`` sub-center cosines to ``(*, C)`` (softmax weights in float32 for half precision)."""
+    if pooling == "max":
+        return cosine.amax(dim=-1)
+    weights = torch.softmax(cosine.to(_work(cosine.dtype)) / temperature, dim=-1)
+    return (weights * cosine).sum(dim=-1).to(cosine.dtype)
+
+
+def check_pooling(pooling: object, temperature: object) -> None:
+    if pooling not in ("max", "soft"):
+        raise ValueError(f"pooling must be 'max' or 'soft', but got {pooling!r}")
+    if not _is_real(temperature) or not (0 < temperature < math.inf):  # type: ignore[operator]
+        raise ValueError(f"temperature must be a positive finite float, but got {temperature!r}")
+
+
+def _work(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF else dtype

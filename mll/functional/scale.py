@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -17,20 +17,34 @@ from mll.functional._checks import (
     is_soft,
 )
 from mll.functional._target import work_dtype
-from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE
+from mll.functional.margins import (
+    ARC_MARGIN_RANGE,
+    COMBINED_M1_RANGE,
+    COMBINED_M2_RANGE,
+    COMBINED_M3_RANGE,
+    COS_MARGIN_RANGE,
+    SPHERE_MARGIN_RANGE,
+)
 
 __all__ = ["adacos_scale", "heuristic_scale"]
 
-MarginType = Literal["cos", "arc"]
+MarginType = Literal["cos", "arc", "combined", "sphere"]
 
 
-def _penalised_cosine(theta: float, margin: float, margin_type: MarginType) -> float:
+def _penalised_cosine(theta: float, margin: Any, margin_type: MarginType) -> float:
     if margin_type == "cos":
         return math.cos(theta) - margin
-    return math.cos(theta + margin)
+    if margin_type == "arc":
+        return math.cos(theta + margin)
+    m1, m2, m3 = (margin, 0.0, 0.0) if margin_type == "sphere" else margin
+    phi = m1 * theta + m2
+    k = math.floor(phi / math.pi)
+    return (-1) ** k * math.cos(phi) - 2 * k - m3
 
 
-def heuristic_scale(num_classes: int, margin: float = 0.0, *, margin_type: MarginType = "cos") -> float:
+def heuristic_scale(
+    num_classes: int, margin: float | tuple[float, float, float] = 0.0, *, margin_type: MarginType = "cos"
+) -> float:
     r"""The AdaCos criterion for a fixed scale, applied to the margin-penalised target logit.
 
     "AdaCos: Adaptively Scaling Cosine Logits for Effectively Learning Deep Face Representations"
@@ -40,7 +54,9 @@ def heuristic_scale(num_classes: int, margin: float = 0.0, *, margin_type: Margi
     .. math:: e^{s\,\psi(\pi/4)} = C - 1 \quad\Rightarrow\quad s = \frac{\ln(C - 1)}{\psi(\pi/4)}
 
     where ψ is the target logit after the margin: ``cos θ − m`` (``margin_type="cos"``, CosFace) or
-    ``cos(θ + m)`` (``"arc"``, ArcFace). Without a margin this is the 0.1.6 heuristic :math:`\sqrt2\ln(C-1)`.
+    ``cos(θ + m)`` (``"arc"``, ArcFace), :func:`combined_margin`'s ψ (``"combined"``, ``margin=(m1, m2, m3)``) or
+    :func:`sphere_margin`'s (``"sphere"``, ``margin=m``, λ = 0). Without a margin this is the 0.1.6 heuristic
+    :math:`\sqrt2\ln(C-1)`.
     Applying it to the *penalised* logit matters: 0.1.6 used √2·ln(C − 1) for CosFace too, and with
     ``m = 0.5`` and ``C = 1000`` (s ≈ 9.77) even a perfectly aligned target with orthogonal non-targets gets
     probability e^{4.88} / (e^{4.88} + 999) ≈ 0.12; here s ≈ 33.4 and that probability is ≈ 1.
@@ -56,8 +72,8 @@ def heuristic_scale(num_classes: int, margin: float = 0.0, *, margin_type: Margi
 
     Args:
         num_classes (int): ``C >= 2``.
-        margin (float): the margin ``m``; 0 for margin-free heads.
-        margin_type (str): ``"cos"`` or ``"arc"``.
+        margin (float or tuple): the margin ``m``; 0 for margin-free heads; ``(m1, m2, m3)`` for ``"combined"``.
+        margin_type (str): ``"cos"``, ``"arc"``, ``"combined"`` or ``"sphere"``.
 
     Returns:
         float: a positive, finite scale.
@@ -67,8 +83,17 @@ def heuristic_scale(num_classes: int, margin: float = 0.0, *, margin_type: Margi
         check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
     elif margin_type == "arc":
         check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
+    elif margin_type == "sphere":
+        check_margin(margin, *SPHERE_MARGIN_RANGE, "SphereFace")
+    elif margin_type == "combined":
+        if not (isinstance(margin, tuple) and len(margin) == 3):
+            raise ValueError(f"margin must be a tuple (m1, m2, m3) for margin_type='combined', but got {margin!r}")
+        for name, value, bounds in zip(
+            ("m1", "m2", "m3"), margin, (COMBINED_M1_RANGE, COMBINED_M2_RANGE, COMBINED_M3_RANGE)
+        ):
+            check_margin(value, *bounds, "combined", name=name)
     else:
-        raise ValueError(f"margin_type must be 'cos' or 'arc', but got {margin_type!r}")
+        raise ValueError(f"margin_type must be 'cos', 'arc', 'combined' or 'sphere', but got {margin_type!r}")
     numerator = math.log(max(num_classes - 1, 2))
     denominator = max(
         _penalised_cosine(math.pi / 4, margin, margin_type), _penalised_cosine(0.0, margin, margin_type) / 4

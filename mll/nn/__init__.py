@@ -1,17 +1,30 @@
 """Modules: own the parameters and buffers, validate their arguments, call :mod:`mll.functional`."""
 
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.curricular import CurricularFace
+from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
-from mll.nn.margin import ArcFace, CosFace
+from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.sub_centers import SubCenterCleanup, clean_sub_centers, keep_dominant_sub_centers
 
 __all__ = [
     "AdaCos",
+    "AdaFace",
     "ArcFace",
+    "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "DeepNCM",
+    "ElasticArcFace",
+    "ElasticCosFace",
     "FixedAdaCos",
+    "MagFace",
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
+    "SphereFace",
+    "SubCenterCleanup",
+    "clean_sub_centers",
+    "keep_dominant_sub_centers",
 ]

@@ -11,8 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mll.functional._checks import check_in_features, check_num_classes, check_num_sub_centers, check_scale
+from mll.functional._checks import (
+    check_in_features,
+    check_margin_param,
+    check_num_classes,
+    check_num_sub_centers,
+    check_scale,
+)
 from mll.functional.chunked import margin_cross_entropy
+from mll.functional.cosine import check_pooling, cosine_logits
 
 
 def check_head_args(in_features: int, out_features: int, num_sub_centers: int) -> None:
@@ -63,6 +70,8 @@ def init_head(
     scale: Optional[float] = None,
     default_scale: Optional[Callable[[], float]] = None,
     trainable_scale: bool = False,
+    pooling: str = "max",
+    pooling_temperature: float = 0.1,
     device: Any = None,
     dtype: Any = None,
 ) -> None:
@@ -72,14 +81,52 @@ def init_head(
     without either has no scale.
     """
     check_head_args(in_features, out_features, num_sub_centers)
+    check_pooling(pooling, pooling_temperature)
     factory = {"device": device, "dtype": dtype}
     sizes = int(in_features), int(out_features), int(num_sub_centers)
     module.in_features, module.out_features, module.num_sub_centers = sizes  # type: ignore[assignment]
+    module.pooling, module.pooling_temperature = pooling, float(pooling_temperature)  # type: ignore[assignment]
     module.weight = class_weight(*sizes, factory)
     if scale is None and default_scale is not None:
         scale = default_scale()
     if scale is not None:
         register_scale(module, scale, trainable_scale, factory)
+
+
+def head_cosine(module: nn.Module, input: Tensor) -> Tensor:
+    """The head's pooled cosines: :func:`mll.functional.cosine_logits` with its weight and sub-center options."""
+    return cosine_logits(
+        input, module.weight, module.num_sub_centers,  # type: ignore[arg-type]
+        pooling=getattr(module, "pooling", "max"), temperature=getattr(module, "pooling_temperature", 0.1),
+    )  # fmt: skip
+
+
+def register_margin(
+    module: nn.Module, name: str, value: object, low: float, high: float, kind: str, num_classes: int
+) -> None:
+    """Store a margin hyper-parameter: a float as a plain attribute, a per-class tensor ``(C,)`` as a buffer (saved in
+    the state dict, moved by ``.to()``)."""
+    check_margin_param(value, low, high, kind, None, name=name)
+    if isinstance(value, Tensor):
+        if tuple(value.shape) != (num_classes,):
+            raise ValueError(
+                f"{kind} {name} must be a float or a tensor of shape ({num_classes},), one per class, "
+                f"but got shape {tuple(value.shape)}"
+            )
+        module.register_buffer(name, value.detach().clone())
+    else:
+        setattr(module, name, float(value))  # type: ignore[arg-type]
+
+
+def margin_repr(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"per-class[{value.numel()}] in [{float(value.min()):.4g}, {float(value.max()):.4g}]"
+    return f"{value}"
+
+
+def typical_margin(value: object) -> float:
+    """A float for the heuristic scale: the margin, or the mean of per-class margins."""
+    return float(value.detach().float().mean()) if isinstance(value, Tensor) else float(value)  # type: ignore[arg-type]
 
 
 def chunked_loss(
@@ -89,7 +136,7 @@ def chunked_loss(
     reduction: str,
     chunk_size: Optional[int],
     margin_type: str,
-    margin: float = 0.0,
+    margin: float | Tensor = 0.0,
     easy_margin: bool = False,
 ) -> Tensor:
     """The body of a head's ``loss()``: its margin in training mode, none in eval mode, like its ``forward``."""
@@ -97,6 +144,7 @@ def chunked_loss(
         input, module.weight, labels, scale=module.scale, margin=margin,  # type: ignore[arg-type]
         margin_type=margin_type if module.training else "none", easy_margin=easy_margin,  # type: ignore[arg-type]
         num_sub_centers=module.num_sub_centers, chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
+        pooling=getattr(module, "pooling", "max"), temperature=getattr(module, "pooling_temperature", 0.1),
     )  # fmt: skip
 
 
@@ -112,6 +160,8 @@ def head_repr(module: nn.Module, *extra: str, show_trainable: bool = True) -> st
         parts.append(f"scale={float(scale):.4g}")
         if show_trainable:
             parts.append(f"trainable_scale={scale.requires_grad}")
+    if getattr(module, "pooling", "max") != "max":
+        parts.append(f"pooling={module.pooling!r}, pooling_temperature={module.pooling_temperature}")
     return ", ".join([*parts, *extra])
 
 

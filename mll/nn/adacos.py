@@ -9,9 +9,11 @@ from torch import Tensor, nn
 
 from mll import functional as MF
 from mll.functional._checks import check_scale, check_target
+from mll.functional.cosine import Pooling
 from mll.nn._common import (
     all_gather_samples,
     distributed_world_size,
+    head_cosine,
     head_repr,
     init_head,
     reset_class_weight,
@@ -31,6 +33,8 @@ class FixedAdaCos(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K``.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
         scale (float, optional): override the heuristic with a fixed ``s > 0`` (0.1.6 crashed when given one).
 
     Shape:
@@ -51,13 +55,16 @@ class FixedAdaCos(nn.Module):
         num_sub_centers: int = 1,
         scale: Optional[float] = None,
         *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale,
-            default_scale=lambda: MF.heuristic_scale(out_features), device=device, dtype=dtype,
+            default_scale=lambda: MF.heuristic_scale(out_features),
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -65,7 +72,7 @@ class FixedAdaCos(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
+        return head_cosine(self, input) * self.scale
 
     def extra_repr(self) -> str:
         return head_repr(self, show_trainable=False)
@@ -86,6 +93,8 @@ class AdaCos(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K``.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
         scale (float, optional): initial scale; ``None`` uses √2·ln(C − 1).
         min_scale (float): floor of the adapted scale (see :func:`mll.functional.adacos_reduce`).
 
@@ -108,6 +117,8 @@ class AdaCos(nn.Module):
         scale: Optional[float] = None,
         *,
         min_scale: float = 0.5,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
@@ -116,7 +127,8 @@ class AdaCos(nn.Module):
         self.min_scale = float(min_scale)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale,
-            default_scale=lambda: MF.heuristic_scale(out_features), device=device, dtype=dtype,
+            default_scale=lambda: MF.heuristic_scale(out_features),
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.initial_scale = float(self.scale)
         self.reset_parameters()
@@ -131,7 +143,7 @@ class AdaCos(nn.Module):
             self.scale.fill_(self.initial_scale)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = MF.cosine_logits(input, self.weight, self.num_sub_centers)
+        cosine = head_cosine(self, input)
         if self.training:
             if labels is not None:
                 labels = check_target(labels, cosine.shape, name="labels")

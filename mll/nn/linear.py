@@ -8,7 +8,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.nn._common import chunked_loss, head_repr, init_head, reset_class_weight
+from mll.functional.cosine import Pooling
+from mll.nn._common import chunked_loss, head_cosine, head_repr, init_head, reset_class_weight
 
 __all__ = ["NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt"]
 
@@ -24,6 +25,8 @@ class NormalizedLinear(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K`` (default 1).
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
 
     Shape:
         - input: ``(*, d)``; labels (ignored, accepted for a uniform call): ``(*)`` or ``(*, C)``
@@ -39,17 +42,34 @@ class NormalizedLinear(nn.Module):
     weight: nn.Parameter
 
     def __init__(
-        self, in_features: int, out_features: int, num_sub_centers: int = 1, *, device=None, dtype=None
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
-        init_head(self, in_features, out_features, num_sub_centers, device=device, dtype=dtype)
+        init_head(
+            self,
+            in_features,
+            out_features,
+            num_sub_centers,
+            pooling=pooling,
+            pooling_temperature=pooling_temperature,
+            device=device,
+            dtype=dtype,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return MF.cosine_logits(input, self.weight, self.num_sub_centers)
+        return head_cosine(self, input)
 
     def extra_repr(self) -> str:
         return head_repr(self)
@@ -67,6 +87,8 @@ class ScaledNormalizedLinear(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K``.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
         scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` (√2·ln(C − 1)).
         trainable_scale (bool): learn ``s`` (a Parameter) instead of keeping it fixed (a buffer).
 
@@ -89,13 +111,16 @@ class ScaledNormalizedLinear(nn.Module):
         scale: Optional[float] = None,
         trainable_scale: bool = False,
         *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features), device=device, dtype=dtype,
+            default_scale=lambda: MF.heuristic_scale(out_features),
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -103,7 +128,7 @@ class ScaledNormalizedLinear(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return MF.cosine_logits(input, self.weight, self.num_sub_centers) * self.scale
+        return head_cosine(self, input) * self.scale
 
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
@@ -127,6 +152,8 @@ class ScaledNormalizedLinearSqrt(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K``.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
         scale (float): ``s > 0``, multiplied by √d (default 1, as in 0.1.6).
         trainable_scale (bool): learn ``s``.
 
@@ -149,13 +176,16 @@ class ScaledNormalizedLinearSqrt(nn.Module):
         scale: Optional[float] = 1.0,
         trainable_scale: bool = False,
         *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: 1.0, device=device, dtype=dtype,
+            default_scale=lambda: 1.0,
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.sqrt_in_features = math.sqrt(in_features)
         self.reset_parameters()
@@ -164,7 +194,7 @@ class ScaledNormalizedLinearSqrt(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return MF.cosine_logits(input, self.weight, self.num_sub_centers) * (self.scale * self.sqrt_in_features)
+        return head_cosine(self, input) * (self.scale * self.sqrt_in_features)
 
     def extra_repr(self) -> str:
         return head_repr(self, "scale multiplied by sqrt(in_features)")

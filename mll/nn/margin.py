@@ -1,22 +1,44 @@
-"""Heads with an additive margin on the target logit: CosFace and ArcFace."""
+"""Heads with a margin on the target logit: CosFace, ArcFace, the combined margin, SphereFace, ElasticFace."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import check_margin, check_target
+from mll.functional._checks import check_target, is_soft
+from mll.functional.cosine import Pooling
 from mll.functional.margins import (
     ARC_MARGIN_RANGE,
+    COMBINED_M1_RANGE,
+    COMBINED_M2_RANGE,
+    COMBINED_M3_RANGE,
     COS_MARGIN_RANGE,
+    SPHERE_MARGIN_RANGE,
+    MarginParam,
+    _at_target,
     arc_margin_unchecked,
+    check_lambda,
+    combined_margin_unchecked,
     cos_margin_unchecked,
+    sphere_margin_unchecked,
 )
-from mll.nn._common import chunked_loss, head_repr, init_head, reset_class_weight
+from mll.nn._common import (
+    chunked_loss,
+    head_cosine,
+    head_repr,
+    init_head,
+    margin_repr,
+    register_margin,
+    reset_class_weight,
+    typical_margin,
+)
 
-__all__ = ["ArcFace", "CosFace"]
+__all__ = ["ArcFace", "CombinedMargin", "CosFace", "ElasticArcFace", "ElasticCosFace", "SphereFace"]
 
 
 def _missing_labels(name: str) -> ValueError:
@@ -37,9 +59,12 @@ class CosFace(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K``.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
         scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` for this margin.
         trainable_scale (bool): learn ``s``.
-        margin (float): ``m`` in ``[0, 1)`` (default 0.5, as in 0.1.6; the paper uses 0.35).
+        margin (float or Tensor): ``m`` in ``[0, 1)`` (default 0.5, as in 0.1.6; the paper uses 0.35); a tensor of
+            shape ``(C,)`` gives one margin per class (see :func:`mll.functional.dynamic_margins`), kept as a buffer.
 
     Shape:
         - input: ``(*, d)``; labels: ``(*)`` class indices or ``(*, C)`` soft targets
@@ -51,6 +76,7 @@ class CosFace(nn.Module):
     num_sub_centers: int
     weight: nn.Parameter
     scale: Tensor
+    margin: MarginParam
 
     def __init__(
         self,
@@ -59,18 +85,20 @@ class CosFace(nn.Module):
         num_sub_centers: int = 1,
         scale: Optional[float] = None,
         trainable_scale: bool = False,
-        margin: float = 0.5,
+        margin: MarginParam = 0.5,
         *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
-        self.margin = float(margin)
+        register_margin(self, "margin", margin, *COS_MARGIN_RANGE, "CosFace", out_features)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, self.margin, margin_type="cos"),
-            device=device, dtype=dtype,
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="cos"),
+
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -78,7 +106,7 @@ class CosFace(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = MF.cosine_logits(input, self.weight, self.num_sub_centers)
+        cosine = head_cosine(self, input)
         if not self.training:
             return cosine * self.scale
         if labels is None:
@@ -94,7 +122,7 @@ class CosFace(nn.Module):
         return chunked_loss(self, input, labels, reduction, chunk_size, "cos", self.margin)
 
     def extra_repr(self) -> str:
-        return head_repr(self, f"margin={self.margin}")
+        return head_repr(self, f"margin={margin_repr(self.margin)}")
 
 
 class ArcFace(nn.Module):
@@ -108,9 +136,12 @@ class ArcFace(nn.Module):
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
         num_sub_centers (int): sub-centers per class ``K`` (Sub-center ArcFace for ``K > 1``).
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
         scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` for this margin.
         trainable_scale (bool): learn ``s``.
-        margin (float): ``m`` in radians, in ``[0, π/2)`` (default 0.5).
+        margin (float or Tensor): ``m`` in radians, in ``[0, π/2)`` (default 0.5); a tensor of shape ``(C,)`` gives
+            one margin per class (see :func:`mll.functional.dynamic_margins`), kept as a buffer.
         easy_margin (bool): apply the margin only where ``cos θ > 0``.
 
     Shape:
@@ -123,6 +154,7 @@ class ArcFace(nn.Module):
     num_sub_centers: int
     weight: nn.Parameter
     scale: Tensor
+    margin: MarginParam
 
     def __init__(
         self,
@@ -131,19 +163,22 @@ class ArcFace(nn.Module):
         num_sub_centers: int = 1,
         scale: Optional[float] = None,
         trainable_scale: bool = False,
-        margin: float = 0.5,
+        margin: MarginParam = 0.5,
         easy_margin: bool = False,
         *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
-        self.margin, self.easy_margin = float(margin), bool(easy_margin)
+        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "ArcFace", out_features)
+        self.easy_margin = bool(easy_margin)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, self.margin, margin_type="arc"),
-            device=device, dtype=dtype,
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="arc"),
+
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -151,7 +186,7 @@ class ArcFace(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = MF.cosine_logits(input, self.weight, self.num_sub_centers)
+        cosine = head_cosine(self, input)
         if not self.training:
             return cosine * self.scale
         if labels is None:
@@ -167,4 +202,355 @@ class ArcFace(nn.Module):
         return chunked_loss(self, input, labels, reduction, chunk_size, "arc", self.margin, self.easy_margin)
 
     def extra_repr(self) -> str:
-        return head_repr(self, f"margin={self.margin}", f"easy_margin={self.easy_margin}")
+        return head_repr(self, f"margin={margin_repr(self.margin)}", f"easy_margin={self.easy_margin}")
+
+
+def dense_loss(module: nn.Module, input: Tensor, labels: Tensor, reduction: str) -> Tensor:
+    """``F.cross_entropy(module(input, labels), labels)``: the ``loss()`` of heads without a chunked path."""
+    logits = module(input, labels)
+    flat = logits.reshape(-1, logits.shape[-1])
+    target = labels.reshape(-1, logits.shape[-1]) if labels.is_floating_point() else labels.reshape(-1)
+    loss = F.cross_entropy(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, target,
+                           reduction=reduction)  # fmt: skip
+    return loss.reshape(labels.shape[: logits.dim() - 1]) if reduction == "none" else loss
+
+
+class CombinedMargin(nn.Module):
+    r"""InsightFace's combined margin head: :math:`s(\cos(m_1\theta_y + m_2) - m_3)` on the target.
+
+    "ArcFace: Additive Angular Margin Loss for Deep Face Recognition" (Deng et al., CVPR 2019,
+    https://arxiv.org/abs/1801.07698), Eq. 4. See :func:`mll.functional.combined_margin` (continued past π as
+    SphereFace does, so the target logit stays monotone). ``(1, m, 0)`` is ArcFace below π − m, ``(1, 0, m)`` CosFace,
+    ``(m, 0, 0)`` SphereFace.
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` for these margins.
+        trainable_scale (bool): learn ``s``.
+        m1 (float or Tensor): multiplicative angular margin in ``[1, 10)`` (default 1).
+        m2 (float or Tensor): additive angular margin in ``[0, π/2)`` (default 0.3, InsightFace's combined setting).
+        m3 (float or Tensor): additive cosine margin in ``[0, 1)`` (default 0.2). Tensors of shape ``(C,)``: per class.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
+
+    Shape:
+        - input: ``(*, d)``; labels: ``(*)`` class indices or ``(*, C)`` soft targets
+        - output: ``(*, C)``
+    """
+
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
+    scale: Tensor
+    m1: MarginParam
+    m2: MarginParam
+    m3: MarginParam
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        trainable_scale: bool = False,
+        m1: MarginParam = 1.0,
+        m2: MarginParam = 0.3,
+        m3: MarginParam = 0.2,
+        *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        register_margin(self, "m1", m1, *COMBINED_M1_RANGE, "combined", out_features)
+        register_margin(self, "m2", m2, *COMBINED_M2_RANGE, "combined", out_features)
+        register_margin(self, "m3", m3, *COMBINED_M3_RANGE, "combined", out_features)
+        margins = (typical_margin(self.m1), typical_margin(self.m2), typical_margin(self.m3))
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: MF.heuristic_scale(out_features, margins, margin_type="combined"),
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        cosine = head_cosine(self, input)
+        if not self.training:
+            return cosine * self.scale
+        if labels is None:
+            raise _missing_labels(type(self).__name__)
+        labels = check_target(labels, cosine.shape, name="labels")
+        return combined_margin_unchecked(cosine, labels, self.m1, self.m2, self.m3, self.scale)
+
+    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)``."""
+        return dense_loss(self, input, labels, reduction)
+
+    def extra_repr(self) -> str:
+        return head_repr(self, *(f"{n}={margin_repr(getattr(self, n))}" for n in ("m1", "m2", "m3")))
+
+
+class SphereFace(nn.Module):
+    r"""SphereFace's A-Softmax head: :math:`s\,\frac{\lambda\cos\theta_y + \psi(\theta_y)}{1 + \lambda}` on the target,
+    :math:`\psi(\theta) = (-1)^k\cos(m\theta) - 2k`.
+
+    "SphereFace: Deep Hypersphere Embedding for Face Recognition" (Liu et al., CVPR 2017,
+    https://arxiv.org/abs/1704.08063). See :func:`mll.functional.sphere_margin`. ``lambda_`` is a plain attribute:
+    anneal it during training as the paper does, e.g.
+    ``head.lambda_ = max(5.0, 1000.0 / (1 + 0.1 * step))``. With normalised features and a fixed scale, as every head
+    here (the paper scales by ‖x‖).
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` for this margin.
+        trainable_scale (bool): learn ``s``.
+        margin (float or Tensor): ``m`` in ``[1, 10)`` (default 4, the paper's); per class as a ``(C,)`` tensor.
+        lambda_ (float): annealing weight ``λ >= 0`` (default 0: pure A-Softmax).
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
+
+    Shape:
+        - input: ``(*, d)``; labels: ``(*)`` class indices or ``(*, C)`` soft targets
+        - output: ``(*, C)``
+    """
+
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
+    scale: Tensor
+    margin: MarginParam
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        trainable_scale: bool = False,
+        margin: MarginParam = 4.0,
+        lambda_: float = 0.0,
+        *,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        register_margin(self, "margin", margin, *SPHERE_MARGIN_RANGE, "SphereFace", out_features)
+        check_lambda(lambda_)
+        self.lambda_ = float(lambda_)
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="sphere"),
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        cosine = head_cosine(self, input)
+        if not self.training:
+            return cosine * self.scale
+        if labels is None:
+            raise _missing_labels(type(self).__name__)
+        labels = check_target(labels, cosine.shape, name="labels")
+        check_lambda(self.lambda_)
+        return sphere_margin_unchecked(cosine, labels, self.margin, self.lambda_, self.scale)
+
+    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)``."""
+        return dense_loss(self, input, labels, reduction)
+
+    def extra_repr(self) -> str:
+        return head_repr(self, f"margin={margin_repr(self.margin)}", f"lambda_={self.lambda_}")
+
+
+class _Elastic(nn.Module):
+    """ElasticFace's shared body: draw a margin per sample around ``margin`` in training mode, then apply the base
+    margin with it (see :func:`mll.functional.elastic_margins`)."""
+
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    weight: nn.Parameter
+    scale: Tensor
+    margin: MarginParam
+    _kind: str
+    _range: tuple[float, float]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int,
+        scale: Optional[float],
+        trainable_scale: bool,
+        margin: MarginParam,
+        std: float,
+        generator: Optional[torch.Generator],
+        pooling: Pooling,
+        pooling_temperature: float,
+        device,
+        dtype,
+    ) -> None:
+        super().__init__()
+        kind = type(self).__name__
+        register_margin(self, "margin", margin, *self._range, kind, out_features)
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (0 <= std < math.inf):
+            raise ValueError(f"{kind} std must be a finite float >= 0, but got {std!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
+        self.std, self.generator = float(std), generator
+        init_head(
+            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type=self._kind),  # type: ignore[arg-type]
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+        )  # fmt: skip
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_class_weight(self.weight)
+
+    def sample_margins(self, cosine: Tensor, labels: Tensor) -> Tensor:
+        """This step's margins, ``(*, 1)`` (or ``(*, C)`` for per-class margins with soft targets)."""
+        mean: MarginParam = self.margin
+        if isinstance(mean, Tensor) and not is_soft(labels):
+            mean = _at_target(mean, cosine.shape, labels).unsqueeze(-1)  # each sample's class mean, (*, 1)
+        dtype = torch.float64 if cosine.dtype == torch.float64 else torch.float32
+        return MF.elastic_margins(
+            mean, self.std, (*cosine.shape[:-1], 1), bounds=self._range, generator=self.generator,
+            dtype=dtype, device=cosine.device,
+        )  # fmt: skip
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        cosine = head_cosine(self, input)
+        if not self.training:
+            return cosine * self.scale
+        if labels is None:
+            raise _missing_labels(type(self).__name__)
+        labels = check_target(labels, cosine.shape, name="labels")
+        margins = self.sample_margins(cosine, labels)
+        if self._kind == "arc":
+            return arc_margin_unchecked(cosine, labels, margins, False, self.scale)
+        return cos_margin_unchecked(cosine, labels, margins, self.scale)
+
+    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` (draws margins like a forward)."""
+        return dense_loss(self, input, labels, reduction)
+
+    def extra_repr(self) -> str:
+        seeded = "" if self.generator is None else ", generator=<seeded>"
+        return head_repr(self, f"margin={margin_repr(self.margin)}, std={self.std}{seeded}")
+
+
+class ElasticArcFace(_Elastic):
+    r"""ElasticFace-Arc: :math:`s\cos(\theta_y + m_i)` with :math:`m_i \sim \mathcal N(m, \sigma^2)` drawn per sample
+    and step.
+
+    "ElasticFace: Elastic Margin Loss for Deep Face Recognition" (Boutros et al., CVPRW 2022,
+    https://arxiv.org/abs/2109.09416), Eq. 4. See :func:`mll.functional.elastic_margins` and
+    :func:`mll.functional.arc_margin`. Draws are clipped to ArcFace's range [0, π/2).
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): ``s > 0``; ``None`` uses the heuristic for ArcFace with margin ``m``.
+        trainable_scale (bool): learn ``s``.
+        margin (float or Tensor): mean ``m`` in ``[0, π/2)`` (default 0.5); per class as a ``(C,)`` tensor.
+        std (float): σ (default 0.05, the paper's configuration; its code's default is 0.0125).
+        generator (torch.Generator, optional): source of the draws, on the head's device; seed it for
+            reproducible training. Not saved in the state dict.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
+
+    Shape:
+        - input: ``(*, d)``; labels: ``(*)`` class indices or ``(*, C)`` soft targets
+        - output: ``(*, C)``
+    """
+
+    _kind = "arc"
+    _range = ARC_MARGIN_RANGE
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        trainable_scale: bool = False,
+        margin: MarginParam = 0.5,
+        std: float = 0.05,
+        *,
+        generator: Optional[torch.Generator] = None,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale, trainable_scale, margin, std, generator, pooling,
+            pooling_temperature, device, dtype,
+        )  # fmt: skip
+
+
+class ElasticCosFace(_Elastic):
+    r"""ElasticFace-Cos: :math:`s(\cos\theta_y - m_i)` with :math:`m_i \sim \mathcal N(m, \sigma^2)` drawn per sample
+    and step.
+
+    "ElasticFace: Elastic Margin Loss for Deep Face Recognition" (Boutros et al., CVPRW 2022,
+    https://arxiv.org/abs/2109.09416), Eq. 5. See :func:`mll.functional.elastic_margins` and
+    :func:`mll.functional.cos_margin`. Draws are clipped to CosFace's range [0, 1).
+
+    Args:
+        in_features (int): feature size ``d``.
+        out_features (int): number of classes ``C >= 2``.
+        num_sub_centers (int): sub-centers per class ``K``.
+        scale (float, optional): ``s > 0``; ``None`` uses the heuristic for CosFace with margin ``m``.
+        trainable_scale (bool): learn ``s``.
+        margin (float or Tensor): mean ``m`` in ``[0, 1)`` (default 0.35); per class as a ``(C,)`` tensor.
+        std (float): σ (default 0.05).
+        generator (torch.Generator, optional): source of the draws, on the head's device.
+        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
+        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
+
+    Shape:
+        - input: ``(*, d)``; labels: ``(*)`` class indices or ``(*, C)`` soft targets
+        - output: ``(*, C)``
+    """
+
+    _kind = "cos"
+    _range = COS_MARGIN_RANGE
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        scale: Optional[float] = None,
+        trainable_scale: bool = False,
+        margin: MarginParam = 0.35,
+        std: float = 0.05,
+        *,
+        generator: Optional[torch.Generator] = None,
+        pooling: Pooling = "max",
+        pooling_temperature: float = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale, trainable_scale, margin, std, generator, pooling,
+            pooling_temperature, device, dtype,
+        )  # fmt: skip

@@ -1,0 +1,299 @@
+"""Margins driven by the feature norm: AdaFace (norm as image quality) and MagFace (norm as a learned magnitude).
+
+Both read the norm of the *un-normalised* features, which a cosine head otherwise throws away, and both shape only
+the target logit, so they run on the same target-only path as ArcFace (see :func:`mll.functional.margins.apply_margin`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mll.functional._checks import (
+    _is_real,
+    check_cosine,
+    check_floating,
+    check_margin_param,
+    check_momentum,
+    check_scale,
+    check_target,
+    shape_str,
+)
+from mll.functional._target import Scale, work_dtype
+from mll.functional.margins import (
+    ARC_MARGIN_RANGE,
+    MarginParam,
+    _angle,
+    _arc_value_and_slope,
+    apply_margin,
+)
+
+__all__ = [
+    "ada_margin",
+    "adaface_statistics",
+    "adaface_update",
+    "mag_margin",
+    "magface_regularizer",
+]
+
+#: AdaFace's clip of the feature norms and the ε of its normalisation and of its angle clip (paper's code)
+ADAFACE_NORM_RANGE = (1e-3, 100.0)
+ADAFACE_EPS = 1e-3
+
+
+def _check_norms(norms: object, cosine_shape: torch.Size) -> Tensor:
+    check_floating(norms, "norms")
+    assert isinstance(norms, Tensor)
+    if tuple(norms.shape) != tuple(cosine_shape[:-1]):
+        raise ValueError(
+            f"norms must have shape {shape_str(cosine_shape[:-1])} (one feature norm per sample), "
+            f"but got {shape_str(norms.shape)}"
+        )
+    return norms
+
+
+def _check_positive(value: object, name: str) -> float:
+    if not _is_real(value) or not (0 < value < math.inf):  # type: ignore[operator]
+        raise ValueError(f"{name} must be a positive finite float, but got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def adaface_statistics(norms: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (unbiased) standard deviation of the clipped feature norms of a batch, no grad.
+
+    Returns two 0-dim tensors; the standard deviation is NaN for fewer than two samples (then
+    :func:`adaface_update` keeps the old one).
+    """
+    with torch.no_grad():
+        n = norms.detach().reshape(-1).to(work_dtype(norms.dtype)).clamp(*ADAFACE_NORM_RANGE)
+        std = n.std() if n.numel() > 1 else torch.full((), math.nan, dtype=n.dtype, device=n.device)
+        return n.mean(), std
+
+
+def adaface_update(
+    mean: Tensor | float, std: Tensor | float, norms: Tensor, *, momentum: float = 0.99
+) -> tuple[Tensor, Tensor]:
+    r"""AdaFace's running norm statistics (Eq. 7–8): ``μ ← momentum·μ + (1 − momentum)·μ_B``, same for σ.
+
+    The paper's α = 0.01 is ``1 − momentum``. A batch with fewer than two samples keeps σ (and an empty one keeps
+    μ too).
+
+    Args:
+        mean, std (Tensor or float): running statistics.
+        norms (Tensor[*]): feature norms of the batch (``input.norm(dim=-1)``); no gradient is taken.
+        momentum (float): weight of the old values, ``[0, 1)``.
+
+    Returns:
+        (Tensor, Tensor): the new mean and standard deviation (0-dim, no grad).
+    """
+    check_floating(norms, "norms")
+    check_momentum(momentum)
+    with torch.no_grad():
+        batch_mean, batch_std = adaface_statistics(norms)
+        dtype, device = batch_mean.dtype, batch_mean.device
+        old_mean = torch.as_tensor(mean, dtype=dtype, device=device).detach().reshape(())
+        old_std = torch.as_tensor(std, dtype=dtype, device=device).detach().reshape(())
+        count = norms.numel()
+        new_mean = momentum * old_mean + (1 - momentum) * batch_mean if count > 0 else old_mean
+        new_std = momentum * old_std + (1 - momentum) * batch_std if count > 1 else old_std
+        return new_mean, new_std
+
+
+def _ada_value_and_slope(cosine: Tensor, w: Tensor | float, margin: Tensor, quality: Tensor) -> tuple[Tensor, Tensor]:
+    """cos(θ') − g_add with θ' = θ + g_angle kept inside [ε, π − ε] (never moved past where θ already is).
+
+    g_angle = −m·ẑ·w, g_add = (m·ẑ + m)·w. Written as ``cos + (cos θ' − cos θ) − g_add`` so an entry without a
+    margin comes back bit-identical; ∂/∂cos = sin θ' / sin θ where θ' = θ + g_angle, 0 where the clip holds θ'.
+    """
+    angle = -margin * quality * w
+    add = (margin * quality + margin) * w
+    theta, sin = _angle(cosine)
+    shifted = theta + angle
+    low = torch.minimum(theta, torch.full_like(theta, ADAFACE_EPS))
+    high = torch.maximum(theta, torch.full_like(theta, math.pi - ADAFACE_EPS))
+    clipped = torch.minimum(torch.maximum(shifted, low), high)
+    value = cosine + (torch.cos(clipped) - torch.cos(theta)) - add
+    free = (shifted >= low) & (shifted <= high)
+    slope = torch.where(free, torch.sin(clipped) / sin, torch.zeros_like(sin))
+    return value, slope
+
+
+def ada_margin(
+    cosine: Tensor,
+    target: Tensor,
+    norms: Tensor,
+    margin: MarginParam = 0.4,
+    *,
+    mean: Tensor | float,
+    std: Tensor | float,
+    h: float = 0.333,
+    scale: Scale = 1.0,
+) -> Tensor:
+    r"""AdaFace's quality-adaptive margin on the target logit, optionally scaled.
+
+    "AdaFace: Quality Adaptive Margin for Face Recognition" (Kim et al., CVPR 2022,
+    https://arxiv.org/abs/2204.00964), Eq. 6–11:
+
+    .. math::
+        \widehat{\lVert z\rVert} = \Big\lfloor h\,\frac{\lVert z\rVert - \mu_z}{\sigma_z + \varepsilon}
+                                   \Big\rceil_{-1}^{1}, \quad
+        g_{angle} = -m\,\widehat{\lVert z\rVert}, \quad g_{add} = m\,\widehat{\lVert z\rVert} + m, \quad
+        \psi = \cos(\theta_y + g_{angle}) - g_{add}
+
+    High-norm (good quality) samples, ẑ → 1, get ``cos(θ − m) − 2m`` (emphasising hard samples, like
+    CurricularFace); low-norm ones, ẑ → −1, get ArcFace's ``cos(θ + m)``; ẑ = 0 gives CosFace's ``cos θ − m``.
+    ``norms`` are the norms of the un-normalised features, clipped to [0.001, 100] and detached (the paper's
+    code); ``mean``/``std`` are running statistics (:func:`adaface_update`, updated with the batch *before*
+    this call, as the paper does). As in the paper's code the shifted angle is clipped to [ε, π − ε]
+    (ε = 10⁻³), which keeps ψ non-increasing in θ; unlike it, the clip applies to the target entries only and
+    never moves an angle that is already outside that interval, so entries without a margin are untouched.
+    Soft targets scale both ``g`` by ``t``.
+
+    Args:
+        cosine (Tensor[*, C]): cosines.
+        target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
+        norms (Tensor[*]): feature norms ``‖z‖`` (no gradient flows through them).
+        margin (float or Tensor): ``m`` in ``[0, π/2)`` (paper: 0.4); per class ``(C,)`` as a tensor.
+        mean, std (Tensor or float): running mean and standard deviation of the norms.
+        h (float): concentration ``h > 0`` (paper: 0.333, so that ~99.7% of ẑ fall in [−1, 1]).
+        scale (float or Tensor): ``s``.
+
+    Returns:
+        Tensor[*, C]: the scaled logits, in ``cosine``'s dtype.
+    """
+    check_cosine(cosine)
+    norms = _check_norms(norms, cosine.shape)
+    check_margin_param(margin, *ARC_MARGIN_RANGE, "AdaFace", cosine.shape)
+    _check_positive(h, "AdaFace h")
+    check_scale(scale)
+    return ada_margin_unchecked(cosine, check_target(target, cosine.shape), norms, margin, mean, std, h, scale)
+
+
+def adaface_quality(norms: Tensor, mean: Tensor | float, std: Tensor | float, h: float) -> Tensor:
+    """ẑ = clip(h·(‖z‖ − μ)/(σ + ε), −1, 1), detached, in the working dtype of ``norms``."""
+    with torch.no_grad():
+        n = norms.detach().to(work_dtype(norms.dtype)).clamp(*ADAFACE_NORM_RANGE)
+        mu = torch.as_tensor(mean, dtype=n.dtype, device=n.device)
+        sigma = torch.as_tensor(std, dtype=n.dtype, device=n.device)
+        return (h * (n - mu) / (sigma + ADAFACE_EPS)).clamp(-1, 1)
+
+
+def ada_margin_unchecked(
+    cosine: Tensor,
+    target: Tensor,
+    norms: Tensor,
+    margin: MarginParam,
+    mean: Tensor | float,
+    std: Tensor | float,
+    h: float,
+    scale: Scale,
+) -> Tensor:
+    """:func:`ada_margin` without argument checks."""
+    quality = adaface_quality(norms, mean, std, h).unsqueeze(-1)  # one per sample: (*, 1)
+    return apply_margin(cosine, target, _ada_value_and_slope, (margin, quality), scale)
+
+
+#: MagFace's defaults (paper, Sec. 4.1): magnitudes in [l_a, u_a] = [10, 110] map to margins in [0.45, 0.8]
+MAGFACE_MAGNITUDES = (10.0, 110.0)
+MAGFACE_MARGINS = (0.45, 0.8)
+
+
+def _mag_value_and_slope(
+    cosine: Tensor, w: Tensor | float, magnitude: Tensor, low: Tensor, high: Tensor, m_low: Tensor, m_high: Tensor
+) -> tuple[Tensor, Tensor]:
+    margin = (m_high - m_low) / (high - low) * (magnitude - low) + m_low
+    return _arc_value_and_slope(cosine, margin * w, False)
+
+
+def _check_magface_args(
+    lower: object, upper: object, margin_low: MarginParam, margin_high: MarginParam, shape: torch.Size | None
+) -> None:
+    lo, hi = _check_positive(lower, "MagFace lower"), _check_positive(upper, "MagFace upper")
+    if not lo < hi:
+        raise ValueError(f"MagFace lower must be below upper, but got lower={lo!r}, upper={hi!r}")
+    check_margin_param(margin_low, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_low")
+    check_margin_param(margin_high, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_high")
+
+
+def mag_margin(
+    cosine: Tensor,
+    target: Tensor,
+    norms: Tensor,
+    *,
+    lower: float = MAGFACE_MAGNITUDES[0],
+    upper: float = MAGFACE_MAGNITUDES[1],
+    margin_low: MarginParam = MAGFACE_MARGINS[0],
+    margin_high: MarginParam = MAGFACE_MARGINS[1],
+    scale: Scale = 1.0,
+) -> Tensor:
+    r"""MagFace's magnitude-aware angular margin on the target logit, optionally scaled.
+
+    "MagFace: A Universal Representation for Face Recognition and Quality Assessment" (Meng et al., CVPR 2021,
+    https://arxiv.org/abs/2103.06627), Eq. 3 and Sec. 4.1:
+
+    .. math:: a = \operatorname{clip}(\lVert x\rVert, l_a, u_a), \qquad
+              m(a) = \frac{u_m - l_m}{u_a - l_a}(a - l_a) + l_m, \qquad \psi = \cos(\theta_y + m(a))
+
+    The target logit is :func:`arc_margin`'s with a per-sample margin (including its fix past π − m). Unlike
+    AdaFace, the gradient *does* flow through the magnitude: a larger norm means a larger margin, so the loss
+    pulls norms down, and :func:`magface_regularizer` (which the user adds to the loss, weighted by λ_g) pushes
+    them up; their balance makes the norm a quality measure. Soft targets scale the margin by ``t``.
+
+    Args:
+        cosine (Tensor[*, C]): cosines.
+        target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
+        norms (Tensor[*]): feature magnitudes ``‖x‖`` of the un-normalised features, with their gradient.
+        lower, upper (float): ``l_a < u_a``, the magnitude range (10, 110).
+        margin_low, margin_high (float or Tensor): ``l_m, u_m`` in ``[0, π/2)`` (0.45, 0.8); per class ``(C,)``.
+        scale (float or Tensor): ``s``.
+
+    Returns:
+        Tensor[*, C]: the scaled logits, in ``cosine``'s dtype.
+    """
+    check_cosine(cosine)
+    norms = _check_norms(norms, cosine.shape)
+    _check_magface_args(lower, upper, margin_low, margin_high, cosine.shape)
+    check_scale(scale)
+    target = check_target(target, cosine.shape)
+    return mag_margin_unchecked(cosine, target, norms, lower, upper, margin_low, margin_high, scale)
+
+
+def mag_margin_unchecked(
+    cosine: Tensor,
+    target: Tensor,
+    norms: Tensor,
+    lower: float,
+    upper: float,
+    margin_low: MarginParam,
+    margin_high: MarginParam,
+    scale: Scale,
+) -> Tensor:
+    """:func:`mag_margin` without argument checks."""
+    magnitude = norms.to(work_dtype(cosine.dtype)).clamp(lower, upper).unsqueeze(-1)  # (*, 1), keeps its gradient
+    params = (magnitude, float(lower), float(upper), margin_low, margin_high)
+    return apply_margin(cosine, target, _mag_value_and_slope, params, scale)
+
+
+def magface_regularizer(
+    norms: Tensor, *, lower: float = MAGFACE_MAGNITUDES[0], upper: float = MAGFACE_MAGNITUDES[1]
+) -> Tensor:
+    r"""MagFace's magnitude regulariser, per sample (Eq. 4 and Sec. 4.1): :math:`g(a) = a / u_a^2 + 1 / a`.
+
+    With ``a`` the magnitude clipped to ``[l_a, u_a]``. ``g`` is convex and decreasing on that range, so adding
+    ``λ_g · g(a).mean()`` to the loss rewards larger magnitudes (the paper uses λ_g = 35).
+
+    Args:
+        norms (Tensor[*]): feature magnitudes ``‖x‖``, with their gradient.
+        lower, upper (float): ``l_a < u_a``.
+
+    Returns:
+        Tensor[*]: ``g(a)`` per sample.
+    """
+    check_floating(norms, "norms")
+    lo, hi = _check_positive(lower, "MagFace lower"), _check_positive(upper, "MagFace upper")
+    if not lo < hi:
+        raise ValueError(f"MagFace lower must be below upper, but got lower={lo!r}, upper={hi!r}")
+    a = norms.clamp(lo, hi)
+    return a / (hi * hi) + 1 / a
