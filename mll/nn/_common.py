@@ -93,6 +93,11 @@ def init_head(
         register_scale(module, scale, trainable_scale, factory)
 
 
+def statistics_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """Running statistics are kept in float64 for float64 heads, else float32 (an EMA stalls in half precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def head_cosine(module: nn.Module, input: Tensor) -> Tensor:
     """The head's pooled cosines: :func:`mll.functional.cosine_logits` with its weight and sub-center options."""
     return cosine_logits(

@@ -25,6 +25,7 @@ from mll.nn._common import (
     margin_repr,
     register_margin,
     reset_class_weight,
+    statistics_dtype,
     typical_margin,
 )
 from mll.nn.margin import _missing_labels, dense_loss
@@ -94,7 +95,7 @@ class CurricularFace(nn.Module):
             default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="arc"),
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        self.register_buffer("t", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("t", torch.zeros((), dtype=statistics_dtype(dtype), device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

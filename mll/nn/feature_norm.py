@@ -28,6 +28,7 @@ from mll.nn._common import (
     margin_repr,
     register_margin,
     reset_class_weight,
+    statistics_dtype,
     typical_margin,
 )
 from mll.nn.margin import _missing_labels, dense_loss
@@ -101,8 +102,8 @@ class AdaFace(nn.Module):
             default_scale=lambda: MF.heuristic_scale(out_features, min(typical_margin(self.margin), 0.99)),
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        self.register_buffer("norm_mean", torch.empty((), dtype=torch.float32, device=device))
-        self.register_buffer("norm_std", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("norm_mean", torch.empty((), dtype=statistics_dtype(dtype), device=device))
+        self.register_buffer("norm_std", torch.empty((), dtype=statistics_dtype(dtype), device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -1,0 +1,202 @@
+"""Module behaviour specific to the newer margin families, per-class margins and the sub-center options."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mll
+from mll import functional as MF
+from tests import reference as ref
+
+D, C = 6, 5
+
+
+def test_curricular_t_follows_the_batches_and_is_saved() -> None:
+    head = mll.CurricularFace(D, C, scale=10.0, dtype=torch.float64)
+    x, y = torch.randn(8, D, dtype=torch.float64), torch.randint(0, C, (8,))
+    expected = 0.0
+    for _ in range(3):
+        cos = MF.cosine_logits(x, head.weight).detach()
+        expected = 0.99 * expected + 0.01 * float(cos[torch.arange(8), y].mean())
+        head(x, y)
+    assert float(head.t) == pytest.approx(expected, rel=1e-12)
+    assert "t" in head.state_dict()
+    head.eval()(x)
+    assert float(head.t) == pytest.approx(expected, rel=1e-12), "eval mode leaves t alone"
+    with pytest.raises(ValueError, match="CurricularFace needs class indices"):
+        head.train()(x, torch.softmax(torch.randn(8, C, dtype=torch.float64), -1))
+
+
+def test_adaface_statistics_move_with_the_norms() -> None:
+    head = mll.AdaFace(D, C)
+    x = torch.randn(16, D) * 3
+    head(x, torch.randint(0, C, (16,)))
+    norms = x.norm(dim=-1)
+    assert float(head.norm_mean) == pytest.approx(0.99 * 20 + 0.01 * float(norms.mean()), rel=1e-6)
+    assert float(head.norm_std) == pytest.approx(0.99 * 100 + 0.01 * float(norms.std()), rel=1e-6)
+    head.reset_running_stats()
+    assert float(head.norm_mean) == 20.0 and float(head.norm_std) == 100.0
+
+
+def test_magface_loss_adds_the_weighted_regularizer() -> None:
+    head = mll.MagFace(D, C, lower=1.0, upper=6.0, lambda_g=35.0, dtype=torch.float64)
+    x = (torch.randn(6, D, dtype=torch.float64) * 2).requires_grad_(True)
+    y = torch.randint(0, C, (6,))
+    a = x.detach().norm(dim=-1).clamp(1.0, 6.0)
+    reg = (a / 36 + 1 / a).mean()
+    torch.testing.assert_close(head.regularizer(x), reg)
+    torch.testing.assert_close(head.loss(x, y), F.cross_entropy(head(x, y), y) + 35.0 * reg)
+    per_sample = head.loss(x, y, reduction="none")
+    assert per_sample.shape == (6,)
+    torch.testing.assert_close(per_sample.mean(), head.loss(x, y))
+    head.loss(x, y).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_elastic_heads_draw_fresh_seeded_margins() -> None:
+    def run(seed):
+        torch.manual_seed(0)
+        head = mll.ElasticArcFace(D, C, scale=10.0, std=0.1, generator=torch.Generator().manual_seed(seed))
+        x, y = torch.randn(4, D), torch.randint(0, C, (4,))
+        return head(x, y), head(x, y)
+
+    (a1, a2), (b1, _), (c1, _) = run(1), run(1), run(2)
+    assert torch.equal(a1, b1), "same seed, same draws"
+    assert not torch.equal(a1, a2), "a fresh margin every step"
+    assert not torch.equal(a1, c1)
+
+
+def test_elastic_per_class_margins_center_each_class() -> None:
+    margins = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    head = mll.ElasticCosFace(D, C, scale=1.0, margin=margins, std=0.0)
+    x, y = torch.randn(6, D), torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.testing.assert_close(head(x, y), MF.cos_margin(MF.cosine_logits(x, head.weight), y, margins))
+
+
+@pytest.mark.parametrize("cls", [mll.CosFace, mll.ArcFace])
+def test_per_class_margins_are_buffers_and_reach_the_chunked_loss(cls) -> None:
+    margins = MF.dynamic_margins(torch.tensor([1, 3, 10, 30, 100]))
+    head = cls(D, C, 2, margin=margins, dtype=torch.float64)
+    assert torch.equal(head.state_dict()["margin"], margins)
+    assert "margin=per-class[5] in [0.05, 0.5]" in repr(head)
+    x, y = torch.randn(7, D, dtype=torch.float64), torch.randint(0, C, (7,))
+    soft = torch.softmax(torch.randn(7, C, dtype=torch.float64), -1)
+    for target in (y, soft):
+        torch.testing.assert_close(head.loss(x, target, chunk_size=2), F.cross_entropy(head(x, target), target))
+    with pytest.raises(ValueError, match=r"tensor of shape \(5,\), one per class"):
+        cls(D, C, margin=torch.full((4,), 0.3))
+
+
+@pytest.mark.parametrize("cls", [mll.ScaledNormalizedLinear, mll.CosFace, mll.ArcFace])
+def test_soft_sub_center_pooling_in_heads_and_the_chunked_loss(cls) -> None:
+    head = cls(D, C, 3, pooling="soft", pooling_temperature=0.2, dtype=torch.float64)
+    assert "pooling='soft', pooling_temperature=0.2" in repr(head)
+    x, y = torch.randn(7, D, dtype=torch.float64), torch.randint(0, C, (7,))
+    cos = MF.cosine_logits(x, head.weight, 3, pooling="soft", temperature=0.2)
+    torch.testing.assert_close(head.eval()(x), cos * head.scale)
+    head.train()
+    loss = head.loss(x, y, chunk_size=2)
+    dense = F.cross_entropy(head(x, y), y)
+    torch.testing.assert_close(loss, dense)
+    (g_chunked,) = torch.autograd.grad(loss, head.weight)
+    (g_dense,) = torch.autograd.grad(dense, head.weight)
+    torch.testing.assert_close(g_chunked, g_dense)
+
+
+def test_soft_pooling_matches_softtriple_and_tends_to_max() -> None:
+    x, w = torch.randn(4, D, dtype=torch.float64), torch.randn(C * 3, D, dtype=torch.float64)
+    cos_k = (ref.normalize(x.numpy()) @ ref.normalize(w.numpy()).T).reshape(4, C, 3)
+    got = MF.cosine_logits(x, w, 3, pooling="soft", temperature=0.1)
+    np.testing.assert_allclose(ref.as_np(got), ref.soft_pool(cos_k, 0.1), rtol=1e-12)
+    cold = MF.cosine_logits(x, w, 3, pooling="soft", temperature=1e-6)
+    torch.testing.assert_close(cold, MF.cosine_logits(x, w, 3), rtol=1e-6, atol=1e-6)
+    assert torch.equal(MF.cosine_logits(x, w[:C], 1, pooling="soft"), MF.cosine_logits(x, w[:C]))
+    with pytest.raises(ValueError, match="pooling must be 'max' or 'soft'"):
+        MF.cosine_logits(x, w, 3, pooling="mean")
+    with pytest.raises(ValueError, match="temperature must be a positive finite float"):
+        mll.ArcFace(D, C, 3, pooling="soft", pooling_temperature=0.0)
+
+
+def _noisy_sub_center_data():
+    """Class c's samples sit near sub-center c % 3 (the dominant one), a few near another, two far from all."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.functional.normalize(torch.randn(C * 3, D, generator=g, dtype=torch.float64), dim=-1)
+    xs, ys = [], []
+    for c in range(C):
+        dominant = c % 3
+        for k, count in ((dominant, 10), ((dominant + 1) % 3, 3)):
+            xs.append(weight[c * 3 + k] + 0.05 * torch.randn(count, D, generator=g, dtype=torch.float64))
+            ys += [c] * count
+    xs.append(-weight[[0, 4]])  # opposite to the dominant sub-centers of classes 0 and 1: 180° from them
+    ys += [0, 1]
+    return torch.cat(xs), torch.tensor(ys), weight
+
+
+def test_sub_center_counts_and_outliers_match_a_loop() -> None:
+    x, y, weight = _noisy_sub_center_data()
+    counts = MF.sub_center_counts(x, weight, y, 3)
+    expected = np.zeros((C, 3), dtype=np.int64)
+    for xi, yi in zip(x.numpy(), y.numpy()):
+        expected[yi, np.argmax([xi @ weight[yi * 3 + k].numpy() / np.linalg.norm(xi) for k in range(3)])] += 1
+    np.testing.assert_array_equal(counts.numpy(), expected)
+    dominant = MF.dominant_sub_centers(counts)
+    assert dominant.tolist() == [c % 3 for c in range(C)]
+    outliers = MF.sub_center_outliers(x, weight, y, dominant, 3, max_angle=math.radians(75))
+    angles = [
+        math.degrees(
+            math.acos(
+                max(-1.0, min(1.0, float(F.cosine_similarity(xi, weight[int(yi) * 3 + int(dominant[yi])], dim=0))))
+            )
+        )
+        for xi, yi in zip(x, y)
+    ]
+    assert outliers.tolist() == [a > 75 for a in angles]
+    assert outliers[-2:].tolist() == [True, True]
+
+
+@pytest.mark.parametrize("cls", [mll.ArcFace, mll.CurricularFace, mll.ScaledNormalizedLinear])
+def test_clean_sub_centers_returns_a_one_center_head(cls) -> None:
+    x, y, weight = _noisy_sub_center_data()
+    head = cls(D, C, 3, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight * 4.0)
+    before = head.weight.detach().clone()
+    result = mll.clean_sub_centers(head, x, y, batch_size=7)
+    assert type(result.head) is cls and result.head.num_sub_centers == 1
+    assert result.head.weight.shape == (C, D) and torch.equal(head.weight, before), "the original is untouched"
+    rows = torch.arange(C) * 3 + result.dominant
+    assert torch.equal(result.head.weight.detach(), before[rows])
+    assert result.counts.sum() == len(y) and result.outliers.sum() == 2
+    torch.testing.assert_close(
+        result.head.eval()(x), MF.cosine_logits(x, before[rows]) * head.scale, msg="cosines to the dominant centers"
+    )
+    assert "num_sub_centers=1" in repr(result.head)
+
+
+def test_keep_dominant_sub_centers_checks_its_input() -> None:
+    head = mll.ArcFace(D, C, 3)
+    with pytest.raises(ValueError, match=r"dominant must have shape \(5,\)"):
+        mll.nn.keep_dominant_sub_centers(head, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"sub-center indices in \[0, 3\)"):
+        mll.nn.keep_dominant_sub_centers(head, torch.full((C,), 3))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: mll.CombinedMargin(D, C, m1=0.5), r"combined m1 must be in \[1, 10\)"),
+        (lambda: mll.SphereFace(D, C, lambda_=-2.0), r"lambda_ must be a finite float >= 0"),
+        (lambda: mll.CurricularFace(D, C, momentum=1.0), r"momentum must be a float in \[0, 1\)"),
+        (lambda: mll.AdaFace(D, C, h=0.0), r"AdaFace h must be a positive finite float"),
+        (lambda: mll.MagFace(D, C, lower=50.0, upper=20.0), r"MagFace lower must be below upper"),
+        (lambda: mll.MagFace(D, C, margin_high=2.0), r"MagFace margin_high must be in \[0, 1.571\)"),
+        (lambda: mll.ElasticArcFace(D, C, std=-0.1), r"ElasticArcFace std must be a finite float >= 0"),
+        (lambda: mll.ElasticCosFace(D, C, generator=0), r"generator must be a torch.Generator"),
+    ],
+)
+def test_bad_constructor_arguments(make, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
