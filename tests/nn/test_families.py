@@ -169,7 +169,8 @@ def test_clean_sub_centers_returns_a_one_center_head(cls) -> None:
     assert result.head.weight.shape == (C, D) and torch.equal(head.weight, before), "the original is untouched"
     rows = torch.arange(C) * 3 + result.dominant
     assert torch.equal(result.head.weight.detach(), before[rows])
-    assert result.counts.sum() == len(y) and result.outliers.sum() == 2
+    assert result.counts.sum() == len(y) and result.outliers[-2:].all()
+    assert torch.equal(result.outliers, MF.sub_center_outliers(x, weight, y, result.dominant, 3))
     torch.testing.assert_close(
         result.head.eval()(x), MF.cosine_logits(x, before[rows]) * head.scale, msg="cosines to the dominant centers"
     )
