@@ -130,6 +130,16 @@ def pml(name: str, **kwargs: object) -> Factory:
     return make
 
 
+def per_class_arcface(cfg: Config, data: Data) -> Step:
+    """ArcFace with dynamic per-class margins (0.05-0.5 from random class counts): a (C,) buffer gathered at the
+    targets."""
+    counts = torch.randint(1, 1000, (cfg.classes,), generator=torch.Generator().manual_seed(cfg.seed + 2))
+    head = mll.ArcFace(
+        cfg.features, cfg.classes, cfg.sub_centers, scale=SCALE, margin=mll.functional.dynamic_margins(counts)
+    )
+    return _module_step(head, data)
+
+
 @dataclass(frozen=True)
 class Case:
     head: str
@@ -176,6 +186,19 @@ SUITES: dict[str, list[Case]] = {
         Case("CosFace", "mll", ours("CosFace", scale=SCALE, margin=COS_MARGIN)),
         Case("ArcFace", "mll", ours("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
         Case("ArcFace", "0.1.6", legacy("ArcFace", scale=SCALE, margin=ARC_MARGIN), _has_legacy),
+    ],
+    "margin families": [
+        Case("floor", "floor", floor),
+        Case("ArcFace (reference)", "mll", ours("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
+        Case("CombinedMargin (1, 0.3, 0.2)", "mll", ours("CombinedMargin", scale=SCALE)),
+        Case("SphereFace (m=4)", "mll", ours("SphereFace", scale=SCALE)),
+        Case("AdaFace", "mll", ours("AdaFace", scale=SCALE)),
+        Case("MagFace", "mll", ours("MagFace", scale=SCALE)),
+        Case("ElasticArcFace", "mll", ours("ElasticArcFace", scale=SCALE)),
+        Case("ElasticCosFace", "mll", ours("ElasticCosFace", scale=SCALE)),
+        Case("ArcFace, per-class margins", "mll", per_class_arcface),
+        Case("CurricularFace (dense step)", "mll", ours("CurricularFace", scale=SCALE)),
+        Case("SphereFace (m=4)", "pml 2.9", pml("SphereFaceLoss", margin=4), _has_pml),
     ],
     "DeepNCM": [
         Case("ScaledNormalizedLinear (reference)", "mll", ours("ScaledNormalizedLinear", scale=SCALE)),

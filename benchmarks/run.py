@@ -41,6 +41,7 @@ PLAN = {
     "sub-centers": ([10_000], 3, False),
     "soft targets": ([10_000], 1, True),
     "DeepNCM": ([100_000], 1, False),
+    "margin families": ([1_000, 10_000, 100_000], 1, False),
 }
 QUICK = Config(batch=32, features=64)
 QUICK_CLASSES = 500

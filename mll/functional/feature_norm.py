@@ -81,7 +81,8 @@ def adaface_update(
     μ too).
 
     Args:
-        mean, std (Tensor or float): running statistics.
+        mean (Tensor or float): running mean of the norms.
+        std (Tensor or float): running standard deviation of the norms.
         norms (Tensor[*]): feature norms of the batch (``input.norm(dim=-1)``); no gradient is taken.
         momentum (float): weight of the old values, ``[0, 1)``.
 
@@ -156,7 +157,8 @@ def ada_margin(
         target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
         norms (Tensor[*]): feature norms ``‖z‖`` (no gradient flows through them).
         margin (float or Tensor): ``m`` in ``[0, π/2)`` (paper: 0.4); per class ``(C,)`` as a tensor.
-        mean, std (Tensor or float): running mean and standard deviation of the norms.
+        mean (Tensor or float): running mean of the norms (:func:`adaface_update`).
+        std (Tensor or float): running standard deviation of the norms.
         h (float): concentration ``h > 0`` (paper: 0.333, so that ~99.7% of ẑ fall in [−1, 1]).
         scale (float or Tensor): ``s``.
 
@@ -245,8 +247,10 @@ def mag_margin(
         cosine (Tensor[*, C]): cosines.
         target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
         norms (Tensor[*]): feature magnitudes ``‖x‖`` of the un-normalised features, with their gradient.
-        lower, upper (float): ``l_a < u_a``, the magnitude range (10, 110).
-        margin_low, margin_high (float or Tensor): ``l_m, u_m`` in ``[0, π/2)`` (0.45, 0.8); per class ``(C,)``.
+        lower (float): ``l_a``, the lower end of the magnitude range (10).
+        upper (float): ``u_a > l_a``, the upper end (110).
+        margin_low (float or Tensor): ``l_m`` in ``[0, π/2)`` (0.45); per class ``(C,)``.
+        margin_high (float or Tensor): ``u_m`` in ``[0, π/2)`` (0.8); per class ``(C,)``.
         scale (float or Tensor): ``s``.
 
     Returns:
@@ -286,7 +290,8 @@ def magface_regularizer(
 
     Args:
         norms (Tensor[*]): feature magnitudes ``‖x‖``, with their gradient.
-        lower, upper (float): ``l_a < u_a``.
+        lower (float): ``l_a``.
+        upper (float): ``u_a > l_a``.
 
     Returns:
         Tensor[*]: ``g(a)`` per sample.

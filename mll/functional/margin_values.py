@@ -92,7 +92,8 @@ def elastic_margins(
         size (sequence of int): shape of the draw.
         bounds (tuple of float): ``(low, high)``: draws are clipped to ``[low, high)``.
         generator (torch.Generator, optional): source of randomness.
-        dtype, device: of the result (default: ``margin``'s when a tensor, else the default dtype / CPU).
+        dtype (torch.dtype, optional): of the result (default: ``margin``'s when a tensor, else the default dtype).
+        device (torch.device, optional): of the result (default: ``margin``'s when a tensor, else the CPU).
 
     Returns:
         Tensor: margins of shape ``broadcast(size, margin.shape)``, no grad.

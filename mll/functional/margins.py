@@ -1,15 +1,18 @@
-"""Additive margins on the target logit: CosFace and ArcFace.
+"""Margins on the target logit: CosFace, ArcFace, the combined margin and SphereFace's A-Softmax.
 
-Every margin has two paths that agree exactly for one-hot targets:
+Every margin runs through :func:`apply_margin`, which picks the cheapest exact path; all paths give the same logits
+for one-hot targets:
 
 * **class indices** ``target: Tensor[*]`` (integers): the margin's trigonometry runs on the N target cosines
   only and is written back in place (see ``_target.py``): O(N) extra work, no N×C one-hot, no N×C arccos;
-* **soft targets** ``target: Tensor[*, C]`` (floats, e.g. mixup): the margin is weighted per entry, ``m·t``,
-  on the dense N×C tensor with plain autograd.
+* **soft targets** ``target: Tensor[*, C]`` (floats, e.g. mixup): the margin is interpolated per entry by its
+  target weight ``t`` (``m·t`` for additive margins); few-hot targets take the same fused scatter as class
+  indices on their non-zero entries (eager mode), others the dense N×C path.
 
-Each margin is defined once as a value function ``ψ(cos, m)`` written in differentiable torch ops (used by the
-dense path) and its analytic derivative ``∂ψ/∂cos`` (used by the index path); the tests check one against the
-other and both against an independent float64 reference.
+A margin is defined once, as a function ``fn(cos, w, *params) -> (ψ, ∂ψ/∂cos)`` written in torch ops: ``w`` is
+the entry's target weight and ``params`` the margin's hyper-parameters (floats, or tensors that broadcast to
+``(*, C)``: per class, per sample), read at the entries being shaped. The tests hold each slope to the autograd
+derivative of its value and each value to an independent float64 reference.
 """
 
 from __future__ import annotations
@@ -135,20 +138,27 @@ def apply_margin(
     """
     dtype = work_dtype(cosine.dtype)
     ps = [_param(p, dtype, cosine.device) for p in params]
-    if is_soft(target):
+    soft = is_soft(target)
+    # the value needs a graph only for margins (MagFace) or soft targets that require grad: skipping autograd's
+    # bookkeeping elsewhere keeps the dozens of small O(N) ops of a margin cheap
+    graph = torch.is_grad_enabled() and (any(p.requires_grad for p in ps) or (soft and target.requires_grad))
+    if soft:
         index = _soft_nonzero(target)
         if index is not None:
             flat = cosine.reshape(1, -1)
-            at = [_at_entries(p, cosine.shape, index) for p in ps]
-            value, slope = fn(flat.detach()[0, index].to(dtype), target.reshape(-1)[index].to(dtype), *at)
+            with torch.set_grad_enabled(graph):
+                at = [_at_entries(p, cosine.shape, index) for p in ps]
+                value, slope = fn(flat.detach()[0, index].to(dtype), target.reshape(-1)[index].to(dtype), *at)
             out = _ScaledTargetReplace.apply(
                 flat, index.unsqueeze(0), value.unsqueeze(0), slope.detach().unsqueeze(0), scale
             )
             return out.reshape(cosine.shape)
-        value, slope = fn(cosine.detach().to(dtype), target.to(dtype), *ps)
+        with torch.set_grad_enabled(graph):
+            value, slope = fn(cosine.detach().to(dtype), target.to(dtype), *ps)
         return scaled_dense_replace(cosine, value, slope.detach(), scale)
-    at = [_at_target(p, cosine.shape, target) for p in ps]
-    value, slope = fn(gather_target(cosine, target).to(dtype), 1.0, *at)
+    with torch.set_grad_enabled(graph):
+        at = [_at_target(p, cosine.shape, target) for p in ps]
+        value, slope = fn(gather_target(cosine, target).to(dtype), 1.0, *at)
     return scaled_target_replace(cosine, target, value, slope.detach(), scale)
 
 

@@ -160,9 +160,10 @@ class MagFace(nn.Module):
         num_sub_centers (int): sub-centers per class ``K``.
         scale (float, optional): ``s > 0``; ``None`` uses the heuristic for ArcFace with the mid-range margin.
         trainable_scale (bool): learn ``s``.
-        lower, upper (float): magnitude range ``l_a < u_a`` (10, 110).
-        margin_low, margin_high (float or Tensor): margins ``l_m, u_m`` at ``l_a`` and ``u_a`` (0.45, 0.8); per class
-            as ``(C,)`` tensors.
+        lower (float): lower end ``l_a`` of the magnitude range (10).
+        upper (float): upper end ``u_a > l_a`` (110).
+        margin_low (float or Tensor): margin ``l_m`` at ``l_a`` (0.45); per class as a ``(C,)`` tensor.
+        margin_high (float or Tensor): margin ``u_m`` at ``u_a`` (0.8); per class as a ``(C,)`` tensor.
         lambda_g (float): weight of the regulariser in :meth:`loss` (35, the paper's).
         pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
         pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
