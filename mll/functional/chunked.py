@@ -10,7 +10,8 @@ instead of the dense path's several N×C buffers and the normalised copy of W.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Optional
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,16 @@ from torch import Tensor
 from mll.functional._checks import check_features, check_margin_param, check_scale, check_target, is_soft
 from mll.functional._target import Scale
 from mll.functional.cosine import Pooling, check_pooling, normalize
-from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope, _cos_value_and_slope
+from mll.functional.margins import (
+    ARC_MARGIN_RANGE,
+    COS_MARGIN_RANGE,
+    MarginParam,
+    ValueAndSlope,
+    _arc_fn,
+    _at_target,
+    _cos_fn,
+    _param,
+)
 
 __all__ = ["margin_cross_entropy"]
 
@@ -37,10 +47,17 @@ def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int) -> in
     return max(1, min(num_classes, CHUNK_ELEMENTS // max(1, batch * num_sub_centers)))
 
 
-def _value_and_slope(margin_type: str, margin: Any, easy_margin: bool) -> Callable[[Tensor, Tensor], Any]:
-    if margin_type == "arc":
-        return lambda c, m: _arc_value_and_slope(c, m, easy_margin)
-    return _cos_value_and_slope  # "cos", and "none" with m = 0
+def _flat_param(param: Tensor, lead: torch.Size, num_classes: int) -> Tensor:
+    """A margin parameter that broadcasts to ``(*lead, C)``, on the flattened samples: 0-dim, ``(C,)``, ``(N, 1)``
+    or ``(N, C)``."""
+    if param.dim() <= 1:
+        return param
+    return param.expand(*lead, param.shape[-1]).reshape(-1, param.shape[-1])
+
+
+def _chunk_params(params: tuple[Tensor, ...], start: int, stop: int) -> list[Tensor]:
+    """Each parameter's columns for classes [start, stop) (per-sample and scalar parameters as they are)."""
+    return [p if p.dim() == 0 or p.shape[-1] == 1 else p[..., start:stop] for p in params]
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
@@ -51,8 +68,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
         weight: Tensor,
         target: Tensor,
         scale: Scale,
-        margin: Any,
-        value_and_slope: Callable[[Tensor, Tensor], Any],
+        fn: ValueAndSlope,
+        params: tuple[Tensor, ...],
         num_sub_centers: int,
         chunk: int,
         tau: Optional[float],
@@ -67,7 +84,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         target_logit = torch.zeros(n, dtype=acc, device=x.device)  # Σ_j t_ij z_ij (one-hot: z_iy)
         for start in range(0, num_classes, chunk):
             stop = min(start + chunk, num_classes)
-            z, _, _ = _chunk_logits(x, weight, target, soft, start, stop, k, s, margin, value_and_slope, acc, tau=tau)
+            z, _, _ = _chunk_logits(x, weight, target, soft, start, stop, k, s, fn, params, acc, tau=tau)
             if soft:
                 target_logit += (target[:, start:stop].to(acc) * z).sum(1)
             else:
@@ -83,7 +100,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             lse = lse * target.to(acc).sum(1)  # −Σ_j t_j log p_j = (Σ_j t_j)·lse − Σ_j t_j z_j
         ctx.save_for_backward(x, weight, target, running_max + torch.log(running_sum))
         ctx.scale, ctx.scale_is_tensor = scale, isinstance(scale, Tensor)
-        ctx.margin, ctx.value_and_slope, ctx.k, ctx.chunk, ctx.acc = margin, value_and_slope, k, chunk, acc
+        ctx.fn, ctx.params, ctx.k, ctx.chunk, ctx.acc = fn, params, k, chunk, acc
         ctx.tau = tau
         return (lse - target_logit).to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
 
@@ -105,7 +122,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         for start in range(0, num_classes, chunk):
             stop = min(start + chunk, num_classes)
             z, slope, (w_hat, norms, cos_k, pooled) = _chunk_logits(
-                x, weight, target, soft, start, stop, k, s, ctx.margin, ctx.value_and_slope, acc, keep=True, tau=ctx.tau
+                x, weight, target, soft, start, stop, k, s, ctx.fn, ctx.params, acc, keep=True, tau=ctx.tau
             )
             p = torch.exp_(z - lse[:, None])
             if soft:
@@ -169,8 +186,8 @@ def _chunk_logits(
     stop: int,
     k: int,
     s: Any,
-    margin: Any,
-    value_and_slope: Callable[[Tensor, Tensor], Any],
+    fn: ValueAndSlope,
+    params: tuple[Tensor, ...],
     acc: torch.dtype,
     keep: bool = False,
     tau: Optional[float] = None,
@@ -190,18 +207,16 @@ def _chunk_logits(
         view = cos_k.view(x.shape[0], stop - start, k)
         pooled = (torch.softmax(view / tau, dim=-1) * view).sum(-1)
     width = stop - start
-    per_class = isinstance(margin, Tensor)
     if soft:
-        m = margin[start:stop].to(acc) if per_class else margin
-        value, slope = value_and_slope(pooled, m * target[:, start:stop].to(acc))
+        value, slope = fn(pooled, target[:, start:stop].to(acc), *_chunk_params(params, start, stop))
         return value * s, slope, (w_hat, norms, cos_k, pooled) if keep else None
     # class indices: the margin touches at most one entry per row; its slope comes back as N numbers
     local = target - start
     inside = (local >= 0) & (local < width)
     index = local.clamp(0, width - 1).unsqueeze(1)
     t = pooled.gather(1, index).squeeze(1)
-    m_t = margin.to(acc)[target] if per_class else torch.tensor(margin, dtype=acc, device=x.device)
-    v, sl = value_and_slope(t, m_t)
+    shape = torch.Size((x.shape[0], -1))
+    v, sl = fn(t, 1.0, *(_at_target(p, shape, target) for p in params))
     z = pooled * s
     z.scatter_(1, index, (torch.where(inside, v, t) * s).unsqueeze(1))
     return z, torch.where(inside, sl, torch.ones_like(sl)), (w_hat, norms, cos_k, pooled) if keep else None
@@ -257,14 +272,41 @@ def margin_cross_entropy(
     num_classes = weight.shape[0] // num_sub_centers
     if margin_type == "cos":
         check_margin_param(margin, *COS_MARGIN_RANGE, "CosFace", torch.Size((num_classes,)))
+        fn: ValueAndSlope = _cos_fn
     elif margin_type == "arc":
         check_margin_param(margin, *ARC_MARGIN_RANGE, "ArcFace", torch.Size((num_classes,)))
+        fn = _arc_fn(easy_margin)
     elif margin_type == "none":
-        margin = 0.0
+        margin, fn = 0.0, _cos_fn
     else:
         raise ValueError(f"margin_type must be 'cos', 'arc' or 'none', but got {margin_type!r}")
+    return chunked_margin_loss(
+        input, weight, target, scale, fn, (margin,), num_sub_centers=num_sub_centers, pooling=pooling,
+        temperature=temperature, chunk_size=chunk_size, reduction=reduction,
+    )  # fmt: skip
+
+
+def chunked_margin_loss(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    scale: Scale,
+    fn: ValueAndSlope,
+    params: Sequence[MarginParam],
+    *,
+    num_sub_centers: int = 1,
+    pooling: Pooling = "max",
+    temperature: float = 0.1,
+    chunk_size: Optional[int] = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """:func:`margin_cross_entropy` for any target-only margin ``fn(cos, w, *params)`` of
+    :mod:`mll.functional.margins` (the heads' ``loss()`` use it); ``params`` must not require grad."""
+    check_features(input, weight, num_sub_centers)
+    check_pooling(pooling, temperature)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', but got {reduction!r}")
+    num_classes = weight.shape[0] // num_sub_centers
     lead = input.shape[:-1]
     target = check_target(target, torch.Size((*lead, num_classes)))
     x = normalize(input).reshape(-1, input.shape[-1])
@@ -278,12 +320,18 @@ def margin_cross_entropy(
             "margin_cross_entropy does not differentiate soft targets: detach target, or use the dense path "
             "F.cross_entropy(head(input, target), target)"
         )
-    fn = _value_and_slope(margin_type, margin, easy_margin)
+    if any(isinstance(p, Tensor) and p.requires_grad for p in params):
+        raise ValueError(
+            "the chunked loss does not differentiate margins: detach them, or use the dense path "
+            "F.cross_entropy(head(input, target), target)"
+        )
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = tuple(_flat_param(_param(p, acc, x.device).detach(), lead, num_classes) for p in params)
     if x.shape[0] == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
         losses = x.sum(-1) + 0.0 * weight.sum()
     else:
         tau = float(temperature) if pooling == "soft" else None
-        losses = _ChunkedMarginCE.apply(x, weight, flat_target, scale, margin, fn, num_sub_centers, chunk_size, tau)
+        losses = _ChunkedMarginCE.apply(x, weight, flat_target, scale, fn, flat, num_sub_centers, chunk_size, tau)
     if reduction == "none":
         return losses.reshape(lead)
     return losses.sum() if reduction == "sum" else losses.mean()

@@ -18,8 +18,9 @@ from mll.functional._checks import (
     check_num_sub_centers,
     check_scale,
 )
-from mll.functional.chunked import margin_cross_entropy
+from mll.functional.chunked import chunked_margin_loss, margin_cross_entropy
 from mll.functional.cosine import check_pooling, cosine_logits
+from mll.functional.margins import ValueAndSlope, _cos_fn
 
 
 def check_head_args(in_features: int, out_features: int, num_sub_centers: int) -> None:
@@ -150,6 +151,27 @@ def chunked_loss(
         margin_type=margin_type if module.training else "none", easy_margin=easy_margin,  # type: ignore[arg-type]
         num_sub_centers=module.num_sub_centers, chunk_size=chunk_size, reduction=reduction,  # type: ignore[arg-type]
         pooling=getattr(module, "pooling", "max"), temperature=getattr(module, "pooling_temperature", 0.1),
+    )  # fmt: skip
+
+
+def chunked_loss_with(
+    module: nn.Module,
+    input: Tensor,
+    labels: Tensor,
+    reduction: str,
+    chunk_size: Optional[int],
+    fn: ValueAndSlope,
+    params: tuple[Any, ...],
+) -> Tensor:
+    """``loss()`` of a head whose target-only margin is ``fn(cos, w, *params)``: that margin in training mode,
+    none in eval mode, like its ``forward``."""
+    if not module.training:
+        fn, params = _cos_fn, (0.0,)
+    return chunked_margin_loss(
+        input, module.weight, labels, module.scale, fn, params,  # type: ignore[arg-type]
+        num_sub_centers=module.num_sub_centers, pooling=getattr(module, "pooling", "max"),  # type: ignore[arg-type]
+        temperature=getattr(module, "pooling_temperature", 0.1), chunk_size=chunk_size,
+        reduction=reduction,  # type: ignore[arg-type]
     )  # fmt: skip
 
 

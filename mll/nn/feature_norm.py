@@ -13,14 +13,17 @@ from mll.functional.cosine import Pooling
 from mll.functional.feature_norm import (
     MAGFACE_MAGNITUDES,
     MAGFACE_MARGINS,
+    _ada_value_and_slope,
     _check_magface_args,
     _check_positive,
     ada_margin_unchecked,
+    adaface_quality,
     mag_margin_unchecked,
 )
 from mll.functional.margins import ARC_MARGIN_RANGE, MarginParam
 from mll.nn._common import (
     all_gather_samples,
+    chunked_loss_with,
     distributed_world_size,
     head_cosine,
     head_repr,
@@ -123,6 +126,13 @@ class AdaFace(nn.Module):
         if labels is None:
             raise _missing_labels(type(self).__name__)
         labels = check_target(labels, cosine.shape, name="labels")
+        norms = self._update_statistics(input)
+        return ada_margin_unchecked(
+            cosine, labels, norms, self.margin, self.norm_mean, self.norm_std, self.h, self.scale
+        )
+
+    def _update_statistics(self, input: Tensor) -> Tensor:
+        """Fold this batch's feature norms (all ranks') into the running statistics; returns the norms ``(*)``."""
         norms = input.detach().norm(dim=-1)
         with torch.no_grad():
             batch = norms.reshape(-1)
@@ -131,13 +141,20 @@ class AdaFace(nn.Module):
             mean, std = MF.adaface_update(self.norm_mean, self.norm_std, batch, momentum=self.momentum)
             self.norm_mean.copy_(mean)
             self.norm_std.copy_(std)
-        return ada_margin_unchecked(
-            cosine, labels, norms, self.margin, self.norm_mean, self.norm_std, self.h, self.scale
-        )
+        return norms
 
-    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` (updates the statistics)."""
-        return dense_loss(self, input, labels, reduction)
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks (updates the statistics like a
+        forward): see :func:`mll.functional.margin_cross_entropy`."""
+        if not self.training:
+            return chunked_loss_with(self, input, labels, reduction, chunk_size, _ada_value_and_slope, (0.0, 0.0))
+        labels = check_target(labels, torch.Size((*input.shape[:-1], self.out_features)), name="labels")
+        norms = self._update_statistics(input)
+        quality = adaface_quality(norms, self.norm_mean, self.norm_std, self.h).unsqueeze(-1)
+        params = (self.margin, quality)
+        return chunked_loss_with(self, input, labels, reduction, chunk_size, _ada_value_and_slope, params)
 
     def extra_repr(self) -> str:
         return head_repr(self, f"margin={margin_repr(self.margin)}", f"h={self.h}", f"momentum={self.momentum}")

@@ -20,7 +20,11 @@ from mll.functional.margins import (
     COS_MARGIN_RANGE,
     SPHERE_MARGIN_RANGE,
     MarginParam,
+    _arc_fn,
     _at_target,
+    _combined_value_and_slope,
+    _cos_fn,
+    _sphere_value_and_slope,
     arc_margin_unchecked,
     check_lambda,
     combined_margin_unchecked,
@@ -29,6 +33,7 @@ from mll.functional.margins import (
 )
 from mll.nn._common import (
     chunked_loss,
+    chunked_loss_with,
     head_cosine,
     head_repr,
     init_head,
@@ -289,9 +294,13 @@ class CombinedMargin(nn.Module):
         labels = check_target(labels, cosine.shape, name="labels")
         return combined_margin_unchecked(cosine, labels, self.m1, self.m2, self.m3, self.scale)
 
-    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)``."""
-        return dense_loss(self, input, labels, reduction)
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
+        :func:`mll.functional.margin_cross_entropy`."""
+        params = (self.m1, self.m2, self.m3)
+        return chunked_loss_with(self, input, labels, reduction, chunk_size, _combined_value_and_slope, params)
 
     def extra_repr(self) -> str:
         return head_repr(self, *(f"{n}={margin_repr(getattr(self, n))}" for n in ("m1", "m2", "m3")))
@@ -369,9 +378,14 @@ class SphereFace(nn.Module):
         check_lambda(self.lambda_)
         return sphere_margin_unchecked(cosine, labels, self.margin, self.lambda_, self.scale)
 
-    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)``."""
-        return dense_loss(self, input, labels, reduction)
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
+        :func:`mll.functional.margin_cross_entropy`."""
+        check_lambda(self.lambda_)
+        params = (self.margin, self.lambda_)
+        return chunked_loss_with(self, input, labels, reduction, chunk_size, _sphere_value_and_slope, params)
 
     def extra_repr(self) -> str:
         return head_repr(self, f"margin={margin_repr(self.margin)}", f"lambda_={self.lambda_}")
@@ -423,15 +437,17 @@ class _Elastic(nn.Module):
     def reset_parameters(self) -> None:
         reset_class_weight(self.weight)
 
-    def sample_margins(self, cosine: Tensor, labels: Tensor) -> Tensor:
-        """This step's margins, ``(*, 1)`` (or ``(*, C)`` for per-class margins with soft targets)."""
+    def sample_margins(self, input: Tensor, labels: Tensor) -> Tensor:
+        """This step's margins for features ``input`` ``(*, d)``: ``(*, 1)`` (or ``(*, C)`` for per-class margins
+        with soft targets)."""
+        logits_shape = torch.Size((*input.shape[:-1], self.out_features))
         mean: MarginParam = self.margin
         if isinstance(mean, Tensor) and not is_soft(labels):
-            mean = _at_target(mean, cosine.shape, labels).unsqueeze(-1)  # each sample's class mean, (*, 1)
-        dtype = torch.float64 if cosine.dtype == torch.float64 else torch.float32
+            mean = _at_target(mean, logits_shape, labels).unsqueeze(-1)  # each sample's class mean, (*, 1)
+        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         return MF.elastic_margins(
-            mean, self.std, (*cosine.shape[:-1], 1), bounds=self._range, generator=self.generator,
-            dtype=dtype, device=cosine.device,
+            mean, self.std, (*input.shape[:-1], 1), bounds=self._range, generator=self.generator,
+            dtype=dtype, device=input.device,
         )  # fmt: skip
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -441,14 +457,22 @@ class _Elastic(nn.Module):
         if labels is None:
             raise _missing_labels(type(self).__name__)
         labels = check_target(labels, cosine.shape, name="labels")
-        margins = self.sample_margins(cosine, labels)
+        margins = self.sample_margins(input, labels)
         if self._kind == "arc":
             return arc_margin_unchecked(cosine, labels, margins, False, self.scale)
         return cos_margin_unchecked(cosine, labels, margins, self.scale)
 
-    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` (draws margins like a forward)."""
-        return dense_loss(self, input, labels, reduction)
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks (draws margins like a forward): see
+        :func:`mll.functional.margin_cross_entropy`."""
+        fn = _arc_fn(False) if self._kind == "arc" else _cos_fn
+        if not self.training:
+            return chunked_loss_with(self, input, labels, reduction, chunk_size, fn, (0.0,))
+        labels = check_target(labels, torch.Size((*input.shape[:-1], self.out_features)), name="labels")
+        margins = self.sample_margins(input, labels)
+        return chunked_loss_with(self, input, labels, reduction, chunk_size, fn, (margins,))
 
     def extra_repr(self) -> str:
         seeded = "" if self.generator is None else ", generator=<seeded>"

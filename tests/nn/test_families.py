@@ -201,3 +201,47 @@ def test_keep_dominant_sub_centers_checks_its_input() -> None:
 def test_bad_constructor_arguments(make, match) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+CHUNKED = {
+    "CombinedMargin": lambda: mll.CombinedMargin(D, C, 2, m1=1.2, m2=0.3, m3=0.1, dtype=torch.float64),
+    "SphereFace": lambda: mll.SphereFace(D, C, 2, margin=3.0, lambda_=2.0, dtype=torch.float64),
+    "AdaFace": lambda: mll.AdaFace(D, C, 2, margin=torch.linspace(0.2, 0.6, C), dtype=torch.float64),
+    "ElasticArcFace": lambda: mll.ElasticArcFace(
+        D, C, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    ),
+    "ElasticCosFace": lambda: mll.ElasticCosFace(
+        D, C, 2, margin=torch.linspace(0.1, 0.5, C), generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_chunked_loss_equals_dense_cross_entropy(name, soft, training) -> None:
+    import copy
+
+    head = CHUNKED[name]().train(training)
+    twin = copy.deepcopy(head)  # running statistics and random draws advance identically in both
+    x = (torch.randn(2, 4, D, dtype=torch.float64) * 5).requires_grad_(True)
+    y = torch.randint(0, C, (2, 4))
+    target = torch.softmax(torch.randn(2, 4, C, dtype=torch.float64), -1) if soft else y
+    chunked = head.loss(x, target, chunk_size=2)
+    dense = F.cross_entropy(twin(x, target).reshape(8, C), target.reshape(8, C) if soft else y.reshape(8))
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(chunked, (x, head.weight))
+    want = torch.autograd.grad(dense, (x, twin.weight))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for (key, a), b in zip(head.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=key)
+
+
+def test_chunked_loss_refuses_margins_that_need_a_gradient() -> None:
+    from mll.functional.chunked import chunked_margin_loss
+    from mll.functional.margins import _cos_fn
+
+    x, w = torch.randn(3, D), torch.randn(C, D)
+    with pytest.raises(ValueError, match="does not differentiate margins"):
+        chunked_margin_loss(x, w, torch.tensor([0, 1, 2]), 10.0, _cos_fn, (torch.rand(3, 1, requires_grad=True),))
