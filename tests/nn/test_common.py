@@ -1,4 +1,5 @@
-"""Cross-rank statistics: AdaCos and DeepNCM under torch.distributed (gloo, CPU) equal one process."""
+"""Cross-rank statistics: AdaCos, DeepNCM, CurricularFace and AdaFace under torch.distributed (gloo, CPU) equal one
+process."""
 
 import pytest
 import torch
@@ -22,16 +23,27 @@ def global_batch():
 
 def heads():
     torch.manual_seed(3)
-    return mll.AdaCos(D, C), mll.DeepNCM(D, C, alpha=0.7)
+    return mll.AdaCos(D, C), mll.DeepNCM(D, C, alpha=0.7), mll.CurricularFace(D, C, momentum=0.5), mll.AdaFace(D, C)
 
 
-def run_steps(adacos, ncm, x, y, soft):
-    """Two steps each (hard then soft labels); returns the state after each step."""
+def run_steps(adacos, ncm, curricular, ada, x, y, soft):
+    """Two steps each (hard then soft labels; CurricularFace takes class indices only); returns the state after
+    each step."""
     out = []
     for target in (y, soft):
         adacos(x, target)
         ncm(x, target)
-        out.append((_module(adacos).scale.clone(), _module(ncm).means.clone()))
+        curricular(x, y)
+        ada(x, target)
+        ada_state = _module(ada)
+        out.append(
+            (
+                _module(adacos).scale.clone(),
+                _module(ncm).means.clone(),
+                _module(curricular).t.clone(),
+                torch.stack([ada_state.norm_mean, ada_state.norm_std]),
+            )
+        )
     return out
 
 
@@ -46,11 +58,10 @@ def _worker(rank, path, results, split, compiled):
         x, y, soft = global_batch()
         lo = sum(split[:rank])
         part = slice(lo, lo + split[rank])
-        adacos, ncm = heads()
+        modules = heads()
         if compiled:  # the statistics must be shared under torch.compile too
-            adacos = torch.compile(adacos, fullgraph=True, backend="aot_eager")
-            ncm = torch.compile(ncm, fullgraph=True, backend="aot_eager")
-        steps = run_steps(adacos, ncm, x[part], y[part], soft[part])
+            modules = tuple(torch.compile(m, fullgraph=True, backend="aot_eager") for m in modules)
+        steps = run_steps(*modules, x[part], y[part], soft[part])
         torch.save(steps, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -68,8 +79,9 @@ def test_statistics_are_gathered_across_ranks(tmp_path, split, compiled) -> None
     expected = run_steps(*heads(), *global_batch())
     for rank in range(WORLD):
         got = torch.load(f"{tmp_path / 'result'}.{rank}")
-        for (scale, means), (want_scale, want_means) in zip(got, expected):
-            torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(means, want_means, rtol=1e-6, atol=1e-6)
+        for step, want_step in zip(got, expected):
+            for state, want in zip(step, want_step):
+                torch.testing.assert_close(state, want, rtol=1e-6, atol=1e-6)
     local = run_steps(*heads(), *(t[: split[0]] for t in global_batch()))
-    assert not torch.allclose(local[0][0], expected[0][0]), "the test must tell local from global statistics"
+    for i in range(4):  # the test must tell local from global statistics, for every head
+        assert not torch.allclose(local[0][i], expected[0][i]), i
