@@ -7,6 +7,7 @@ one fused autograd Function: no N×C one-hot, no N×C arccos.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from mll.functional._checks import (
     check_target,
     is_soft,
     shape_str,
+    values_checkable,
 )
 from mll.functional._target import Scale, _scatter, gather_target, work_dtype
 from mll.functional.margins import ARC_MARGIN_RANGE, MarginParam, _arc_value_and_slope, _at_target, _param
@@ -117,6 +119,8 @@ def curricular_margin(
         raise ValueError(
             f"CurricularFace t must be a float or a one-element tensor, but got shape {shape_str(t.shape)}"
         )
+    if values_checkable() and not math.isfinite(float(t)):
+        raise ValueError(f"CurricularFace t must be finite, but got {float(t)!r}")
     target = check_target(target, cosine.shape)
     if is_soft(target):
         raise ValueError(

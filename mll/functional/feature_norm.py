@@ -20,6 +20,7 @@ from mll.functional._checks import (
     check_scale,
     check_target,
     shape_str,
+    values_checkable,
 )
 from mll.functional._target import Scale, work_dtype
 from mll.functional.margins import (
@@ -58,6 +59,20 @@ def _check_positive(value: object, name: str) -> float:
     if not _is_real(value) or not (0 < value < math.inf):  # type: ignore[operator]
         raise ValueError(f"{name} must be a positive finite float, but got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def _check_statistic(value: object, name: str, *, nonnegative: bool = False) -> None:
+    """A running statistic: a finite float (``>= 0`` for a standard deviation) or a one-element floating tensor
+    (values checked in eager mode)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element floating tensor, but got {value!r}")
+        if not values_checkable():
+            return
+        value = float(value)
+    if not _is_real(value) or not math.isfinite(value) or (nonnegative and value < 0):  # type: ignore[arg-type, operator]
+        bound = " and >= 0" if nonnegative else ""
+        raise ValueError(f"{name} must be finite{bound}, but got {value!r}")
 
 
 def adaface_statistics(norms: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,19 +121,20 @@ def _ada_value_and_slope(cosine: Tensor, w: Tensor | float, margin: Tensor, qual
     """cos(θ') − g_add with θ' = θ + g_angle kept inside [ε, π − ε] (never moved past where θ already is).
 
     g_angle = −m·ẑ·w, g_add = (m·ẑ + m)·w. Written as ``cos + (cos θ' − cos θ) − g_add`` so an entry without a
-    margin comes back bit-identical; ∂/∂cos = sin θ' / sin θ where θ' = θ + g_angle, 0 where the clip holds θ'.
+    margin comes back bit-identical. ∂/∂cos = 1 + (sin θ − sin θ'·dθ'/dθ)·dθ/dcos, with dθ'/dθ = 1 where θ' is
+    free or held at θ itself, 0 where the clip holds it at ε or π − ε.
     """
     angle = -margin * quality * w
     add = (margin * quality + margin) * w
-    theta, sin = _angle(cosine)
+    theta, _, dtheta = _angle(cosine)
     shifted = theta + angle
     low = torch.minimum(theta, torch.full_like(theta, ADAFACE_EPS))
     high = torch.maximum(theta, torch.full_like(theta, math.pi - ADAFACE_EPS))
     clipped = torch.minimum(torch.maximum(shifted, low), high)
     value = cosine + (torch.cos(clipped) - torch.cos(theta)) - add
-    free = (shifted >= low) & (shifted <= high)
-    slope = torch.where(free, torch.sin(clipped) / sin, torch.zeros_like(sin))
-    return value, slope
+    held = ((shifted < low) & (low != theta)) | ((shifted > high) & (high != theta))
+    follows = torch.where(held, torch.zeros_like(theta), torch.ones_like(theta))
+    return value, 1 + (torch.sin(theta) - torch.sin(clipped) * follows) * dtheta
 
 
 def ada_margin(
@@ -169,6 +185,8 @@ def ada_margin(
     norms = _check_norms(norms, cosine.shape)
     check_margin_param(margin, *ARC_MARGIN_RANGE, "AdaFace", cosine.shape)
     _check_positive(h, "AdaFace h")
+    _check_statistic(mean, "AdaFace mean")
+    _check_statistic(std, "AdaFace std", nonnegative=True)
     check_scale(scale)
     return ada_margin_unchecked(cosine, check_target(target, cosine.shape), norms, margin, mean, std, h, scale)
 
@@ -217,6 +235,17 @@ def _check_magface_args(
         raise ValueError(f"MagFace lower must be below upper, but got lower={lo!r}, upper={hi!r}")
     check_margin_param(margin_low, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_low")
     check_margin_param(margin_high, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_high")
+    if isinstance(margin_low, Tensor) or isinstance(margin_high, Tensor):
+        if not values_checkable():
+            return
+        increasing = bool((torch.as_tensor(margin_low) <= torch.as_tensor(margin_high)).all())
+    else:
+        increasing = margin_low <= margin_high
+    if not increasing:
+        raise ValueError(
+            "MagFace margin_low must not exceed margin_high: the margin must grow with the magnitude, "
+            f"but got margin_low={margin_low!r}, margin_high={margin_high!r}"
+        )
 
 
 def mag_margin(

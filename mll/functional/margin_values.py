@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mll.functional._checks import _is_real, check_floating, shape_str
+from mll.functional._checks import _is_real, check_floating, shape_str, values_checkable
 from mll.functional.margins import MarginParam
 
 __all__ = ["dynamic_margins", "elastic_margins"]
@@ -107,8 +107,13 @@ def elastic_margins(
         check_floating(margin, "margin")
         dtype = dtype or margin.dtype
         device = device or margin.device
+        inside = not values_checkable() or bool(((margin >= low) & (margin < high)).all())
     elif not _is_real(margin):
         raise TypeError(f"margin must be a float or a tensor, but got {type(margin).__name__}")
+    else:
+        inside = low <= margin < high
+    if not inside:
+        raise ValueError(f"ElasticFace margin (the mean) must lie in bounds [{low:g}, {high:.4g}), but got {margin!r}")
     dtype = dtype or torch.get_default_dtype()
     noise = torch.randn(tuple(size), generator=generator, dtype=dtype, device=device)
     with torch.no_grad():

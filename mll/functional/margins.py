@@ -87,7 +87,7 @@ def _arc_value_and_slope(cosine: Tensor, margin: Tensor, easy_margin: bool) -> t
     sin2 = (1 - cosine) * (1 + cosine)
     sin = sin2.clamp(min=eps).sqrt()
     shifted = cosine * cos_m - sin * sin_m
-    shifted_slope = torch.where(sin2 > eps, cosine / sin, 0.0) * sin_m + cos_m
+    shifted_slope = torch.where(sin2 >= eps, cosine / sin, 0.0) * sin_m + cos_m
     if easy_margin:
         keep, fallback = cosine > 0, cosine
     else:
@@ -104,7 +104,7 @@ ValueAndSlope = Callable[..., tuple[Tensor, Tensor]]
 
 def _param(value: MarginParam, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
-        return value.to(dtype)
+        return value.to(device=device, dtype=dtype)
     return torch.tensor(value, dtype=dtype, device=device)
 
 
@@ -272,13 +272,19 @@ def arc_margin_unchecked(
     return apply_margin(cosine, target, _arc_fn(easy_margin), (margin,), scale)
 
 
-def _angle(cosine: Tensor) -> tuple[Tensor, Tensor]:
-    """θ = atan2(sin θ, cos θ) and sin θ, with sin θ clamped to ≥ √ε as in :func:`_sin_from_cos`.
+def _angle(cosine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """θ = atan2(sin θ, cos θ) with sin θ clamped to ≥ √ε as in :func:`_sin_from_cos`, sin θ, and dθ/dcos.
 
-    atan2 rather than arccos: accurate near θ = 0 and π, finite derivative everywhere.
+    atan2 rather than arccos: accurate near θ = 0 and π. dθ/dcos is −1/sin θ, except where the clamp holds sin θ
+    (|cos θ| within ε/2 of 1) and θ = atan2(√ε, cos θ) moves only through its second argument: there it is
+    −sin/(sin² + cos²), tiny, as autograd of this θ gives. Slopes built on it are the exact derivatives of the
+    values, finite everywhere, at cos = ±1 too.
     """
-    sin = _sin_from_cos(cosine)
-    return torch.atan2(sin, cosine), sin
+    eps = torch.finfo(cosine.dtype).eps
+    sin2 = (1 - cosine) * (1 + cosine)
+    sin = sin2.clamp(min=eps).sqrt()
+    dtheta = torch.where(sin2 >= eps, -1 / sin, -sin / (sin * sin + cosine * cosine))
+    return torch.atan2(sin, cosine), sin, dtheta
 
 
 def _combined_value_and_slope(
@@ -289,16 +295,16 @@ def _combined_value_and_slope(
     towards none: m1 → 1 + (m1 − 1)·t, m2 → m2·t, m3 → m3·t.
 
     Written as ``cos + (ψ(θ) − cos θ)`` with both cosines of the same computed angle, so an entry without a margin
-    (``w = 0``, or m1 = 1, m2 = m3 = 0) comes back bit-identical. ∂ψ/∂cos = (−1)^k·m1·sin φ / sin θ, with sin θ
-    clamped at √ε (finite at cos = ±1).
+    (``w = 0``, or m1 = 1, m2 = m3 = 0) comes back bit-identical. ∂ψ/∂cos = 1 + (sin θ − (−1)^k·m1·sin φ)·dθ/dcos,
+    which is (−1)^k·m1·sin φ / sin θ away from cos = ±1 (see :func:`_angle` there).
     """
     a = 1 + (m1 - 1) * w
-    theta, sin = _angle(cosine)
+    theta, _, dtheta = _angle(cosine)
     phi = a * theta + m2 * w
     k = torch.floor(phi / math.pi).clamp(min=0)
     sign = 1 - 2 * torch.remainder(k, 2)
     value = cosine + (sign * torch.cos(phi) - 2 * k - torch.cos(theta)) - m3 * w
-    return value, sign * a * torch.sin(phi) / sin
+    return value, 1 + (torch.sin(theta) - sign * a * torch.sin(phi)) * dtheta
 
 
 def _sphere_value_and_slope(cosine: Tensor, w: Tensor | float, m: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
@@ -373,7 +379,7 @@ SPHERE_MARGIN_RANGE = COMBINED_M1_RANGE
 
 
 def sphere_margin(
-    cosine: Tensor, target: Tensor, margin: MarginParam = 4.0, *, lambda_: float = 0.0, scale: Scale = 1.0
+    cosine: Tensor, target: Tensor, margin: MarginParam = 4.0, *, lambda_: float | Tensor = 0.0, scale: Scale = 1.0
 ) -> Tensor:
     r"""SphereFace's A-Softmax angular margin on the target logit, optionally scaled and annealed.
 
@@ -393,7 +399,8 @@ def sphere_margin(
         cosine (Tensor[*, C]): cosines.
         target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
         margin (float or Tensor): ``m`` in ``[1, 10)``; per class ``(C,)`` or per sample ``(*, 1)`` as a tensor.
-        lambda_ (float): annealing weight ``λ >= 0``.
+        lambda_ (float or Tensor): annealing weight ``λ >= 0`` (a 0-dim tensor: no recompilation when it changes
+            under ``torch.compile``).
         scale (float or Tensor): ``s``.
 
     Returns:
@@ -407,12 +414,22 @@ def sphere_margin(
 
 
 def check_lambda(lambda_: object) -> None:
+    """SphereFace's λ: a finite float >= 0, or a one-element floating tensor (its value checked in eager mode)."""
+    if isinstance(lambda_, Tensor):
+        if not lambda_.is_floating_point() or lambda_.numel() != 1:
+            raise ValueError(
+                f"SphereFace lambda_ must be a float or a one-element floating tensor, but got {lambda_!r}"
+            )
+        if values_checkable() and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
+            raise ValueError(f"SphereFace lambda_ must be finite and >= 0, but got {float(lambda_):g}")
+        return
     if not _is_real(lambda_) or not (0 <= lambda_ < math.inf):  # type: ignore[operator]
         raise ValueError(f"SphereFace lambda_ must be a finite float >= 0, but got {lambda_!r}")
 
 
 def sphere_margin_unchecked(
-    cosine: Tensor, target: Tensor, margin: MarginParam, lambda_: float, scale: Scale
+    cosine: Tensor, target: Tensor, margin: MarginParam, lambda_: float | Tensor, scale: Scale
 ) -> Tensor:
     """:func:`sphere_margin` without argument checks."""
-    return apply_margin(cosine, target, _sphere_value_and_slope, (margin, float(lambda_)), scale)
+    lam = lambda_.detach().reshape(()) if isinstance(lambda_, Tensor) else float(lambda_)
+    return apply_margin(cosine, target, _sphere_value_and_slope, (margin, lam), scale)

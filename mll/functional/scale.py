@@ -94,6 +94,13 @@ def heuristic_scale(
             check_margin(value, *bounds, "combined", name=name)
     else:
         raise ValueError(f"margin_type must be 'cos', 'arc', 'combined' or 'sphere', but got {margin_type!r}")
+    if margin_type == "combined" and _penalised_cosine(0.0, margin, margin_type) <= 0:
+        _, m2, m3 = margin  # type: ignore[misc]
+        raise ValueError(
+            f"heuristic_scale has no positive solution for the combined margin (m1, m2, m3) = {margin!r}: the target "
+            f"logit of a perfectly aligned feature, cos(m2) - m3 = {math.cos(m2) - m3:.4g}, is not positive; "
+            "pass scale= explicitly"
+        )
     numerator = math.log(max(num_classes - 1, 2))
     denominator = max(
         _penalised_cosine(math.pi / 4, margin, margin_type), _penalised_cosine(0.0, margin, margin_type) / 4

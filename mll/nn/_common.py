@@ -108,10 +108,18 @@ def head_cosine(module: nn.Module, input: Tensor) -> Tensor:
 
 
 def register_margin(
-    module: nn.Module, name: str, value: object, low: float, high: float, kind: str, num_classes: int
+    module: nn.Module,
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    kind: str,
+    num_classes: int,
+    device: Any = None,
+    dtype: Any = None,
 ) -> None:
     """Store a margin hyper-parameter: a float as a plain attribute, a per-class tensor ``(C,)`` as a buffer (saved in
-    the state dict, moved by ``.to()``)."""
+    the state dict, moved by ``.to()``) on the head's device, float64 for float64 heads and float32 otherwise."""
     check_margin_param(value, low, high, kind, None, name=name)
     if isinstance(value, Tensor):
         if tuple(value.shape) != (num_classes,):
@@ -119,7 +127,8 @@ def register_margin(
                 f"{kind} {name} must be a float or a tensor of shape ({num_classes},), one per class, "
                 f"but got shape {tuple(value.shape)}"
             )
-        module.register_buffer(name, value.detach().clone())
+        stored = value.detach().to(device=device, dtype=statistics_dtype(dtype) if dtype is not None else None)
+        module.register_buffer(name, stored.clone())
     else:
         setattr(module, name, float(value))  # type: ignore[arg-type]
 

@@ -87,12 +87,12 @@ class CurricularFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "CurricularFace", out_features)
+        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "CurricularFace", out_features, device, dtype)
         check_momentum(momentum)
         self.momentum = float(momentum)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="arc"),
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(margin), margin_type="arc"),
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.register_buffer("t", torch.zeros((), dtype=statistics_dtype(dtype), device=device))

@@ -96,13 +96,13 @@ class AdaFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "AdaFace", out_features)
+        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "AdaFace", out_features, device, dtype)
         self.h = _check_positive(h, "AdaFace h")
         check_momentum(momentum)
         self.momentum = float(momentum)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, min(typical_margin(self.margin), 0.99)),
+            default_scale=lambda: MF.heuristic_scale(out_features, min(typical_margin(margin), 0.99)),
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.register_buffer("norm_mean", torch.empty((), dtype=statistics_dtype(dtype), device=device))
@@ -218,13 +218,13 @@ class MagFace(nn.Module):
     ) -> None:
         super().__init__()
         _check_magface_args(lower, upper, margin_low, margin_high, None)
-        register_margin(self, "margin_low", margin_low, *ARC_MARGIN_RANGE, "MagFace", out_features)
-        register_margin(self, "margin_high", margin_high, *ARC_MARGIN_RANGE, "MagFace", out_features)
+        register_margin(self, "margin_low", margin_low, *ARC_MARGIN_RANGE, "MagFace", out_features, device, dtype)
+        register_margin(self, "margin_high", margin_high, *ARC_MARGIN_RANGE, "MagFace", out_features, device, dtype)
         self.lower, self.upper = float(lower), float(upper)
         if isinstance(lambda_g, bool) or not isinstance(lambda_g, (int, float)) or not 0 <= lambda_g < float("inf"):
             raise ValueError(f"MagFace lambda_g must be a finite float >= 0, but got {lambda_g!r}")
         self.lambda_g = float(lambda_g)
-        middle = (typical_margin(self.margin_low) + typical_margin(self.margin_high)) / 2
+        middle = (typical_margin(margin_low) + typical_margin(margin_high)) / 2
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             default_scale=lambda: MF.heuristic_scale(out_features, middle, margin_type="arc"),

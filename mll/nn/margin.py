@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import check_target, is_soft
+from mll.functional._checks import check_margin_param, check_target, is_soft
 from mll.functional.cosine import Pooling
 from mll.functional.margins import (
     ARC_MARGIN_RANGE,
@@ -40,6 +40,7 @@ from mll.nn._common import (
     margin_repr,
     register_margin,
     reset_class_weight,
+    statistics_dtype,
     typical_margin,
 )
 
@@ -98,10 +99,10 @@ class CosFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        register_margin(self, "margin", margin, *COS_MARGIN_RANGE, "CosFace", out_features)
+        register_margin(self, "margin", margin, *COS_MARGIN_RANGE, "CosFace", out_features, device, dtype)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="cos"),
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(margin), margin_type="cos"),
 
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
@@ -177,11 +178,11 @@ class ArcFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "ArcFace", out_features)
+        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "ArcFace", out_features, device, dtype)
         self.easy_margin = bool(easy_margin)
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="arc"),
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(margin), margin_type="arc"),
 
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
@@ -271,10 +272,10 @@ class CombinedMargin(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        register_margin(self, "m1", m1, *COMBINED_M1_RANGE, "combined", out_features)
-        register_margin(self, "m2", m2, *COMBINED_M2_RANGE, "combined", out_features)
-        register_margin(self, "m3", m3, *COMBINED_M3_RANGE, "combined", out_features)
-        margins = (typical_margin(self.m1), typical_margin(self.m2), typical_margin(self.m3))
+        register_margin(self, "m1", m1, *COMBINED_M1_RANGE, "combined", out_features, device, dtype)
+        register_margin(self, "m2", m2, *COMBINED_M2_RANGE, "combined", out_features, device, dtype)
+        register_margin(self, "m3", m3, *COMBINED_M3_RANGE, "combined", out_features, device, dtype)
+        margins = (typical_margin(m1), typical_margin(m2), typical_margin(m3))
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             default_scale=lambda: MF.heuristic_scale(out_features, margins, margin_type="combined"),
@@ -311,10 +312,10 @@ class SphereFace(nn.Module):
     :math:`\psi(\theta) = (-1)^k\cos(m\theta) - 2k`.
 
     "SphereFace: Deep Hypersphere Embedding for Face Recognition" (Liu et al., CVPR 2017,
-    https://arxiv.org/abs/1704.08063). See :func:`mll.functional.sphere_margin`. ``lambda_`` is a plain attribute:
-    anneal it during training as the paper does, e.g.
-    ``head.lambda_ = max(5.0, 1000.0 / (1 + 0.1 * step))``. With normalised features and a fixed scale, as every head
-    here (the paper scales by ‖x‖).
+    https://arxiv.org/abs/1704.08063). See :func:`mll.functional.sphere_margin`. Anneal ``lambda_`` during training
+    as the paper does, e.g. ``head.lambda_ = max(5.0, 1000.0 / (1 + 0.1 * step))``: it is a 0-dim buffer
+    (``annealing_lambda``), so checkpoints keep it and ``torch.compile`` does not recompile when it changes. With
+    normalised features and a fixed scale, as every head here (the paper scales by ‖x‖).
 
     Args:
         in_features (int): feature size ``d``.
@@ -338,6 +339,7 @@ class SphereFace(nn.Module):
     weight: nn.Parameter
     scale: Tensor
     margin: MarginParam
+    annealing_lambda: Tensor
 
     def __init__(
         self,
@@ -355,12 +357,14 @@ class SphereFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        register_margin(self, "margin", margin, *SPHERE_MARGIN_RANGE, "SphereFace", out_features)
+        register_margin(self, "margin", margin, *SPHERE_MARGIN_RANGE, "SphereFace", out_features, device, dtype)
         check_lambda(lambda_)
-        self.lambda_ = float(lambda_)
+        self.register_buffer(
+            "annealing_lambda", torch.tensor(float(lambda_), dtype=statistics_dtype(dtype), device=device)
+        )
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type="sphere"),
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(margin), margin_type="sphere"),
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
@@ -375,20 +379,29 @@ class SphereFace(nn.Module):
         if labels is None:
             raise _missing_labels(type(self).__name__)
         labels = check_target(labels, cosine.shape, name="labels")
-        check_lambda(self.lambda_)
-        return sphere_margin_unchecked(cosine, labels, self.margin, self.lambda_, self.scale)
+        return sphere_margin_unchecked(cosine, labels, self.margin, self.annealing_lambda, self.scale)
 
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
         """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
         :func:`mll.functional.margin_cross_entropy`."""
-        check_lambda(self.lambda_)
-        params = (self.margin, self.lambda_)
+        params = (self.margin, self.annealing_lambda)
         return chunked_loss_with(self, input, labels, reduction, chunk_size, _sphere_value_and_slope, params)
 
     def extra_repr(self) -> str:
-        return head_repr(self, f"margin={margin_repr(self.margin)}", f"lambda_={self.lambda_}")
+        return head_repr(self, f"margin={margin_repr(self.margin)}", f"lambda_={float(self.annealing_lambda):g}")
+
+    @property
+    def lambda_(self) -> Tensor:
+        """SphereFace's annealing weight λ (the ``annealing_lambda`` buffer); assign a float or a 0-dim tensor."""
+        return self.annealing_lambda
+
+    @lambda_.setter
+    def lambda_(self, value: float | Tensor) -> None:
+        check_lambda(value)
+        with torch.no_grad():
+            self.annealing_lambda.fill_(value.detach().reshape(()) if isinstance(value, Tensor) else float(value))
 
 
 class _Elastic(nn.Module):
@@ -421,7 +434,7 @@ class _Elastic(nn.Module):
     ) -> None:
         super().__init__()
         kind = type(self).__name__
-        register_margin(self, "margin", margin, *self._range, kind, out_features)
+        register_margin(self, "margin", margin, *self._range, kind, out_features, device, dtype)
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not (0 <= std < math.inf):
             raise ValueError(f"{kind} std must be a finite float >= 0, but got {std!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -429,7 +442,7 @@ class _Elastic(nn.Module):
         self.std, self.generator = float(std), generator
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(self.margin), margin_type=self._kind),  # type: ignore[arg-type]
+            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(margin), margin_type=self._kind),  # type: ignore[arg-type]
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
@@ -450,28 +463,43 @@ class _Elastic(nn.Module):
             dtype=dtype, device=input.device,
         )  # fmt: skip
 
-    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None, *, margins: Optional[Tensor] = None) -> Tensor:
+        """Logits with this step's margins: drawn from the generator, or ``margins`` when given (e.g. drawn with
+        :meth:`sample_margins` outside a ``torch.compile``-d region, which cannot trace a seeded generator)."""
         cosine = head_cosine(self, input)
         if not self.training:
             return cosine * self.scale
         if labels is None:
             raise _missing_labels(type(self).__name__)
         labels = check_target(labels, cosine.shape, name="labels")
-        margins = self.sample_margins(input, labels)
+        margins = self._margins(input, labels, margins)
         if self._kind == "arc":
             return arc_margin_unchecked(cosine, labels, margins, False, self.scale)
         return cos_margin_unchecked(cosine, labels, margins, self.scale)
 
+    def _margins(self, input: Tensor, labels: Tensor, margins: Optional[Tensor]) -> Tensor:
+        if margins is None:
+            return self.sample_margins(input, labels)
+        check_margin_param(margins, *self._range, type(self).__name__, (*input.shape[:-1], self.out_features),
+                           name="margins")  # fmt: skip
+        return margins
+
     def loss(
-        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+        self,
+        input: Tensor,
+        labels: Tensor,
+        *,
+        reduction: str = "mean",
+        chunk_size: Optional[int] = None,
+        margins: Optional[Tensor] = None,
     ) -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels)`` over class chunks (draws margins like a forward): see
-        :func:`mll.functional.margin_cross_entropy`."""
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks (draws margins like a forward, or takes
+        ``margins``): see :func:`mll.functional.margin_cross_entropy`."""
         fn = _arc_fn(False) if self._kind == "arc" else _cos_fn
         if not self.training:
             return chunked_loss_with(self, input, labels, reduction, chunk_size, fn, (0.0,))
         labels = check_target(labels, torch.Size((*input.shape[:-1], self.out_features)), name="labels")
-        margins = self.sample_margins(input, labels)
+        margins = self._margins(input, labels, margins)
         return chunked_loss_with(self, input, labels, reduction, chunk_size, fn, (margins,))
 
     def extra_repr(self) -> str:
@@ -496,7 +524,8 @@ class ElasticArcFace(_Elastic):
         margin (float or Tensor): mean ``m`` in ``[0, π/2)`` (default 0.5); per class as a ``(C,)`` tensor.
         std (float): σ (default 0.05, the paper's configuration; its code's default is 0.0125).
         generator (torch.Generator, optional): source of the draws, on the head's device; seed it for
-            reproducible training. Not saved in the state dict.
+            reproducible training. Not saved in the state dict. ``torch.compile`` cannot trace a generator: draw
+            with ``head.sample_margins(x, y)`` outside the compiled function and pass ``margins=`` to it.
         pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
         pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
 

@@ -134,22 +134,32 @@ def test_combined_margin_reduces_to_cosface_and_arcface() -> None:
     assert torch.equal(MF.combined_margin(cos, y, 1.0, 0.0, 0.0), cos), "no margin: bit-identical"
 
 
+#: cosines from −1 to 1, with the clamp's edges: exactly ±1, one float64 ulp inside, and 1 − 1e-8 (θ = 1.4e-4,
+#: inside AdaFace's ε = 1e-3 clip)
+EDGES = torch.cat(
+    [
+        torch.linspace(-1, 1, 801, dtype=torch.float64),
+        torch.tensor([1 - 2**-53, -1 + 2**-52, 1 - 1e-8, -1 + 1e-8, 1 - 1e-12], dtype=torch.float64),
+    ]
+)
+
+
 @given(st.floats(1.0, 4.0), st.floats(0.0, 1.5), st.floats(0.0, 1.0))
 def test_combined_slope_is_the_derivative_of_the_value(m1, m2, w) -> None:
-    c = torch.linspace(-0.999999, 0.999999, 801, dtype=torch.float64).requires_grad_(True)
+    c = EDGES.clone().requires_grad_(True)
     params = [torch.tensor(v, dtype=torch.float64) for v in (m1, m2, 0.1)]
     value, slope = _combined_value_and_slope(c, w, *params)
     (autograd,) = torch.autograd.grad(value.sum(), c)
-    torch.testing.assert_close(slope, autograd, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(slope, autograd, rtol=1e-9, atol=1e-9)
 
 
 @given(st.floats(0.0, 1.0), st.floats(-1.0, 1.0))
 def test_adaface_slope_is_the_derivative_of_the_value(m, quality) -> None:
-    c = torch.linspace(-0.999999, 0.999999, 801, dtype=torch.float64).requires_grad_(True)
+    c = EDGES.clone().requires_grad_(True)
     params = [torch.tensor(m, dtype=torch.float64), torch.tensor(quality, dtype=torch.float64)]
     value, slope = _ada_value_and_slope(c, 1.0, *params)
     (autograd,) = torch.autograd.grad(value.sum(), c)
-    torch.testing.assert_close(slope, autograd, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(slope, autograd, rtol=1e-9, atol=1e-9)
 
 
 def test_adaface_interpolates_between_arcface_cosface_and_the_easy_case() -> None:
@@ -297,7 +307,7 @@ def test_features_equal_or_opposite_to_a_weight_row_are_finite(kind, dtype) -> N
 
 
 @pytest.mark.parametrize("soft", ["index", "dense", "sparse"])
-@pytest.mark.parametrize("kind", ["combined", "sphere", "ada"])
+@pytest.mark.parametrize("kind", ["combined", "sphere", "ada", "mag"])
 def test_gradcheck(kind, soft, monkeypatch) -> None:
     import mll.functional.margins as margins
 
@@ -312,7 +322,7 @@ def test_gradcheck(kind, soft, monkeypatch) -> None:
     monkeypatch.setattr(margins, "SPARSE_FRACTION", 1.0 if soft == "sparse" else 0.0)
     scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
     fn = FAMILIES[kind][0]
-    params = {"combined": (1.3, 0.2, 0.1), "sphere": (2.5, 1.0), "ada": (0.4, 20.0, 10.0)}[kind]
+    params = {"combined": (1.3, 0.2, 0.1), "sphere": (2.5, 1.0), "ada": (0.4, 20.0, 10.0), "mag": (0.3, 0.9)}[kind]
     assert torch.autograd.gradcheck(lambda c, s: fn(c, target, params, s), (cos, scale))
 
 
@@ -365,3 +375,33 @@ def test_dynamic_margins_follow_the_formula() -> None:
     torch.testing.assert_close(MF.dynamic_margins(torch.tensor([5, 5])), torch.tensor([0.05, 0.05]))
     with pytest.raises(ValueError, match="class_counts must all be >= 1"):
         MF.dynamic_margins(torch.tensor([0, 3]))
+
+
+@given(batch=batches(), gamma=st.floats(0.01, 2.0), data=st.data())
+def test_soft_pooling_lies_between_the_sub_centers_and_cools_to_max(batch, gamma, data) -> None:
+    cos, _, _ = batch
+    k = data.draw(st.integers(2, 4))
+    x = torch.randn(cos.shape[0], 5, dtype=torch.float64)
+    w = torch.randn(cos.shape[1] * k, 5, dtype=torch.float64)
+    cos_k = MF.cosine_logits(x, w).unflatten(-1, (-1, k))
+    soft = MF.cosine_logits(x, w, k, pooling="soft", temperature=gamma)
+    np.testing.assert_allclose(ref.as_np(soft), ref.soft_pool(ref.as_np(cos_k), gamma), rtol=1e-12, atol=1e-12)
+    assert (soft <= cos_k.amax(-1) + 1e-12).all() and (soft >= cos_k.amin(-1) - 1e-12).all()
+    colder = MF.cosine_logits(x, w, k, pooling="soft", temperature=gamma / 2)
+    assert (colder >= soft - 1e-12).all(), "a lower temperature moves the pool towards the max"
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+@given(batch=batches(), seed=st.integers(0, 2**16), std=st.floats(0.0, 0.3))
+def test_elastic_draws_feed_the_margin_as_per_sample_margins(kind, batch, seed, std) -> None:
+    cos, labels, soft = batch
+    mean, bounds = (0.5, (0.0, math.pi / 2)) if kind == "arc" else (0.35, (0.0, 1.0))
+    draws = MF.elastic_margins(mean, std, (cos.shape[0], 1), bounds=bounds, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    assert (draws >= bounds[0]).all() and (draws < bounds[1]).all()
+    for target, t in ((labels, ref.onehot(labels.numpy(), cos.shape[-1])), (soft, soft.numpy())):
+        if kind == "arc":
+            got, expected = MF.arc_margin(cos, target, draws), ref.arc_margin(cos.numpy(), t * draws.numpy(), 1.0)
+        else:
+            got, expected = MF.cos_margin(cos, target, draws), ref.cos_margin(cos.numpy(), t * draws.numpy(), 1.0)
+        np.testing.assert_allclose(ref.as_np(got), expected, rtol=1e-9, atol=1e-7)

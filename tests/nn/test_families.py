@@ -245,3 +245,74 @@ def test_chunked_loss_refuses_margins_that_need_a_gradient() -> None:
     x, w = torch.randn(3, D), torch.randn(C, D)
     with pytest.raises(ValueError, match="does not differentiate margins"):
         chunked_margin_loss(x, w, torch.tensor([0, 1, 2]), 10.0, _cos_fn, (torch.rand(3, 1, requires_grad=True),))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: mll.ArcFace(D, C, margin=torch.linspace(0.1, 0.5, C), **kw),
+        lambda **kw: mll.CombinedMargin(D, C, m3=torch.linspace(0.0, 0.3, C), **kw),
+        lambda **kw: mll.MagFace(D, C, margin_low=torch.full((C,), 0.3), **kw),
+    ],
+)
+def test_per_class_margin_buffers_follow_the_factory_arguments(make) -> None:
+    head = make(device="meta", dtype=torch.float64)
+    for name, buffer in head.named_buffers():
+        assert buffer.device.type == "meta" and buffer.dtype == torch.float64, name
+    head = make(dtype=torch.float64)
+    x, y = torch.randn(4, D, dtype=torch.float64), torch.randint(0, C, (4,))
+    assert head(x, y).dtype == torch.float64
+
+
+def test_margin_tensors_move_to_the_cosines_device_and_dtype() -> None:
+    cos = torch.rand(3, C, dtype=torch.float64)
+    y = torch.tensor([0, 1, 4])
+    margins = torch.linspace(0.1, 0.5, C, dtype=torch.float16)
+    torch.testing.assert_close(MF.arc_margin(cos, y, margins), MF.arc_margin(cos, y, margins.double()))
+
+
+def test_sphereface_lambda_is_a_saved_buffer_that_compiles_once() -> None:
+    head = mll.SphereFace(D, C, lambda_=1000.0)
+    head.lambda_ = 5.0
+    assert float(head.lambda_) == 5.0 and float(head.state_dict()["annealing_lambda"]) == 5.0
+    fresh = mll.SphereFace(D, C, lambda_=1000.0)
+    fresh.load_state_dict(head.state_dict())
+    assert float(fresh.lambda_) == 5.0, "resuming keeps the annealing where it was"
+    with pytest.raises(ValueError, match="lambda_ must be a finite float >= 0"):
+        head.lambda_ = -1.0
+    x, y = torch.randn(4, D), torch.randint(0, C, (4,))
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    for step in range(12):  # more than dynamo's recompile limit (8): a float attribute would fail here
+        head.lambda_ = 1000.0 / (1 + step)
+        torch.testing.assert_close(compiled(x, y), head(x, y))
+
+
+def test_elastic_margins_can_be_drawn_outside_a_compiled_step() -> None:
+    head = mll.ElasticArcFace(D, C, generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(4, D), torch.randint(0, C, (4,))
+    margins = head.sample_margins(x, y)
+    compiled = torch.compile(lambda a, b, m: head.loss(a, b, margins=m), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y, margins), F.cross_entropy(head(x, y, margins=margins), y))
+    with pytest.raises(ValueError, match=r"ElasticArcFace margins must be in \[0, 1.571\)"):
+        head(x, y, margins=torch.full((4, 1), 2.0))
+
+
+def test_heuristic_scale_refuses_combined_margins_without_a_solution() -> None:
+    with pytest.raises(ValueError, match=r"cos\(m2\) - m3 = -0.02242, is not positive; pass scale="):
+        mll.CombinedMargin(D, C, m1=1.0, m2=0.5, m3=0.9)
+    assert mll.CombinedMargin(D, C, scale=30.0, m1=1.0, m2=0.5, m3=0.9).scale == 30.0
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda c, y: MF.ada_margin(c, y, torch.ones(2), mean=20.0, std=-1e-3), r"AdaFace std must be finite and >= 0"),
+        (lambda c, y: MF.ada_margin(c, y, torch.ones(2), mean=float("nan"), std=1.0), r"AdaFace mean must be finite"),
+        (lambda c, y: MF.curricular_margin(c, y, 0.5, t=float("nan")), r"CurricularFace t must be finite"),
+        (lambda c, y: MF.mag_margin(c, y, torch.ones(2), margin_low=0.8, margin_high=0.1), r"must not exceed"),
+        (lambda c, y: MF.elastic_margins(3.0, 0.1, (2, 1)), r"must lie in bounds \[0, 1.571\)"),
+    ],
+)
+def test_statistics_and_ranges_are_checked(call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        call(torch.rand(2, C), torch.tensor([0, 3]))
