@@ -2,7 +2,8 @@
 
 Drop-in replacements for the last ``nn.Linear`` of a classifier: normalised features and class weights,
 scaled cosine logits, margins (CosFace, ArcFace), adaptive scales (AdaCos), sub-centers, soft targets and
-class means (DeepNCM). The maths lives in :mod:`mll.functional`; the modules in :mod:`mll.nn` own the state.
+class means (DeepNCM), and class-sharded heads for classifiers spread over several ranks. The maths lives in
+:mod:`mll.functional`; the modules in :mod:`mll.nn` own the state.
 """
 
 from mll import functional
@@ -15,6 +16,9 @@ from mll.nn import (
     NormalizedLinear,
     ScaledNormalizedLinear,
     ScaledNormalizedLinearSqrt,
+    ShardedArcFace,
+    ShardedCosFace,
+    ShardedScaledNormalizedLinear,
 )
 
 __version__ = "0.2.0"
@@ -28,6 +32,9 @@ __all__ = [
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
+    "ShardedArcFace",
+    "ShardedCosFace",
+    "ShardedScaledNormalizedLinear",
     "__version__",
     "functional",
 ]

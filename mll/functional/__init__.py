@@ -16,6 +16,7 @@ from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.margins import arc_margin, cos_margin
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
+from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
 
 __all__ = [
     "adacos_reduce",
@@ -31,4 +32,7 @@ __all__ = [
     "ncm_update",
     "ncm_update_from_statistics",
     "normalize",
+    "sample_classes",
+    "shard_bounds",
+    "sharded_margin_cross_entropy",
 ]

@@ -4,6 +4,7 @@ from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CosFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.sharded import ShardedArcFace, ShardedCosFace, ShardedScaledNormalizedLinear, dense_state_dict
 
 __all__ = [
     "AdaCos",
@@ -14,4 +15,8 @@ __all__ = [
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
+    "ShardedArcFace",
+    "ShardedCosFace",
+    "ShardedScaledNormalizedLinear",
+    "dense_state_dict",
 ]
