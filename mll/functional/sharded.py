@@ -567,7 +567,7 @@ def sharded_margin_cross_entropy(
         _MARGIN_TYPES.index(margin_type),
         float_bits(margin),
         int(bool(easy_margin)),
-        float_bits(float(scale)),
+        float_bits(float(scale.detach()) if isinstance(scale, Tensor) else float(scale)),
         needs[0] + 2 * needs[1] + 4 * needs[2],
     ]
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")

@@ -133,7 +133,7 @@ def _shard_kwargs(head: Any, expected: type, name: str) -> dict[str, Any]:
         "in_features": dense.in_features,
         "out_features": dense.out_features,
         "num_sub_centers": dense.num_sub_centers,
-        "scale": float(scale),
+        "scale": float(scale.detach()),
         "trainable_scale": scale.requires_grad,
         "device": dense.weight.device,
         "dtype": dense.weight.dtype,
