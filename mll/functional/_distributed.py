@@ -106,6 +106,16 @@ def reduce_scatter_rows(tensor: Tensor, sizes: list[int], rank: int, group: Any)
     return out[: sizes[rank]]
 
 
+def refuse_double_backward() -> None:
+    """Raise in a backward run with ``create_graph=True``: the collectives in these backwards are not recorded, so
+    a second derivative (a gradient penalty) would silently be wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the sharded loss gives first derivatives only: backward with create_graph=True (double backward, "
+            "gradient penalties) is not supported"
+        )
+
+
 class GatherRows(torch.autograd.Function):
     """All-gather of rows whose gradient comes home: backward sums every rank's gradient for this rank's rows.
 
@@ -120,6 +130,7 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        refuse_double_backward()
         out = reduce_scatter_rows(grad, ctx.sizes, ctx.rank, ctx.group)
         if ctx.grad_scale != 1.0:
             out = out * ctx.grad_scale

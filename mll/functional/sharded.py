@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ from mll.functional._distributed import (
     bits_float,
     float_bits,
     rank_and_world,
+    refuse_double_backward,
 )
 from mll.functional._target import Scale
 from mll.functional.chunked import (
@@ -199,6 +200,7 @@ class _ShardedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        refuse_double_backward()
         x, weight, hard, lse, scale_t = ctx.saved_tensors
         soft, k, chunk, comm = ctx.soft, ctx.k, ctx.chunk, ctx.comm
         acc = _acc_dtype(x.dtype)
@@ -438,6 +440,15 @@ def _check_step(rows: list[list[int]], rank: int, problem: Optional[Exception], 
         )
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _eager(fn: _Fn) -> _Fn:
+    """Collectives, host syncs and Python loops: always run eagerly, a graph break under ``torch.compile``."""
+    return cast(_Fn, torch.compiler.disable(fn))
+
+
+@_eager
 def sharded_margin_cross_entropy(
     input: Tensor,
     weight: Tensor,
@@ -495,8 +506,9 @@ def sharded_margin_cross_entropy(
     **Communication** per call and rank: a small exchange of sizes and settings (checked to agree, so a bad
     input on one rank raises on every rank instead of hanging them), an all-gather of the features (N·d) and the
     labels (N), an all-reduce MAX (N numbers) and SUM (2N); in backward an all-gather of N upstream gradients and
-    a reduce-scatter of the feature gradients (N·d). Nothing grows with C. Eager mode only (host syncs, Python
-    loops); collectives run on ``input``'s device, so gloo (CPU) and nccl (GPU) both work.
+    a reduce-scatter of the feature gradients (N·d). Nothing grows with C. It runs eagerly (a graph break under
+    ``torch.compile``; host syncs, Python loops) and gives first derivatives only. Collectives run on ``input``'s
+    device, so gloo (CPU) and nccl (GPU) both work.
 
     Args:
         input (Tensor[*, d]): this rank's features.

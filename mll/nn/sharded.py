@@ -110,9 +110,8 @@ def _sharded_loss(
         input, module.weight, labels, class_start=module.class_start, num_classes=module.out_features,
         scale=module.scale, margin=margin, margin_type=margin_type if training else "none",  # type: ignore[arg-type]
         easy_margin=easy_margin, num_sub_centers=module.num_sub_centers,
-        sample_rate=module.sample_rate if training else 1.0,
-        generator=module.generator, chunk_size=chunk_size, feature_grad_scale=module.feature_grad_scale,
-        group=module.group, reduction=reduction,  # type: ignore[arg-type]
+        sample_rate=module.sample_rate if training else 1.0, generator=module.generator, chunk_size=chunk_size,
+        feature_grad_scale=module.feature_grad_scale, group=module.group, reduction=reduction,  # type: ignore[arg-type]
     )  # fmt: skip
 
 

@@ -152,6 +152,22 @@ def test_half_precision_accumulates_in_float32(dtype) -> None:
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
+def test_a_double_backward_is_refused() -> None:
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    loss = sharded(x, torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2]), num_classes=5, scale=3.0)
+    with pytest.raises(RuntimeError, match=r"first derivatives only: backward with create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.slow
+def test_runs_eagerly_inside_a_compiled_function() -> None:
+    head = mll.ShardedArcFace(4, 10, dtype=torch.float64)
+    backbone = torch.nn.Linear(3, 4, dtype=torch.float64)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 10, (5,))
+    compiled = torch.compile(lambda x, y: head(backbone(x), y), backend="eager")
+    torch.testing.assert_close(compiled(x, y), head(backbone(x), y), **TOL)
+
+
 def test_shard_bounds() -> None:
     assert MF.shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert MF.shard_bounds(2, 3) == [(0, 1), (1, 2), (2, 2)]  # fewer classes than ranks: an empty block
