@@ -411,7 +411,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 _MARGIN_TYPES = ("cos", "arc", "none")
 
 
-def _check_step(rows: list[list[int]], rank: int, problem: Optional[Exception], num_classes: int) -> None:
+def _check_step(rows: list[list[int]], problem: Optional[Exception], num_classes: int) -> None:
     """Raise the same error on every rank when any rank's input is invalid or the ranks disagree, so that no rank
     is left waiting in a collective."""
     bad = [r for r, row in enumerate(rows) if row[0]]
@@ -427,7 +427,8 @@ def _check_step(rows: list[list[int]], rank: int, problem: Optional[Exception], 
             raise ValueError(f"{name} must be the same on every rank, but got {shown} (by rank)")
     ranges = sorted((row[3], row[4]) for row in rows if row[4] > row[3])
     tiles = (
-        all(0 <= row[3] <= row[4] <= num_classes for row in rows)
+        bool(ranges)
+        and all(0 <= row[3] <= row[4] <= num_classes for row in rows)
         and ranges[0][0] == 0
         and ranges[-1][1] == num_classes
         and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -584,7 +585,7 @@ def sharded_margin_cross_entropy(
     ]
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
     rows = all_gather_ints(report, device, group, world)
-    _check_step(rows, rank, problem, num_classes)
+    _check_step(rows, problem, num_classes)
 
     sizes, entry_sizes = [row[1] for row in rows], [row[2] for row in rows]
     total, d = sum(sizes), input.shape[-1]

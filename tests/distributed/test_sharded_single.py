@@ -256,6 +256,11 @@ def test_bad_targets(target, error, match) -> None:
         MF.sharded_margin_cross_entropy(X, W, target, class_start=0, num_classes=5, scale=3.0)
 
 
+def test_a_world_of_one_must_hold_every_class() -> None:
+    with pytest.raises(ValueError, match=r"must tile \[0, 5\) without gaps or overlaps, but got \[\(0, 0\)\]"):
+        MF.sharded_margin_cross_entropy(X, W[:0], Y, class_start=0, num_classes=5, scale=3.0)
+
+
 def test_bad_features() -> None:
     with pytest.raises(ValueError, match=r"input must have shape \(\*, 4\) to match weight's in_features"):
         MF.sharded_margin_cross_entropy(torch.randn(3, 2), W, Y, class_start=0, num_classes=5, scale=3.0)
