@@ -2,8 +2,9 @@
 
 Drop-in replacements for the last ``nn.Linear`` of a classifier: normalised features and class weights,
 scaled cosine logits, margins (CosFace, ArcFace, SphereFace, combined, CurricularFace, AdaFace, MagFace,
-ElasticFace), adaptive scales (AdaCos), sub-centers, soft targets and
-class means (DeepNCM). The maths lives in :mod:`mll.functional`; the modules in :mod:`mll.nn` own the state.
+ElasticFace), adaptive scales (AdaCos), sub-centers, soft targets, class means (DeepNCM), and class-sharded heads
+for classifiers spread over several ranks. The maths lives in :mod:`mll.functional`; the modules in :mod:`mll.nn`
+own the state.
 """
 
 from mll import functional
@@ -22,6 +23,9 @@ from mll.nn import (
     NormalizedLinear,
     ScaledNormalizedLinear,
     ScaledNormalizedLinearSqrt,
+    ShardedArcFace,
+    ShardedCosFace,
+    ShardedScaledNormalizedLinear,
     SphereFace,
     clean_sub_centers,
 )
@@ -43,6 +47,9 @@ __all__ = [
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
+    "ShardedArcFace",
+    "ShardedCosFace",
+    "ShardedScaledNormalizedLinear",
     "SphereFace",
     "__version__",
     "clean_sub_centers",

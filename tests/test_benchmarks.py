@@ -42,3 +42,14 @@ def test_chunked_quick_run_prints_its_table() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     for impl in ("dense", "chunked", "torch linear_cross_entropy"):
         assert f"| 20000 | {impl} |" in done.stdout
+
+
+@pytest.mark.slow
+def test_sharded_quick_run_prints_its_tables() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sharded", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for world, threads, classes in ((1, 2, 4000), (2, 1, 2000)):
+        assert f"| {world} | {threads} | {classes} |" in done.stdout
+    assert "| 2 | 65536 | 1024 | 3072 | 65536 | 132 | 132.1 |" in done.stdout

@@ -25,6 +25,7 @@ from mll.functional.margin_values import dynamic_margins, elastic_margins
 from mll.functional.margins import arc_margin, combined_margin, cos_margin, sphere_margin
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
+from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 
 __all__ = [
@@ -53,6 +54,9 @@ __all__ = [
     "ncm_update",
     "ncm_update_from_statistics",
     "normalize",
+    "sample_classes",
+    "shard_bounds",
+    "sharded_margin_cross_entropy",
     "sphere_margin",
     "sub_center_counts",
     "sub_center_outliers",

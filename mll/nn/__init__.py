@@ -6,6 +6,7 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.sharded import ShardedArcFace, ShardedCosFace, ShardedScaledNormalizedLinear, dense_state_dict
 from mll.nn.sub_centers import SubCenterCleanup, clean_sub_centers, keep_dominant_sub_centers
 
 __all__ = [
@@ -23,8 +24,12 @@ __all__ = [
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
+    "ShardedArcFace",
+    "ShardedCosFace",
+    "ShardedScaledNormalizedLinear",
     "SphereFace",
     "SubCenterCleanup",
     "clean_sub_centers",
+    "dense_state_dict",
     "keep_dominant_sub_centers",
 ]

@@ -193,7 +193,7 @@ def head_repr(module: nn.Module, *extra: str, show_trainable: bool = True) -> st
     ]
     scale = getattr(module, "scale", None)
     if isinstance(scale, Tensor):
-        parts.append(f"scale={float(scale):.4g}")
+        parts.append(f"scale={float(scale.detach()):.4g}")
         if show_trainable:
             parts.append(f"trainable_scale={scale.requires_grad}")
     if getattr(module, "pooling", "max") != "max":

@@ -1,0 +1,446 @@
+"""Class-sharded loss on 2 and 3 gloo processes equals the single-process dense loss: float64, to 1e-10.
+
+One spawn per world size runs every case (a worker pays about two seconds to import torch): the workers save
+their losses and gradients, and each test here compares one case with the dense computation on the global batch
+— ``F.cross_entropy`` of ``arc_margin``/``cos_margin`` of ``cosine_logits`` over the full weight matrix, with
+autograd's gradients — for the loss (on every rank), every rank's feature gradient and every block's weight
+gradient. Sampled cases compare with the dense loss restricted to the union of the classes the ranks kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import mll
+from mll import functional as MF
+
+D = 5
+SCALE = 6.0
+MARGINS = {"arc": 0.5, "cos": 0.35, "none": 0.0}
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+WORLDS = (2, 3)
+SPLITS = {  # per-rank batch sizes
+    "uneven": {2: (4, 3), 3: (4, 3, 2)},
+    "empty-rank": {2: (0, 5), 3: (4, 0, 3)},
+}
+RANGES = {  # class blocks by rank, when not shard_bounds: out of rank order, one of them empty
+    "permuted-empty": {2: ((0, 7), (7, 7)), 3: ((4, 7), (0, 0), (0, 4))},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    classes: int = 7
+    k: int = 1
+    margin_type: str = "arc"
+    target: str = "hard"  # "hard" (N,), "soft" (N, C), "pair" ((N, 2) classes, (N, 2) weights)
+    reduction: str = "mean"
+    labels: str = "random"  # "random", "edges" (first and last class of every block), "same" (one), "all" (each)
+    split: str = "uneven"
+    ranges: Optional[str] = None
+    sample_rate: float = 1.0
+    chunk_size: Optional[int] = None
+    easy_margin: bool = False
+    trainable_scale: bool = False
+    feature_grad_scale: Optional[float] = 1.0
+    soft_density: float = 0.6  # fraction of non-zero soft targets
+    seed: int = 0
+
+
+def _cases() -> list[Case]:
+    out = []
+    for margin_type in MARGINS:
+        for k in (1, 3):
+            for target in ("hard", "soft", "pair"):
+                for reduction in ("mean", "sum", "none"):
+                    name = f"{margin_type}-K{k}-{target}-{reduction}"
+                    chunk = 2 if k == 3 else None  # several chunks per block, and one chunk per block
+                    out.append(Case(name, k=k, margin_type=margin_type, target=target, reduction=reduction,
+                                    chunk_size=chunk, seed=len(out)))  # fmt: skip
+    out += [
+        Case("edge-labels", labels="edges", chunk_size=1),
+        Case("edge-labels-pair-K3", labels="edges", target="pair", k=3),
+        Case("edge-labels-cos-none", labels="edges", margin_type="cos", reduction="none"),
+        Case("duplicate-labels", labels="same"),
+        Case("duplicate-pair-classes", labels="same", target="pair", margin_type="cos"),
+        Case("easy-margin", easy_margin=True, labels="edges"),
+        Case("trainable-scale", trainable_scale=True, k=3, chunk_size=2),
+        Case("trainable-scale-soft", trainable_scale=True, target="soft"),
+        Case("empty-rank-batch", split="empty-rank"),
+        Case("empty-rank-batch-none", split="empty-rank", target="pair", reduction="none"),
+        Case("two-classes", classes=2, labels="edges"),  # world 3: one block is empty
+        Case("two-classes-soft", classes=2, target="soft", k=3),
+        Case("permuted-blocks-one-empty", ranges="permuted-empty", labels="edges"),
+        Case("permuted-blocks-one-empty-soft", ranges="permuted-empty", target="soft", reduction="sum"),
+        Case("default-feature-grad-scale", feature_grad_scale=None),
+        Case("sampled", classes=20, sample_rate=0.3),
+        Case("sampled-K3-cos", classes=20, sample_rate=0.3, k=3, margin_type="cos", chunk_size=2),
+        Case("sampled-pair", classes=20, sample_rate=0.2, target="pair"),
+        Case("sampled-soft-none", classes=20, sample_rate=0.25, target="soft", reduction="none", soft_density=0.08),
+        Case("sampled-trainable-scale", classes=20, sample_rate=0.3, trainable_scale=True),
+    ]
+    return [dataclasses.replace(case, seed=i) for i, case in enumerate(out)]
+
+
+CASES = _cases()
+
+
+def split_of(case: Case, world: int) -> tuple[int, ...]:
+    return SPLITS[case.split][world]
+
+
+def ranges_of(case: Case, world: int) -> list[tuple[int, int]]:
+    if case.ranges is not None:
+        return list(RANGES[case.ranges][world])
+    return MF.shard_bounds(case.classes, world)
+
+
+def make_data(case: Case, world: int) -> dict[str, Any]:
+    """The global batch and weights of a case, the same in every process."""
+    c, split = case.classes, split_of(case, world)
+    n = sum(split)
+    g = torch.Generator().manual_seed(1000 + case.seed)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    w = torch.randn(c * case.k, D, generator=g, dtype=torch.float64)
+    if case.labels == "edges":
+        edges = [v for a, b in ranges_of(case, world) if b > a for v in (a, b - 1)] + [0, c - 1]
+        y = torch.tensor([edges[i % len(edges)] for i in range(n)])
+    elif case.labels == "same":
+        y = torch.full((n,), c // 2)
+    elif case.labels == "all":
+        y = torch.arange(n) % c
+    else:
+        y = torch.randint(0, c, (n,), generator=g)
+    soft = torch.softmax(2 * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    # some zeros: rows need not sum to 1, and Partial FC's positives are a subset
+    soft = soft * (torch.rand(n, c, generator=g, dtype=torch.float64) < case.soft_density)
+    second = y if case.labels == "same" else torch.randint(0, c, (n,), generator=g)
+    pair_classes = torch.stack([y, second], 1)
+    lam = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    pair_weights = torch.cat([lam, 1 - lam], 1)
+    if case.target == "hard":
+        dense_target = y
+    elif case.target == "soft":
+        dense_target = soft
+    else:
+        rows = torch.arange(n).repeat_interleave(2)
+        dense_target = torch.zeros(n, c, dtype=torch.float64)
+        dense_target.index_put_((rows, pair_classes.reshape(-1)), pair_weights.reshape(-1), accumulate=True)
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)  # for reduction="none"
+    return {"x": x, "w": w, "y": y, "soft": soft, "pair": (pair_classes, pair_weights),
+            "dense_target": dense_target, "upstream": upstream, "split": split}  # fmt: skip
+
+
+def rows_of(split: tuple[int, ...], rank: int) -> slice:
+    start = sum(split[:rank])
+    return slice(start, start + split[rank])
+
+
+def local_target(case: Case, data: dict[str, Any], rows: slice) -> Any:
+    if case.target == "hard":
+        return data["y"][rows]
+    if case.target == "soft":
+        return data["soft"][rows]
+    classes, weights = data["pair"]
+    return classes[rows], weights[rows]
+
+
+def positives(case: Case, data: dict[str, Any]) -> torch.Tensor:
+    """Classes that are a target of some sample of the global batch (a non-zero soft weight counts)."""
+    target = data["dense_target"]
+    if case.target == "hard":
+        return target.unique()
+    return target.nonzero()[:, 1].unique()
+
+
+# ---------------------------------------------------------------------------------------------- in the workers
+
+
+def run_case(case: Case, rank: int, world: int, **overrides: Any) -> dict[str, Any]:
+    data = make_data(case, world)
+    rows = rows_of(data["split"], rank)
+    start, stop = ranges_of(case, world)[rank]
+    x = data["x"][rows].clone().requires_grad_(True)
+    w = data["w"][start * case.k : stop * case.k].clone().requires_grad_(True)
+    scale: Any = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True) if case.trainable_scale else SCALE
+    generator = torch.Generator().manual_seed(50 + rank)
+    state = generator.get_state()
+    kwargs = dict(
+        class_start=start, num_classes=case.classes, scale=scale, margin=MARGINS[case.margin_type],
+        margin_type=case.margin_type, easy_margin=case.easy_margin, num_sub_centers=case.k,
+        sample_rate=case.sample_rate, generator=generator, chunk_size=case.chunk_size,
+        feature_grad_scale=case.feature_grad_scale, reduction=case.reduction,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    loss = MF.sharded_margin_cross_entropy(x, w, local_target(case, data, rows), **kwargs)
+    objective = (loss * data["upstream"][rows]).sum() if case.reduction == "none" else loss
+    inputs = [x, w] + ([scale] if case.trainable_scale else [])
+    grads = torch.autograd.grad(objective, inputs)
+    result = {"loss": loss.detach(), "grad_x": grads[0], "grad_w": grads[1]}
+    if case.trainable_scale:
+        result["grad_scale"] = grads[2]
+    if kwargs["sample_rate"] < 1:  # the classes this rank kept, drawn again from the same generator state
+        positive = torch.zeros(stop - start, dtype=torch.bool)
+        mine = positives(case, data)
+        positive[mine[(mine >= start) & (mine < stop)] - start] = True
+        generator.set_state(state)
+        result["kept"] = MF.sample_classes(positive, kwargs["sample_rate"], generator=generator) + start
+    else:
+        result["generator_untouched"] = torch.equal(generator.get_state(), state)
+    return result
+
+
+def check_rate_one_is_no_sampling(rank: int, world: int) -> dict[str, bool]:
+    """A rate of 1, and a rate below 1 where every class is a positive, give bit-identical results to no sampling."""
+    keys = ("loss", "grad_x", "grad_w")
+    out = {}
+    for case in (Case("rate-one", target="pair", k=3, chunk_size=2), Case("rate-one-soft", target="soft")):
+        plain = run_case(case, rank, world, sample_rate=1.0, generator=None)
+        sampled = run_case(case, rank, world, sample_rate=1.0)
+        out[f"{case.name}: no random draw"] = sampled["generator_untouched"]
+        out[f"{case.name}: identical"] = all(torch.equal(plain[key], sampled[key]) for key in keys)
+    # every class is a target in the batch (7 classes, at least 7 samples): the whole block is kept at any rate
+    case = Case("all-positive", labels="all")
+    plain, sampled = run_case(case, rank, world), run_case(case, rank, world, sample_rate=0.1)
+    out["all-positive: identical"] = all(torch.equal(plain[key], sampled[key]) for key in keys)
+    return out
+
+
+def module_batch(world: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    split = SPLITS["uneven"][world]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(split), D, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 9, (sum(split),), generator=g), split
+
+
+def dense_heads() -> dict[str, nn.Module]:
+    torch.manual_seed(5)
+    return {
+        "ShardedArcFace": mll.ArcFace(D, 9, 3, margin=0.4, easy_margin=True, dtype=torch.float64),
+        "ShardedCosFace": mll.CosFace(D, 9, 1, trainable_scale=True, margin=0.3, dtype=torch.float64),
+        "ShardedScaledNormalizedLinear": mll.ScaledNormalizedLinear(D, 9, 2, scale=4.0, dtype=torch.float64),
+    }
+
+
+def run_modules(rank: int, world: int) -> dict[str, Any]:
+    """Each sharded module, built from a dense head, in training and eval mode; and its state_dict."""
+    x, y, split = module_batch(world)
+    rows = rows_of(split, rank)
+    out = {}
+    for name, dense in dense_heads().items():
+        head = getattr(mll, name).from_dense(dense, feature_grad_scale=1.0)
+        for training in (True, False):
+            head.train(training)
+            xr = x[rows].clone().requires_grad_(True)
+            loss = head(xr, y[rows])
+            params = [p for p in head.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, [xr, *params])
+            out[(name, training)] = {"loss": loss.detach(), "grads": grads, "repr": repr(head)}
+        out[(name, "state")] = head.state_dict()
+    return out
+
+
+def run_ddp(rank: int, world: int) -> dict[str, Any]:
+    """A backbone in DDP (gloo) before a sharded head with the default feature_grad_scale."""
+    x, y, split = module_batch(world)
+    rows = rows_of(split, rank)
+    backbone, dense = ddp_models()
+    model = nn.parallel.DistributedDataParallel(backbone)
+    head = mll.ShardedArcFace.from_dense(dense)
+    loss = head(model(x[rows]), y[rows])
+    loss.backward()
+    return {"loss": loss.detach(), "backbone": [p.grad for p in backbone.parameters()], "head": head.weight.grad}
+
+
+def ddp_models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(9)
+    backbone = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    return backbone, mll.ArcFace(4, 9, margin=0.5, dtype=torch.float64)
+
+
+def run_errors(rank: int, world: int) -> dict[str, str]:
+    """Bad input on one rank, or ranks that disagree, raise on every rank (and leave the group usable)."""
+    x = torch.randn(3, D, dtype=torch.float64)
+    start, stop = MF.shard_bounds(7, world)[rank]
+    w = torch.randn(stop - start, D, dtype=torch.float64)
+    y = torch.tensor([0, 6, 9 if rank == 1 else 2])
+    kwargs = dict(class_start=start, num_classes=7, scale=SCALE, margin=0.5, margin_type="arc")
+    out = {}
+    attempts: dict[str, Callable[[], Any]] = {
+        "bad-label": lambda: MF.sharded_margin_cross_entropy(x, w, y, **kwargs),
+        "margins-differ": lambda: MF.sharded_margin_cross_entropy(
+            x, w, y.clamp(max=6), **{**kwargs, "margin": 0.5 if rank == 0 else 0.4}
+        ),
+        "blocks-overlap": lambda: MF.sharded_margin_cross_entropy(
+            x, torch.randn(stop - start + 1, D, dtype=torch.float64), y.clamp(max=6), **kwargs
+        ),
+    }
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            out[name] = "no error"
+        except ValueError as error:
+            out[name] = str(error)
+    # the group still works: a valid call after the errors
+    out["after"] = repr(float(MF.sharded_margin_cross_entropy(x, w, y.clamp(max=6), **kwargs)))
+    return out
+
+
+def _worker(rank: int, world: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=world)
+    try:
+        results = {
+            "cases": {case.name: run_case(case, rank, world) for case in CASES},
+            "rate_one": check_rate_one_is_no_sampling(rank, world),
+            "modules": run_modules(rank, world),
+            "ddp": run_ddp(rank, world),
+            "errors": run_errors(rank, world),
+        }
+        torch.save(results, f"{path}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+_RESULTS: dict[int, list[dict[str, Any]]] = {}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """``spawned(world)``: every rank's results, from one spawn per world size."""
+
+    def results(world: int) -> list[dict[str, Any]]:
+        if world not in _RESULTS:
+            path = tmp_path_factory.mktemp(f"world{world}")
+            mp.spawn(_worker, args=(world, str(path)), nprocs=world, join=True)
+            _RESULTS[world] = [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+        return _RESULTS[world]
+
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- the references
+
+
+def dense_loss(case: Case, x, w, target, scale, kept: torch.Tensor) -> torch.Tensor:
+    """The single-process loss over the classes ``kept`` (all of them without sampling)."""
+    rows = (kept.unsqueeze(1) * case.k + torch.arange(case.k)).reshape(-1)
+    cos = MF.cosine_logits(x, w.index_select(0, rows), case.k)
+    target = torch.searchsorted(kept, target) if case.target == "hard" else target[:, kept]
+    m = MARGINS[case.margin_type]
+    if case.margin_type == "arc":
+        logits = MF.arc_margin(cos, target, m, easy_margin=case.easy_margin, scale=scale)
+    elif case.margin_type == "cos":
+        logits = MF.cos_margin(cos, target, m, scale=scale)
+    else:
+        logits = cos * scale
+    return F.cross_entropy(logits, target, reduction=case.reduction)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_equals_the_dense_loss(spawned, world, case) -> None:
+    ranks = spawned(world)
+    data = make_data(case, world)
+    x = data["x"].clone().requires_grad_(True)
+    w = data["w"].clone().requires_grad_(True)
+    scale: Any = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True) if case.trainable_scale else SCALE
+    got = [r["cases"][case.name] for r in ranks]
+    kept = torch.arange(case.classes)
+    if case.sample_rate < 1:
+        kept = torch.cat([g["kept"] for g in got]).sort().values
+        assert kept.numel() < case.classes, "the sample must leave classes out for this test to mean anything"
+        assert torch.isin(positives(case, data), kept).all()
+    dense = dense_loss(case, x, w, data["dense_target"], scale, kept)
+    objective = (dense * data["upstream"]).sum() if case.reduction == "none" else dense
+    grads = torch.autograd.grad(objective, [x, w] + ([scale] if case.trainable_scale else []))
+    feature_scale = world if case.feature_grad_scale is None else case.feature_grad_scale
+    for rank, result in enumerate(got):
+        rows = rows_of(data["split"], rank)
+        start, stop = ranges_of(case, world)[rank]
+        torch.testing.assert_close(result["loss"], dense[rows] if case.reduction == "none" else dense, **TOL)
+        torch.testing.assert_close(result["grad_x"], feature_scale * grads[0][rows], **TOL)
+        torch.testing.assert_close(result["grad_w"], grads[1][start * case.k : stop * case.k], **TOL)
+        if case.trainable_scale:
+            torch.testing.assert_close(result["grad_scale"], grads[2], **TOL)
+        if case.sample_rate == 1:
+            assert result["generator_untouched"]
+    if case.reduction != "none":  # the same number on every rank, to the bit
+        assert all(torch.equal(result["loss"], got[0]["loss"]) for result in got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_rate_one_is_no_sampling(spawned, world) -> None:
+    for r in spawned(world):
+        assert all(r["rate_one"].values()), r["rate_one"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_modules_equal_their_dense_heads(spawned, world) -> None:
+    ranks = spawned(world)
+    x, y, split = module_batch(world)
+    for name, dense in dense_heads().items():
+        shards = [r["modules"][(name, "state")] for r in ranks]
+        merged = mll.nn.dense_state_dict(shards)
+        for key, value in dense.state_dict().items():
+            assert torch.equal(merged[key], value), key
+        for training in (True, False):
+            dense.train(training)
+            xg = x.clone().requires_grad_(True)
+            loss = dense.loss(xg, y)
+            params = [p for p in dense.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, [xg, *params])
+            k = dense.num_sub_centers
+            for rank, r in enumerate(ranks):
+                got = r["modules"][(name, training)]
+                start, stop = MF.shard_bounds(9, world)[rank]
+                torch.testing.assert_close(got["loss"], loss, **TOL)
+                torch.testing.assert_close(got["grads"][0], grads[0][rows_of(split, rank)], **TOL)
+                torch.testing.assert_close(got["grads"][1], grads[1][start * k : stop * k], **TOL)
+                if len(grads) > 2:  # a trainable scale: the same full gradient on every rank
+                    torch.testing.assert_close(got["grads"][2], grads[2], **TOL)
+                assert f"class_range=[{start}, {stop})" in got["repr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_ddp_backbone_gets_the_single_process_gradient(spawned, world) -> None:
+    ranks = spawned(world)
+    x, y, _ = module_batch(world)
+    backbone, dense = ddp_models()
+    loss = dense.loss(backbone(x), y)
+    loss.backward()
+    for rank, r in enumerate(ranks):
+        got = r["ddp"]
+        torch.testing.assert_close(got["loss"], loss.detach(), **TOL)
+        for mine, want in zip(got["backbone"], backbone.parameters()):
+            torch.testing.assert_close(mine, want.grad, **TOL)
+        start, stop = MF.shard_bounds(9, world)[rank]
+        torch.testing.assert_close(got["head"], dense.weight.grad[start:stop], **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
+    ranks = spawned(world)
+    for rank, r in enumerate(ranks):
+        errors = r["errors"]
+        if rank == 1:
+            assert "target must hold class indices in [0, 7), but got values from 0 to 9" in errors["bad-label"]
+        else:
+            assert "rank(s) [1] got invalid input" in errors["bad-label"]
+        assert "margin must be the same on every rank, but got [0.5, 0.4" in errors["margins-differ"]
+        assert "must tile [0, 7) without gaps or overlaps" in errors["blocks-overlap"]
+        assert errors["after"] == ranks[0]["errors"]["after"] != "no error"
