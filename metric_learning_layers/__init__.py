@@ -5,7 +5,7 @@ See the README's migration notes for what changed.
 """
 
 from mll import __version__
-from mll.nn import *  # noqa: F403  (the 0.1.6 names are exactly mll.nn's)
+from mll.nn import *  # noqa: F403  (every head of mll.nn: the 0.1.6 names and the newer ones)
 from mll.nn import __all__ as _layers
 
 __all__ = [*_layers, "__version__"]
