@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import check_momentum, check_target, is_soft
+from mll.functional._checks import check_momentum, is_soft
 from mll.functional.cosine import Pooling
 from mll.functional.curricular import (
     curricular_margin_unchecked,
@@ -19,7 +19,6 @@ from mll.functional.margins import ARC_MARGIN_RANGE, MarginParam
 from mll.nn._common import (
     all_reduce_sum,
     distributed_world_size,
-    head_cosine,
     head_repr,
     init_head,
     margin_repr,
@@ -28,7 +27,7 @@ from mll.nn._common import (
     statistics_dtype,
     typical_margin,
 )
-from mll.nn.margin import _missing_labels, dense_loss
+from mll.nn.margin import dense_loss, margin_inputs
 
 __all__ = ["CurricularFace"]
 
@@ -108,12 +107,9 @@ class CurricularFace(nn.Module):
             self.t.zero_()
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         if is_soft(labels):
             raise ValueError(
                 "CurricularFace needs class indices (an integer tensor of shape (*)), not soft targets: its "

@@ -25,7 +25,6 @@ from mll.nn._common import (
     all_gather_samples,
     chunked_loss_with,
     distributed_world_size,
-    head_cosine,
     head_repr,
     init_head,
     margin_repr,
@@ -34,7 +33,7 @@ from mll.nn._common import (
     statistics_dtype,
     typical_margin,
 )
-from mll.nn.margin import _missing_labels, dense_loss
+from mll.nn.margin import dense_loss, margin_inputs
 
 __all__ = ["AdaFace", "MagFace"]
 
@@ -120,12 +119,9 @@ class AdaFace(nn.Module):
             self.norm_std.fill_(100.0)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         norms = self._update_statistics(input)
         return ada_margin_unchecked(
             cosine, labels, norms, self.margin, self.norm_mean, self.norm_std, self.h, self.scale
@@ -236,12 +232,9 @@ class MagFace(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         norms = input.norm(dim=-1)  # with its gradient: the margin depends on the magnitude
         return mag_margin_unchecked(
             cosine, labels, norms, self.lower, self.upper, self.margin_low, self.margin_high, self.scale

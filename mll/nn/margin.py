@@ -54,6 +54,17 @@ def _missing_labels(name: str) -> ValueError:
     )
 
 
+def margin_inputs(module: nn.Module, input: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """A margin head's pooled cosines and its checked labels in training mode; ``(cosine, None)`` in eval mode,
+    where labels are optional and ignored."""
+    cosine = head_cosine(module, input)
+    if not module.training:
+        return cosine, None
+    if labels is None:
+        raise _missing_labels(type(module).__name__)
+    return cosine, check_target(labels, cosine.shape, name="labels")
+
+
 class CosFace(nn.Module):
     r"""Large margin cosine head: :math:`s(\cos\theta_y - m)` on the target, :math:`s\cos\theta_j` elsewhere.
 
@@ -112,12 +123,9 @@ class CosFace(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         return cos_margin_unchecked(cosine, labels, self.margin, self.scale)
 
     def loss(
@@ -192,12 +200,9 @@ class ArcFace(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         return arc_margin_unchecked(cosine, labels, self.margin, self.easy_margin, self.scale)
 
     def loss(
@@ -287,12 +292,9 @@ class CombinedMargin(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         return combined_margin_unchecked(cosine, labels, self.m1, self.m2, self.m3, self.scale)
 
     def loss(
@@ -373,12 +375,9 @@ class SphereFace(nn.Module):
         reset_class_weight(self.weight)
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         return sphere_margin_unchecked(cosine, labels, self.margin, self.annealing_lambda, self.scale)
 
     def loss(
@@ -466,12 +465,9 @@ class _Elastic(nn.Module):
     def forward(self, input: Tensor, labels: Optional[Tensor] = None, *, margins: Optional[Tensor] = None) -> Tensor:
         """Logits with this step's margins: drawn from the generator, or ``margins`` when given (e.g. drawn with
         :meth:`sample_margins` outside a ``torch.compile``-d region, which cannot trace a seeded generator)."""
-        cosine = head_cosine(self, input)
-        if not self.training:
+        cosine, labels = margin_inputs(self, input, labels)
+        if labels is None:  # eval mode: no margin
             return cosine * self.scale
-        if labels is None:
-            raise _missing_labels(type(self).__name__)
-        labels = check_target(labels, cosine.shape, name="labels")
         margins = self._margins(input, labels, margins)
         if self._kind == "arc":
             return arc_margin_unchecked(cosine, labels, margins, False, self.scale)
