@@ -209,6 +209,20 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
     return target.long()
 
 
+def check_nonnegative(value: object, name: str) -> float:
+    """A finite Python (or NumPy) real ``>= 0``, returned as a float."""
+    if not _is_real(value) or not (0 <= value < math.inf):  # type: ignore[operator]
+        raise ValueError(f"{name} must be a finite float >= 0, but got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_positive(value: object, name: str) -> float:
+    """A finite Python (or NumPy) real ``> 0``, returned as a float."""
+    if not _is_real(value) or not (0 < value < math.inf):  # type: ignore[operator]
+        raise ValueError(f"{name} must be a positive finite float, but got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_momentum(momentum: object, name: str = "momentum") -> None:
     if not _is_real(momentum) or not (0.0 <= momentum < 1.0):  # type: ignore[operator]
         raise ValueError(f"{name} must be a float in [0, 1), but got {momentum!r}")

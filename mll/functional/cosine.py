@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mll.functional._checks import _is_real, check_features
+from mll.functional._checks import check_features, check_positive
 
 __all__ = ["cosine_logits", "normalize"]
 
@@ -99,8 +98,7 @@ def pool_sub_centers(cosine: Tensor, pooling: Pooling, temperature: float) -> Te
 def check_pooling(pooling: object, temperature: object) -> None:
     if pooling not in ("max", "soft"):
         raise ValueError(f"pooling must be 'max' or 'soft', but got {pooling!r}")
-    if not _is_real(temperature) or not (0 < temperature < math.inf):  # type: ignore[operator]
-        raise ValueError(f"temperature must be a positive finite float, but got {temperature!r}")
+    check_positive(temperature, "temperature")
 
 
 def _work(dtype: torch.dtype) -> torch.dtype:

@@ -17,6 +17,7 @@ from mll.functional._checks import (
     check_floating,
     check_margin_param,
     check_momentum,
+    check_positive,
     check_scale,
     check_target,
     shape_str,
@@ -53,12 +54,6 @@ def _check_norms(norms: object, cosine_shape: torch.Size) -> Tensor:
             f"but got {shape_str(norms.shape)}"
         )
     return norms
-
-
-def _check_positive(value: object, name: str) -> float:
-    if not _is_real(value) or not (0 < value < math.inf):  # type: ignore[operator]
-        raise ValueError(f"{name} must be a positive finite float, but got {value!r}")
-    return float(value)  # type: ignore[arg-type]
 
 
 def _check_statistic(value: object, name: str, *, nonnegative: bool = False) -> None:
@@ -184,7 +179,7 @@ def ada_margin(
     check_cosine(cosine)
     norms = _check_norms(norms, cosine.shape)
     check_margin_param(margin, *ARC_MARGIN_RANGE, "AdaFace", cosine.shape)
-    _check_positive(h, "AdaFace h")
+    check_positive(h, "AdaFace h")
     _check_statistic(mean, "AdaFace mean")
     _check_statistic(std, "AdaFace std", nonnegative=True)
     check_scale(scale)
@@ -230,7 +225,7 @@ def _mag_value_and_slope(
 def _check_magface_args(
     lower: object, upper: object, margin_low: MarginParam, margin_high: MarginParam, shape: torch.Size | None
 ) -> None:
-    lo, hi = _check_positive(lower, "MagFace lower"), _check_positive(upper, "MagFace upper")
+    lo, hi = check_positive(lower, "MagFace lower"), check_positive(upper, "MagFace upper")
     if not lo < hi:
         raise ValueError(f"MagFace lower must be below upper, but got lower={lo!r}, upper={hi!r}")
     check_margin_param(margin_low, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_low")
@@ -326,7 +321,7 @@ def magface_regularizer(
         Tensor[*]: ``g(a)`` per sample.
     """
     check_floating(norms, "norms")
-    lo, hi = _check_positive(lower, "MagFace lower"), _check_positive(upper, "MagFace upper")
+    lo, hi = check_positive(lower, "MagFace lower"), check_positive(upper, "MagFace upper")
     if not lo < hi:
         raise ValueError(f"MagFace lower must be below upper, but got lower={lo!r}, upper={hi!r}")
     a = norms.clamp(lo, hi)

@@ -14,7 +14,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mll.functional._checks import _is_real, check_floating, shape_str, values_checkable
+from mll.functional._checks import (
+    _is_real,
+    check_floating,
+    check_nonnegative,
+    check_positive,
+    shape_str,
+    values_checkable,
+)
 from mll.functional.margins import MarginParam
 
 __all__ = ["dynamic_margins", "elastic_margins"]
@@ -50,11 +57,9 @@ def dynamic_margins(
     if not isinstance(class_counts, Tensor) or class_counts.dim() != 1 or class_counts.numel() == 0:
         got = shape_str(class_counts.shape) if isinstance(class_counts, Tensor) else type(class_counts).__name__
         raise ValueError(f"class_counts must be a non-empty tensor of shape (C,), but got {got}")
-    for name, value in (("a", a), ("b", b)):
-        if not _is_real(value) or not (0 <= value < math.inf):
-            raise ValueError(f"dynamic_margins {name} must be a finite float >= 0, but got {value!r}")
-    if not _is_real(power) or not (0 < power < math.inf):
-        raise ValueError(f"dynamic_margins power must be a positive finite float, but got {power!r}")
+    check_nonnegative(a, "dynamic_margins a")
+    check_nonnegative(b, "dynamic_margins b")
+    check_positive(power, "dynamic_margins power")
     counts = class_counts if class_counts.is_floating_point() else class_counts.float()
     if not bool((counts >= 1).all()):
         raise ValueError(f"class_counts must all be >= 1, but got a minimum of {float(counts.min()):g}")
@@ -98,8 +103,7 @@ def elastic_margins(
     Returns:
         Tensor: margins of shape ``broadcast(size, margin.shape)``, no grad.
     """
-    if not _is_real(std) or not (0 <= std < math.inf):
-        raise ValueError(f"ElasticFace std must be a finite float >= 0, but got {std!r}")
+    check_nonnegative(std, "ElasticFace std")
     low, high = bounds
     if not (_is_real(low) and _is_real(high) and low < high):
         raise ValueError(f"bounds must be (low, high) with low < high, but got {bounds!r}")

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from mll.functional._checks import (
-    _is_real,
     check_cosine,
     check_margin_param,
+    check_nonnegative,
     check_scale,
     check_target,
     is_soft,
@@ -423,8 +423,7 @@ def check_lambda(lambda_: object) -> None:
         if values_checkable() and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
             raise ValueError(f"SphereFace lambda_ must be finite and >= 0, but got {float(lambda_):g}")
         return
-    if not _is_real(lambda_) or not (0 <= lambda_ < math.inf):  # type: ignore[operator]
-        raise ValueError(f"SphereFace lambda_ must be a finite float >= 0, but got {lambda_!r}")
+    check_nonnegative(lambda_, "SphereFace lambda_")
 
 
 def sphere_margin_unchecked(

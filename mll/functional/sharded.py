@@ -114,6 +114,15 @@ def sample_classes(positive: Tensor, sample_rate: float, *, generator: Optional[
     return score.topk(count, sorted=False).indices.sort().values
 
 
+def _check_grad_scale_and_generator(feature_grad_scale: object, generator: object) -> None:
+    if feature_grad_scale is not None and not (
+        _is_real(feature_grad_scale) and math.isfinite(feature_grad_scale) and feature_grad_scale >= 0  # type: ignore[arg-type, operator]
+    ):
+        raise ValueError(f"feature_grad_scale must be None or a finite float >= 0, but got {feature_grad_scale!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
+
+
 def _check_sample_rate(sample_rate: object) -> None:
     if not _is_real(sample_rate) or not (0.0 < sample_rate <= 1.0):  # type: ignore[operator]
         raise ValueError(f"sample_rate must be a float in (0, 1], but got {sample_rate!r}")
@@ -542,12 +551,7 @@ def sharded_margin_cross_entropy(
         raise ValueError(f"class_start must be an integer >= 0, but got {class_start!r}")
     check_num_classes(num_classes, "num_classes")
     check_num_sub_centers(num_sub_centers)
-    if feature_grad_scale is not None and not (
-        _is_real(feature_grad_scale) and math.isfinite(feature_grad_scale) and feature_grad_scale >= 0
-    ):
-        raise ValueError(f"feature_grad_scale must be None or a finite float >= 0, but got {feature_grad_scale!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
+    _check_grad_scale_and_generator(feature_grad_scale, generator)
     rank, world = rank_and_world(group)
     k, num_classes, class_start = int(num_sub_centers), int(num_classes), int(class_start)
 

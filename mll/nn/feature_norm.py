@@ -8,14 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import check_momentum, check_target
+from mll.functional._checks import check_momentum, check_nonnegative, check_positive, check_target
 from mll.functional.cosine import Pooling
 from mll.functional.feature_norm import (
     MAGFACE_MAGNITUDES,
     MAGFACE_MARGINS,
     _ada_value_and_slope,
     _check_magface_args,
-    _check_positive,
     ada_margin_unchecked,
     adaface_quality,
     mag_margin_unchecked,
@@ -96,7 +95,7 @@ class AdaFace(nn.Module):
     ) -> None:
         super().__init__()
         register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "AdaFace", out_features, device, dtype)
-        self.h = _check_positive(h, "AdaFace h")
+        self.h = check_positive(h, "AdaFace h")
         check_momentum(momentum)
         self.momentum = float(momentum)
         init_head(
@@ -217,9 +216,7 @@ class MagFace(nn.Module):
         register_margin(self, "margin_low", margin_low, *ARC_MARGIN_RANGE, "MagFace", out_features, device, dtype)
         register_margin(self, "margin_high", margin_high, *ARC_MARGIN_RANGE, "MagFace", out_features, device, dtype)
         self.lower, self.upper = float(lower), float(upper)
-        if isinstance(lambda_g, bool) or not isinstance(lambda_g, (int, float)) or not 0 <= lambda_g < float("inf"):
-            raise ValueError(f"MagFace lambda_g must be a finite float >= 0, but got {lambda_g!r}")
-        self.lambda_g = float(lambda_g)
+        self.lambda_g = check_nonnegative(lambda_g, "MagFace lambda_g")
         middle = (typical_margin(margin_low) + typical_margin(margin_high)) / 2
         init_head(
             self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,

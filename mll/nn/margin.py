@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import check_margin_param, check_target, is_soft
+from mll.functional._checks import check_margin_param, check_nonnegative, check_target, is_soft
 from mll.functional.cosine import Pooling
 from mll.functional.margins import (
     ARC_MARGIN_RANGE,
@@ -434,8 +433,7 @@ class _Elastic(nn.Module):
         super().__init__()
         kind = type(self).__name__
         register_margin(self, "margin", margin, *self._range, kind, out_features, device, dtype)
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (0 <= std < math.inf):
-            raise ValueError(f"{kind} std must be a finite float >= 0, but got {std!r}")
+        check_nonnegative(std, f"{kind} std")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
         self.std, self.generator = float(std), generator

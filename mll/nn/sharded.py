@@ -8,7 +8,6 @@ per-rank checkpoints reassemble into a single-process head (:func:`dense_state_d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
@@ -16,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import _is_int, _is_real, check_margin
+from mll.functional._checks import _is_int, check_margin
 from mll.functional._distributed import rank_and_world
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE
-from mll.functional.sharded import _check_sample_rate
+from mll.functional.sharded import _check_grad_scale_and_generator, _check_sample_rate
 from mll.nn._common import check_head_args, head_repr, register_scale, reset_class_weight
 from mll.nn.linear import ScaledNormalizedLinear
 from mll.nn.margin import ArcFace, CosFace
@@ -47,12 +46,7 @@ def _init_shard(
     """Validate and store the hyper-parameters, pick the block, create its ``weight``, ``class_range`` and ``scale``."""
     check_head_args(in_features, out_features, num_sub_centers)
     _check_sample_rate(sample_rate)
-    if feature_grad_scale is not None and not (
-        _is_real(feature_grad_scale) and math.isfinite(feature_grad_scale) and feature_grad_scale >= 0
-    ):
-        raise ValueError(f"feature_grad_scale must be None or a finite float >= 0, but got {feature_grad_scale!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
+    _check_grad_scale_and_generator(feature_grad_scale, generator)
     if class_range is None:
         rank, world = rank_and_world(group)
         class_range = MF.shard_bounds(out_features, world)[rank]
