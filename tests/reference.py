@@ -111,11 +111,14 @@ def ada_margin(cos, t, norms, m, mean, std, h=0.333, s=1.0, eps=1e-3):
     return s * (np.cos(shifted) - (m * z + m) * t)
 
 
-def mag_margin(cos, t, norms, lower=10.0, upper=110.0, m_low=0.45, m_high=0.8, s=1.0):
-    """MagFace Eq. 3 with the linear m(a) of Sec. 4.1 and ArcFace's fix past π − m."""
+def mag_margin(cos, t, norms, lower=10.0, upper=110.0, m_low=0.45, m_high=0.8, s=1.0, easy=False):
+    """MagFace Eq. 3 with the linear m(a) of Sec. 4.1 and ArcFace's fix past π − m; with ``easy`` the authors'
+    code's default instead: the margin only where cos θ > 0, the cosine unchanged elsewhere."""
     a = np.clip(norms, lower, upper)
     m = ((m_high - m_low) / (upper - lower) * (a - lower) + m_low)[:, None] * t
     theta = _angles(cos)
+    if easy:
+        return s * np.where(cos > 0, np.cos(theta + m), cos)
     return s * np.where(theta + m < math.pi, np.cos(theta + m), cos - m * np.sin(m))
 
 

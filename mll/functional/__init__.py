@@ -1,34 +1,68 @@
 """The maths of every head, as pure functions.
 
-No module state, no in-place writes to inputs, no ``.item()`` or Python branching on tensor values in the
-computation: every function here works under ``torch.func.vmap``/``grad`` and ``torch.compile(fullgraph=True)``.
-Input checks that read tensor values run in eager mode only.
+No module state, no in-place writes to inputs. The elementwise functions — cosines, margins (``margin_logits`` and
+its named forms), scales, statistics and updates — have no ``.item()`` or Python branching on tensor values in the
+computation and work under ``torch.func.vmap``/``grad`` and ``torch.compile(fullgraph=True)``; input checks that
+read tensor values run in eager mode only. The losses that walk class chunks (``margin_cross_entropy``,
+``sharded_margin_cross_entropy``) run eagerly under ``torch.compile`` (a graph break), work under
+``torch.func.grad`` (the chunked one), and raise a clear error under ``torch.func.vmap``. The sub-center clean-up
+helpers and ``sample_classes`` read the data (eager only).
 
 Typical use::
 
     from mll import functional as MF
     cos = MF.cosine_logits(x, W)                        # (N, C) in [-1, 1]
     logits = MF.arc_margin(cos, y, 0.5, scale=s)        # s·cos(θ + m) on the targets, s·cos θ elsewhere
+    logits = MF.margin_logits(cos, y, MF.ARC(0.5), scale=s)            # the same, through the margin object
+    loss = MF.margin_cross_entropy(x, W, y, scale=s, margin=MF.ARC(0.5))  # its loss, without the N×C logits
 """
 
 from mll.functional.chunked import margin_cross_entropy
 from mll.functional.cosine import cosine_logits, normalize
-from mll.functional.curricular import curricular_margin, curricular_statistics, curricular_update
+from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
 from mll.functional.feature_norm import (
+    ADA,
+    MAG,
+    MAG_EASY,
     ada_margin,
     adaface_statistics,
     adaface_update,
     mag_margin,
     magface_regularizer,
 )
+from mll.functional.margin import Margin, MarginFamily, MarginParameter, margin_logits
 from mll.functional.margin_values import dynamic_margins, elastic_margins
-from mll.functional.margins import arc_margin, combined_margin, cos_margin, sphere_margin
+from mll.functional.margins import (
+    ARC,
+    ARC_EASY,
+    COMBINED,
+    COS,
+    NO_MARGIN,
+    SPHERE,
+    arc_margin,
+    combined_margin,
+    cos_margin,
+    sphere_margin,
+)
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 
 __all__ = [
+    "ADA",
+    "ARC",
+    "ARC_EASY",
+    "COMBINED",
+    "COS",
+    "CURRICULAR",
+    "MAG",
+    "MAG_EASY",
+    "NO_MARGIN",
+    "SPHERE",
+    "Margin",
+    "MarginFamily",
+    "MarginParameter",
     "ada_margin",
     "adacos_reduce",
     "adacos_scale",
@@ -49,6 +83,7 @@ __all__ = [
     "mag_margin",
     "magface_regularizer",
     "margin_cross_entropy",
+    "margin_logits",
     "ncm_batch_statistics",
     "ncm_logits",
     "ncm_update",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -195,8 +197,11 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
     if target.is_floating_point():
         if tuple(target.shape) != tuple(cosine_shape):
             raise ValueError(f"{name} must be {expected}, but got a float tensor of shape {shape_str(target.shape)}")
-        if values_checkable() and not bool((target >= 0).all()):  # also catches NaN
-            raise ValueError(f"soft {name} must be non-negative and not NaN, but got min {target.min().item():g}")
+        if values_checkable() and not bool((torch.isfinite(target) & (target >= 0)).all()):  # NaN and ±inf too
+            raise ValueError(
+                f"soft {name} must be non-negative and finite (not NaN or inf), but got values from "
+                f"{target.min().item():g} to {target.max().item():g}"
+            )
         return target
     if target.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be {expected}, but got dtype {target.dtype}")
@@ -223,6 +228,23 @@ def check_positive(value: object, name: str) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def check_momentum(momentum: object, name: str = "momentum") -> None:
-    if not _is_real(momentum) or not (0.0 <= momentum < 1.0):  # type: ignore[operator]
-        raise ValueError(f"{name} must be a float in [0, 1), but got {momentum!r}")
+def check_decay(decay: object, name: str = "decay") -> None:
+    """An EMA decay: the weight of the *old* value, a float in ``[0, 1)``."""
+    if not _is_real(decay) or not (0.0 <= decay < 1.0):  # type: ignore[operator]
+        raise ValueError(f"{name} must be a float in [0, 1) (the weight of the old value), but got {decay!r}")
+
+
+#: the default of a deprecated argument: not given
+UNSET: Any = object()
+
+
+def renamed(value: object, old: object, old_name: str, new_name: str) -> Any:
+    """An argument renamed in 0.2: ``value`` (the new name's), or the old name's when given, with a warning."""
+    if old is UNSET:
+        return value
+    warnings.warn(
+        f"{old_name} is deprecated and will be removed in 0.3: use {new_name} (same meaning)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old

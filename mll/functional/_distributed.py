@@ -69,8 +69,22 @@ def _row_index(sizes: list[int], longest: int, device: torch.device) -> Tensor:
     )
 
 
-def all_gather_rows(tensor: Tensor, sizes: list[int], group: Any) -> Tensor:
-    """Concatenate every rank's rows (``sizes[r]`` of them on rank r), in rank order. No autograd."""
+def all_gather_rows(tensor: Tensor, sizes: Optional[list[int]] = None, group: Any = None) -> Tensor:
+    """Concatenate every rank's rows (``sizes[r]`` of them on rank r), in rank order. No autograd.
+
+    The one all-gather of the library. Without ``sizes`` the ranks exchange their row counts first (eager), or —
+    under ``torch.compile``, which cannot read them without a graph break — must all hold the same number of rows
+    (as with ``DistributedSampler``); then a mismatch is an error from the collective.
+    """
+    if sizes is None:
+        world = rank_and_world(group)[1]
+        if world == 1:
+            return tensor
+        if torch.compiler.is_compiling():
+            out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+            _all_gather_single(out, tensor.contiguous(), group=group)
+            return out
+        sizes = [row[0] for row in all_gather_ints([tensor.shape[0]], tensor.device, group, world)]
     world, longest = len(sizes), max(sizes)
     if world == 1:
         return tensor
@@ -142,3 +156,8 @@ def all_reduce(tensor: Tensor, op: str, group: Any, world: int) -> Tensor:
     if world > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
+    """Sum ``tensor`` over the ranks of ``group`` in place (nothing in a world of one); returns it."""
+    return all_reduce(tensor, "sum", group, rank_and_world(group)[1])

@@ -157,3 +157,56 @@ class _ScaledDense(torch.autograd.Function):
 def scaled_dense_replace(cosine: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
     """``scale·value`` in ``cosine``'s dtype, differentiated with respect to ``cosine`` through ``slope``."""
     return _ScaledDense.apply(cosine, value, slope, scale)
+
+
+class _ScaledNegativesReplace(torch.autograd.Function):
+    """``out = scale·neg_value`` with ``out[..., y] = scale·value``; ``∂out/∂cosine = scale·neg_slope`` off target and
+    ``scale·slope`` at the target. The non-target values and slopes come in computed (no autograd); ``value`` may
+    carry autograd through quantities other than ``cosine``. One N×C slope is kept for backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        cosine: Tensor, index: Tensor, neg_value: Tensor, neg_slope: Tensor, value: Tensor, slope: Tensor, scale: Scale
+    ) -> Tensor:
+        out = (neg_value * scale).to(cosine.dtype)
+        return _scatter(out, index, (value * scale).to(out.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        cosine, index, neg_value, neg_slope, value, slope, scale = inputs
+        ctx.scale_is_tensor = isinstance(scale, Tensor)
+        ctx.scale = None if ctx.scale_is_tensor else scale
+        ctx.scale_needs_grad = ctx.scale_is_tensor and ctx.needs_input_grad[6]
+        ctx.dtypes = (cosine.dtype, value.dtype)
+        ctx.save_for_backward(
+            index, neg_slope, slope, scale if ctx.scale_is_tensor else None,
+            neg_value if ctx.scale_needs_grad else None, value if ctx.scale_needs_grad else None,
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        index, neg_slope, slope, scale_t, neg_value, value = ctx.saved_tensors
+        scale = scale_t if ctx.scale_is_tensor else ctx.scale
+        grad_cosine = grad_value = grad_scale = None
+        g = grad.to(neg_slope.dtype) * scale
+        g_target = g.gather(-1, index)
+        if ctx.needs_input_grad[4]:
+            grad_value = g_target.to(ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:
+            grad_cosine = _scatter(g * neg_slope, index, g_target * slope).to(ctx.dtypes[0])
+        if ctx.scale_needs_grad:
+            unscaled = neg_value.scatter(-1, index, value.to(neg_value.dtype))
+            grad_scale = (grad.to(unscaled.dtype) * unscaled).sum_to_size(scale_t.shape).to(scale_t.dtype)
+        return grad_cosine, None, None, None, grad_value, None, grad_scale
+
+
+def scaled_negatives_replace(
+    cosine: Tensor, target: Tensor, neg_value: Tensor, neg_slope: Tensor, value: Tensor, slope: Tensor, scale: Scale
+) -> Tensor:
+    """``scale·neg_value`` with each sample's target logit replaced by ``scale·value`` (see the Function)."""
+    index = target.unsqueeze(-1)
+    return _ScaledNegativesReplace.apply(
+        cosine, index, neg_value, neg_slope, value.unsqueeze(-1), slope.unsqueeze(-1), scale
+    )

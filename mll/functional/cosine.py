@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mll.functional._checks import check_features, check_positive
+from mll.functional._checks import UNSET, check_features, check_positive, renamed
 
 __all__ = ["cosine_logits", "normalize"]
 
@@ -47,8 +47,9 @@ def cosine_logits(
     num_sub_centers: int = 1,
     *,
     pooling: Pooling = "max",
-    temperature: float = 0.1,
+    pooling_temperature: float = 0.1,
     weight_name: str = "weight",
+    temperature: float = UNSET,
 ) -> Tensor:
     r"""Cosine similarity between features and class weights, pooled over sub-centers.
 
@@ -73,17 +74,18 @@ def cosine_logits(
         weight (Tensor[C*K, d]): class weights (prototypes).
         num_sub_centers (int): ``K``, sub-centers per class.
         pooling (str): ``"max"`` or ``"soft"``, how sub-centers pool (ignored for ``K = 1``).
-        temperature (float): γ > 0 of soft pooling.
+        pooling_temperature (float): γ > 0 of soft pooling (``temperature`` before 0.2, deprecated).
         weight_name (str): what to call ``weight`` in error messages.
 
     Returns:
         Tensor[*, C] of cosines in the GEMM's dtype.
     """
+    pooling_temperature = renamed(pooling_temperature, temperature, "temperature", "pooling_temperature")
     check_features(input, weight, num_sub_centers, weight_name=weight_name)
-    check_pooling(pooling, temperature)
+    check_pooling(pooling, pooling_temperature)
     cosine = F.linear(normalize(input), normalize(weight))
     if num_sub_centers > 1:
-        cosine = pool_sub_centers(cosine.unflatten(-1, (-1, num_sub_centers)), pooling, temperature)
+        cosine = pool_sub_centers(cosine.unflatten(-1, (-1, num_sub_centers)), pooling, pooling_temperature)
     return cosine
 
 
@@ -95,10 +97,10 @@ def pool_sub_centers(cosine: Tensor, pooling: Pooling, temperature: float) -> Te
     return (weights * cosine).sum(dim=-1).to(cosine.dtype)
 
 
-def check_pooling(pooling: object, temperature: object) -> None:
+def check_pooling(pooling: object, pooling_temperature: object) -> None:
     if pooling not in ("max", "soft"):
         raise ValueError(f"pooling must be 'max' or 'soft', but got {pooling!r}")
-    check_positive(temperature, "temperature")
+    check_positive(pooling_temperature, "pooling_temperature")
 
 
 def _work(dtype: torch.dtype) -> torch.dtype:

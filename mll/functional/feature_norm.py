@@ -1,7 +1,7 @@
 """Margins driven by the feature norm: AdaFace (norm as image quality) and MagFace (norm as a learned magnitude).
 
 Both read the norm of the *un-normalised* features, which a cosine head otherwise throws away, and both shape only
-the target logit, so they run on the same target-only path as ArcFace (see :func:`mll.functional.margins.apply_margin`).
+the target logit, so they run on the same target-only path as ArcFace (see :func:`mll.functional.margin_logits`).
 """
 
 from __future__ import annotations
@@ -12,27 +12,27 @@ import torch
 from torch import Tensor
 
 from mll.functional._checks import (
+    UNSET,
     _is_real,
     check_cosine,
+    check_decay,
     check_floating,
     check_margin_param,
-    check_momentum,
     check_positive,
     check_scale,
     check_target,
+    renamed,
     shape_str,
     values_checkable,
 )
 from mll.functional._target import Scale, work_dtype
-from mll.functional.margins import (
-    ARC_MARGIN_RANGE,
-    MarginParam,
-    _angle,
-    _arc_value_and_slope,
-    apply_margin,
-)
+from mll.functional.margin import Margin, MarginFamily, MarginParam, MarginParameter, apply_margin
+from mll.functional.margins import ARC_MARGIN_RANGE, _angle, _arc_value_and_slope
 
 __all__ = [
+    "ADA",
+    "MAG",
+    "MAG_EASY",
     "ada_margin",
     "adaface_statistics",
     "adaface_update",
@@ -83,32 +83,33 @@ def adaface_statistics(norms: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def adaface_update(
-    mean: Tensor | float, std: Tensor | float, norms: Tensor, *, momentum: float = 0.99
+    mean: Tensor | float, std: Tensor | float, norms: Tensor, *, decay: float = 0.99, momentum: float = UNSET
 ) -> tuple[Tensor, Tensor]:
-    r"""AdaFace's running norm statistics (Eq. 7–8): ``μ ← momentum·μ + (1 − momentum)·μ_B``, same for σ.
+    r"""AdaFace's running norm statistics (Eq. 7–8): ``μ ← decay·μ + (1 − decay)·μ_B``, same for σ.
 
-    The paper's α = 0.01 is ``1 − momentum``. A batch with fewer than two samples keeps σ (and an empty one keeps
+    The paper's α = 0.01 is ``1 − decay``. A batch with fewer than two samples keeps σ (and an empty one keeps
     μ too).
 
     Args:
         mean (Tensor or float): running mean of the norms.
         std (Tensor or float): running standard deviation of the norms.
         norms (Tensor[*]): feature norms of the batch (``input.norm(dim=-1)``); no gradient is taken.
-        momentum (float): weight of the old values, ``[0, 1)``.
+        decay (float): weight of the old values, ``[0, 1)`` (``momentum`` before 0.2, deprecated).
 
     Returns:
         (Tensor, Tensor): the new mean and standard deviation (0-dim, no grad).
     """
     check_floating(norms, "norms")
-    check_momentum(momentum)
+    decay = renamed(decay, momentum, "momentum", "decay")
+    check_decay(decay)
     with torch.no_grad():
         batch_mean, batch_std = adaface_statistics(norms)
         dtype, device = batch_mean.dtype, batch_mean.device
         old_mean = torch.as_tensor(mean, dtype=dtype, device=device).detach().reshape(())
         old_std = torch.as_tensor(std, dtype=dtype, device=device).detach().reshape(())
         count = norms.numel()
-        new_mean = momentum * old_mean + (1 - momentum) * batch_mean if count > 0 else old_mean
-        new_std = momentum * old_std + (1 - momentum) * batch_std if count > 1 else old_std
+        new_mean = decay * old_mean + (1 - decay) * batch_mean if count > 0 else old_mean
+        new_std = decay * old_std + (1 - decay) * batch_std if count > 1 else old_std
         return new_mean, new_std
 
 
@@ -183,7 +184,9 @@ def ada_margin(
     _check_statistic(mean, "AdaFace mean")
     _check_statistic(std, "AdaFace std", nonnegative=True)
     check_scale(scale)
-    return ada_margin_unchecked(cosine, check_target(target, cosine.shape), norms, margin, mean, std, h, scale)
+    margin_ = ada(margin, norms, mean, std, h)
+    margin_.check(cosine.shape)
+    return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
 
 
 def adaface_quality(norms: Tensor, mean: Tensor | float, std: Tensor | float, h: float) -> Tensor:
@@ -195,19 +198,22 @@ def adaface_quality(norms: Tensor, mean: Tensor | float, std: Tensor | float, h:
         return (h * (n - mu) / (sigma + ADAFACE_EPS)).clamp(-1, 1)
 
 
-def ada_margin_unchecked(
-    cosine: Tensor,
-    target: Tensor,
-    norms: Tensor,
-    margin: MarginParam,
-    mean: Tensor | float,
-    std: Tensor | float,
-    h: float,
-    scale: Scale,
-) -> Tensor:
-    """:func:`ada_margin` without argument checks."""
-    quality = adaface_quality(norms, mean, std, h).unsqueeze(-1)  # one per sample: (*, 1)
-    return apply_margin(cosine, target, _ada_value_and_slope, (margin, quality), scale)
+#: AdaFace: ψ = cos(θ − m·ẑ·t) − (m·ẑ + m)·t, ẑ the per-sample norm quality (a statistic, in [−1, 1]).
+ADA = MarginFamily(
+    "ada",
+    _ada_value_and_slope,
+    (
+        MarginParameter("margin", *ARC_MARGIN_RANGE),
+        MarginParameter("quality", -1.0, 1.0, high_inclusive=True, statistic=True),
+    ),
+    target_logit=lambda th, m, q: math.cos(min(max(th - m * q, ADAFACE_EPS), math.pi - ADAFACE_EPS)) - m * q - m,
+    title="AdaFace",
+)
+
+
+def ada(margin: MarginParam, norms: Tensor, mean: Tensor | float, std: Tensor | float, h: float) -> Margin:
+    """AdaFace's margin for one batch: the family bound to ``margin`` and the quality of ``norms`` ``(*)``."""
+    return ADA(margin, adaface_quality(norms, mean, std, h).unsqueeze(-1))
 
 
 #: MagFace's defaults (paper, Sec. 4.1): magnitudes in [l_a, u_a] = [10, 110] map to margins in [0.45, 0.8]
@@ -222,7 +228,43 @@ def _mag_value_and_slope(
     return _arc_value_and_slope(cosine, margin * w, False)
 
 
-def _check_magface_args(
+def _mag_easy_value_and_slope(
+    cosine: Tensor, w: Tensor | float, magnitude: Tensor, low: Tensor, high: Tensor, m_low: Tensor, m_high: Tensor
+) -> tuple[Tensor, Tensor]:
+    margin = (m_high - m_low) / (high - low) * (magnitude - low) + m_low
+    return _arc_value_and_slope(cosine, margin * w, True)
+
+
+def _mag_target_logit(th: float, a: float, low: float, high: float, m_low: float, m_high: float) -> float:
+    return math.cos(th + (m_high - m_low) / (high - low) * (a - low) + m_low)
+
+
+_MAG_PARAMETERS = (
+    MarginParameter("magnitude", 0.0, math.inf, statistic=True),
+    MarginParameter("lower", 0.0, math.inf),
+    MarginParameter("upper", 0.0, math.inf),
+    MarginParameter("margin_low", *ARC_MARGIN_RANGE),
+    MarginParameter("margin_high", *ARC_MARGIN_RANGE),
+)
+#: MagFace: ψ = cos(θ + m(a)·t) with m(a) linear in the clipped magnitude a (ArcFace's fix past π − m).
+MAG = MarginFamily("mag", _mag_value_and_slope, _MAG_PARAMETERS, target_logit=_mag_target_logit, title="MagFace")
+#: MagFace with ``easy_margin`` (the authors' code's default): the margin only where cos θ > 0.
+MAG_EASY = MarginFamily(
+    "mag_easy", _mag_easy_value_and_slope, _MAG_PARAMETERS,
+    target_logit=lambda th, *p: _mag_target_logit(th, *p) if math.cos(th) > 0 else math.cos(th), title="MagFace",
+)  # fmt: skip
+
+
+def mag(
+    norms: Tensor, lower: float, upper: float, margin_low: MarginParam, margin_high: MarginParam, easy_margin: bool
+) -> Margin:
+    """MagFace's margin for one batch: the magnitudes ``norms`` ``(*)`` clipped to ``[lower, upper]`` (with their
+    gradient), as a per-sample parameter."""
+    magnitude = norms.to(torch.promote_types(norms.dtype, torch.float32)).clamp(lower, upper).unsqueeze(-1)
+    return (MAG_EASY if easy_margin else MAG)(magnitude, float(lower), float(upper), margin_low, margin_high)
+
+
+def check_magface_args(
     lower: object, upper: object, margin_low: MarginParam, margin_high: MarginParam, shape: torch.Size | None
 ) -> None:
     lo, hi = check_positive(lower, "MagFace lower"), check_positive(upper, "MagFace upper")
@@ -252,6 +294,7 @@ def mag_margin(
     upper: float = MAGFACE_MAGNITUDES[1],
     margin_low: MarginParam = MAGFACE_MARGINS[0],
     margin_high: MarginParam = MAGFACE_MARGINS[1],
+    easy_margin: bool = False,
     scale: Scale = 1.0,
 ) -> Tensor:
     r"""MagFace's magnitude-aware angular margin on the target logit, optionally scaled.
@@ -267,6 +310,10 @@ def mag_margin(
     pulls norms down, and :func:`magface_regularizer` (which the user adds to the loss, weighted by λ_g) pushes
     them up; their balance makes the norm a quality measure. Soft targets scale the margin by ``t``.
 
+    ``easy_margin``: the paper's Eq. 3 applies the margin to every target (``False``, the default here); the
+    authors' code (``MagLinear``) defaults to ``easy_margin=True``, which applies it only where cos θ_y > 0 and
+    leaves the logit of a target past 90° unchanged. At s = 64 the two differ by up to ~45 on such a logit.
+
     Args:
         cosine (Tensor[*, C]): cosines.
         target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
@@ -275,6 +322,7 @@ def mag_margin(
         upper (float): ``u_a > l_a``, the upper end (110).
         margin_low (float or Tensor): ``l_m`` in ``[0, π/2)`` (0.45); per class ``(C,)``.
         margin_high (float or Tensor): ``u_m`` in ``[0, π/2)`` (0.8); per class ``(C,)``.
+        easy_margin (bool): the margin only where cos θ > 0 (the authors' code's default).
         scale (float or Tensor): ``s``.
 
     Returns:
@@ -282,26 +330,11 @@ def mag_margin(
     """
     check_cosine(cosine)
     norms = _check_norms(norms, cosine.shape)
-    _check_magface_args(lower, upper, margin_low, margin_high, cosine.shape)
+    check_magface_args(lower, upper, margin_low, margin_high, cosine.shape)
     check_scale(scale)
-    target = check_target(target, cosine.shape)
-    return mag_margin_unchecked(cosine, target, norms, lower, upper, margin_low, margin_high, scale)
-
-
-def mag_margin_unchecked(
-    cosine: Tensor,
-    target: Tensor,
-    norms: Tensor,
-    lower: float,
-    upper: float,
-    margin_low: MarginParam,
-    margin_high: MarginParam,
-    scale: Scale,
-) -> Tensor:
-    """:func:`mag_margin` without argument checks."""
-    magnitude = norms.to(work_dtype(cosine.dtype)).clamp(lower, upper).unsqueeze(-1)  # (*, 1), keeps its gradient
-    params = (magnitude, float(lower), float(upper), margin_low, margin_high)
-    return apply_margin(cosine, target, _mag_value_and_slope, params, scale)
+    margin_ = mag(norms, lower, upper, margin_low, margin_high, easy_margin)
+    margin_.check(cosine.shape)
+    return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
 
 
 def magface_regularizer(

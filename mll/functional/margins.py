@@ -1,7 +1,7 @@
 """Margins on the target logit: CosFace, ArcFace, the combined margin and SphereFace's A-Softmax.
 
-Every margin runs through :func:`apply_margin`, which picks the cheapest exact path; all paths give the same logits
-for one-hot targets:
+Every margin runs through :func:`mll.functional.margin_logits`, which picks the cheapest exact path; all paths give
+the same logits for one-hot targets:
 
 * **class indices** ``target: Tensor[*]`` (integers): the margin's trigonometry runs on the N target cosines
   only and is written back in place (see ``_target.py``): O(N) extra work, no N×C one-hot, no N×C arccos;
@@ -9,40 +9,40 @@ for one-hot targets:
   target weight ``t`` (``m·t`` for additive margins); few-hot targets take the same fused scatter as class
   indices on their non-zero entries (eager mode), others the dense N×C path.
 
-A margin is defined once, as a function ``fn(cos, w, *params) -> (ψ, ∂ψ/∂cos)`` written in torch ops: ``w`` is
-the entry's target weight and ``params`` the margin's hyper-parameters (floats, or tensors that broadcast to
-``(*, C)``: per class, per sample), read at the entries being shaped. The tests hold each slope to the autograd
-derivative of its value and each value to an independent float64 reference.
+Each family is a :class:`mll.functional.MarginFamily` (see ``margin.py``): a value-and-slope function
+``fn(cos, w, *params) -> (ψ, ∂ψ/∂cos)``, its parameters' ranges and its target logit for the default scale. The
+tests hold each slope to the autograd derivative of its value and each value to an independent float64 reference.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
 from mll.functional._checks import (
     check_cosine,
-    check_margin_param,
     check_nonnegative,
     check_scale,
     check_target,
-    is_soft,
     values_checkable,
 )
-from mll.functional._target import (
-    Scale,
-    _ScaledTargetReplace,
-    gather_target,
-    scaled_dense_replace,
-    scaled_target_replace,
-    work_dtype,
-)
+from mll.functional._target import Scale
+from mll.functional.margin import Margin, MarginFamily, MarginParam, MarginParameter, apply_margin
 
-__all__ = ["arc_margin", "combined_margin", "cos_margin", "sphere_margin"]
+__all__ = [
+    "ARC",
+    "ARC_EASY",
+    "COMBINED",
+    "COS",
+    "NO_MARGIN",
+    "SPHERE",
+    "arc_margin",
+    "combined_margin",
+    "cos_margin",
+    "sphere_margin",
+]
 
 #: Valid ranges. CosFace: ``m < 1`` keeps a perfectly aligned target positive. ArcFace: ``m < π/2`` keeps
 #: ``cos(0 + m) > 0`` and makes the fallback past ``π − m`` monotone in ``m``.
@@ -95,94 +95,8 @@ def _arc_value_and_slope(cosine: Tensor, margin: Tensor, easy_margin: bool) -> t
     return torch.where(keep, shifted, fallback), torch.where(keep, shifted_slope, 1.0)
 
 
-MarginParam = Union[float, Tensor]
-#: a margin's value and slope on the entries it shapes: ``fn(cos, w, *params) -> (ψ, ∂ψ/∂cos)`` where ``w`` is the
-#: target weight of each entry (1 for class indices, ``t`` for soft targets) and ``params`` are the margin's
-#: hyper-parameters read at those entries
-ValueAndSlope = Callable[..., tuple[Tensor, Tensor]]
-
-
-def _param(value: MarginParam, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.to(device=device, dtype=dtype)
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-def _at_target(param: Tensor, shape: torch.Size, target: Tensor) -> Tensor:
-    """A parameter that broadcasts to the logits' shape ``(*, C)``, read at each sample's target class: ``(*)``."""
-    if param.dim() == 0:
-        return param
-    if param.shape[-1] == 1:  # one value per sample
-        return param.expand(*shape[:-1], 1).squeeze(-1)
-    return param.expand(shape).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-
-
-def _at_entries(param: Tensor, shape: torch.Size, index: Tensor) -> Tensor:
-    """A parameter that broadcasts to ``shape``, read at flat indices (no copy of the broadcast tensor)."""
-    if param.dim() == 0:
-        return param
-    return param.expand(shape)[torch.unravel_index(index, shape)]
-
-
-def apply_margin(
-    cosine: Tensor, target: Tensor, fn: ValueAndSlope, params: Sequence[MarginParam], scale: Scale
-) -> Tensor:
-    """Scale ``cosine`` and shape the target entries with a margin, on the cheapest exact path.
-
-    * class indices: ``fn`` runs on the N target cosines, which are written back in place (fused with the scale);
-    * few-hot soft targets in eager mode: the same on the non-zero entries only;
-    * other soft targets: ``fn`` runs on all N×C entries with ``w = t`` (every margin is the identity at ``w = 0``).
-
-    ``fn`` computes the value with autograd attached to ``params`` and ``w`` (soft targets or margins that require
-    grad get their gradient through it) but never to the cosine, whose derivative is the returned slope.
-    """
-    dtype = work_dtype(cosine.dtype)
-    ps = [_param(p, dtype, cosine.device) for p in params]
-    soft = is_soft(target)
-    # the value needs a graph only for margins (MagFace) or soft targets that require grad: skipping autograd's
-    # bookkeeping elsewhere keeps the dozens of small O(N) ops of a margin cheap
-    graph = torch.is_grad_enabled() and (any(p.requires_grad for p in ps) or (soft and target.requires_grad))
-    if soft:
-        index = _soft_nonzero(target)
-        if index is not None:
-            flat = cosine.reshape(1, -1)
-            with torch.set_grad_enabled(graph):
-                at = [_at_entries(p, cosine.shape, index) for p in ps]
-                value, slope = fn(flat.detach()[0, index].to(dtype), target.reshape(-1)[index].to(dtype), *at)
-            out = _ScaledTargetReplace.apply(
-                flat, index.unsqueeze(0), value.unsqueeze(0), slope.detach().unsqueeze(0), scale
-            )
-            return out.reshape(cosine.shape)
-        with torch.set_grad_enabled(graph):
-            value, slope = fn(cosine.detach().to(dtype), target.to(dtype), *ps)
-        return scaled_dense_replace(cosine, value, slope.detach(), scale)
-    with torch.set_grad_enabled(graph):
-        at = [_at_target(p, cosine.shape, target) for p in ps]
-        value, slope = fn(gather_target(cosine, target).to(dtype), 1.0, *at)
-    return scaled_target_replace(cosine, target, value, slope.detach(), scale)
-
-
-#: soft targets with at most this fraction of non-zero entries take the sparse path in eager mode
-SPARSE_FRACTION = 1 / 8
-
-
-def _soft_nonzero(target: Tensor) -> Tensor | None:
-    """Flat indices of the non-zero soft-target entries when few enough for the sparse path, else None.
-
-    Few-hot soft targets (mixup, CutMix: two classes per row) leave most of the N×C entries at t = 0, where
-    every margin here is the identity with slope 1. In eager mode the margin then runs on those entries only,
-    through the same fused scatter as class indices: O(nnz) trigonometry instead of O(N·C). The number of
-    entries is data-dependent, so under ``torch.compile`` and ``torch.func`` (and for dense targets such as
-    label smoothing, or targets that require grad) the dense path runs instead; both give identical logits.
-    """
-    if target.requires_grad or not values_checkable():
-        return None
-    index = target.reshape(-1).nonzero().squeeze(-1)
-    return index if index.numel() <= SPARSE_FRACTION * target.numel() else None
-
-
-def _cos_value_and_slope(cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
-    return cosine - margin, torch.ones_like(cosine)
+def _none_fn(cosine: Tensor, w: Tensor | float) -> tuple[Tensor, Tensor]:
+    return cosine, torch.ones_like(cosine)
 
 
 def _cos_fn(cosine: Tensor, w: Tensor | float, margin: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,8 +104,31 @@ def _cos_fn(cosine: Tensor, w: Tensor | float, margin: Tensor) -> tuple[Tensor, 
     return value, value.new_ones(()).expand(value.shape)
 
 
-def _arc_fn(easy_margin: bool) -> ValueAndSlope:
-    return lambda cosine, w, margin: _arc_value_and_slope(cosine, margin * w, easy_margin)
+def _arc_fn(cosine: Tensor, w: Tensor | float, margin: Tensor) -> tuple[Tensor, Tensor]:
+    return _arc_value_and_slope(cosine, margin * w, False)
+
+
+def _arc_easy_fn(cosine: Tensor, w: Tensor | float, margin: Tensor) -> tuple[Tensor, Tensor]:
+    return _arc_value_and_slope(cosine, margin * w, True)
+
+
+#: The plain scaled cosine: no margin (eval mode, ScaledNormalizedLinear, AdaCos, DeepNCM).
+NO_MARGIN = MarginFamily("none", _none_fn, (), target_logit=math.cos)
+#: CosFace: ψ = cos θ − m·t.
+COS = MarginFamily(
+    "cos", _cos_fn, (MarginParameter("margin", *COS_MARGIN_RANGE),), target_logit=lambda th, m: math.cos(th) - m,
+    title="CosFace",
+)  # fmt: skip
+#: ArcFace: ψ = cos(θ + m·t), cos θ − m·t·sin(m·t) past θ > π − m·t.
+ARC = MarginFamily(
+    "arc", _arc_fn, (MarginParameter("margin", *ARC_MARGIN_RANGE),), target_logit=lambda th, m: math.cos(th + m),
+    title="ArcFace",
+)  # fmt: skip
+#: ArcFace with ``easy_margin``: the margin only where cos θ > 0.
+ARC_EASY = MarginFamily(
+    "arc_easy", _arc_easy_fn, (MarginParameter("margin", *ARC_MARGIN_RANGE),),
+    target_logit=lambda th, m: math.cos(th + m) if math.cos(th) > 0 else math.cos(th), title="ArcFace",
+)  # fmt: skip
 
 
 def cos_margin(cosine: Tensor, target: Tensor, margin: MarginParam, *, scale: Scale = 1.0) -> Tensor:
@@ -215,14 +152,10 @@ def cos_margin(cosine: Tensor, target: Tensor, margin: MarginParam, *, scale: Sc
         Tensor[*, C]: the scaled logits with the margin applied, in ``cosine``'s dtype.
     """
     check_cosine(cosine)
-    check_margin_param(margin, *COS_MARGIN_RANGE, "CosFace", cosine.shape)
+    margin_ = COS(margin)
+    margin_.check(cosine.shape)
     check_scale(scale)
-    return cos_margin_unchecked(cosine, check_target(target, cosine.shape), margin, scale)
-
-
-def cos_margin_unchecked(cosine: Tensor, target: Tensor, margin: MarginParam, scale: Scale) -> Tensor:
-    """:func:`cos_margin` without argument checks, for modules that validated their inputs already."""
-    return apply_margin(cosine, target, _cos_fn, (margin,), scale)
+    return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
 
 
 def arc_margin(
@@ -260,16 +193,10 @@ def arc_margin(
         Tensor[*, C]: the scaled logits with the margin applied, in ``cosine``'s dtype.
     """
     check_cosine(cosine)
-    check_margin_param(margin, *ARC_MARGIN_RANGE, "ArcFace", cosine.shape)
+    margin_ = (ARC_EASY if easy_margin else ARC)(margin)
+    margin_.check(cosine.shape)
     check_scale(scale)
-    return arc_margin_unchecked(cosine, check_target(target, cosine.shape), margin, easy_margin, scale)
-
-
-def arc_margin_unchecked(
-    cosine: Tensor, target: Tensor, margin: MarginParam, easy_margin: bool, scale: Scale
-) -> Tensor:
-    """:func:`arc_margin` without argument checks, for modules that validated their inputs already."""
-    return apply_margin(cosine, target, _arc_fn(easy_margin), (margin,), scale)
+    return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
 
 
 def _angle(cosine: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -295,16 +222,24 @@ def _combined_value_and_slope(
     towards none: m1 → 1 + (m1 − 1)·t, m2 → m2·t, m3 → m3·t.
 
     Written as ``cos + (ψ(θ) − cos θ)`` with both cosines of the same computed angle, so an entry without a margin
-    (``w = 0``, or m1 = 1, m2 = m3 = 0) comes back bit-identical. ∂ψ/∂cos = 1 + (sin θ − (−1)^k·m1·sin φ)·dθ/dcos,
-    which is (−1)^k·m1·sin φ / sin θ away from cos = ±1 (see :func:`_angle` there).
+    (``w = 0``, or m1 = 1, m2 = m3 = 0) comes back bit-identical. ∂ψ/∂cos = (−1)^k·m1·sin φ / sin θ, written as
+    ``1 + (sin θ − (−1)^k·m1·sin φ)·dθ/dcos`` so that it is exactly 1 without a margin.
+
+    At |cos θ| = 1 (where sin θ is clamped at √ε, see :func:`_angle`) the slope is the limit of the derivative as
+    θ → 0 or π: with sin φ = sin(m1θ)·cos m2 + cos(m1θ)·sin m2, the first part tends to m1²·cos m2 (m1² for
+    SphereFace, ArcFace's cos m for m1 = 1); the second part diverges for m2 > 0 and is left out there, as
+    :func:`arc_margin` leaves out its cot θ·sin m. Both stay finite in every dtype.
     """
     a = 1 + (m1 - 1) * w
-    theta, _, dtheta = _angle(cosine)
-    phi = a * theta + m2 * w
+    b = m2 * w
+    theta, sin, dtheta = _angle(cosine)
+    phi = a * theta + b
     k = torch.floor(phi / math.pi).clamp(min=0)
     sign = 1 - 2 * torch.remainder(k, 2)
     value = cosine + (sign * torch.cos(phi) - 2 * k - torch.cos(theta)) - m3 * w
-    return value, 1 + (torch.sin(theta) - sign * a * torch.sin(phi)) * dtheta
+    clamped = (1 - cosine) * (1 + cosine) < torch.finfo(cosine.dtype).eps
+    lead = torch.where(clamped, torch.sin(a * theta) * torch.cos(b), torch.sin(phi))
+    return value, 1 + (torch.sin(theta) - sign * a * lead) * torch.where(clamped, -1 / sin, dtheta)
 
 
 def _sphere_value_and_slope(cosine: Tensor, w: Tensor | float, m: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
@@ -319,6 +254,35 @@ def _sphere_value_and_slope(cosine: Tensor, w: Tensor | float, m: Tensor, lam: T
 COMBINED_M1_RANGE = (1.0, 10.0)
 COMBINED_M2_RANGE = ARC_MARGIN_RANGE
 COMBINED_M3_RANGE = COS_MARGIN_RANGE
+#: SphereFace's multiplicative margin m ≥ 1 (the paper uses integers, 4 by default; real values are fine here)
+SPHERE_MARGIN_RANGE = COMBINED_M1_RANGE
+
+
+def _combined_target_logit(theta: float, m1: float, m2: float, m3: float) -> float:
+    phi = m1 * theta + m2
+    k = math.floor(phi / math.pi)
+    return (-1) ** k * math.cos(phi) - 2 * k - m3
+
+
+#: InsightFace's combined margin: ψ = cos(m1·θ + m2) − m3, continued past π as SphereFace's A-Softmax.
+COMBINED = MarginFamily(
+    "combined",
+    _combined_value_and_slope,
+    (
+        MarginParameter("m1", *COMBINED_M1_RANGE),
+        MarginParameter("m2", *COMBINED_M2_RANGE),
+        MarginParameter("m3", *COMBINED_M3_RANGE),
+    ),
+    target_logit=_combined_target_logit,
+)
+#: SphereFace's A-Softmax, annealed: (λ cos θ + ψ(θ)) / (1 + λ) with ψ the combined margin (m, 0, 0).
+SPHERE = MarginFamily(
+    "sphere",
+    _sphere_value_and_slope,
+    (MarginParameter("margin", *SPHERE_MARGIN_RANGE), MarginParameter("lambda_", 0.0, math.inf)),
+    target_logit=lambda th, m, lam: (lam * math.cos(th) + _combined_target_logit(th, m, 0.0, 0.0)) / (1 + lam),
+    title="SphereFace",
+)
 
 
 def combined_margin(
@@ -360,22 +324,10 @@ def combined_margin(
         Tensor[*, C]: the scaled logits, in ``cosine``'s dtype.
     """
     check_cosine(cosine)
-    check_margin_param(m1, *COMBINED_M1_RANGE, "combined", cosine.shape, name="m1")
-    check_margin_param(m2, *COMBINED_M2_RANGE, "combined", cosine.shape, name="m2")
-    check_margin_param(m3, *COMBINED_M3_RANGE, "combined", cosine.shape, name="m3")
+    margin_ = COMBINED(m1, m2, m3)
+    margin_.check(cosine.shape)
     check_scale(scale)
-    return combined_margin_unchecked(cosine, check_target(target, cosine.shape), m1, m2, m3, scale)
-
-
-def combined_margin_unchecked(
-    cosine: Tensor, target: Tensor, m1: MarginParam, m2: MarginParam, m3: MarginParam, scale: Scale
-) -> Tensor:
-    """:func:`combined_margin` without argument checks."""
-    return apply_margin(cosine, target, _combined_value_and_slope, (m1, m2, m3), scale)
-
-
-#: SphereFace's multiplicative margin m ≥ 1 (the paper uses integers, 4 by default; real values are fine here)
-SPHERE_MARGIN_RANGE = COMBINED_M1_RANGE
+    return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
 
 
 def sphere_margin(
@@ -407,10 +359,12 @@ def sphere_margin(
         Tensor[*, C]: the scaled logits, in ``cosine``'s dtype.
     """
     check_cosine(cosine)
-    check_margin_param(margin, *SPHERE_MARGIN_RANGE, "SphereFace", cosine.shape)
     check_lambda(lambda_)
+    lam = lambda_.detach().reshape(()) if isinstance(lambda_, Tensor) else float(lambda_)
+    margin_ = SPHERE(margin, lam)
+    margin_.check(cosine.shape)
     check_scale(scale)
-    return sphere_margin_unchecked(cosine, check_target(target, cosine.shape), margin, lambda_, scale)
+    return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
 
 
 def check_lambda(lambda_: object) -> None:
@@ -426,9 +380,28 @@ def check_lambda(lambda_: object) -> None:
     check_nonnegative(lambda_, "SphereFace lambda_")
 
 
-def sphere_margin_unchecked(
-    cosine: Tensor, target: Tensor, margin: MarginParam, lambda_: float | Tensor, scale: Scale
-) -> Tensor:
-    """:func:`sphere_margin` without argument checks."""
-    lam = lambda_.detach().reshape(()) if isinstance(lambda_, Tensor) else float(lambda_)
-    return apply_margin(cosine, target, _sphere_value_and_slope, (margin, lam), scale)
+#: the families the string arguments ``margin_type=...`` name (the older, string-based API)
+FAMILIES = {family.name: family for family in (NO_MARGIN, COS, ARC, ARC_EASY, COMBINED, SPHERE)}
+
+
+def resolve_margin(margin: object, margin_type: object, easy_margin: object = False) -> Margin:
+    """A :class:`Margin` from either a bound margin, or a float/tensor ``margin`` with a ``margin_type`` name
+    (``"cos"`` by default; ``"arc"`` with ``easy_margin`` is ``"arc_easy"``; ``"none"`` ignores ``margin``)."""
+    if isinstance(margin, Margin):
+        if margin_type is not None:
+            raise ValueError(f"margin_type is only for a float margin; margin={margin!r} already names its family")
+        return margin
+    name = "cos" if margin_type is None else margin_type
+    family = FAMILIES.get(name) if isinstance(name, str) else None
+    if family is None:
+        raise ValueError(f"margin_type must be one of {sorted(FAMILIES)}, but got {margin_type!r}")
+    if family is ARC and easy_margin:
+        family = ARC_EASY
+    if not family.parameters:
+        return family()
+    if len(family.parameters) != 1:
+        raise ValueError(
+            f"the {family.name} margin has parameters {[p.name for p in family.parameters]}: pass margin="
+            f"{family.name.upper()}(...) instead of margin_type={name!r}"
+        )
+    return family(margin)  # type: ignore[arg-type]

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_floating, check_momentum, check_scale, check_target, is_soft, shape_str
+from mll.functional._checks import (
+    UNSET,
+    check_decay,
+    check_floating,
+    check_scale,
+    check_target,
+    is_soft,
+    renamed,
+    shape_str,
+)
 from mll.functional._target import Scale
 from mll.functional.cosine import cosine_logits
 
@@ -55,21 +64,22 @@ def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tup
     return sums, counts
 
 
-def ncm_update_from_statistics(means: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
+def ncm_update_from_statistics(means: Tensor, sums: Tensor, counts: Tensor, decay: float) -> Tensor:
     """EMA of the class means towards ``sums / counts`` for classes with a positive count; others unchanged."""
     # μ + w·(x̄ − μ) with w = 1 − α for classes present and 0 otherwise (lerp returns μ exactly at w = 0):
     # one C×d temporary besides the result and the sums, which matters at 10^5+ classes
     batch_mean = sums / counts.clamp(min=torch.finfo(counts.dtype).tiny).unsqueeze(-1)
-    weight = ((counts > 0).to(sums.dtype) * (1 - momentum)).unsqueeze(-1)
+    weight = ((counts > 0).to(sums.dtype) * (1 - decay)).unsqueeze(-1)
     return torch.lerp(means.to(sums.dtype), batch_mean, weight).to(means.dtype)
 
 
-def ncm_update(means: Tensor, input: Tensor, target: Tensor, momentum: float) -> Tensor:
+def ncm_update(means: Tensor, input: Tensor, target: Tensor, decay: float = 0.9, *, momentum: float = UNSET) -> Tensor:
     r"""New class means: an exponential moving average of per-class batch means, for classes in the batch.
 
     .. math:: \mu_c \leftarrow \alpha\,\mu_c + (1 - \alpha)\,\bar x_c \quad\text{if class } c \text{ is in the batch}
 
-    ``momentum`` is α, the weight of the *old* mean (the 0.1.6 ``alpha``, MoCo's convention; torch's BatchNorm
+    ``decay`` is α, the weight of the *old* mean (the 0.1.6 ``alpha``; every running statistic here uses this
+    convention, as an EMA's decay does; torch's BatchNorm
     weights the new value instead). With soft targets, :math:`\bar x_c = \sum_i t_{ic} x_i / \sum_i t_{ic}` over
     samples with weight on ``c``. Pure: returns a new tensor; vectorised over classes.
 
@@ -77,14 +87,15 @@ def ncm_update(means: Tensor, input: Tensor, target: Tensor, momentum: float) ->
         means (Tensor[C, d]): current class means.
         input (Tensor[*, d]): features (no gradient flows to them).
         target (Tensor[*] of int or Tensor[*, C] of float): class indices or soft targets.
-        momentum (float): α in ``[0, 1)``.
+        decay (float): α in ``[0, 1)`` (``momentum`` before 0.2, deprecated).
 
     Returns:
         Tensor[C, d]: the updated means, in ``means``' dtype.
     """
     check_floating(means, "means")
     check_floating(input, "input")
-    check_momentum(momentum)
+    decay = renamed(decay, momentum, "momentum", "decay")
+    check_decay(decay)
     if means.dim() != 2 or input.dim() < 1 or input.shape[-1] != means.shape[-1]:
         raise ValueError(
             f"means must have shape (C, d) and input shape (*, d) with the same d, but got means "
@@ -93,4 +104,4 @@ def ncm_update(means: Tensor, input: Tensor, target: Tensor, momentum: float) ->
     target = check_target(target, torch.Size((*input.shape[:-1], means.shape[0])))
     with torch.no_grad():
         sums, counts = ncm_batch_statistics(input.detach(), target, means.shape[0])
-        return ncm_update_from_statistics(means, sums, counts, momentum)
+        return ncm_update_from_statistics(means, sums, counts, decay)

@@ -3,47 +3,29 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from mll.functional._checks import (
     check_cosine,
-    check_margin,
     check_num_classes,
     check_scale,
     check_target,
     is_soft,
 )
 from mll.functional._target import work_dtype
-from mll.functional.margins import (
-    ARC_MARGIN_RANGE,
-    COMBINED_M1_RANGE,
-    COMBINED_M2_RANGE,
-    COMBINED_M3_RANGE,
-    COS_MARGIN_RANGE,
-    SPHERE_MARGIN_RANGE,
-)
+from mll.functional.margin import Margin
+from mll.functional.margins import COMBINED, FAMILIES, resolve_margin
 
 __all__ = ["adacos_scale", "heuristic_scale"]
 
-MarginType = Literal["cos", "arc", "combined", "sphere"]
-
-
-def _penalised_cosine(theta: float, margin: Any, margin_type: MarginType) -> float:
-    if margin_type == "cos":
-        return math.cos(theta) - margin
-    if margin_type == "arc":
-        return math.cos(theta + margin)
-    m1, m2, m3 = (margin, 0.0, 0.0) if margin_type == "sphere" else margin
-    phi = m1 * theta + m2
-    k = math.floor(phi / math.pi)
-    return (-1) ** k * math.cos(phi) - 2 * k - m3
-
 
 def heuristic_scale(
-    num_classes: int, margin: float | tuple[float, float, float] = 0.0, *, margin_type: MarginType = "cos"
+    num_classes: int,
+    margin: Margin | float | tuple[float, float, float] = 0.0,
+    *,
+    margin_type: str | None = None,
 ) -> float:
     r"""The AdaCos criterion for a fixed scale, applied to the margin-penalised target logit.
 
@@ -53,10 +35,10 @@ def heuristic_scale(
 
     .. math:: e^{s\,\psi(\pi/4)} = C - 1 \quad\Rightarrow\quad s = \frac{\ln(C - 1)}{\psi(\pi/4)}
 
-    where ψ is the target logit after the margin: ``cos θ − m`` (``margin_type="cos"``, CosFace) or
-    ``cos(θ + m)`` (``"arc"``, ArcFace), :func:`combined_margin`'s ψ (``"combined"``, ``margin=(m1, m2, m3)``) or
-    :func:`sphere_margin`'s (``"sphere"``, ``margin=m``, λ = 0). Without a margin this is the 0.1.6 heuristic
-    :math:`\sqrt2\ln(C-1)`.
+    where ψ is the target logit after the margin: the family's ``target_logit`` (see :class:`MarginFamily`), with
+    per-class or per-sample parameters at their mean. ``margin`` is a bound margin (``ARC(0.5)``), or a float with
+    ``margin_type`` (``"cos"`` by default, ``"arc"``, ``"sphere"``; ``"combined"`` takes ``(m1, m2, m3)``).
+    Without a margin this is the 0.1.6 heuristic :math:`\sqrt2\ln(C-1)`.
     Applying it to the *penalised* logit matters: 0.1.6 used √2·ln(C − 1) for CosFace too, and with
     ``m = 0.5`` and ``C = 1000`` (s ≈ 9.77) even a perfectly aligned target with orthogonal non-targets gets
     probability e^{4.88} / (e^{4.88} + 999) ≈ 0.12; here s ≈ 33.4 and that probability is ≈ 1.
@@ -67,45 +49,45 @@ def heuristic_scale(
       layers output all-zero logits). We use the value for ``C = 3`` (``ln 2`` in the numerator, √2·ln 2 ≈ 0.98
       without a margin).
     * large margins, where ψ(π/4) is small or negative (CosFace ``m ≳ 0.61``, ArcFace ``m ≳ 0.58``): the
-      denominator is ``max(ψ(π/4), ψ(0)/4)``, so the scale stays finite for every margin in the valid range
-      (CosFace ``[0, 1)``, ArcFace ``[0, π/2)``), where ψ(0) > 0.
+      denominator is ``max(ψ(π/4), ψ(0)/4)``, so the scale stays finite wherever a perfectly aligned target keeps
+      a positive logit, ψ(0) > 0 (every CosFace and ArcFace margin in range). Where ψ(0) ≤ 0 (a combined margin
+      with cos m2 ≤ m3) there is no solution: a clear error asks for ``scale=``.
 
     Args:
         num_classes (int): ``C >= 2``.
-        margin (float or tuple): the margin ``m``; 0 for margin-free heads; ``(m1, m2, m3)`` for ``"combined"``.
-        margin_type (str): ``"cos"``, ``"arc"``, ``"combined"`` or ``"sphere"``.
+        margin (Margin, float or tuple): the margin; 0 for margin-free heads.
+        margin_type (str, optional): the family of a float ``margin`` (see above).
 
     Returns:
         float: a positive, finite scale.
     """
     check_num_classes(num_classes, "num_classes")
-    if margin_type == "cos":
-        check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
-    elif margin_type == "arc":
-        check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
-    elif margin_type == "sphere":
-        check_margin(margin, *SPHERE_MARGIN_RANGE, "SphereFace")
+    if isinstance(margin, tuple):
+        if margin_type not in (None, "combined"):
+            raise ValueError(f"a tuple margin (m1, m2, m3) is for margin_type='combined', but got {margin_type!r}")
+        bound = COMBINED(*margin)
     elif margin_type == "combined":
-        if not (isinstance(margin, tuple) and len(margin) == 3):
-            raise ValueError(f"margin must be a tuple (m1, m2, m3) for margin_type='combined', but got {margin!r}")
-        for name, value, bounds in zip(
-            ("m1", "m2", "m3"), margin, (COMBINED_M1_RANGE, COMBINED_M2_RANGE, COMBINED_M3_RANGE)
-        ):
-            check_margin(value, *bounds, "combined", name=name)
+        raise ValueError(f"margin must be a tuple (m1, m2, m3) for margin_type='combined', but got {margin!r}")
     else:
-        raise ValueError(f"margin_type must be 'cos', 'arc', 'combined' or 'sphere', but got {margin_type!r}")
-    if margin_type == "combined" and _penalised_cosine(0.0, margin, margin_type) <= 0:
-        _, m2, m3 = margin  # type: ignore[misc]
+        if margin_type is not None and margin_type not in FAMILIES:
+            raise ValueError(f"margin_type must be one of {sorted(FAMILIES)}, but got {margin_type!r}")
+        # "sphere" with a float: the margin m, without annealing (λ = 0)
+        sphere = margin_type == "sphere"
+        bound = FAMILIES["sphere"](margin, 0.0) if sphere else resolve_margin(margin, margin_type)  # type: ignore[arg-type]
+    family = bound.family
+    if family.target_logit is None:
+        raise ValueError(f"the {family.name} margin has no closed-form target logit for heuristic_scale: pass scale=")
+    params = bound.typical()
+
+    def psi(theta: float) -> float:
+        return float(family.target_logit(theta, *params))  # type: ignore[misc]
+
+    if not psi(0.0) > 0:
         raise ValueError(
-            f"heuristic_scale has no positive solution for the combined margin (m1, m2, m3) = {margin!r}: the target "
-            f"logit of a perfectly aligned feature, cos(m2) - m3 = {math.cos(m2) - m3:.4g}, is not positive; "
-            "pass scale= explicitly"
+            f"heuristic_scale has no positive solution for the margin {bound!r}: the target logit of a perfectly "
+            f"aligned feature, {psi(0.0):.4g}, is not positive; pass scale= explicitly"
         )
-    numerator = math.log(max(num_classes - 1, 2))
-    denominator = max(
-        _penalised_cosine(math.pi / 4, margin, margin_type), _penalised_cosine(0.0, margin, margin_type) / 4
-    )
-    return numerator / denominator
+    return math.log(max(num_classes - 1, 2)) / max(psi(math.pi / 4), psi(0.0) / 4)
 
 
 def _flatten_samples(cosine: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -144,6 +126,56 @@ def adacos_statistics(cosine: Tensor, target: Tensor | None, scale: float | Tens
     log_b = torch.logsumexp(logits.scatter(-1, index, float("-inf")), dim=-1)
     theta = torch.arccos(cosine.gather(-1, index).squeeze(-1).clamp(-1, 1))
     return log_b, theta
+
+
+def adacos_statistics_chunked(
+    input: Tensor, weight: Tensor, target: Tensor | None, scale: float | Tensor, *, num_sub_centers: int = 1,
+    tau: float | None = None, chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`adacos_statistics` of ``cosine_logits(input, weight, K)`` computed chunk by chunk (the same numbers,
+    without the N×C cosines): an online log-sum-exp over the non-target logits (label-free: over all but the running
+    best class), and the target angles from the same pass. ``target`` is checked already (int64 or soft)."""
+    from mll.functional._kernel import chunk_cosines
+    from mll.functional.chunked import default_chunk_size
+    from mll.functional.cosine import normalize
+
+    x = normalize(input.detach()).reshape(-1, input.shape[-1])
+    n, k = x.shape[0], num_sub_centers
+    num_classes = weight.shape[0] // k
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = scale.detach().to(dtype) if isinstance(scale, Tensor) else scale
+    chunk = default_chunk_size(n, num_classes, k) if chunk_size is None else chunk_size
+    soft = target is not None and is_soft(target)
+    flat = None if target is None else (target.reshape(n, num_classes) if soft else target.reshape(n))
+    run_max = torch.full((n,), -math.inf, dtype=dtype, device=x.device)
+    run_sum = torch.zeros(n, dtype=dtype, device=x.device)
+    theta = torch.zeros(n, dtype=dtype, device=x.device)
+    best = torch.full((n,), -math.inf, dtype=dtype, device=x.device)  # label-free: the running best cosine
+    for start, stop, cos in chunk_cosines(x, weight, k, tau, chunk):
+        logits = cos * s
+        if flat is None:  # leave out each row's best class so far; the one it displaces joins the others
+            chunk_best, where = cos.max(1)
+            logits = logits.scatter(1, where.unsqueeze(1), -math.inf)
+            displaced = torch.where(chunk_best > best, best, chunk_best) * s
+            best = torch.maximum(best, chunk_best)
+            logits = torch.cat([logits, displaced.unsqueeze(1)], 1)
+        elif soft:
+            t = flat[:, start:stop].to(dtype)
+            logits = logits + torch.log1p(-t.clamp(max=1))
+            theta += (t * torch.arccos(cos.clamp(-1, 1))).sum(1)
+        else:
+            local = flat - start
+            inside = (local >= 0) & (local < stop - start)
+            col = local.clamp(0, stop - start - 1).unsqueeze(1)
+            theta = torch.where(inside, torch.arccos(cos.gather(1, col).squeeze(1).clamp(-1, 1)), theta)
+            logits = logits.scatter(1, col, torch.where(inside.unsqueeze(1), -math.inf, logits.gather(1, col)))
+        new_max = torch.maximum(run_max, logits.amax(1))
+        shift = torch.where(torch.isfinite(new_max), new_max, 0.0)
+        run_sum = run_sum * torch.exp(run_max - shift) + torch.exp(logits - shift[:, None]).sum(1)
+        run_max = torch.where(torch.isfinite(new_max), new_max, run_max)
+    if flat is None:
+        theta = torch.arccos(best.clamp(-1, 1))
+    return run_max + torch.log(run_sum), theta
 
 
 def adacos_reduce(log_b: Tensor, theta: Tensor, *, min_scale: float = 0.5) -> Tensor:

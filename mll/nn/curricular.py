@@ -2,129 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mll import functional as MF
-from mll.functional._checks import check_momentum, is_soft
-from mll.functional.cosine import Pooling
-from mll.functional.curricular import (
-    curricular_margin_unchecked,
-    curricular_statistics,
-    curricular_update_from_statistics,
-)
-from mll.functional.margins import ARC_MARGIN_RANGE, MarginParam
-from mll.nn._common import (
-    all_reduce_sum,
-    distributed_world_size,
-    head_repr,
-    init_head,
-    margin_repr,
-    register_margin,
-    reset_class_weight,
-    statistics_dtype,
-    typical_margin,
-)
-from mll.nn.margin import dense_loss, margin_inputs
+from mll.functional import _internal as I
+from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype
+from mll.nn.margin import _typical
 
 __all__ = ["CurricularFace"]
 
 
-class CurricularFace(nn.Module):
+class CurricularFace(Head):
     r"""CurricularFace head: :math:`s\cos(\theta_y + m)` on the target, :math:`s\cos\theta_j(t + \cos\theta_j)` on
     hard negatives.
 
     "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face Recognition" (Huang et al., CVPR 2020,
-    https://arxiv.org/abs/2004.00288). See :func:`mll.functional.curricular_margin`. In training mode each forward
-    first updates the buffer ``t`` from the batch's mean target cosine (Eq. 9; gathered across ranks under
-    ``torch.distributed``), then computes the logits with the updated ``t``; eval mode returns plain scaled cosines.
-    Class indices only (no soft targets). Unlike the target-only heads this one makes an elementwise pass over all
-    N×C cosines and keeps them for backward.
+    https://arxiv.org/abs/2004.00288). See :func:`mll.functional.curricular_margin`. In training mode each call
+    first updates the buffer ``t`` from the batch's mean target cosine (Eq. 9; summed across ranks under
+    ``torch.distributed``), then computes the logits with the updated ``t``. Class indices only. Otherwise as the
+    margin heads (see :mod:`mll.nn.margin`); ``loss()`` applies the hard-negative re-weighting chunk by chunk.
 
     Args:
-        in_features (int): feature size ``d``.
-        out_features (int): number of classes ``C >= 2``.
-        num_sub_centers (int): sub-centers per class ``K``.
-        scale (float, optional): ``s > 0``; ``None`` uses the heuristic for ArcFace with margin ``m``.
-        trainable_scale (bool): learn ``s``.
-        margin (float or Tensor): ``m`` in ``[0, π/2)`` (default 0.5); per class as a ``(C,)`` tensor.
-        momentum (float): weight of the old ``t`` in its update (default 0.99: the paper's α = 0.01).
-        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
-        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
-
-    Shape:
-        - input: ``(*, d)``; labels: ``(*)`` class indices
-        - output: ``(*, C)``
+        margin (float or Tensor): ``m`` in ``[0, π/2)`` (default 0.5), or ``(C,)``.
+        decay (float): weight of the old ``t`` in its update (default 0.99: the paper's α = 0.01); ``momentum``
+            before 0.2 (deprecated).
 
     Attributes:
         t (Tensor): the running statistic (0-dim buffer, starts at 0).
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    weight: nn.Parameter
-    scale: Tensor
-    margin: MarginParam
+    soft_targets = False
+    margin: Any
     t: Tensor
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        scale: Optional[float] = None,
-        trainable_scale: bool = False,
-        margin: MarginParam = 0.5,
-        *,
-        momentum: float = 0.99,
-        pooling: Pooling = "max",
-        pooling_temperature: float = 0.1,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        register_margin(self, "margin", margin, *ARC_MARGIN_RANGE, "CurricularFace", out_features, device, dtype)
-        check_momentum(momentum)
-        self.momentum = float(momentum)
-        init_head(
-            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, typical_margin(margin), margin_type="arc"),
-            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
+        trainable_scale: bool = False, margin: Any = 0.5, *, decay: float = 0.99, pooling: str = "max",
+        pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None, momentum: float = I.UNSET,
+    ) -> None:  # fmt: skip
+        decay = I.renamed(decay, momentum, "momentum", "decay")
+        I.check_decay(decay)
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
+            default_margin=MF.ARC(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            device=device, dtype=dtype,
         )  # fmt: skip
+        register_margin(self, "margin", margin, MF.CURRICULAR.parameters[0], "CurricularFace", out_features, device,
+                        dtype)  # fmt: skip
+        self.decay = float(decay)
         self.register_buffer("t", torch.zeros((), dtype=statistics_dtype(dtype), device=device))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
-        self.reset_running_stats()
 
     def reset_running_stats(self) -> None:
         """Set ``t`` back to 0."""
         with torch.no_grad():
             self.t.zero_()
 
-    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        cosine, labels = margin_inputs(self, input, labels)
-        if labels is None:  # eval mode: no margin
-            return cosine * self.scale
-        if is_soft(labels):
-            raise ValueError(
-                "CurricularFace needs class indices (an integer tensor of shape (*)), not soft targets: its "
-                "hard-negative test compares every logit with the target's"
-            )
+    def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         with torch.no_grad():
-            total, count = curricular_statistics(cosine, labels)
-            if distributed_world_size() > 1:
-                all_reduce_sum(total, count)
-            self.t.copy_(curricular_update_from_statistics(self.t, total, count, self.momentum))
-        return curricular_margin_unchecked(cosine, labels, self.margin, self.t, self.scale)
+            if cosine is not None:
+                total, count = MF.curricular_statistics(cosine, labels)
+            else:
+                tau = self.pooling_temperature if self.pooling == "soft" and self.num_sub_centers > 1 else None
+                x = MF.normalize(input.detach()).reshape(-1, input.shape[-1])
+                target = I.target_cosines(x, self.weight, labels.reshape(-1, 1), self.num_sub_centers, tau)
+                total, count = target.sum(), torch.tensor(target.numel(), dtype=target.dtype, device=target.device)
+            stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]))
+            self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
+        return MF.CURRICULAR(self.margin, self.t)
 
-    def loss(self, input: Tensor, labels: Tensor, *, reduction: str = "mean") -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` (updates ``t`` like a forward)."""
-        return dense_loss(self, input, labels, reduction)
+    @property
+    def momentum(self) -> float:
+        """Deprecated name of :attr:`decay`."""
+        return self.decay
 
-    def extra_repr(self) -> str:
-        return head_repr(self, f"margin={margin_repr(self.margin)}", f"momentum={self.momentum}")
+    def extra_options(self) -> list[str]:
+        return [f"margin={margin_repr(self.margin)}", f"decay={self.decay}"]

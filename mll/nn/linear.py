@@ -1,25 +1,28 @@
-"""Margin-free cosine heads."""
+"""Margin-free cosine heads: the plain, the scaled, and the √d-scaled normalised linear layer.
+
+Each is a :class:`mll.nn._head.Head` without a margin: ``head(input)`` gives the (scaled) cosines in training and
+eval mode alike (labels are accepted and ignored), and ``head.loss(input, labels)`` is their cross-entropy over class
+chunks, without the N×C logits.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from mll import functional as MF
-from mll.functional.cosine import Pooling
-from mll.nn._common import chunked_loss, head_cosine, head_repr, init_head, reset_class_weight
+from mll.nn._head import Head
 
 __all__ = ["NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt"]
 
 
-class NormalizedLinear(nn.Module):
+class NormalizedLinear(Head):
     r"""Cosine similarity between normalised features and normalised class weights.
 
     .. math:: y_{ij} = \max_k \langle \hat x_i, \hat w_{jK+k} \rangle
 
-    See :func:`mll.functional.cosine_logits`.
+    See :func:`mll.functional.cosine_logits`. No scale: ``loss()`` is the cross-entropy of the cosines themselves.
 
     Args:
         in_features (int): feature size ``d``.
@@ -36,46 +39,23 @@ class NormalizedLinear(nn.Module):
         weight (Tensor[C*K, d]): class weights; row ``c*K + k`` is sub-center ``k`` of class ``c``.
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    weight: nn.Parameter
+    needs_labels = False
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        *,
-        pooling: Pooling = "max",
-        pooling_temperature: float = 0.1,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        init_head(
-            self,
-            in_features,
-            out_features,
-            num_sub_centers,
-            pooling=pooling,
-            pooling_temperature=pooling_temperature,
-            device=device,
-            dtype=dtype,
-        )
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, *, pooling: str = "max",
+        pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            in_features, out_features, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature,
+            has_scale=False, device=device, dtype=dtype,
+        )  # fmt: skip
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
-
-    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return head_cosine(self, input)
-
-    def extra_repr(self) -> str:
-        return head_repr(self)
+    def logit_scale(self) -> float:
+        return 1.0
 
 
-class ScaledNormalizedLinear(nn.Module):
+class ScaledNormalizedLinear(Head):
     r"""Scaled cosine logits, the margin-free base of every head here.
 
     .. math:: y_{ij} = s \cos\theta_{ij}
@@ -86,115 +66,60 @@ class ScaledNormalizedLinear(nn.Module):
     Args:
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
-        num_sub_centers (int): sub-centers per class ``K``.
+        num_sub_centers (int): sub-centers per class ``K``; row ``c*K + k`` of ``weight`` is sub-center k of class c.
+        scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` (√2·ln(C − 1), or
+            the head's margin-penalised criterion for the margin heads).
+        trainable_scale (bool): learn ``s`` (a 0-dim Parameter) instead of keeping it fixed (a buffer).
         pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
         pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
-        scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale` (√2·ln(C − 1)).
-        trainable_scale (bool): learn ``s`` (a Parameter) instead of keeping it fixed (a buffer).
+        device (torch.device, optional): of the parameters and buffers, as for ``nn.Linear``.
+        dtype (torch.dtype, optional): of the parameters and buffers.
 
     Shape:
         - input: ``(*, d)``; labels (ignored): ``(*)`` or ``(*, C)``
         - output: ``(*, C)``
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    weight: nn.Parameter
-    scale: Tensor
+    needs_labels = False
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        scale: Optional[float] = None,
-        trainable_scale: bool = False,
-        *,
-        pooling: Pooling = "max",
-        pooling_temperature: float = 0.1,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        init_head(
-            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: MF.heuristic_scale(out_features),
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
+        trainable_scale: bool = False, *, pooling: str = "max", pooling_temperature: float = 0.1,
+        device: Any = None, dtype: Any = None,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
 
-    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return head_cosine(self, input) * self.scale
-
-    def loss(
-        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
-    ) -> Tensor:
-        """``F.cross_entropy(self(input, labels), labels)`` over class chunks: see
-        :func:`mll.functional.margin_cross_entropy`."""
-        return chunked_loss(self, input, labels, reduction, chunk_size, "none")
-
-    def extra_repr(self) -> str:
-        return head_repr(self)
-
-
-class ScaledNormalizedLinearSqrt(nn.Module):
+class ScaledNormalizedLinearSqrt(Head):
     r"""Scaled cosine logits with the scale multiplied by :math:`\sqrt d`.
 
     .. math:: y_{ij} = s \sqrt d \cos\theta_{ij}
 
     The :math:`\sqrt d` makes the logits' range grow like those of a plain linear layer on unit-variance features.
-
-    Args:
-        in_features (int): feature size ``d``.
-        out_features (int): number of classes ``C >= 2``.
-        num_sub_centers (int): sub-centers per class ``K``.
-        pooling (str): how sub-centers pool: ``"max"`` (Sub-center ArcFace) or ``"soft"`` (SoftTriple).
-        pooling_temperature (float): γ > 0 of soft pooling (see :func:`mll.functional.cosine_logits`).
-        scale (float): ``s > 0``, multiplied by √d (default 1, as in 0.1.6).
-        trainable_scale (bool): learn ``s``.
-
-    Shape:
-        - input: ``(*, d)``; labels (ignored): ``(*)`` or ``(*, C)``
-        - output: ``(*, C)``
+    As :class:`ScaledNormalizedLinear`, with ``scale`` 1 by default (as in 0.1.6).
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    weight: nn.Parameter
-    scale: Tensor
+    needs_labels = False
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        scale: Optional[float] = 1.0,
-        trainable_scale: bool = False,
-        *,
-        pooling: Pooling = "max",
-        pooling_temperature: float = 0.1,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        init_head(
-            self, in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_scale=lambda: 1.0,
-            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = 1.0,
+        trainable_scale: bool = False, *, pooling: str = "max", pooling_temperature: float = 0.1,
+        device: Any = None, dtype: Any = None,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale=1.0 if scale is None else scale,
+            trainable_scale=trainable_scale, pooling=pooling, pooling_temperature=pooling_temperature,
+            device=device, dtype=dtype,
         )  # fmt: skip
         self.sqrt_in_features = math.sqrt(in_features)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
+    def logit_scale(self) -> Tensor:
+        return self.scale * self.sqrt_in_features
 
-    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return head_cosine(self, input) * (self.scale * self.sqrt_in_features)
-
-    def extra_repr(self) -> str:
-        return head_repr(self, "scale multiplied by sqrt(in_features)")
+    def extra_options(self) -> list[str]:
+        return ["scale multiplied by sqrt(in_features)"]

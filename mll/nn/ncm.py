@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import check_in_features, check_momentum, check_num_classes, check_scale, check_target
-from mll.nn._common import all_reduce_sum, distributed_world_size
+from mll.functional import _internal as I
 
 __all__ = ["DeepNCM"]
 
@@ -27,12 +26,15 @@ class DeepNCM(nn.Module):
     In training mode the logits use the means *before* this batch's update (as in 0.1.6), then the ``means``
     buffer is updated under ``no_grad``; labels are required there. In eval mode the means are frozen and labels
     are optional. The means start at zero: a class never seen has logit 0 (finite). Under ``torch.distributed``
-    the per-class sums and counts are all-reduced first, so every rank holds the same means.
+    the per-class sums and counts are all-reduced first, so every rank holds the same means. ``loss()`` is the
+    cross-entropy over class chunks (it keeps a copy of the means for its backward, O(C·d)), then the update.
+    DeepNCM has no sub-centers (a class mean is one vector) and no margin.
 
     Args:
         in_features (int): feature size ``d``.
         out_features (int): number of classes ``C >= 2``.
-        alpha (float): EMA weight of the *old* mean, in ``[0, 1)`` (default 0.9, as in 0.1.6).
+        alpha (float): EMA weight of the *old* mean, in ``[0, 1)`` (default 0.9, as in 0.1.6): the library's
+            ``decay`` convention, under DeepNCM's own name.
         scale (float, optional): ``s > 0``; ``None`` uses :func:`mll.functional.heuristic_scale`.
 
     Shape:
@@ -41,29 +43,29 @@ class DeepNCM(nn.Module):
 
     Attributes:
         means (Tensor[C, d]): buffer of class means.
+        scale (Tensor): the scale, a 0-dim buffer (as every head's).
     """
 
     means: Tensor
+    scale: Tensor
+    num_sub_centers = 1
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        alpha: float = 0.9,
-        scale: Optional[float] = None,
-        *,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, in_features: int, out_features: int, alpha: float = 0.9, scale: Optional[float] = None, *,
+        device: Any = None, dtype: Any = None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        check_in_features(in_features)
-        check_num_classes(out_features)
-        check_momentum(alpha, "alpha")
+        I.check_in_features(in_features)
+        I.check_num_classes(out_features)
+        I.check_decay(alpha, "alpha")
         scale = MF.heuristic_scale(out_features) if scale is None else scale
-        check_scale(scale)
-        self.in_features, self.out_features = in_features, out_features
-        self.alpha, self.scale = float(alpha), float(scale)
+        I.check_scale(scale)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.alpha = float(alpha)
         self.register_buffer("means", torch.zeros((out_features, in_features), device=device, dtype=dtype))
+        self.register_buffer(
+            "scale", torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
+        )
         self._register_load_state_dict_pre_hook(_upgrade_legacy_state, with_module=True)
 
     def reset_running_stats(self) -> None:
@@ -73,26 +75,51 @@ class DeepNCM(nn.Module):
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         logits = MF.ncm_logits(input, self.means, self.scale)
         if self.training:
-            if labels is None:
-                raise ValueError(
-                    "DeepNCM needs labels in training mode to update its class means: call head(input, labels), "
-                    "or call head.eval() for inference"
-                )
-            labels = check_target(labels, logits.shape, name="labels")
-            with torch.no_grad():
-                sums, counts = MF.ncm_batch_statistics(input.detach(), labels, self.out_features)
-                if distributed_world_size() > 1:
-                    all_reduce_sum(sums, counts)
-                self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
+            self._update(input, self._check_labels(labels, logits.shape))
         return logits
+
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels)`` over class chunks, then the means' update (training)."""
+        I.check_features(input, self.means, 1, weight_name="means")
+        I.check_reduction(reduction)
+        I.check_chunk_size(chunk_size)
+        shape = torch.Size((*input.shape[:-1], self.out_features))
+        labels = self._check_labels(labels, shape) if self.training else I.check_target(labels, shape, name="labels")
+        means = self.means.clone() if self.training else self.means  # backward needs the means of the forward
+        loss = I.chunked_loss(
+            input, means.to(input.dtype), labels, self.scale, MF.NO_MARGIN(), 1, "max", 0.1, chunk_size, reduction
+        )
+        if self.training:
+            self._update(input, labels)
+        return loss
+
+    def _check_labels(self, labels: Optional[Tensor], shape: torch.Size) -> Tensor:
+        if labels is None:
+            raise ValueError(
+                "DeepNCM needs labels in training mode to update its class means: call head(input, labels), "
+                "or call head.eval() for inference"
+            )
+        return I.check_target(labels, shape, name="labels")
+
+    def _update(self, input: Tensor, labels: Tensor) -> None:
+        with torch.no_grad():
+            sums, counts = MF.ncm_batch_statistics(input.detach(), labels, self.out_features)
+            I.all_reduce_sum(sums)
+            I.all_reduce_sum(counts)
+            self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"alpha={self.alpha}, scale={self.scale:.4g}"
+            f"alpha={self.alpha}, scale={float(self.scale):.4g}"
         )
 
 
 def _upgrade_legacy_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    # 0.1.6 kept `means` and a scratch `running_means` as Parameters; the scratch copy carries no state.
+    # 0.1.6 kept `means` and a scratch `running_means` as Parameters (the scratch copy carries no state) and its
+    # scale as a float attribute, not in the state dict.
     state_dict.pop(prefix + "running_means", None)
+    scale: Any = module.scale
+    state_dict.setdefault(prefix + "scale", scale.detach().clone())

@@ -15,11 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._checks import _is_int, check_margin
-from mll.functional._distributed import rank_and_world
-from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE
-from mll.functional.sharded import _check_grad_scale_and_generator, _check_sample_rate
-from mll.nn._common import check_head_args, head_repr, register_scale, reset_class_weight
+from mll.functional import _internal as I
+from mll.nn._head import _upgrade_legacy_scale
 from mll.nn.linear import ScaledNormalizedLinear
 from mll.nn.margin import ArcFace, CosFace
 
@@ -44,16 +41,21 @@ def _init_shard(
     dtype: Any,
 ) -> None:
     """Validate and store the hyper-parameters, pick the block, create its ``weight``, ``class_range`` and ``scale``."""
-    check_head_args(in_features, out_features, num_sub_centers)
-    _check_sample_rate(sample_rate)
-    _check_grad_scale_and_generator(feature_grad_scale, generator)
+    I.check_in_features(in_features)
+    I.check_num_classes(out_features)
+    I.check_num_sub_centers(num_sub_centers)
+    I.check_sample_rate(sample_rate)
+    I.check_feature_grad_scale(feature_grad_scale)
+    I.check_generator(generator)
+    if not isinstance(trainable_scale, bool):
+        raise TypeError(f"trainable_scale must be a bool, but got {type(trainable_scale).__name__}")
     if class_range is None:
-        rank, world = rank_and_world(group)
+        rank, world = I.rank_and_world(group)
         class_range = MF.shard_bounds(out_features, world)[rank]
     elif not (
         isinstance(class_range, (tuple, list))
         and len(class_range) == 2
-        and all(_is_int(v) for v in class_range)
+        and all(I._is_int(v) for v in class_range)
         and 0 <= class_range[0] <= class_range[1] <= out_features
     ):
         raise ValueError(
@@ -74,7 +76,14 @@ def _init_shard(
     module.weight = nn.Parameter(torch.empty(((stop - start) * int(num_sub_centers), int(in_features)), **factory))
     # saved with the weights: a checkpoint says which classes it holds
     module.register_buffer("class_range", torch.tensor([start, stop], dtype=torch.int64, device=device))
-    register_scale(module, default_scale() if scale is None else scale, trainable_scale, factory)
+    scale = default_scale() if scale is None else scale
+    I.check_scale(scale)
+    value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
+    if trainable_scale:
+        module.scale = nn.Parameter(value)
+    else:
+        module.register_buffer("scale", value)
+    module._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
     module._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
 
 
@@ -102,7 +111,7 @@ def _sharded_loss(
     training = module.training
     return MF.sharded_margin_cross_entropy(
         input, module.weight, labels, class_start=module.class_start, num_classes=module.out_features,
-        scale=module.scale, margin=margin, margin_type=margin_type if training else "none",  # type: ignore[arg-type]
+        scale=module.scale, margin=margin, margin_type=margin_type if training else "none",
         easy_margin=easy_margin, num_sub_centers=module.num_sub_centers,
         sample_rate=module.sample_rate if training else 1.0, generator=module.generator, chunk_size=chunk_size,
         feature_grad_scale=module.feature_grad_scale, group=module.group, reduction=reduction,  # type: ignore[arg-type]
@@ -110,10 +119,15 @@ def _sharded_loss(
 
 
 def _shard_repr(module: Any, *extra: str) -> str:
-    parts = [*extra, f"class_range=[{module.class_start}, {module.class_stop})", f"sample_rate={module.sample_rate}"]
+    parts = [
+        f"in_features={module.in_features}", f"out_features={module.out_features}",
+        f"num_sub_centers={module.num_sub_centers}", f"scale={float(module.scale.detach()):.4g}",
+        f"trainable_scale={module.scale.requires_grad}", *extra,
+        f"class_range=[{module.class_start}, {module.class_stop})", f"sample_rate={module.sample_rate}",
+    ]  # fmt: skip
     if module.feature_grad_scale is not None:
         parts.append(f"feature_grad_scale={module.feature_grad_scale}")
-    return head_repr(module, *parts)
+    return ", ".join(parts)
 
 
 def _shard_kwargs(head: Any, expected: type, name: str) -> dict[str, Any]:
@@ -229,7 +243,7 @@ class ShardedScaledNormalizedLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
+        nn.init.normal_(self.weight)
 
     def forward(self, input: Tensor, labels: Any) -> Tensor:
         return self.loss(input, labels)
@@ -285,7 +299,7 @@ class ShardedCosFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_margin(margin, *COS_MARGIN_RANGE, "CosFace")
+        MF.COS.parameters[0].check(margin, "CosFace")
         self.margin = float(margin)
         _init_shard(
             self, in_features, out_features, num_sub_centers, class_range=class_range, group=group,
@@ -296,7 +310,7 @@ class ShardedCosFace(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
+        nn.init.normal_(self.weight)
 
     def forward(self, input: Tensor, labels: Any) -> Tensor:
         return self.loss(input, labels)
@@ -401,7 +415,7 @@ class ShardedArcFace(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_margin(margin, *ARC_MARGIN_RANGE, "ArcFace")
+        MF.ARC.parameters[0].check(margin, "ArcFace")
         self.margin, self.easy_margin = float(margin), bool(easy_margin)
         _init_shard(
             self, in_features, out_features, num_sub_centers, class_range=class_range, group=group,
@@ -412,7 +426,7 @@ class ShardedArcFace(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        reset_class_weight(self.weight)
+        nn.init.normal_(self.weight)
 
     def forward(self, input: Tensor, labels: Any) -> Tensor:
         return self.loss(input, labels)

@@ -435,12 +435,16 @@ def test_ddp_backbone_gets_the_single_process_gradient(spawned, world) -> None:
 @pytest.mark.parametrize("world", WORLDS)
 def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
     ranks = spawned(world)
-    for rank, r in enumerate(ranks):
+    for r in ranks:
         errors = r["errors"]
-        if rank == 1:
-            assert "target must hold class indices in [0, 7), but got values from 0 to 9" in errors["bad-label"]
-        else:
-            assert "rank(s) [1] got invalid input" in errors["bad-label"]
-        assert "margin must be the same on every rank, but got [0.5, 0.4" in errors["margins-differ"]
+        # every rank raises the same error, which quotes the faulty rank's own message
+        assert errors["bad-label"] == (
+            "invalid input on rank 1: target must hold class indices in [0, 7), but got values from 0 "
+            "to 9 (every rank of the group raises this error)"
+        )
+        assert (
+            "the margin's float parameters must be the same on every rank, but got [[0.5], [0.4]"
+            in errors["margins-differ"]
+        )
         assert "must tile [0, 7) without gaps or overlaps" in errors["blocks-overlap"]
         assert errors["after"] == ranks[0]["errors"]["after"] != "no error"

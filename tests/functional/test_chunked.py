@@ -150,9 +150,13 @@ def test_default_chunk_size() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"chunk_size": 0}, r"chunk_size must be an integer >= 1, but got 0"),
+        ({"chunk_size": 0}, r"chunk_size must be None or an integer >= 1, but got 0"),
         ({"reduction": "avg"}, r"reduction must be 'mean', 'sum' or 'none', but got 'avg'"),
-        ({"margin_type": "sphere"}, r"margin_type must be 'cos', 'arc' or 'none'"),
+        (
+            {"margin_type": "tan"},
+            r"margin_type must be one of \['arc', 'arc_easy', 'combined', 'cos', 'none', 'sphere'\]",
+        ),
+        ({"margin_type": "sphere"}, r"the sphere margin has parameters \['margin', 'lambda_'\]: pass margin=SPHERE"),
         ({"margin": 2.0, "margin_type": "arc"}, r"ArcFace margin must be in"),
     ],
 )

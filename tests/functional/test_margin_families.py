@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mll import functional as MF
 from mll.functional.feature_norm import _ada_value_and_slope
-from mll.functional.margins import _combined_value_and_slope
+from mll.functional.margins import _arc_value_and_slope, _combined_value_and_slope
 from tests import reference as ref
 from tests.conftest import ALL_DTYPES
 from tests.functional.test_margins import batches
@@ -44,6 +44,13 @@ FAMILIES = {
     "mag": (
         lambda c, t, p, s: MF.mag_margin(c, t, _norms(c.shape[0]), margin_low=p[0], margin_high=p[1], scale=s),
         lambda c, t, p, s, norms: ref.mag_margin(c, t, norms, m_low=p[0], m_high=p[1], s=s),
+        st.tuples(st.floats(0.0, 0.7), st.floats(0.7, 1.5)),
+    ),
+    "mag-easy": (
+        lambda c, t, p, s: MF.mag_margin(
+            c, t, _norms(c.shape[0]), margin_low=p[0], margin_high=p[1], easy_margin=True, scale=s
+        ),
+        lambda c, t, p, s, norms: ref.mag_margin(c, t, norms, m_low=p[0], m_high=p[1], s=s, easy=True),
         st.tuples(st.floats(0.0, 0.7), st.floats(0.7, 1.5)),
     ),
 }
@@ -150,7 +157,38 @@ def test_combined_slope_is_the_derivative_of_the_value(m1, m2, w) -> None:
     params = [torch.tensor(v, dtype=torch.float64) for v in (m1, m2, 0.1)]
     value, slope = _combined_value_and_slope(c, w, *params)
     (autograd,) = torch.autograd.grad(value.sum(), c)
-    torch.testing.assert_close(slope, autograd, rtol=1e-9, atol=1e-9)
+    # where sin θ is clamped (|cos θ| within ε of 1) the slope is the derivative's limit instead (next test)
+    free = (1 - c.detach()) * (1 + c.detach()) >= torch.finfo(torch.float64).eps
+    torch.testing.assert_close(slope[free], autograd[free], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [2.0, 3.0, 4.0])
+def test_sphereface_slope_at_cos_plus_minus_one_is_the_limit_m_squared(dtype, m) -> None:
+    # ψ = (−1)^k cos(mθ) − 2k: dψ/dcos = (−1)^k m sin(mθ)/sin θ → m² as θ → 0 and θ → π (integer m)
+    c = torch.tensor([1.0, -1.0], dtype=dtype)
+    zero = torch.zeros((), dtype=dtype)
+    _, slope = _combined_value_and_slope(c, 1.0, torch.tensor(m, dtype=dtype), zero, zero)
+    torch.testing.assert_close(slope, torch.full_like(slope, m * m), rtol=1e-3, atol=1e-3)
+    # and the slope is continuous into the clamp: at the float next to ±1 it is already close to m²
+    near = torch.tensor([1 - torch.finfo(dtype).eps, -1 + torch.finfo(dtype).eps], dtype=dtype)
+    _, slope_near = _combined_value_and_slope(near, 1.0, torch.tensor(m, dtype=dtype), zero, zero)
+    torch.testing.assert_close(slope_near, torch.full_like(slope, m * m), rtol=2e-3, atol=2e-3)
+    # through the public function and autograd: the target logit's gradient at θ = 0 and θ = π is s·m²
+    cos = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=dtype, requires_grad=True)
+    logits = MF.sphere_margin(cos, torch.tensor([0, 1]), m, scale=2.0)
+    (grad,) = torch.autograd.grad(logits[0, 0] + logits[1, 1], cos)
+    torch.testing.assert_close(grad[[0, 1], [0, 1]], torch.full((2,), 2 * m * m, dtype=dtype), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m2", [0.2, 0.5])
+def test_combined_slope_at_cos_one_matches_arcface(dtype, m2) -> None:
+    c = torch.tensor([1.0], dtype=dtype)
+    zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+    _, slope = _combined_value_and_slope(c, 1.0, one, torch.tensor(m2, dtype=dtype), zero)
+    _, arc_slope = _arc_value_and_slope(c, torch.tensor(m2, dtype=dtype), False)
+    torch.testing.assert_close(slope, arc_slope, rtol=1e-3, atol=1e-3)
 
 
 @given(st.floats(0.0, 1.0), st.floats(-1.0, 1.0))
@@ -179,7 +217,7 @@ def test_adaface_interpolates_between_arcface_cosface_and_the_easy_case() -> Non
 
 def test_adaface_statistics_follow_the_ema() -> None:
     norms = torch.tensor([10.0, 20.0, 40.0])
-    mean, std = MF.adaface_update(torch.tensor(20.0), torch.tensor(100.0), norms, momentum=0.99)
+    mean, std = MF.adaface_update(torch.tensor(20.0), torch.tensor(100.0), norms, decay=0.99)
     torch.testing.assert_close(mean, 0.99 * 20 + 0.01 * norms.mean())
     torch.testing.assert_close(std, 0.99 * 100 + 0.01 * norms.std())
     kept = MF.adaface_update(torch.tensor(20.0), torch.tensor(100.0), torch.tensor([7.0]))
@@ -222,7 +260,7 @@ def test_curricular_gradcheck_and_update() -> None:
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c, s: MF.curricular_margin(c, y, 0.3, t=0.4, scale=s), (cos, scale))
-    t = MF.curricular_update(torch.tensor(0.2), cos, y, momentum=0.99)
+    t = MF.curricular_update(torch.tensor(0.2), cos, y, decay=0.99)
     torch.testing.assert_close(t, 0.99 * 0.2 + 0.01 * cos.detach()[torch.arange(6), y].mean())
     empty = MF.curricular_update(torch.tensor(0.2), cos[:0], y[:0])
     assert float(empty) == pytest.approx(0.2)
@@ -309,7 +347,7 @@ def test_features_equal_or_opposite_to_a_weight_row_are_finite(kind, dtype) -> N
 @pytest.mark.parametrize("soft", ["index", "dense", "sparse"])
 @pytest.mark.parametrize("kind", ["combined", "sphere", "ada", "mag"])
 def test_gradcheck(kind, soft, monkeypatch) -> None:
-    import mll.functional.margins as margins
+    import mll.functional.margin as margins
 
     g = torch.Generator().manual_seed(1)
     cos = (torch.rand(4, 5, generator=g, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
@@ -384,10 +422,10 @@ def test_soft_pooling_lies_between_the_sub_centers_and_cools_to_max(batch, gamma
     x = torch.randn(cos.shape[0], 5, dtype=torch.float64)
     w = torch.randn(cos.shape[1] * k, 5, dtype=torch.float64)
     cos_k = MF.cosine_logits(x, w).unflatten(-1, (-1, k))
-    soft = MF.cosine_logits(x, w, k, pooling="soft", temperature=gamma)
+    soft = MF.cosine_logits(x, w, k, pooling="soft", pooling_temperature=gamma)
     np.testing.assert_allclose(ref.as_np(soft), ref.soft_pool(ref.as_np(cos_k), gamma), rtol=1e-12, atol=1e-12)
     assert (soft <= cos_k.amax(-1) + 1e-12).all() and (soft >= cos_k.amin(-1) - 1e-12).all()
-    colder = MF.cosine_logits(x, w, k, pooling="soft", temperature=gamma / 2)
+    colder = MF.cosine_logits(x, w, k, pooling="soft", pooling_temperature=gamma / 2)
     assert (colder >= soft - 1e-12).all(), "a lower temperature moves the pool towards the max"
 
 

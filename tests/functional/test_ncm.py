@@ -74,7 +74,9 @@ def test_bad_input() -> None:
         MF.ncm_logits(torch.randn(4, 5), torch.zeros(3, 6), 2.0)
     with pytest.raises(TypeError, match=r"means must have a floating-point dtype"):
         MF.ncm_logits(torch.randn(4, 5), torch.zeros(3, 5, dtype=torch.long), 2.0)
-    with pytest.raises(ValueError, match=r"momentum must be a float in \[0, 1\), but got 1.0"):
+    with pytest.raises(
+        ValueError, match=r"decay must be a float in \[0, 1\) \(the weight of the old value\), but got 1.0"
+    ):
         MF.ncm_update(torch.zeros(3, 2), torch.randn(4, 2), torch.tensor([0, 1, 1, 2]), 1.0)
     with pytest.raises(ValueError, match=r"means must have shape \(C, d\).*means \(3, 2\) and input \(4, 5\)"):
         MF.ncm_update(torch.zeros(3, 2), torch.randn(4, 5), torch.tensor([0, 1, 1, 2]), 0.5)

@@ -23,7 +23,7 @@ def global_batch():
 
 def heads():
     torch.manual_seed(3)
-    return mll.AdaCos(D, C), mll.DeepNCM(D, C, alpha=0.7), mll.CurricularFace(D, C, momentum=0.5), mll.AdaFace(D, C)
+    return mll.AdaCos(D, C), mll.DeepNCM(D, C, alpha=0.7), mll.CurricularFace(D, C, decay=0.5), mll.AdaFace(D, C)
 
 
 def run_steps(adacos, ncm, curricular, ada, x, y, soft):

@@ -95,7 +95,7 @@ def test_soft_sub_center_pooling_in_heads_and_the_chunked_loss(cls) -> None:
     head = cls(D, C, 3, pooling="soft", pooling_temperature=0.2, dtype=torch.float64)
     assert "pooling='soft', pooling_temperature=0.2" in repr(head)
     x, y = torch.randn(7, D, dtype=torch.float64), torch.randint(0, C, (7,))
-    cos = MF.cosine_logits(x, head.weight, 3, pooling="soft", temperature=0.2)
+    cos = MF.cosine_logits(x, head.weight, 3, pooling="soft", pooling_temperature=0.2)
     torch.testing.assert_close(head.eval()(x), cos * head.scale)
     head.train()
     loss = head.loss(x, y, chunk_size=2)
@@ -109,9 +109,9 @@ def test_soft_sub_center_pooling_in_heads_and_the_chunked_loss(cls) -> None:
 def test_soft_pooling_matches_softtriple_and_tends_to_max() -> None:
     x, w = torch.randn(4, D, dtype=torch.float64), torch.randn(C * 3, D, dtype=torch.float64)
     cos_k = (ref.normalize(x.numpy()) @ ref.normalize(w.numpy()).T).reshape(4, C, 3)
-    got = MF.cosine_logits(x, w, 3, pooling="soft", temperature=0.1)
+    got = MF.cosine_logits(x, w, 3, pooling="soft", pooling_temperature=0.1)
     np.testing.assert_allclose(ref.as_np(got), ref.soft_pool(cos_k, 0.1), rtol=1e-12)
-    cold = MF.cosine_logits(x, w, 3, pooling="soft", temperature=1e-6)
+    cold = MF.cosine_logits(x, w, 3, pooling="soft", pooling_temperature=1e-6)
     torch.testing.assert_close(cold, MF.cosine_logits(x, w, 3), rtol=1e-6, atol=1e-6)
     assert torch.equal(MF.cosine_logits(x, w[:C], 1, pooling="soft"), MF.cosine_logits(x, w[:C]))
     with pytest.raises(ValueError, match="pooling must be 'max' or 'soft'"):
@@ -190,7 +190,7 @@ def test_keep_dominant_sub_centers_checks_its_input() -> None:
     [
         (lambda: mll.CombinedMargin(D, C, m1=0.5), r"combined m1 must be in \[1, 10\)"),
         (lambda: mll.SphereFace(D, C, lambda_=-2.0), r"lambda_ must be a finite float >= 0"),
-        (lambda: mll.CurricularFace(D, C, momentum=1.0), r"momentum must be a float in \[0, 1\)"),
+        (lambda: mll.CurricularFace(D, C, decay=1.0), r"decay must be a float in \[0, 1\)"),
         (lambda: mll.AdaFace(D, C, h=0.0), r"AdaFace h must be a positive finite float"),
         (lambda: mll.MagFace(D, C, lower=50.0, upper=20.0), r"MagFace lower must be below upper"),
         (lambda: mll.MagFace(D, C, margin_high=2.0), r"MagFace margin_high must be in \[0, 1.571\)"),
@@ -238,13 +238,22 @@ def test_chunked_loss_equals_dense_cross_entropy(name, soft, training) -> None:
         torch.testing.assert_close(a, b, msg=key)
 
 
-def test_chunked_loss_refuses_margins_that_need_a_gradient() -> None:
-    from mll.functional.chunked import chunked_margin_loss
-    from mll.functional.margins import _cos_fn
-
-    x, w = torch.randn(3, D), torch.randn(C, D)
-    with pytest.raises(ValueError, match="does not differentiate margins"):
-        chunked_margin_loss(x, w, torch.tensor([0, 1, 2]), 10.0, _cos_fn, (torch.rand(3, 1, requires_grad=True),))
+@pytest.mark.parametrize("soft", [False, True])
+def test_chunked_loss_differentiates_margins_that_need_a_gradient(soft) -> None:
+    # MagFace's margin depends on the feature magnitude: the chunked loss gives that gradient too, as the dense path
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C * 2, D, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (5,), generator=g)
+    target = torch.softmax(torch.randn(5, C, generator=g, dtype=torch.float64), -1) if soft else y
+    margins = (0.2 + 0.1 * x.norm(dim=-1, keepdim=True)).clamp(max=1.2)
+    chunked = MF.margin_cross_entropy(x, w, target, scale=8.0, margin=MF.ARC(margins), num_sub_centers=2,
+                                      chunk_size=3)  # fmt: skip
+    dense = F.cross_entropy(MF.arc_margin(MF.cosine_logits(x, w, 2), target, margins, scale=8.0), target)
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(chunked, (x, w), retain_graph=True)
+    for a, b in zip(got, torch.autograd.grad(dense, (x, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -298,7 +307,7 @@ def test_elastic_margins_can_be_drawn_outside_a_compiled_step() -> None:
 
 
 def test_heuristic_scale_refuses_combined_margins_without_a_solution() -> None:
-    with pytest.raises(ValueError, match=r"cos\(m2\) - m3 = -0.02242, is not positive; pass scale="):
+    with pytest.raises(ValueError, match=r"perfectly aligned feature, -0.02242, is not positive; pass scale="):
         mll.CombinedMargin(D, C, m1=1.0, m2=0.5, m3=0.9)
     assert mll.CombinedMargin(D, C, scale=30.0, m1=1.0, m2=0.5, m3=0.9).scale == 30.0
 

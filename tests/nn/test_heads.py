@@ -75,7 +75,7 @@ HEADS = {
             y,
             0.4,
             scale=16.0,
-            t=MF.curricular_update(0.0, MF.cosine_logits(x, h.weight, K), y, momentum=0.99),
+            t=MF.curricular_update(0.0, MF.cosine_logits(x, h.weight, K), y, decay=0.99),
         ),
     ),
     "AdaFace": (
@@ -354,7 +354,11 @@ def test_trainable_scale_is_a_parameter_with_a_gradient(name) -> None:
         (lambda: mll.AdaCos(D, C, scale=float("nan")), ValueError, r"scale must be positive and finite"),
         (lambda: mll.ScaledNormalizedLinear(D, C, scale="30"), TypeError, r"scale must be a positive float"),
         (lambda: mll.CosFace(D, C, trainable_scale=1), TypeError, r"trainable_scale must be a bool"),
-        (lambda: mll.DeepNCM(D, C, alpha=1.0), ValueError, r"alpha must be a float in \[0, 1\), but got 1.0"),
+        (
+            lambda: mll.DeepNCM(D, C, alpha=1.0),
+            ValueError,
+            r"alpha must be a float in \[0, 1\) \(the weight of the old value\), but got 1.0",
+        ),
         (lambda: mll.FixedAdaCos(D, C, margin=0.2), TypeError, r"unexpected keyword argument 'margin'"),
     ],
 )

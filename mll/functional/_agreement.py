@@ -1,0 +1,204 @@
+"""The ranks' agreement before a collective step: every rank raises the same error, or every rank goes on.
+
+Each rank checks its own arguments and inputs and fills a :class:`Report`; one all-gather of the reports (a few
+dozen integers) tells every rank whether any rank failed and whether the settings that must match do. On a failure
+the ranks exchange the failing ranks' messages (a second collective, on the error path only) and all raise the same
+error naming the rank. No rank is left waiting in a collective the others never reach, and since every rank took
+part in the same collectives the group stays usable for the next call.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mll.functional._distributed import all_gather_ints, bits_float, float_bits
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+#: margin parameters compared between ranks (tensors — per class or per sample — are not compared)
+_PARAM_SLOTS = 6
+_NOT_A_FLOAT = float_bits(math.nan)
+
+
+@dataclass
+class Report:
+    """What one rank says about its call. The fields after ``class_stop`` must be the same on every rank."""
+
+    error: bool = False
+    rows: int = 0
+    entries: int = 0  # targets per row: 1 for class indices, P for few-hot pairs
+    class_start: int = 0
+    class_stop: int = 0
+    num_classes: int = 0
+    in_features: int = 0
+    num_sub_centers: int = 0
+    pooling: bool = False  # soft sub-center pooling
+    soft: bool = False  # soft targets (dense or pairs) rather than class indices
+    dtype: int = -1
+    reduction: int = -1
+    margin: int = 0  # crc32 of the family's name
+    margin_params: list[int] = field(default_factory=lambda: [_NOT_A_FLOAT] * _PARAM_SLOTS)
+    scale: int = _NOT_A_FLOAT
+    sample_rate: float = 1.0
+    requires_grad: int = 0  # bits: input, weight, scale
+
+    def set_scale(self, scale: object) -> None:
+        value = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)  # type: ignore[arg-type]
+        self.scale = float_bits(value)
+
+    def set_margin(self, margin: Any) -> None:
+        self.margin = zlib.crc32(margin.family.name.encode())
+        _NAMES[self.margin] = margin.family.name
+        for i, value in enumerate(margin.params[:_PARAM_SLOTS]):
+            self.margin_params[i] = _NOT_A_FLOAT if isinstance(value, Tensor) else float_bits(float(value))
+
+    def set_reduction(self, reduction: str) -> None:
+        self.reduction = _REDUCTIONS.index(reduction)
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        self.dtype = _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+    def set_requires_grad(self, input: Tensor, weight: Tensor, scale: object) -> None:
+        grad = torch.is_grad_enabled()
+        flags = (input.requires_grad, weight.requires_grad, isinstance(scale, Tensor) and scale.requires_grad)
+        self.requires_grad = sum(int(grad and f) << i for i, f in enumerate(flags))
+
+    def encode(self) -> list[int]:
+        out: list[int] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                out += value
+            elif isinstance(value, float):
+                out.append(float_bits(value))
+            else:
+                out.append(int(value))
+        return out
+
+    @classmethod
+    def decode(cls, values: list[int]) -> Report:
+        report, i = cls(), 0
+        for f in fields(cls):
+            current = getattr(report, f.name)
+            if isinstance(current, list):
+                setattr(report, f.name, list(values[i : i + len(current)]))
+                i += len(current)
+            elif isinstance(current, float):
+                setattr(report, f.name, bits_float(values[i]))
+                i += 1
+            else:
+                setattr(report, f.name, type(current)(values[i]))
+                i += 1
+        return report
+
+
+_NAMES: dict[int, str] = {}
+_FIRST_SHARED = "num_classes"
+
+
+def _show(name: str, value: Any) -> Any:
+    """A report field in the user's terms."""
+    if name == "dtype":
+        return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "not floating"
+    if name == "reduction":
+        return _REDUCTIONS[value] if 0 <= value < len(_REDUCTIONS) else "?"
+    if name == "margin":
+        if value not in _NAMES:
+            import mll.functional as MF
+
+            families = [v for v in vars(MF).values() if type(v).__name__ == "MarginFamily"]
+            _NAMES.update({zlib.crc32(f.name.encode()): f.name for f in families})
+        return _NAMES.get(value, f"family #{value}")
+    if name == "scale":
+        return bits_float(value)
+    if name == "margin_params":
+        return [None if v == _NOT_A_FLOAT else bits_float(v) for v in value]
+    if name == "requires_grad":
+        return {k: bool(value >> i & 1) for i, k in enumerate(("input", "weight", "scale"))}
+    if name == "pooling":
+        return "soft" if value else "max"
+    if name == "soft":
+        return "soft targets" if value else "class indices"
+    return value
+
+
+_TITLES = {
+    "margin": "the margin family",
+    "margin_params": "the margin's float parameters",
+    "soft": "the kind of target",
+    "requires_grad": "requires_grad (input, weight, scale) with grad mode",
+    "pooling": "the sub-center pooling",
+}
+
+
+def agree(report: Report, problem: Optional[Exception], device: torch.device, group: Any, world: int,
+          num_classes: int) -> list[Report]:  # fmt: skip
+    """Exchange the reports; raise the same error on every rank if any rank failed or the ranks disagree."""
+    if world == 1:
+        if problem is not None:
+            raise problem
+        reports = [report]
+    else:
+        report.error = problem is not None
+        rows = all_gather_ints(report.encode(), device, group, world)
+        reports = [Report.decode(r) for r in rows]
+        failed = [r for r, rep in enumerate(reports) if rep.error]
+        if failed:
+            _raise_everywhere(problem, failed, group, world)
+    names = [f.name for f in fields(Report)]
+    for name in names[names.index(_FIRST_SHARED) :]:
+        if name == "sample_rate":
+            continue
+        values = [getattr(r, name) for r in reports]
+        if any(v != values[0] for v in values):
+            shown = [_show(name, v) for v in values]
+            if name == "margin_params":  # leave out the slots no rank uses
+                used = max((i + 1 for row in shown for i, v in enumerate(row) if v is not None), default=0)
+                shown = [row[:used] for row in shown]
+            title = _TITLES.get(name, name)
+            raise ValueError(f"{title} must be the same on every rank, but got {shown} (by rank)")
+    ranges = sorted((r.class_start, r.class_stop) for r in reports if r.class_stop > r.class_start)
+    tiles = (
+        bool(ranges)
+        and all(0 <= r.class_start <= r.class_stop <= num_classes for r in reports)
+        and ranges[0][0] == 0
+        and ranges[-1][1] == num_classes
+        and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    )
+    if not tiles:
+        by_rank = [(r.class_start, r.class_stop) for r in reports]
+        raise ValueError(
+            f"the ranks' class blocks [class_start, class_start + weight rows / num_sub_centers) must tile "
+            f"[0, {num_classes}) without gaps or overlaps, but got {by_rank} (by rank)"
+        )
+    return reports
+
+
+def _raise_everywhere(problem: Optional[Exception], failed: list[int], group: Any, world: int) -> None:
+    """Every rank raises one error that quotes each failing rank's message (a second, error-path-only exchange)."""
+    mine = None if problem is None else (type(problem).__name__, str(problem))
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    parts = [f"rank {r}: {gathered[r][1]}" for r in failed if gathered[r] is not None]
+    kind = TypeError if gathered[failed[0]] is not None and gathered[failed[0]][0] == "TypeError" else ValueError
+    error = kind(f"invalid input on {'; '.join(parts)} (every rank of the group raises this error)")
+    raise error from problem
+
+
+def check_backward_agreement(device: torch.device, group: Any, world: int) -> None:
+    """At the first collective of a backward: every rank refuses a double backward if any rank asked for one."""
+    double = torch.is_grad_enabled()
+    flags = [[int(double)]] if world == 1 else all_gather_ints([int(double)], device, group, world)
+    asked = [r for r, row in enumerate(flags) if row[0]]
+    if asked:
+        raise RuntimeError(
+            "the sharded loss gives first derivatives only: backward with create_graph=True (double backward, "
+            f"gradient penalties) is not supported (asked for on rank(s) {asked})"
+        )

@@ -1,0 +1,75 @@
+"""The one internal module :mod:`mll.nn` uses besides the public :mod:`mll.functional`.
+
+The modules validate their inputs once (naming ``labels`` rather than ``target``) and then call the unchecked
+forms of the public functions, so a training step does not check (and read back from the device) the same
+labels twice. Everything here is either such an unchecked twin or a shared argument check.
+"""
+
+from mll.functional._checks import (
+    UNSET,
+    _is_int,
+    check_decay,
+    check_features,
+    check_in_features,
+    check_margin_param,
+    check_nonnegative,
+    check_num_classes,
+    check_num_sub_centers,
+    check_positive,
+    check_scale,
+    check_target,
+    is_soft,
+    renamed,
+    shape_str,
+    values_checkable,
+)
+from mll.functional._distributed import all_gather_rows, all_reduce_sum, rank_and_world
+from mll.functional._kernel import target_cosines
+from mll.functional.chunked import check_chunk_size, check_reduction, chunked_loss
+from mll.functional.cosine import check_pooling
+from mll.functional.curricular import curricular_update_from_statistics
+from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
+from mll.functional.margin import apply_margin, at_target
+from mll.functional.margins import check_lambda
+from mll.functional.scale import adacos_statistics_chunked
+from mll.functional.sharded import check_feature_grad_scale, check_generator, check_sample_rate
+
+__all__ = [
+    "MAGFACE_MAGNITUDES",
+    "MAGFACE_MARGINS",
+    "UNSET",
+    "_is_int",
+    "ada",
+    "adacos_statistics_chunked",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "apply_margin",
+    "at_target",
+    "check_chunk_size",
+    "check_decay",
+    "check_feature_grad_scale",
+    "check_features",
+    "check_generator",
+    "check_in_features",
+    "check_lambda",
+    "check_magface_args",
+    "check_margin_param",
+    "check_nonnegative",
+    "check_num_classes",
+    "check_num_sub_centers",
+    "check_pooling",
+    "check_positive",
+    "check_reduction",
+    "check_sample_rate",
+    "check_scale",
+    "check_target",
+    "chunked_loss",
+    "curricular_update_from_statistics",
+    "is_soft",
+    "mag",
+    "rank_and_world",
+    "renamed",
+    "shape_str",
+    "target_cosines",
+    "values_checkable",
+]

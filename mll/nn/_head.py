@@ -1,0 +1,239 @@
+"""The shared body of the cosine heads: one shallow base, one level below ``nn.Module``.
+
+As torch.nn's ``_NormBase`` does for the norm layers, :class:`Head` owns what every cosine head repeats — the
+argument checks, the class weights and the scale, ``reset_parameters``, the eval-mode bypass, the label checks and
+the body of ``loss()`` — so that a head is its constructor and one hook, :meth:`Head.step_margin`: the margin of
+this training step (a :class:`mll.functional.Margin`), after updating any running statistic. The maths lives in
+:mod:`mll.functional`; ``forward`` and ``loss`` feed the same margin object to its dense and chunked paths, so a
+head written once runs at every scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mll import functional as MF
+from mll.functional import _internal as I
+
+__all__ = ["Head", "register_margin", "statistics_dtype"]
+
+
+def statistics_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """Running statistics are kept in float64 for float64 heads, else float32 (an EMA stalls in half precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_margin(
+    module: nn.Module, name: str, value: object, parameter: MF.MarginParameter, title: str, num_classes: int,
+    device: Any = None, dtype: Any = None,
+) -> None:  # fmt: skip
+    """Store a margin hyper-parameter: a float as a plain attribute, a per-class tensor ``(C,)`` as a buffer (saved in
+    the state dict, moved by ``.to()``) on the head's device, float64 for float64 heads and float32 otherwise."""
+    if isinstance(value, Tensor):
+        if tuple(value.shape) != (num_classes,):
+            raise ValueError(
+                f"{title} {name} must be a float or a tensor of shape ({num_classes},), one per class, "
+                f"but got shape {tuple(value.shape)}"
+            )
+        parameter.check(value, title, (num_classes,))
+        stored = value.detach().to(device=device, dtype=statistics_dtype(dtype) if dtype is not None else None)
+        module.register_buffer(name, stored.clone())
+    else:
+        parameter.check(value, title)
+        setattr(module, name, float(value))  # type: ignore[arg-type]
+
+
+def margin_repr(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"per-class[{value.numel()}] in [{float(value.min()):.4g}, {float(value.max()):.4g}]"
+    return f"{value}"
+
+
+class Head(nn.Module):
+    """Class weights, a scale, and a margin per training step (see the module notes).
+
+    Subclasses call ``super().__init__`` with the shared arguments and a ``default_margin`` (the margin the default
+    scale is solved for, see :func:`mll.functional.heuristic_scale`), set their own hyper-parameters before it
+    (the default scale may read them), and override :meth:`step_margin` (and :meth:`reset_running_stats` when they
+    keep running statistics).
+    """
+
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    pooling: str
+    pooling_temperature: float
+    weight: nn.Parameter
+    scale: Tensor
+    #: training mode needs labels (a margin or a running statistic that needs the targets)
+    needs_labels = True
+    #: the head accepts soft targets ``(*, C)`` in training mode
+    soft_targets = True
+    #: ``extra_repr`` says whether the scale is trained
+    show_trainable = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_sub_centers: int = 1,
+        *,
+        scale: Optional[float] = None,
+        trainable_scale: bool = False,
+        default_margin: Optional[MF.Margin] = None,
+        pooling: str = "max",
+        pooling_temperature: float = 0.1,
+        has_scale: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        I.check_in_features(in_features)
+        I.check_num_classes(out_features)
+        I.check_num_sub_centers(num_sub_centers)
+        I.check_pooling(pooling, pooling_temperature)
+        if not isinstance(trainable_scale, bool):
+            raise TypeError(f"trainable_scale must be a bool, but got {type(trainable_scale).__name__}")
+        if scale is not None:
+            I.check_scale(scale)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.num_sub_centers = int(num_sub_centers)
+        self.pooling, self.pooling_temperature = pooling, float(pooling_temperature)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((self.out_features * self.num_sub_centers, self.in_features), **factory))
+        if has_scale:
+            if scale is None:
+                scale = MF.heuristic_scale(self.out_features, default_margin or MF.NO_MARGIN())
+            value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
+            if trainable_scale:
+                self.scale = nn.Parameter(value)
+            else:
+                self.register_buffer("scale", value)
+            self._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
+
+    def reset_parameters(self) -> None:
+        # Gaussian rows point in uniformly random directions on the sphere (a uniform box, as in nn.Linear's
+        # init, favours its diagonals); the norm is irrelevant after normalisation.
+        nn.init.normal_(self.weight)
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        """Set the running statistics back to their initial values (none here)."""
+
+    def logit_scale(self) -> Tensor | float:
+        """The factor between cosines and logits."""
+        return self.scale
+
+    def cosine(self, input: Tensor) -> Tensor:
+        """The pooled cosines ``(*, C)``: :func:`mll.functional.cosine_logits` with the head's weights."""
+        return MF.cosine_logits(
+            input, self.weight, self.num_sub_centers, pooling=self.pooling,  # type: ignore[arg-type]
+            pooling_temperature=self.pooling_temperature,
+        )  # fmt: skip
+
+    def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
+        """This training step's margin, after updating any running statistic from the batch. ``labels`` are checked
+        (int64 class indices or soft targets); ``cosine`` is the dense path's ``(*, C)`` cosines, or None in
+        :meth:`loss`, which never builds them."""
+        return MF.NO_MARGIN()
+
+    def check_labels(self, labels: Optional[Tensor], logits_shape: torch.Size | tuple[int, ...]) -> Optional[Tensor]:
+        """Training-mode labels, checked (before anything changes state)."""
+        if labels is None:
+            if not self.needs_labels:
+                return None
+            raise ValueError(
+                f"{type(self).__name__} needs labels in training mode to apply its margin: call head(input, labels) "
+                "with class indices of shape (*) or soft targets of shape (*, C), or call head.eval() for inference"
+            )
+        labels = I.check_target(labels, torch.Size(logits_shape), name="labels")
+        if not self.soft_targets and I.is_soft(labels):
+            raise ValueError(
+                f"{type(self).__name__} needs class indices (an integer tensor of shape (*)), not soft targets"
+            )
+        return labels
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return self.logits(input, labels)
+
+    def logits(self, input: Tensor, labels: Optional[Tensor], margin: Optional[MF.Margin] = None) -> Tensor:
+        """The body of ``forward``: scaled cosines, with this step's margin in training mode (``margin``, when given,
+        instead of :meth:`step_margin`'s)."""
+        cosine = self.cosine(input)
+        if not self.training:
+            return cosine * self.logit_scale()
+        labels = self.check_labels(labels, cosine.shape)
+        if margin is None:
+            margin = self.step_margin(input, labels, cosine)  # type: ignore[arg-type]
+        if labels is None or margin.family is MF.NO_MARGIN:
+            return cosine * self.logit_scale()
+        return I.apply_margin(cosine, labels, margin, self.logit_scale())
+
+    def loss(
+        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
+    ) -> Tensor:
+        """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` over class chunks, without the N×C
+        logits (see :func:`mll.functional.margin_cross_entropy`); running statistics update as in a forward."""
+        return self.chunked_loss(input, labels, reduction, chunk_size)
+
+    def chunked_loss(
+        self, input: Tensor, labels: Tensor, reduction: str, chunk_size: Optional[int],
+        margin: Optional[MF.Margin] = None,
+    ) -> Tensor:  # fmt: skip
+        """The body of ``loss``: every check first, then this step's margin (which may change state; ``margin``,
+        when given, instead), then the chunked cross-entropy."""
+        I.check_features(input, self.weight, self.num_sub_centers)
+        I.check_reduction(reduction)
+        I.check_chunk_size(chunk_size)
+        shape = torch.Size((*input.shape[:-1], self.out_features))
+        if labels is None:
+            raise ValueError(f"{type(self).__name__}.loss needs labels: class indices (*) or soft targets (*, C)")
+        if not self.training:
+            target = I.check_target(labels, shape, name="labels")
+            return self.loss_terms(input, target, MF.NO_MARGIN(), reduction, chunk_size)
+        checked = self.check_labels(labels, shape)
+        assert checked is not None
+        target = checked
+        # every check above ran before the first change of state here
+        if margin is None:
+            margin = self.step_margin(input, target, None)
+        return self.loss_terms(input, target, margin, reduction, chunk_size)
+
+    def loss_terms(
+        self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        """The chunked cross-entropy with ``margin`` (heads with an extra term add it here)."""
+        return I.chunked_loss(
+            input, self.weight, labels, self.logit_scale(), margin, self.num_sub_centers, self.pooling,
+            self.pooling_temperature, chunk_size, reduction,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"num_sub_centers={self.num_sub_centers}",
+        ]
+        scale = getattr(self, "scale", None)
+        if isinstance(scale, Tensor):
+            parts.append(f"scale={float(scale.detach()):.4g}")
+            if self.show_trainable:
+                parts.append(f"trainable_scale={scale.requires_grad}")
+        if self.pooling != "max":
+            parts.append(f"pooling={self.pooling!r}, pooling_temperature={self.pooling_temperature}")
+        return ", ".join([*parts, *self.extra_options()])
+
+    def extra_options(self) -> list[str]:
+        """The head's own hyper-parameters for ``extra_repr``."""
+        return []
+
+
+def _upgrade_legacy_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # 0.1.6 stored the scale as a Parameter of shape (1,); ours is 0-dim.
+    key = prefix + "scale"
+    value = state_dict.get(key)
+    if isinstance(value, Tensor) and value.shape == (1,):
+        state_dict[key] = value.reshape(())

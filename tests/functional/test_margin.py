@@ -1,0 +1,190 @@
+"""The margin protocol: a family is data that every path consumes — dense logits, chunked and sharded losses, the
+default scale — and a new family written by a user runs on all of them."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mll import functional as MF
+
+
+def _shifted_cos(cos, w, m, p):
+    """A user's family: ψ = cos θ − m·t − p·t·(1 − cos θ), slope 1 + p·t (not in the library)."""
+    value = cos - m * w - p * w * (1 - cos)
+    return value, (1 + p * w) * torch.ones_like(cos)
+
+
+MINE = MF.MarginFamily(
+    "mine",
+    _shifted_cos,
+    (MF.MarginParameter("m", 0.0, 1.0), MF.MarginParameter("p", 0.0, 2.0, high_inclusive=True)),
+    target_logit=lambda th, m, p: math.cos(th) - m - p * (1 - math.cos(th)),
+)
+
+
+def problem(seed=0, n=6, c=7, k=2, d=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c * k, d, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, c, (n,), generator=g)
+    soft = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    return x, w, y, soft
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_a_new_family_runs_on_the_dense_and_the_chunked_path(soft) -> None:
+    x, w, y, t = problem()
+    target = t if soft else y
+    margin = MINE(0.2, torch.linspace(0.0, 1.0, 7, dtype=torch.float64))  # a per-class second parameter
+    dense = F.cross_entropy(MF.margin_logits(MF.cosine_logits(x, w, 2), target, margin, scale=5.0), target)
+    chunked = MF.margin_cross_entropy(x, w, target, scale=5.0, margin=margin, num_sub_centers=2, chunk_size=3)
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(chunked, (x, w))
+    for a, b in zip(got, torch.autograd.grad(dense, (x, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the reference: the equation written out on a one-hot (or soft) target
+    cos = MF.cosine_logits(x, w, 2).detach()
+    tt = t if soft else (torch.arange(7) == y[:, None]).double()
+    p = torch.linspace(0.0, 1.0, 7, dtype=torch.float64)
+    expected = 5.0 * (cos - 0.2 * tt - p * tt * (1 - cos))
+    torch.testing.assert_close(MF.margin_logits(cos, target, margin, scale=5.0), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_new_family_gets_its_default_scale() -> None:
+    want = math.log(99) / max(math.cos(math.pi / 4) - 0.2 - 0.5 * (1 - math.cos(math.pi / 4)), 0.8 / 4)
+    assert MF.heuristic_scale(100, MINE(0.2, 0.5)) == pytest.approx(want)
+
+
+def test_the_named_functions_are_the_families() -> None:
+    x, w, y, soft = problem(1)
+    cos = MF.cosine_logits(x, w, 2).detach()
+    for target in (y, soft):
+        pairs = [
+            (MF.cos_margin(cos, target, 0.3, scale=4.0), MF.COS(0.3)),
+            (MF.arc_margin(cos, target, 0.5, scale=4.0), MF.ARC(0.5)),
+            (MF.arc_margin(cos, target, 0.5, easy_margin=True, scale=4.0), MF.ARC_EASY(0.5)),
+            (MF.combined_margin(cos, target, 1.5, 0.2, 0.1, scale=4.0), MF.COMBINED(1.5, 0.2, 0.1)),
+            (MF.sphere_margin(cos, target, 3.0, lambda_=2.0, scale=4.0), MF.SPHERE(3.0, 2.0)),
+        ]
+        for named, margin in pairs:
+            assert torch.equal(named, MF.margin_logits(cos, target, margin, scale=4.0)), repr(margin)
+    assert torch.equal(MF.margin_logits(cos, y, MF.NO_MARGIN(), scale=4.0), cos * 4.0)
+
+
+def test_heuristic_scale_takes_margin_objects_and_the_older_strings_alike() -> None:
+    assert MF.heuristic_scale(1000, MF.ARC(0.5)) == MF.heuristic_scale(1000, 0.5, margin_type="arc")
+    assert MF.heuristic_scale(1000, MF.COS(0.35)) == MF.heuristic_scale(1000, 0.35)
+    assert MF.heuristic_scale(1000, MF.COMBINED(1.0, 0.3, 0.2)) == MF.heuristic_scale(
+        1000, (1.0, 0.3, 0.2), margin_type="combined"
+    )
+    assert MF.heuristic_scale(1000, MF.SPHERE(4.0, 0.0)) == MF.heuristic_scale(1000, 4.0, margin_type="sphere")
+    assert MF.heuristic_scale(1000) == pytest.approx(math.sqrt(2) * math.log(999))
+    per_class = MF.ARC(torch.tensor([0.3, 0.7]))  # per-class parameters: their mean
+    assert MF.heuristic_scale(1000, per_class) == pytest.approx(MF.heuristic_scale(1000, MF.ARC(0.5)))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: MF.ARC(2.0), ValueError, r"ArcFace margin must be in \[0, 1.571\), but got 2.0"),
+        (lambda: MF.COS(), TypeError, r"the CosFace margin takes 1 parameter\(s\) \(margin\), but got 0"),
+        (lambda: MF.COMBINED(0.5, 0.0, 0.0), ValueError, r"combined m1 must be in \[1, 10\)"),
+        (lambda: MINE(0.1, 2.5), ValueError, r"mine p must be in \[0, 2\], but got 2.5"),
+        (lambda: MF.ARC(torch.tensor([1, 2])), TypeError, r"ArcFace margin must be a float or a floating-point"),
+        (lambda: MF.margin_logits(torch.rand(2, 3), torch.tensor([0, 1]), 0.5), TypeError, r"must be a mll.functional"),
+        (
+            lambda: MF.margin_logits(torch.rand(2, 3), torch.tensor([0, 1]), MF.ARC(torch.full((3,), 2.0))),
+            ValueError,
+            r"ArcFace margin must be in \[0, 1.571\), but got values from 2 to 2",
+        ),
+        (
+            lambda: MF.margin_logits(torch.rand(2, 3), torch.rand(2, 3), MF.CURRICULAR(0.5, 0.0)),
+            ValueError,
+            r"CurricularFace needs class indices",
+        ),
+        (
+            lambda: MF.margin_cross_entropy(
+                torch.rand(2, 3),
+                torch.rand(4, 3),
+                torch.tensor([0, 1]),
+                scale=2.0,
+                margin=MF.ARC(0.5),
+                margin_type="arc",
+            ),
+            ValueError,
+            r"margin_type is only for a float margin",
+        ),
+        (
+            lambda: MF.heuristic_scale(10, MF.COMBINED(1.0, 1.2, 0.9)),
+            ValueError,
+            r"no positive solution for the margin combined\(m1=1, m2=1.2, m3=0.9\)",
+        ),
+    ],
+)
+def test_bad_margins_name_the_family_and_the_parameter(make, error, match) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_a_bound_margin_shows_its_parameters() -> None:
+    assert repr(MF.ARC(0.5)) == "arc(margin=0.5)"
+    assert repr(MF.COMBINED(1.0, 0.3, torch.zeros(4))) == "combined(m1=1, m2=0.3, m3=Tensor(4,))"
+    assert repr(MF.ARC) == "MarginFamily('arc')"
+
+
+def test_margin_cross_entropy_under_torch_func_grad_compile_and_vmap() -> None:
+    x, w, y, _ = problem(2, k=1)
+    x, w = x.detach(), w.detach()
+
+    def loss(features):
+        return MF.margin_cross_entropy(features, w, y, scale=3.0, margin=MF.ARC(0.5), chunk_size=3)
+
+    def dense(features):
+        return F.cross_entropy(MF.arc_margin(MF.cosine_logits(features, w), y, 0.5, scale=3.0), y)
+
+    torch.testing.assert_close(torch.func.grad(loss)(x), torch.func.grad(dense)(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="aot_eager")(x), loss(x))
+    with pytest.raises(RuntimeError, match=r"does not run under torch.func.vmap"):
+        torch.func.vmap(loss)(x.unsqueeze(0).expand(2, -1, -1))
+    with pytest.raises(RuntimeError, match=r"first derivatives only"):
+        torch.func.grad(lambda f: torch.func.grad(loss)(f).sum())(x)
+    leaf = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"first derivatives only"):
+        torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+
+
+def test_few_hot_pairs_equal_the_dense_soft_targets() -> None:
+    x, w, y, _ = problem(3)
+    g = torch.Generator().manual_seed(5)
+    classes = torch.stack([y, torch.randint(0, 7, (6,), generator=g)], 1)
+    classes[0, 1] = classes[0, 0]  # a mixup of two samples of one class: listed twice
+    lam = torch.rand(6, 1, generator=g, dtype=torch.float64)
+    weights = torch.cat([lam, 1 - lam], 1)
+    dense = torch.zeros(6, 7, dtype=torch.float64).index_put_(
+        (torch.arange(6).repeat_interleave(2), classes.reshape(-1)), weights.reshape(-1), accumulate=True
+    )
+    for margin in (MF.ARC(0.5), MF.COMBINED(1.5, 0.2, 0.1), MF.COS(torch.linspace(0.0, 0.6, 7))):
+        kwargs = {"scale": 4.0, "margin": margin, "num_sub_centers": 2, "chunk_size": 2}
+        pair = MF.margin_cross_entropy(x, w, (classes, weights), **kwargs)
+        want = MF.margin_cross_entropy(x, w, dense, **kwargs)
+        torch.testing.assert_close(pair, want, rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(pair, (x, w))
+        for a, b in zip(got, torch.autograd.grad(want, (x, w))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_renamed_arguments_warn_and_still_work() -> None:
+    x, w, y, _ = problem(4)
+    with pytest.warns(DeprecationWarning, match="temperature is deprecated.*use pooling_temperature"):
+        old = MF.cosine_logits(x, w, 2, pooling="soft", temperature=0.3)
+    torch.testing.assert_close(old, MF.cosine_logits(x, w, 2, pooling="soft", pooling_temperature=0.3))
+    with pytest.warns(DeprecationWarning, match="momentum is deprecated.*use decay"):
+        t = MF.curricular_update(0.0, MF.cosine_logits(x, w, 2), y, momentum=0.5)
+    torch.testing.assert_close(t, MF.curricular_update(0.0, MF.cosine_logits(x, w, 2), y, decay=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names are silent
+        MF.ncm_update(torch.zeros(7, 5, dtype=torch.float64), x.detach(), y, 0.9)
+        MF.adaface_update(20.0, 100.0, x.detach().norm(dim=-1), decay=0.9)

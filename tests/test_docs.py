@@ -1,0 +1,31 @@
+"""The code of the "Adding a head" page runs, and the head it builds works on every path."""
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mll import functional as MF
+
+PAGE = Path(__file__).parents[1] / "docs" / "adding-a-head.md"
+
+
+def test_the_adding_a_head_example_runs_on_every_path() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(PAGE), "exec"), namespace)  # the page's code, as written
+    head = namespace["Shifted"](5, 7, 2, m=0.2, p=0.5, dtype=torch.float64)
+    twin = namespace["Shifted"](5, 7, 2, m=0.2, p=0.5, dtype=torch.float64)
+    twin.load_state_dict(head.state_dict())
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (6,))
+    dense = F.cross_entropy(head(x, y), y)
+    chunked = twin.loss(x, y, chunk_size=3)
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+    cos = MF.cosine_logits(x, head.weight, 2).detach()
+    onehot = (torch.arange(7) == y[:, None]).double()
+    expected = head.scale * (cos - 0.2 * onehot - 0.5 * onehot * (1 - cos))
+    torch.testing.assert_close(head(x, y).detach(), expected, rtol=1e-12, atol=1e-12)
+    assert head.scale == MF.heuristic_scale(7, namespace["SHIFTED"](0.2, 0.5))
+    assert "m=0.2, p=0.5" in repr(head)
