@@ -77,7 +77,8 @@ def load_digits_split(seed: int) -> Split:
     y = torch.tensor(labels)
     seen = y < TRAIN_CLASSES
     x_seen, y_seen = x[seen], y[seen]
-    perm = torch.randperm(len(y_seen), generator=torch.Generator().manual_seed(seed))
+    # int(): Generator.manual_seed refuses NumPy integers
+    perm = torch.randperm(len(y_seen), generator=torch.Generator().manual_seed(int(seed)))
     cut = int(0.8 * len(perm))
     return Split(x_seen[perm[:cut]], y_seen[perm[:cut]], x_seen[perm[cut:]], y_seen[perm[cut:]], x[~seen], y[~seen])
 
@@ -123,6 +124,7 @@ def angles(features: Tensor, weights: Tensor, labels: Tensor) -> tuple[Tensor, T
 def train_one(name: str, split: Split, epochs: int, seed: int, dim: int, progress: bool) -> Run:
     from tqdm import tqdm
 
+    seed = int(seed)  # Generator.manual_seed refuses NumPy integers
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, dim))
     head = HEADS[name](dim, TRAIN_CLASSES)

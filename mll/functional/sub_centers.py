@@ -71,6 +71,7 @@ def _check_dominant(dominant: object, num_classes: int, num_sub_centers: int) ->
 def _target_sub_center_cosines(input: Tensor, weight: Tensor, target: Tensor, num_sub_centers: int) -> Tensor:
     """Cosines between each sample and the K sub-centers of its own class: ``(N, K)``, float32 or float64."""
     check_features(input, weight, num_sub_centers)
+    num_sub_centers = int(num_sub_centers)  # a NumPy integer too: sizes and messages want a Python int
     num_classes = weight.shape[0] // num_sub_centers
     target = check_target(target, torch.Size((*input.shape[:-1], num_classes)))
     if is_soft(target):
@@ -96,6 +97,7 @@ def sub_center_counts(input: Tensor, weight: Tensor, target: Tensor, num_sub_cen
         Tensor[C, K] of int64.
     """
     cos = _target_sub_center_cosines(input, weight, target, num_sub_centers)
+    num_sub_centers = int(num_sub_centers)
     num_classes = weight.shape[0] // num_sub_centers
     flat = target.reshape(-1).long() * num_sub_centers + cos.argmax(dim=-1)
     counts = torch.zeros(num_classes * num_sub_centers, dtype=torch.int64, device=weight.device)
@@ -147,6 +149,7 @@ def sub_center_outliers(
     """
     threshold = math.cos(_check_max_angle(max_angle))
     check_features(input, weight, num_sub_centers)
+    num_sub_centers = int(num_sub_centers)
     dominant = _check_dominant(dominant, weight.shape[0] // num_sub_centers, num_sub_centers)
     cos = _target_sub_center_cosines(input, weight, target, num_sub_centers)
     picked = cos.gather(1, dominant[target.reshape(-1).long()].unsqueeze(1)).squeeze(1)
