@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +77,8 @@ def load_digits_split(seed: int) -> Split:
     y = torch.tensor(labels)
     seen = y < TRAIN_CLASSES
     x_seen, y_seen = x[seen], y[seen]
-    perm = torch.randperm(len(y_seen), generator=torch.Generator().manual_seed(seed))
+    # int(): Generator.manual_seed refuses NumPy integers
+    perm = torch.randperm(len(y_seen), generator=torch.Generator().manual_seed(int(seed)))
     cut = int(0.8 * len(perm))
     return Split(x_seen[perm[:cut]], y_seen[perm[:cut]], x_seen[perm[cut:]], y_seen[perm[cut:]], x[~seen], y[~seen])
 
@@ -121,6 +124,7 @@ def angles(features: Tensor, weights: Tensor, labels: Tensor) -> tuple[Tensor, T
 def train_one(name: str, split: Split, epochs: int, seed: int, dim: int, progress: bool) -> Run:
     from tqdm import tqdm
 
+    seed = int(seed)  # Generator.manual_seed refuses NumPy integers
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, dim))
     head = HEADS[name](dim, TRAIN_CLASSES)
@@ -233,6 +237,42 @@ def plot(runs: list[Run], spheres: list[Run], split: Split, out: Path) -> None:
     plt.close(fig)
 
 
+# the files the demo writes into --out
+RESULTS = "results.md"
+PLOTS = ("sphere.png", "angles.png", "curves.png")
+# torch.manual_seed takes seeds in [-2**63, 2**64)
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad flags before any training: ``parser.error`` prints a one-line message and exits with status 2."""
+    for flag, value in (("--epochs", args.epochs), ("--seeds", args.seeds), ("--dim", args.dim)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, but got {value}")
+    repeated = sorted({name for name in args.heads if args.heads.count(name) > 1})
+    if repeated:
+        parser.error(f"--heads names {', '.join(repeated)} more than once")
+    last = args.seed + args.seeds - 1
+    if args.seed < SEED_RANGE[0] or last > SEED_RANGE[1]:
+        parser.error(
+            f"--seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - args.seeds + 1}] with --seeds {args.seeds} "
+            f"(torch takes seeds in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]), but got {args.seed}"
+        )
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    try:  # create the folder and write a probe file now, not after minutes of training
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".mll-demo-probe-") as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as error:
+        parser.error(f"--out {out} is not a writable folder: {error.strerror or error}")
+    for name in (RESULTS,) if args.no_plots else (RESULTS, *PLOTS):
+        if (out / name).is_dir():
+            parser.error(f"--out {out} holds a folder named {name}, where the demo writes a file")
+
+
 def main(argv: list[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(
         prog="python -m mll.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -246,6 +286,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures and the 3-D models")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     split = load_digits_split(args.seed)
     print(
@@ -274,10 +315,20 @@ def main(argv: list[str] | None = None) -> list[Run]:
     text = table(results)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(text + "\n")
-    if not args.no_plots:
-        plot(runs, spheres, split, args.out)
-    print(f"\nwrote {args.out}/results.md" + ("" if args.no_plots else ", sphere.png, angles.png, curves.png"))
+    (args.out / RESULTS).write_text(text + "\n")
+    plotted = not args.no_plots
+    if plotted:
+        try:
+            plot(runs, spheres, split, args.out)
+        except Exception as error:  # the table is the result; a missing or broken matplotlib must not lose it
+            plotted = False
+            reason = " ".join(str(error).split())
+            print(
+                f"warning: plotting failed, so {RESULTS} is written but the plots may be missing "
+                f"({type(error).__name__}: {reason})",
+                file=sys.stderr,
+            )
+    print(f"\nwrote {args.out}/{RESULTS}" + (", " + ", ".join(PLOTS) if plotted else ""))
     return runs
 
 

@@ -95,3 +95,55 @@ def test_0_1_6_checkpoints_load_and_give_the_same_eval_outputs(name, k) -> None:
     torch.testing.assert_close(head.eval()(x), legacy_eval_output(name, state, x, k), rtol=1e-5, atol=1e-5)
     if "scale" in state:
         assert head.scale.shape == () and head.scale.item() == 12.5
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes", "error", "message"),
+    [
+        # 0.1.6 raised here (F.one_hot); an all-zero row would train silently on a wrong target
+        (
+            torch.tensor([0, 5]),
+            5,
+            ValueError,
+            "labels must be class indices in [0, 5), but got out-of-range values 5 (1 of 2 labels)",
+        ),
+        (torch.tensor([0, -1, 7, 7]), 5, ValueError, "but got out-of-range values -1, 7 (3 of 4 labels)"),
+        (torch.arange(20), 3, ValueError, "but got out-of-range values 3, 4, 5, 6, 7, 8, 9, 10, ... (17 of 20 labels)"),
+        (
+            torch.tensor([0, 1], dtype=torch.uint8),
+            1,
+            ValueError,
+            "labels must be class indices in [0, 1), but got out-of-range values 1 (1 of 2 labels)",
+        ),
+        (
+            torch.tensor([0.0, 1.0]),
+            3,
+            TypeError,
+            "labels must be class indices of an integer dtype (or soft labels of "
+            "shape (N, C)), but got dtype torch.float32 and shape (2,)",
+        ),
+        (torch.tensor([True, False]), 3, TypeError, "labels must be class indices of an integer dtype"),
+        ([0, 1], 3, TypeError, "labels must be a torch.Tensor of class indices, but got list"),
+        (torch.tensor([0, 1]), 0, ValueError, "num_classes must be an integer >= 1, but got 0"),
+        (torch.tensor([0, 1]), 3.0, ValueError, "num_classes must be an integer >= 1, but got 3.0"),
+    ],
+)
+def test_legacy_one_hot_names_bad_labels(labels, num_classes, error, message) -> None:
+    from metric_learning_layers.utils import one_hot
+
+    with pytest.raises(error) as info:
+        one_hot(labels, num_classes)
+    assert type(info.value) is error and message in str(info.value)
+
+
+def test_legacy_one_hot_stays_vmap_and_compile_friendly() -> None:
+    from metric_learning_layers.utils import one_hot
+
+    labels = torch.tensor([[0, 1], [2, 0]])
+    expected = torch.stack([one_hot(row, 3) for row in labels])
+    torch.testing.assert_close(torch.func.vmap(lambda row: one_hot(row, 3))(labels), expected)
+    # values cannot be read inside a transform: an out-of-range label gives a zero row there, as documented
+    assert torch.func.vmap(lambda row: one_hot(row, 3))(torch.tensor([[0, 3]]))[0, 1].sum() == 0
+    compiled = torch.compile(lambda row: one_hot(row, 3), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(labels[0]), expected[0])
+    torch.testing.assert_close(one_hot(torch.tensor([1, 2], dtype=torch.int8), 4), torch.eye(4)[[1, 2]])

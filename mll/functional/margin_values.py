@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from mll.functional._checks import (
+    _is_int,
     _is_real,
     check_floating,
     check_nonnegative,
@@ -25,6 +26,27 @@ from mll.functional._checks import (
 from mll.functional.margins import MarginParam
 
 __all__ = ["dynamic_margins", "elastic_margins"]
+
+
+def _is_bool(value: object) -> bool:
+    """Python and NumPy bools (NumPy's is not a subclass of ``bool``; numpy is not a dependency)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+
+
+def _check_size(size: object) -> tuple[int, ...]:
+    """A shape as torch takes it: one integer or a sequence of them (Python or NumPy), each ``>= 0``."""
+    if _is_int(size):
+        dims: tuple[object, ...] = (size,)
+    elif isinstance(size, (str, bytes, Tensor)) or not isinstance(size, Sequence):
+        raise TypeError(f"size must be an int or a sequence of ints (a shape), but got {type(size).__name__}")
+    else:
+        dims = tuple(size)
+    if not all(_is_int(d) for d in dims):
+        raise TypeError(f"size must be an int or a sequence of ints (a shape), but got {size!r}")
+    if any(d < 0 for d in dims):  # type: ignore[operator]
+        raise ValueError(f"size must have no negative entries, but got {size!r}")
+    return tuple(int(d) for d in dims)  # type: ignore[call-overload]
 
 
 def dynamic_margins(
@@ -54,14 +76,21 @@ def dynamic_margins(
         Tensor[C]: margins in the floating dtype of ``class_counts`` (float32 for integer counts), ready for any
         head's ``margin`` argument (check that they fall in that head's range).
     """
-    if not isinstance(class_counts, Tensor) or class_counts.dim() != 1 or class_counts.numel() == 0:
-        got = shape_str(class_counts.shape) if isinstance(class_counts, Tensor) else type(class_counts).__name__
-        raise ValueError(f"class_counts must be a non-empty tensor of shape (C,), but got {got}")
-    check_nonnegative(a, "dynamic_margins a")
-    check_nonnegative(b, "dynamic_margins b")
-    check_positive(power, "dynamic_margins power")
+    if not isinstance(class_counts, Tensor):
+        raise TypeError(f"class_counts must be a tensor of shape (C,), but got {type(class_counts).__name__}")
+    if class_counts.dtype == torch.bool or class_counts.is_complex():
+        raise TypeError(f"class_counts must have an integer or floating dtype, but got {class_counts.dtype}")
+    if class_counts.dim() != 1 or class_counts.numel() == 0:
+        raise ValueError(
+            f"class_counts must be a non-empty tensor of shape (C,), but got {shape_str(class_counts.shape)}"
+        )
+    a = check_nonnegative(a, "dynamic_margins a")
+    b = check_nonnegative(b, "dynamic_margins b")
+    power = check_positive(power, "dynamic_margins power")
+    if not _is_bool(rescale):
+        raise TypeError(f"dynamic_margins rescale must be a bool, but got {rescale!r}")
     counts = class_counts if class_counts.is_floating_point() else class_counts.float()
-    if not bool((counts >= 1).all()):
+    if values_checkable() and not bool((counts >= 1).all()):  # also catches NaN
         raise ValueError(f"class_counts must all be >= 1, but got a minimum of {float(counts.min()):g}")
     weight = counts.pow(-power)
     if rescale:
@@ -74,7 +103,7 @@ def dynamic_margins(
 def elastic_margins(
     margin: MarginParam,
     std: float,
-    size: Sequence[int],
+    size: Union[int, Sequence[int]],
     *,
     bounds: tuple[float, float] = (0.0, math.pi / 2),
     generator: Optional[torch.Generator] = None,
@@ -94,8 +123,8 @@ def elastic_margins(
         margin (float or Tensor): the mean ``m``; a tensor broadcasts against ``size`` (per-class means gathered at
             the labels, say).
         std (float): σ ``>= 0``.
-        size (sequence of int): shape of the draw.
-        bounds (tuple of float): ``(low, high)``: draws are clipped to ``[low, high)``.
+        size (int or sequence of int): shape of the draw, as ``torch.randn`` takes it.
+        bounds (tuple of float): ``(low, high)``, finite: draws are clipped to ``[low, high)``.
         generator (torch.Generator, optional): source of randomness.
         dtype (torch.dtype, optional): of the result (default: ``margin``'s when a tensor, else the default dtype).
         device (torch.device, optional): of the result (default: ``margin``'s when a tensor, else the CPU).
@@ -103,25 +132,42 @@ def elastic_margins(
     Returns:
         Tensor: margins of shape ``broadcast(size, margin.shape)``, no grad.
     """
-    check_nonnegative(std, "ElasticFace std")
-    low, high = bounds
-    if not (_is_real(low) and _is_real(high) and low < high):
-        raise ValueError(f"bounds must be (low, high) with low < high, but got {bounds!r}")
+    std = check_nonnegative(std, "ElasticFace std")
+    shape = _check_size(size)
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_is_real(v) for v in bounds)):
+        raise TypeError(f"bounds must be a pair (low, high) of floats, but got {bounds!r}")
+    low, high = float(bounds[0]), float(bounds[1])
+    # an infinite bound makes the clip's top (high minus a few ulps) NaN, and every draw with it
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"bounds must be finite (low, high) with low < high, but got {bounds!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, but got {dtype!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
     if isinstance(margin, Tensor):
         check_floating(margin, "margin")
+        try:
+            torch.broadcast_shapes(shape, margin.shape)
+        except RuntimeError:
+            raise ValueError(f"margin of shape {tuple(margin.shape)} must broadcast against size {shape}") from None
         dtype = dtype or margin.dtype
         device = device or margin.device
-        inside = not values_checkable() or bool(((margin >= low) & (margin < high)).all())
+        if values_checkable() and margin.numel() > 0 and not bool(((margin >= low) & (margin < high)).all()):
+            lo, hi = (float(v) for v in torch.aminmax(margin.detach()))
+            raise ValueError(
+                f"ElasticFace margin (the mean) must lie in bounds [{low:g}, {high:.4g}), "
+                f"but got values from {lo:g} to {hi:g}"
+            )
     elif not _is_real(margin):
         raise TypeError(f"margin must be a float or a tensor, but got {type(margin).__name__}")
-    else:
-        inside = low <= margin < high
-    if not inside:
+    elif not low <= margin < high:
         raise ValueError(f"ElasticFace margin (the mean) must lie in bounds [{low:g}, {high:.4g}), but got {margin!r}")
     dtype = dtype or torch.get_default_dtype()
-    noise = torch.randn(tuple(size), generator=generator, dtype=dtype, device=device)
+    # strictly below high in the result's dtype (float32 rounds π/2 up)
+    top = high - 4 * torch.finfo(dtype).eps * max(abs(high), 1.0)
+    if top < low:
+        raise ValueError(f"bounds must be more than a few {dtype} ulps of high apart, but got {bounds!r}")
+    noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     with torch.no_grad():
-        mean = margin.detach().to(dtype) if isinstance(margin, Tensor) else margin
-        # strictly below high in the result's dtype (float32 rounds π/2 up)
-        top = float(high) - 4 * torch.finfo(dtype).eps * max(abs(float(high)), 1.0)
-        return (mean + std * noise).clamp(float(low), top)
+        mean = margin.detach().to(dtype) if isinstance(margin, Tensor) else float(margin)
+        return (mean + std * noise).clamp(low, top)

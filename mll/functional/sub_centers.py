@@ -13,15 +13,65 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_features, check_target, is_soft, shape_str
+from mll.functional._checks import (
+    _INDEX_DTYPES,
+    _is_real,
+    check_features,
+    check_target,
+    is_soft,
+    values_checkable,
+)
 from mll.functional.cosine import normalize
 
 __all__ = ["dominant_sub_centers", "sub_center_counts", "sub_center_outliers"]
+
+# how many offending classes an error message lists
+_SHOWN = 8
+
+
+def _check_max_angle(max_angle: object) -> float:
+    """An angle in ``(0, π]`` radians (Python or NumPy real), returned as a float."""
+    if not _is_real(max_angle):
+        raise TypeError(f"max_angle must be a float in (0, π] radians, but got {type(max_angle).__name__}")
+    angle = float(max_angle)  # type: ignore[arg-type]
+    if not 0 < angle <= math.pi:  # NaN fails too
+        # the paper states its threshold in degrees (75°)
+        hint = (
+            f"; for {angle:g}° pass math.radians({angle:g}) = {math.radians(angle):.4g}"
+            if math.pi < angle <= 180
+            else ""
+        )
+        raise ValueError(f"max_angle must be in (0, π] radians, but got {angle!r}{hint}")
+    return angle
+
+
+def _check_dominant(dominant: object, num_classes: int, num_sub_centers: int) -> Tensor:
+    """One sub-center index in ``[0, K)`` per class, returned as int64 (``gather`` needs it)."""
+    expected = f"a tensor of sub-center indices of shape ({num_classes},), one per class"
+    if not isinstance(dominant, Tensor):
+        raise TypeError(f"dominant must be {expected}, but got {type(dominant).__name__}")
+    if dominant.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"dominant must be {expected} (an integer dtype), but got dtype {dominant.dtype}")
+    if tuple(dominant.shape) != (num_classes,):
+        raise ValueError(
+            f"dominant must have shape ({num_classes},), one sub-center per class, but got {tuple(dominant.shape)}"
+        )
+    if values_checkable() and dominant.numel() > 0:
+        outside = (dominant < 0) | (dominant >= num_sub_centers)
+        if bool(outside.any()):
+            classes = outside.nonzero().flatten().tolist()
+            shown = ", ".join(f"dominant[{c}] = {int(dominant[c])}" for c in classes[:_SHOWN])
+            raise ValueError(
+                f"dominant must hold sub-center indices in [0, {num_sub_centers}), "
+                f"but got {shown}{', ...' if len(classes) > _SHOWN else ''}"
+            )
+    return dominant.long()
 
 
 def _target_sub_center_cosines(input: Tensor, weight: Tensor, target: Tensor, num_sub_centers: int) -> Tensor:
     """Cosines between each sample and the K sub-centers of its own class: ``(N, K)``, float32 or float64."""
     check_features(input, weight, num_sub_centers)
+    num_sub_centers = int(num_sub_centers)  # a NumPy integer too: sizes and messages want a Python int
     num_classes = weight.shape[0] // num_sub_centers
     target = check_target(target, torch.Size((*input.shape[:-1], num_classes)))
     if is_soft(target):
@@ -47,6 +97,7 @@ def sub_center_counts(input: Tensor, weight: Tensor, target: Tensor, num_sub_cen
         Tensor[C, K] of int64.
     """
     cos = _target_sub_center_cosines(input, weight, target, num_sub_centers)
+    num_sub_centers = int(num_sub_centers)
     num_classes = weight.shape[0] // num_sub_centers
     flat = target.reshape(-1).long() * num_sub_centers + cos.argmax(dim=-1)
     counts = torch.zeros(num_classes * num_sub_centers, dtype=torch.int64, device=weight.device)
@@ -64,9 +115,12 @@ def dominant_sub_centers(counts: Tensor) -> Tensor:
     Returns:
         Tensor[C] of int64.
     """
-    if not isinstance(counts, Tensor) or counts.dim() != 2:
-        got = shape_str(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
-        raise ValueError(f"counts must be a tensor of shape (C, K), but got {got}")
+    if not isinstance(counts, Tensor):
+        raise TypeError(f"counts must be a tensor of shape (C, K), but got {type(counts).__name__}")
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"counts must have an integer or floating dtype, but got {counts.dtype}")
+    if counts.dim() != 2 or counts.shape[1] == 0:
+        raise ValueError(f"counts must be a tensor of shape (C, K) with K >= 1, but got {tuple(counts.shape)}")
     # argmax returns the first maximum
     return counts.argmax(dim=-1)
 
@@ -93,12 +147,10 @@ def sub_center_outliers(
     Returns:
         Tensor[*] of bool: True for samples to drop.
     """
-    if not isinstance(max_angle, (int, float)) or not (0 < max_angle <= math.pi):
-        raise ValueError(f"max_angle must be in (0, π] radians, but got {max_angle!r}")
-    num_classes = weight.shape[0] // num_sub_centers
-    if not isinstance(dominant, Tensor) or tuple(dominant.shape) != (num_classes,):
-        got = shape_str(dominant.shape) if isinstance(dominant, Tensor) else type(dominant).__name__
-        raise ValueError(f"dominant must have shape ({num_classes},), one sub-center per class, but got {got}")
+    threshold = math.cos(_check_max_angle(max_angle))
+    check_features(input, weight, num_sub_centers)
+    num_sub_centers = int(num_sub_centers)
+    dominant = _check_dominant(dominant, weight.shape[0] // num_sub_centers, num_sub_centers)
     cos = _target_sub_center_cosines(input, weight, target, num_sub_centers)
     picked = cos.gather(1, dominant[target.reshape(-1).long()].unsqueeze(1)).squeeze(1)
-    return (picked < math.cos(max_angle)).reshape(target.shape)
+    return (picked < threshold).reshape(target.shape)

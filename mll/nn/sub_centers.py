@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
+from mll.functional._checks import _INDEX_DTYPES, _is_int, values_checkable
+from mll.functional.sub_centers import _check_dominant, _check_max_angle
 
 __all__ = ["SubCenterCleanup", "clean_sub_centers", "keep_dominant_sub_centers"]
+
+
+def _sub_center_head(head: object) -> tuple[int, int, Tensor]:
+    """``(K, C, weight)`` of a head with sub-centers, whose ``weight`` holds all ``C*K`` rows."""
+    k, num_classes = getattr(head, "num_sub_centers", None), getattr(head, "out_features", None)
+    weight = getattr(head, "weight", None)
+    if not (isinstance(head, nn.Module) and _is_int(k) and _is_int(num_classes) and isinstance(weight, Tensor)):
+        raise TypeError(
+            "head must be a head of this library with num_sub_centers, out_features and a weight of shape "
+            f"(out_features * num_sub_centers, d), but got {type(head).__name__}"
+        )
+    k, num_classes = int(k), int(num_classes)  # type: ignore[arg-type]
+    if weight.dim() != 2 or weight.shape[0] != num_classes * k:
+        # a sharded head holds only its own classes' rows
+        raise ValueError(
+            f"head.weight must have shape (out_features * num_sub_centers, d) = ({num_classes * k}, d), "
+            f"but got {tuple(weight.shape)}"
+        )
+    return k, num_classes, weight
 
 
 class SubCenterCleanup(NamedTuple):
@@ -37,19 +58,46 @@ def keep_dominant_sub_centers(head: nn.Module, dominant: Tensor) -> nn.Module:
     Returns:
         nn.Module: the copy, with ``num_sub_centers = 1`` and ``weight`` of shape ``(C, d)``; ``head`` is untouched.
     """
-    k, num_classes = int(head.num_sub_centers), int(head.out_features)  # type: ignore[arg-type]
-    if not isinstance(dominant, Tensor) or tuple(dominant.shape) != (num_classes,):
-        raise ValueError(f"dominant must have shape ({num_classes},), one sub-center per class, but got {dominant!r}")
-    if bool(((dominant < 0) | (dominant >= k)).any()):
-        raise ValueError(f"dominant must hold sub-center indices in [0, {k}), but got values outside")
+    k, num_classes, old = _sub_center_head(head)
+    dominant = _check_dominant(dominant, num_classes, k)
     clean = copy.deepcopy(head)
-    old = cast(Tensor, head.weight)
     rows = torch.arange(num_classes, device=dominant.device) * k + dominant
     with torch.no_grad():
         weight = old.detach()[rows.to(old.device)].clone()
     clean.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
     setattr(clean, "num_sub_centers", 1)  # noqa: B010 (an attribute mypy sees as a Module's)
     return clean
+
+
+def _check_features_and_labels(features: object, labels: object, weight: Tensor, num_classes: int) -> None:
+    d = weight.shape[1]
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a tensor of shape (N, {d}), but got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must have a floating-point dtype, but got {features.dtype}")
+    if features.dim() != 2 or features.shape[1] != d:
+        raise ValueError(
+            f"features must have shape (N, {d}) (d: the head's in_features), but got {tuple(features.shape)}"
+        )
+    if features.dtype != weight.dtype and not torch.is_autocast_enabled(features.device.type):
+        raise TypeError(
+            f"features must have the head's dtype {weight.dtype} outside autocast, but got {features.dtype}"
+        )
+    if features.device != weight.device:
+        raise ValueError(f"features must be on the head's device {weight.device}, but are on {features.device}")
+    n = features.shape[0]
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a tensor of class indices of shape ({n},), but got {type(labels).__name__}")
+    if labels.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"labels must be class indices of an integer dtype, but got {labels.dtype}")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape ({n},), one per row of features, but got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels must be on the device of features ({features.device}), but are on {labels.device}")
+    if values_checkable() and n > 0:
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must be class indices in [0, {num_classes}), but got values from {lo} to {hi}")
 
 
 @torch.no_grad()
@@ -80,16 +128,14 @@ def clean_sub_centers(
     Returns:
         SubCenterCleanup: ``(head, dominant, counts, outliers)``.
     """
-    k = int(head.num_sub_centers)  # type: ignore[arg-type]
-    if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(
-            f"features must have shape (N, d) and labels shape (N,), but got {tuple(features.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    k, num_classes, weight = _sub_center_head(head)
+    weight = weight.detach()
+    _check_features_and_labels(features, labels, weight, num_classes)
+    max_angle = _check_max_angle(max_angle)
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, but got {batch_size!r}")
-    weight = cast(Tensor, head.weight).detach()
-    counts = torch.zeros(weight.shape[0] // k, k, dtype=torch.int64, device=weight.device)
+    batch_size = int(batch_size)
+    counts = torch.zeros(num_classes, k, dtype=torch.int64, device=weight.device)
     for start in range(0, features.shape[0], batch_size):
         part = slice(start, start + batch_size)
         counts += MF.sub_center_counts(features[part], weight, labels[part], k)
