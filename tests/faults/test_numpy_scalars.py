@@ -103,16 +103,10 @@ CASES = [
 # heuristic_scale lives in mll/functional/scale.py (outside this change): its arithmetic keeps a NumPy margin's
 # type, so it returns np.float64 for an np.int64 or np.float64 margin (torch.tensor of it is float64, not the
 # default dtype) and np.float32(5.3971705) for np.float32(0.3), not the 5.3971703... of float(margin)
-_NUMPY_RESULT = "heuristic_scale returns a NumPy scalar for a NumPy margin (mll/functional/scale.py)"
-KNOWN = {("heuristic_scale margin", kind.__name__): _NUMPY_RESULT for kind in REAL_TYPES}
-
-
 def _params():
     for case in CASES:
         for kind in INT_TYPES if case.integer else REAL_TYPES:
-            reason = KNOWN.get((case.name, kind.__name__))
-            marks = [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
-            yield pytest.param(case, kind, id=f"{case.name}-{kind.__name__}", marks=marks)
+            yield pytest.param(case, kind, id=f"{case.name}-{kind.__name__}")
 
 
 def _same(a: Any, b: Any) -> bool:
