@@ -64,7 +64,7 @@ def train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     for step in range(args.steps):
         x, y = batch(protos, args.batch, seed=1 + step * world + rank)  # every rank its own samples
-        loss = head(model(x), y)  # the same value on every rank: the mean over the global batch
+        loss = head.loss(model(x), y)  # the same value on every rank: the mean over the global batch
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -78,7 +78,7 @@ def train(args: argparse.Namespace) -> None:
     mine = slice(16 * rank, 16 * (rank + 1))
     head.eval()
     with torch.no_grad():
-        probe_loss = head(backbone(probe_x[mine]), probe_y[mine])
+        probe_loss = head.loss(backbone(probe_x[mine]), probe_y[mine])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(head.state_dict(), out / f"head-rank{rank}.pt")  # weights of this rank's classes + class_range

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mll import functional as MF
 from mll.functional import _internal as I
 
-__all__ = ["Head", "register_margin", "statistics_dtype"]
+__all__ = ["Head", "register_margin", "register_scale", "statistics_dtype"]
 
 
 def statistics_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -44,6 +44,20 @@ def register_margin(
     else:
         parameter.check(value, title)
         setattr(module, name, float(value))  # type: ignore[arg-type]
+
+
+def register_scale(module: nn.Module, scale: float, trainable: bool, device: Any, dtype: Any) -> None:
+    """``module.scale``: a 0-dim Parameter when trainable, else a buffer (saved, moved, never optimised); 0.1.6's
+    shape-(1,) scale loads into it."""
+    if not isinstance(trainable, bool):
+        raise TypeError(f"trainable_scale must be a bool, but got {type(trainable).__name__}")
+    I.check_scale(scale)
+    value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
+    if trainable:
+        module.scale = nn.Parameter(value)
+    else:
+        module.register_buffer("scale", value)
+    module._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
 
 
 def margin_repr(value: object) -> str:
@@ -107,12 +121,7 @@ class Head(nn.Module):
         if has_scale:
             if scale is None:
                 scale = MF.heuristic_scale(self.out_features, default_margin or MF.NO_MARGIN())
-            value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
-            if trainable_scale:
-                self.scale = nn.Parameter(value)
-            else:
-                self.register_buffer("scale", value)
-            self._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
+            register_scale(self, scale, trainable_scale, device, dtype)
 
     def reset_parameters(self) -> None:
         # Gaussian rows point in uniformly random directions on the sphere (a uniform box, as in nn.Linear's

@@ -3,93 +3,162 @@
 Model parallelism for the classifier (InsightFace's Partial FC) on ``torch.distributed``. The maths, the traffic
 and the gradient contract are those of :func:`mll.functional.sharded_margin_cross_entropy`; the modules own the
 block of weights and the scale, and carry their block's class range in their ``state_dict`` so that the
-per-rank checkpoints reassemble into a single-process head (:func:`dense_state_dict`).
+per-rank checkpoints reassemble into a single-process head (:func:`dense_state_dict`). One shallow base,
+:class:`_Sharded`, holds what the three share; each is its constructor and its margin.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
 from mll.functional import _internal as I
-from mll.nn._head import _upgrade_legacy_scale
+from mll.nn._head import Head, register_scale
 from mll.nn.linear import ScaledNormalizedLinear
 from mll.nn.margin import ArcFace, CosFace
 
 __all__ = ["ShardedArcFace", "ShardedCosFace", "ShardedScaledNormalizedLinear", "dense_state_dict"]
 
 
-def _init_shard(
-    module: Any,
-    in_features: int,
-    out_features: int,
-    num_sub_centers: int,
-    *,
-    class_range: Optional[tuple[int, int]],
-    group: Any,
-    sample_rate: float,
-    feature_grad_scale: Optional[float],
-    generator: Optional[torch.Generator],
-    scale: Optional[float],
-    default_scale: Callable[[], float],
-    trainable_scale: bool,
-    device: Any,
-    dtype: Any,
-) -> None:
-    """Validate and store the hyper-parameters, pick the block, create its ``weight``, ``class_range`` and ``scale``."""
-    I.check_in_features(in_features)
-    I.check_num_classes(out_features)
-    I.check_num_sub_centers(num_sub_centers)
-    I.check_sample_rate(sample_rate)
-    I.check_feature_grad_scale(feature_grad_scale)
-    I.check_generator(generator)
-    if not isinstance(trainable_scale, bool):
-        raise TypeError(f"trainable_scale must be a bool, but got {type(trainable_scale).__name__}")
-    if class_range is None:
-        rank, world = I.rank_and_world(group)
-        class_range = MF.shard_bounds(out_features, world)[rank]
-    elif not (
-        isinstance(class_range, (tuple, list))
-        and len(class_range) == 2
-        and all(I._is_int(v) for v in class_range)
-        and 0 <= class_range[0] <= class_range[1] <= out_features
-    ):
-        raise ValueError(
-            f"class_range must be a pair (start, stop) of integers with 0 <= start <= stop <= out_features="
-            f"{out_features}, but got {class_range!r}"
-        )
-    start, stop = (int(v) for v in class_range)
-    module.in_features, module.out_features, module.num_sub_centers = (
-        int(in_features),
-        int(out_features),
-        int(num_sub_centers),
-    )
-    module.class_start, module.class_stop = start, stop
-    module.sample_rate = float(sample_rate)
-    module.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
-    module.group, module.generator = group, generator
-    factory = {"device": device, "dtype": dtype}
-    module.weight = nn.Parameter(torch.empty(((stop - start) * int(num_sub_centers), int(in_features)), **factory))
-    # saved with the weights: a checkpoint says which classes it holds
-    module.register_buffer("class_range", torch.tensor([start, stop], dtype=torch.int64, device=device))
-    scale = default_scale() if scale is None else scale
-    I.check_scale(scale)
-    value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
-    if trainable_scale:
-        module.scale = nn.Parameter(value)
-    else:
-        module.register_buffer("scale", value)
-    module._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
-    module._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
+class _Sharded(nn.Module):
+    """What every class-sharded head shares: the block, its weights and scale, the loss, ``from_dense``."""
+
+    in_features: int
+    out_features: int
+    num_sub_centers: int
+    class_start: int
+    class_stop: int
+    weight: nn.Parameter
+    scale: Tensor
+    #: the single-process head this one shards
+    dense: type[Head]
+
+    def __init__(
+        self, in_features: int, out_features: int, num_sub_centers: int, scale: Optional[float],
+        trainable_scale: bool, default_margin: MF.Margin, *, class_range: Optional[tuple[int, int]], group: Any,
+        sample_rate: float, feature_grad_scale: Optional[float], generator: Optional[torch.Generator], device: Any,
+        dtype: Any,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        I.check_in_features(in_features)
+        I.check_num_classes(out_features)
+        I.check_num_sub_centers(num_sub_centers)
+        I.check_sample_rate(sample_rate)
+        I.check_feature_grad_scale(feature_grad_scale)
+        I.check_generator(generator)
+        if class_range is None:
+            rank, world = I.rank_and_world(group)
+            class_range = MF.shard_bounds(out_features, world)[rank]
+        elif not (
+            isinstance(class_range, (tuple, list))
+            and len(class_range) == 2
+            and all(I._is_int(v) for v in class_range)
+            and 0 <= class_range[0] <= class_range[1] <= out_features
+        ):
+            raise ValueError(
+                f"class_range must be a pair (start, stop) of integers with 0 <= start <= stop <= out_features="
+                f"{out_features}, but got {class_range!r}"
+            )
+        start, stop = (int(v) for v in class_range)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.num_sub_centers = int(num_sub_centers)
+        self.class_start, self.class_stop = start, stop
+        self.sample_rate = float(sample_rate)
+        self.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
+        self.group, self.generator = group, generator
+        rows = (stop - start) * self.num_sub_centers
+        self.weight = nn.Parameter(torch.empty((rows, self.in_features), device=device, dtype=dtype))
+        # saved with the weights: a checkpoint says which classes it holds
+        self.register_buffer("class_range", torch.tensor([start, stop], dtype=torch.int64, device=device))
+        default = MF.heuristic_scale(self.out_features, default_margin) if scale is None else scale
+        register_scale(self, default, trainable_scale, device, dtype)
+        self._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+
+    def bound_margin(self) -> MF.Margin:
+        """The training-mode margin (the same on every rank)."""
+        return MF.NO_MARGIN()
+
+    def forward(self, input: Tensor, labels: Any = None) -> Tensor:
+        """This rank's block of scaled cosines ``(*, stop − start)`` (no margin; the logits of the other classes live
+        on the other ranks). Called with labels it returns :meth:`loss`, as before 0.2 (deprecated)."""
+        if labels is not None:
+            warnings.warn(
+                f"{type(self).__name__}(input, labels) returning the loss is deprecated and will be removed in 0.3: "
+                "call head.loss(input, labels); head(input) gives this rank's block of logits",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.loss(input, labels)
+        cosine = MF.cosine_logits(input, self.weight, self.num_sub_centers)
+        return cosine * self.scale
+
+    def loss(self, input: Tensor, labels: Any, *, reduction: str = "mean", chunk_size: Optional[int] = None) -> Tensor:
+        """The loss over all classes: its margin and sampling in training mode, neither in eval mode, like the dense
+        heads; see :func:`mll.functional.sharded_margin_cross_entropy`."""
+        training = self.training
+        return MF.sharded_margin_cross_entropy(
+            input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
+            scale=self.scale, margin=self.bound_margin() if training else MF.NO_MARGIN(),
+            num_sub_centers=self.num_sub_centers, sample_rate=self.sample_rate if training else 1.0,
+            generator=self.generator, chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale,
+            group=self.group, reduction=reduction,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def extra_options(self) -> list[str]:
+        return []
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}", f"out_features={self.out_features}",
+            f"num_sub_centers={self.num_sub_centers}", f"scale={float(self.scale.detach()):.4g}",
+            f"trainable_scale={self.scale.requires_grad}", *self.extra_options(),
+            f"class_range=[{self.class_start}, {self.class_stop})", f"sample_rate={self.sample_rate}",
+        ]  # fmt: skip
+        if self.feature_grad_scale is not None:
+            parts.append(f"feature_grad_scale={self.feature_grad_scale}")
+        return ", ".join(parts)
+
+    @classmethod
+    def dense_options(cls, head: Any) -> dict[str, Any]:
+        """The head's own constructor arguments (its margin), for :meth:`from_dense`."""
+        return {}
+
+    @classmethod
+    def from_dense(cls, head: Head, *, class_range: Optional[tuple[int, int]] = None, **kwargs: Any) -> Any:
+        """This rank's block of a single-process head (weights copied; keyword arguments as the constructor's:
+        ``group``, ``sample_rate``, ``feature_grad_scale``, ``generator``)."""
+        if not isinstance(head, cls.dense):
+            raise TypeError(f"{cls.__name__}.from_dense needs a {cls.dense.__name__}, but got {type(head).__name__}")
+        dense: Any = head
+        shard = cls(
+            dense.in_features, dense.out_features, dense.num_sub_centers, scale=float(dense.scale.detach()),
+            trainable_scale=dense.scale.requires_grad, class_range=class_range, device=dense.weight.device,
+            dtype=dense.weight.dtype, **cls.dense_options(dense), **kwargs,
+        )  # fmt: skip
+        k = shard.num_sub_centers
+        with torch.no_grad():
+            shard.weight.copy_(dense.weight[shard.class_start * k : shard.class_stop * k])
+        return shard
 
 
 def _check_class_range(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     saved = state_dict.get(prefix + "class_range")
-    if isinstance(saved, Tensor) and tuple(saved.tolist()) != (module.class_start, module.class_stop):
+    if not isinstance(saved, Tensor):
+        return
+    if saved.shape != (2,):
+        raise ValueError(
+            f"the state_dict's class_range must be a pair (start, stop), but got shape {tuple(saved.shape)}"
+        )
+    if tuple(saved.tolist()) != (module.class_start, module.class_stop):
         start, stop = saved.tolist()
         raise ValueError(
             f"this shard holds classes [{module.class_start}, {module.class_stop}), but the state_dict holds classes "
@@ -97,61 +166,10 @@ def _check_class_range(module: Any, state_dict: dict[str, Any], prefix: str, *ar
         )
 
 
-def _sharded_loss(
-    module: Any,
-    input: Tensor,
-    labels: Any,
-    reduction: str,
-    chunk_size: Optional[int],
-    margin_type: str,
-    margin: float = 0.0,
-    easy_margin: bool = False,
-) -> Tensor:
-    """A sharded head's loss: its margin and sampling in training mode; in eval mode neither, like the dense heads."""
-    training = module.training
-    return MF.sharded_margin_cross_entropy(
-        input, module.weight, labels, class_start=module.class_start, num_classes=module.out_features,
-        scale=module.scale, margin=margin, margin_type=margin_type if training else "none",
-        easy_margin=easy_margin, num_sub_centers=module.num_sub_centers,
-        sample_rate=module.sample_rate if training else 1.0, generator=module.generator, chunk_size=chunk_size,
-        feature_grad_scale=module.feature_grad_scale, group=module.group, reduction=reduction,  # type: ignore[arg-type]
-    )  # fmt: skip
-
-
-def _shard_repr(module: Any, *extra: str) -> str:
-    parts = [
-        f"in_features={module.in_features}", f"out_features={module.out_features}",
-        f"num_sub_centers={module.num_sub_centers}", f"scale={float(module.scale.detach()):.4g}",
-        f"trainable_scale={module.scale.requires_grad}", *extra,
-        f"class_range=[{module.class_start}, {module.class_stop})", f"sample_rate={module.sample_rate}",
-    ]  # fmt: skip
-    if module.feature_grad_scale is not None:
-        parts.append(f"feature_grad_scale={module.feature_grad_scale}")
-    return ", ".join(parts)
-
-
-def _shard_kwargs(head: Any, expected: type, name: str) -> dict[str, Any]:
-    """The shared constructor arguments of a sharded head built from a dense one."""
-    if not isinstance(head, expected):
-        raise TypeError(f"{name}.from_dense needs a {expected.__name__}, but got {type(head).__name__}")
-    dense: Any = head  # isinstance against a type variable narrows to object
-    scale = dense.scale
-    return {
-        "in_features": dense.in_features,
-        "out_features": dense.out_features,
-        "num_sub_centers": dense.num_sub_centers,
-        "scale": float(scale.detach()),
-        "trainable_scale": scale.requires_grad,
-        "device": dense.weight.device,
-        "dtype": dense.weight.dtype,
-    }
-
-
-def _copy_block(shard: Any, head: Any) -> nn.Module:
-    k = shard.num_sub_centers
-    with torch.no_grad():
-        shard.weight.copy_(head.weight[shard.class_start * k : shard.class_stop * k])
-    return shard
+def _no_per_class(cls: type, value: Any) -> Any:
+    if isinstance(value, Tensor):
+        raise ValueError(f"{cls.__name__} takes one margin for all classes; per-class margins are not sharded yet")
+    return value
 
 
 def dense_state_dict(shards: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -201,151 +219,73 @@ def dense_state_dict(shards: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor
     return {"weight": weight, "scale": scale.clone()}
 
 
-class ShardedScaledNormalizedLinear(nn.Module):
+class ShardedScaledNormalizedLinear(_Sharded):
     r"""Class-sharded :class:`mll.nn.ScaledNormalizedLinear`: the softmax of :math:`s\cos\theta` over all classes.
 
-    As :class:`ShardedArcFace` (construction, loss, checkpoints, DDP), without a margin: see
-    :func:`mll.functional.sharded_margin_cross_entropy` with ``margin_type="none"``. The default scale is
+    As :class:`ShardedArcFace` (construction, loss, checkpoints, DDP), without a margin. The default scale is
     :func:`mll.functional.heuristic_scale` of ``out_features`` (√2·ln(C − 1)).
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    class_start: int
-    class_stop: int
-    weight: nn.Parameter
-    scale: Tensor
+    dense = ScaledNormalizedLinear
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        scale: Optional[float] = None,
-        trainable_scale: bool = False,
-        *,
-        sample_rate: float = 1.0,
-        class_range: Optional[tuple[int, int]] = None,
-        group: Any = None,
-        feature_grad_scale: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        _init_shard(
-            self, in_features, out_features, num_sub_centers, class_range=class_range, group=group,
-            sample_rate=sample_rate, feature_grad_scale=feature_grad_scale, generator=generator, scale=scale,
-            default_scale=lambda: MF.heuristic_scale(out_features), trainable_scale=trainable_scale,
-            device=device, dtype=dtype,
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
+        trainable_scale: bool = False, *, sample_rate: float = 1.0, class_range: Optional[tuple[int, int]] = None,
+        group: Any = None, feature_grad_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
+        device: Any = None, dtype: Any = None,
+    ) -> None:  # fmt: skip
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale, trainable_scale, MF.NO_MARGIN(),
+            class_range=class_range, group=group, sample_rate=sample_rate, feature_grad_scale=feature_grad_scale,
+            generator=generator, device=device, dtype=dtype,
         )  # fmt: skip
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
-
-    def forward(self, input: Tensor, labels: Any) -> Tensor:
-        return self.loss(input, labels)
-
-    def loss(self, input: Tensor, labels: Any, *, reduction: str = "mean", chunk_size: Optional[int] = None) -> Tensor:
-        """The loss over all classes; see :func:`mll.functional.sharded_margin_cross_entropy`."""
-        return _sharded_loss(self, input, labels, reduction, chunk_size, "none")
-
-    def extra_repr(self) -> str:
-        return _shard_repr(self)
-
-    @classmethod
-    def from_dense(
-        cls, head: ScaledNormalizedLinear, *, class_range: Optional[tuple[int, int]] = None, **kwargs: Any
-    ) -> ShardedScaledNormalizedLinear:
-        """This rank's block of a single-process ``ScaledNormalizedLinear`` (weights copied; keyword arguments as
-        the constructor's: ``group``, ``sample_rate``, ``feature_grad_scale``, ``generator``)."""
-        shard = cls(**_shard_kwargs(head, ScaledNormalizedLinear, cls.__name__), class_range=class_range, **kwargs)
-        return _copy_block(shard, head)  # type: ignore[return-value]
 
 
-class ShardedCosFace(nn.Module):
+class ShardedCosFace(_Sharded):
     r"""Class-sharded :class:`mll.nn.CosFace`: :math:`s(\cos\theta_y - m)` on the target, over all ranks' classes.
 
     As :class:`ShardedArcFace` (construction, loss, checkpoints, DDP), with CosFace's margin ``m`` in ``[0, 1)``
-    (default 0.5, as :class:`mll.nn.CosFace`): see :func:`mll.functional.sharded_margin_cross_entropy` with
-    ``margin_type="cos"``.
+    (default 0.5, as :class:`mll.nn.CosFace`).
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    class_start: int
-    class_stop: int
-    weight: nn.Parameter
-    scale: Tensor
+    dense = CosFace
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        scale: Optional[float] = None,
-        trainable_scale: bool = False,
-        margin: float = 0.5,
-        *,
-        sample_rate: float = 1.0,
-        class_range: Optional[tuple[int, int]] = None,
-        group: Any = None,
-        feature_grad_scale: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        MF.COS.parameters[0].check(margin, "CosFace")
-        self.margin = float(margin)
-        _init_shard(
-            self, in_features, out_features, num_sub_centers, class_range=class_range, group=group,
-            sample_rate=sample_rate, feature_grad_scale=feature_grad_scale, generator=generator, scale=scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, self.margin, margin_type="cos"),
-            trainable_scale=trainable_scale, device=device, dtype=dtype,
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
+        trainable_scale: bool = False, margin: float = 0.5, *, sample_rate: float = 1.0,
+        class_range: Optional[tuple[int, int]] = None, group: Any = None, feature_grad_scale: Optional[float] = None,
+        generator: Optional[torch.Generator] = None, device: Any = None, dtype: Any = None,
+    ) -> None:  # fmt: skip
+        self_margin = MF.COS(_no_per_class(type(self), margin))
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale, trainable_scale, self_margin,
+            class_range=class_range, group=group, sample_rate=sample_rate, feature_grad_scale=feature_grad_scale,
+            generator=generator, device=device, dtype=dtype,
         )  # fmt: skip
-        self.reset_parameters()
+        self.margin = float(margin)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
+    def bound_margin(self) -> MF.Margin:
+        return MF.COS(self.margin)
 
-    def forward(self, input: Tensor, labels: Any) -> Tensor:
-        return self.loss(input, labels)
-
-    def loss(self, input: Tensor, labels: Any, *, reduction: str = "mean", chunk_size: Optional[int] = None) -> Tensor:
-        """The loss over all classes; see :func:`mll.functional.sharded_margin_cross_entropy`."""
-        return _sharded_loss(self, input, labels, reduction, chunk_size, "cos", self.margin)
-
-    def extra_repr(self) -> str:
-        return _shard_repr(self, f"margin={self.margin}")
+    def extra_options(self) -> list[str]:
+        return [f"margin={self.margin}"]
 
     @classmethod
-    def from_dense(
-        cls, head: CosFace, *, class_range: Optional[tuple[int, int]] = None, **kwargs: Any
-    ) -> ShardedCosFace:
-        """This rank's block of a single-process ``CosFace`` (weights copied; keyword arguments as the
-        constructor's: ``group``, ``sample_rate``, ``feature_grad_scale``, ``generator``)."""
-        args = _shard_kwargs(head, CosFace, cls.__name__)
-        if isinstance(head.margin, Tensor):
-            raise ValueError(f"{cls.__name__} takes one margin for all classes; per-class margins are not sharded yet")
-        shard = cls(**args, margin=head.margin, class_range=class_range, **kwargs)
-        return _copy_block(shard, head)  # type: ignore[return-value]
+    def dense_options(cls, head: Any) -> dict[str, Any]:
+        return {"margin": _no_per_class(cls, head.margin)}
 
 
-class ShardedArcFace(nn.Module):
+class ShardedArcFace(_Sharded):
     r"""Class-sharded :class:`mll.nn.ArcFace`: :math:`s\cos(\theta_y + m)` on the target, over all ranks' classes.
 
     Model parallelism for the classifier, as in "Partial FC: Training 10 Million Identities on a Single Machine"
     (An et al., ICCVW 2021, https://arxiv.org/abs/2010.05222). Every rank of ``group`` (the default group when
     None) builds the head with the same arguments and keeps only the weights of its block of classes,
     ``shard_bounds(out_features, world_size)[rank]`` unless ``class_range`` says otherwise (blocks may be uneven or
-    empty; together they must tile ``[0, out_features)``). Calling the head returns the **loss** over all classes,
-    not logits (those are spread over the ranks): ``loss = head(features, labels)``, the same as
-    ``head.loss(features, labels)``. Every rank calls it, and backward, in every step. The maths, the traffic and
-    the gradients are those of :func:`mll.functional.sharded_margin_cross_entropy` (``margin_type="arc"``);
+    empty; together they must tile ``[0, out_features)``). ``head.loss(features, labels)`` is the
+    loss over all classes; every rank calls it, and backward, in every step. ``head(features)`` gives this rank's
+    block of scaled cosines ``(*, stop − start)``, no margin (the logits are spread over the ranks). The maths, the
+    traffic and the gradients are those of :func:`mll.functional.sharded_margin_cross_entropy` (``margin_type="arc"``);
     :func:`mll.functional.arc_margin` has the numerics of the margin.
 
     In training mode the margin applies and, with ``sample_rate < 1``, Partial FC's class sampling; in eval mode
@@ -385,67 +325,33 @@ class ShardedArcFace(nn.Module):
     Shape:
         - input: ``(*, d)``; labels: ``(*)`` class indices, ``(*, C)`` soft targets, or a pair
           ``(classes, weights)`` of shape ``(*, P)`` each (few-hot soft targets)
-        - output: ``()``; ``loss(..., reduction="none")``: ``(*)``, this rank's samples
+        - ``head(input)``: ``(*, stop − start)``, this rank's block of logits
+        - ``head.loss(input, labels)``: ``()``; with ``reduction="none"``: ``(*)``, this rank's samples
     """
 
-    in_features: int
-    out_features: int
-    num_sub_centers: int
-    class_start: int
-    class_stop: int
-    weight: nn.Parameter
-    scale: Tensor
+    dense = ArcFace
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_sub_centers: int = 1,
-        scale: Optional[float] = None,
-        trainable_scale: bool = False,
-        margin: float = 0.5,
-        easy_margin: bool = False,
-        *,
-        sample_rate: float = 1.0,
-        class_range: Optional[tuple[int, int]] = None,
-        group: Any = None,
-        feature_grad_scale: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        MF.ARC.parameters[0].check(margin, "ArcFace")
-        self.margin, self.easy_margin = float(margin), bool(easy_margin)
-        _init_shard(
-            self, in_features, out_features, num_sub_centers, class_range=class_range, group=group,
-            sample_rate=sample_rate, feature_grad_scale=feature_grad_scale, generator=generator, scale=scale,
-            default_scale=lambda: MF.heuristic_scale(out_features, self.margin, margin_type="arc"),
-            trainable_scale=trainable_scale, device=device, dtype=dtype,
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
+        trainable_scale: bool = False, margin: float = 0.5, easy_margin: bool = False, *,
+        sample_rate: float = 1.0, class_range: Optional[tuple[int, int]] = None, group: Any = None,
+        feature_grad_scale: Optional[float] = None, generator: Optional[torch.Generator] = None, device: Any = None,
+        dtype: Any = None,
+    ) -> None:  # fmt: skip
+        self_margin = MF.ARC(_no_per_class(type(self), margin))
+        super().__init__(
+            in_features, out_features, num_sub_centers, scale, trainable_scale, self_margin,
+            class_range=class_range, group=group, sample_rate=sample_rate, feature_grad_scale=feature_grad_scale,
+            generator=generator, device=device, dtype=dtype,
         )  # fmt: skip
-        self.reset_parameters()
+        self.margin, self.easy_margin = float(margin), bool(easy_margin)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight)
+    def bound_margin(self) -> MF.Margin:
+        return (MF.ARC_EASY if self.easy_margin else MF.ARC)(self.margin)
 
-    def forward(self, input: Tensor, labels: Any) -> Tensor:
-        return self.loss(input, labels)
-
-    def loss(self, input: Tensor, labels: Any, *, reduction: str = "mean", chunk_size: Optional[int] = None) -> Tensor:
-        """The loss over all classes; see :func:`mll.functional.sharded_margin_cross_entropy`."""
-        return _sharded_loss(self, input, labels, reduction, chunk_size, "arc", self.margin, self.easy_margin)
-
-    def extra_repr(self) -> str:
-        return _shard_repr(self, f"margin={self.margin}", f"easy_margin={self.easy_margin}")
+    def extra_options(self) -> list[str]:
+        return [f"margin={self.margin}", f"easy_margin={self.easy_margin}"]
 
     @classmethod
-    def from_dense(
-        cls, head: ArcFace, *, class_range: Optional[tuple[int, int]] = None, **kwargs: Any
-    ) -> ShardedArcFace:
-        """This rank's block of a single-process ``ArcFace`` (weights copied; keyword arguments as the
-        constructor's: ``group``, ``sample_rate``, ``feature_grad_scale``, ``generator``)."""
-        args = _shard_kwargs(head, ArcFace, cls.__name__)
-        if isinstance(head.margin, Tensor):
-            raise ValueError(f"{cls.__name__} takes one margin for all classes; per-class margins are not sharded yet")
-        shard = cls(**args, margin=head.margin, easy_margin=head.easy_margin, class_range=class_range, **kwargs)
-        return _copy_block(shard, head)  # type: ignore[return-value]
+    def dense_options(cls, head: Any) -> dict[str, Any]:
+        return {"margin": _no_per_class(cls, head.margin), "easy_margin": head.easy_margin}

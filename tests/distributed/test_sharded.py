@@ -241,7 +241,7 @@ def run_modules(rank: int, world: int) -> dict[str, Any]:
         for training in (True, False):
             head.train(training)
             xr = x[rows].clone().requires_grad_(True)
-            loss = head(xr, y[rows])
+            loss = head.loss(xr, y[rows])
             params = [p for p in head.parameters() if p.requires_grad]
             grads = torch.autograd.grad(loss, [xr, *params])
             out[(name, training)] = {"loss": loss.detach(), "grads": grads, "repr": repr(head)}
@@ -256,7 +256,7 @@ def run_ddp(rank: int, world: int) -> dict[str, Any]:
     backbone, dense = ddp_models()
     model = nn.parallel.DistributedDataParallel(backbone)
     head = mll.ShardedArcFace.from_dense(dense)
-    loss = head(model(x[rows]), y[rows])
+    loss = head.loss(model(x[rows]), y[rows])
     loss.backward()
     return {"loss": loss.detach(), "backbone": [p.grad for p in backbone.parameters()], "head": head.weight.grad}
 

@@ -164,8 +164,8 @@ def test_runs_eagerly_inside_a_compiled_function() -> None:
     head = mll.ShardedArcFace(4, 10, dtype=torch.float64)
     backbone = torch.nn.Linear(3, 4, dtype=torch.float64)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 10, (5,))
-    compiled = torch.compile(lambda x, y: head(backbone(x), y), backend="eager")
-    torch.testing.assert_close(compiled(x, y), head(backbone(x), y), **TOL)
+    compiled = torch.compile(lambda x, y: head.loss(backbone(x), y), backend="eager")
+    torch.testing.assert_close(compiled(x, y), head.loss(backbone(x), y), **TOL)
 
 
 def test_shard_bounds() -> None:
@@ -293,8 +293,11 @@ def test_head_in_a_world_of_one_equals_the_dense_heads_loss(name, training) -> N
     assert float(head.scale) == pytest.approx(expected_scale)
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 7, (2, 3))
-    got = head(x, y)
-    assert torch.equal(got, head.loss(x, y))
+    got = head.loss(x, y)
+    with pytest.warns(DeprecationWarning, match=r"returning the loss is deprecated.*call head.loss"):
+        assert torch.equal(head(x, y), got)  # the 0.2 call, still working
+    # head(x): this rank's block of logits, here every class: the dense head's eval-mode logits
+    torch.testing.assert_close(head(x), MF.cosine_logits(x, head.weight, 3) * head.scale, **TOL)
     want = dense_loss(x, head.weight, y, head.scale, margin_type, 3, margin=margin)
     torch.testing.assert_close(got, want, **TOL)
     assert head.loss(x, y, reduction="none").shape == (2, 3)
@@ -307,15 +310,15 @@ def test_eval_mode_neither_samples_nor_applies_the_margin() -> None:
     head = mll.ShardedArcFace(4, 50, sample_rate=0.1, dtype=torch.float64).eval()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 50, (5,))
     want = dense_loss(x, head.weight, y, head.scale, "none", 1)
-    torch.testing.assert_close(head(x, y), want, **TOL)
+    torch.testing.assert_close(head.loss(x, y), want, **TOL)
     head.train()
-    assert not torch.allclose(head(x, y), want)
+    assert not torch.allclose(head.loss(x, y), want)
 
 
 def test_sampling_head_trains_only_the_kept_rows() -> None:
     head = mll.ShardedCosFace(4, 100, sample_rate=0.05, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 2, 3])
-    head(torch.randn(3, 4), y).backward()
+    head.loss(torch.randn(3, 4), y).backward()
     touched = head.weight.grad.abs().sum(1) > 0
     assert int(touched.sum()) == 5 and touched[y].all()
 

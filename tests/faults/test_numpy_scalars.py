@@ -100,6 +100,7 @@ CASES = [
     Case("demo train_one dim", lambda v: _train(dim=v), 3, True),
 ]
 
+
 # heuristic_scale lives in mll/functional/scale.py (outside this change): its arithmetic keeps a NumPy margin's
 # type, so it returns np.float64 for an np.int64 or np.float64 margin (torch.tensor of it is float64, not the
 # default dtype) and np.float32(5.3971705) for np.float32(0.3), not the 5.3971703... of float(margin)
