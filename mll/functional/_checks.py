@@ -248,3 +248,33 @@ def renamed(value: object, old: object, old_name: str, new_name: str) -> Any:
         stacklevel=3,
     )
     return old
+
+
+def check_sample_rate(sample_rate: object) -> None:
+    if not _is_real(sample_rate) or not (0.0 < sample_rate <= 1.0):  # type: ignore[operator]
+        raise ValueError(f"sample_rate must be a float in (0, 1], but got {sample_rate!r}")
+
+
+def check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, but got {type(generator).__name__}")
+
+
+def check_feature_grad_scale(feature_grad_scale: object) -> None:
+    if feature_grad_scale is not None and not (
+        _is_real(feature_grad_scale) and math.isfinite(feature_grad_scale) and feature_grad_scale >= 0  # type: ignore[arg-type, operator]
+    ):
+        raise ValueError(f"feature_grad_scale must be None or a finite float >= 0, but got {feature_grad_scale!r}")
+
+
+def check_lambda(lambda_: object) -> None:
+    """SphereFace's λ: a finite float >= 0, or a one-element floating tensor (its value checked in eager mode)."""
+    if isinstance(lambda_, Tensor):
+        if not lambda_.is_floating_point() or lambda_.numel() != 1:
+            raise ValueError(
+                f"SphereFace lambda_ must be a float or a one-element floating tensor, but got {lambda_!r}"
+            )
+        if values_checkable() and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
+            raise ValueError(f"SphereFace lambda_ must be finite and >= 0, but got {float(lambda_):g}")
+        return
+    check_nonnegative(lambda_, "SphereFace lambda_")

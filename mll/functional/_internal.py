@@ -9,13 +9,17 @@ from mll.functional._checks import (
     UNSET,
     _is_int,
     check_decay,
+    check_feature_grad_scale,
     check_features,
+    check_generator,
     check_in_features,
+    check_lambda,
     check_margin_param,
     check_nonnegative,
     check_num_classes,
     check_num_sub_centers,
     check_positive,
+    check_sample_rate,
     check_scale,
     check_target,
     is_soft,
@@ -30,9 +34,7 @@ from mll.functional.cosine import check_pooling
 from mll.functional.curricular import curricular_update_from_statistics
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
 from mll.functional.margin import apply_margin, at_target
-from mll.functional.margins import check_lambda
 from mll.functional.scale import adacos_statistics_chunked
-from mll.functional.sharded import check_feature_grad_scale, check_generator, check_sample_rate
 
 __all__ = [
     "MAGFACE_MAGNITUDES",

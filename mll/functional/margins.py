@@ -23,10 +23,9 @@ from torch import Tensor
 
 from mll.functional._checks import (
     check_cosine,
-    check_nonnegative,
+    check_lambda,
     check_scale,
     check_target,
-    values_checkable,
 )
 from mll.functional._target import Scale
 from mll.functional.margin import Margin, MarginFamily, MarginParam, MarginParameter, apply_margin
@@ -365,19 +364,6 @@ def sphere_margin(
     margin_.check(cosine.shape)
     check_scale(scale)
     return apply_margin(cosine, check_target(target, cosine.shape), margin_, scale)
-
-
-def check_lambda(lambda_: object) -> None:
-    """SphereFace's λ: a finite float >= 0, or a one-element floating tensor (its value checked in eager mode)."""
-    if isinstance(lambda_, Tensor):
-        if not lambda_.is_floating_point() or lambda_.numel() != 1:
-            raise ValueError(
-                f"SphereFace lambda_ must be a float or a one-element floating tensor, but got {lambda_!r}"
-            )
-        if values_checkable() and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
-            raise ValueError(f"SphereFace lambda_ must be finite and >= 0, but got {float(lambda_):g}")
-        return
-    check_nonnegative(lambda_, "SphereFace lambda_")
 
 
 #: the families the string arguments ``margin_type=...`` name (the older, string-based API)

@@ -197,12 +197,16 @@ class _Elastic(Head):
 
     margin: MarginParam
     family: MF.MarginFamily
+    #: the mean margin when none is given
+    default_margin: float
 
     def __init__(
-        self, in_features: int, out_features: int, num_sub_centers: int, scale: Optional[float],
-        trainable_scale: bool, margin: MarginParam, std: float, generator: Optional[torch.Generator],
-        pooling: str, pooling_temperature: float, device: Any, dtype: Any,
+        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
+        trainable_scale: bool = False, margin: Optional[MarginParam] = None, std: float = 0.05, *,
+        generator: Optional[torch.Generator] = None, pooling: str = "max", pooling_temperature: float = 0.1,
+        device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
+        margin = self.default_margin if margin is None else margin
         kind = type(self).__name__
         spec = self.family.parameters[0]
         I.check_nonnegative(std, f"{kind} std")
@@ -275,17 +279,7 @@ class ElasticArcFace(_Elastic):
     """
 
     family = MF.ARC
-
-    def __init__(
-        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
-        trainable_scale: bool = False, margin: MarginParam = 0.5, std: float = 0.05, *,
-        generator: Optional[torch.Generator] = None, pooling: str = "max", pooling_temperature: float = 0.1,
-        device: Any = None, dtype: Any = None,
-    ) -> None:  # fmt: skip
-        super().__init__(
-            in_features, out_features, num_sub_centers, scale, trainable_scale, margin, std, generator, pooling,
-            pooling_temperature, device, dtype,
-        )  # fmt: skip
+    default_margin = 0.5
 
 
 class ElasticCosFace(_Elastic):
@@ -303,14 +297,4 @@ class ElasticCosFace(_Elastic):
     """
 
     family = MF.COS
-
-    def __init__(
-        self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
-        trainable_scale: bool = False, margin: MarginParam = 0.35, std: float = 0.05, *,
-        generator: Optional[torch.Generator] = None, pooling: str = "max", pooling_temperature: float = 0.1,
-        device: Any = None, dtype: Any = None,
-    ) -> None:  # fmt: skip
-        super().__init__(
-            in_features, out_features, num_sub_centers, scale, trainable_scale, margin, std, generator, pooling,
-            pooling_temperature, device, dtype,
-        )  # fmt: skip
+    default_margin = 0.35
