@@ -31,7 +31,7 @@ from mll.functional._distributed import all_gather_rows, all_reduce_sum, rank_an
 from mll.functional._kernel import target_cosines
 from mll.functional.chunked import check_chunk_size, check_reduction, chunked_loss
 from mll.functional.cosine import check_pooling
-from mll.functional.curricular import curricular_update_from_statistics
+from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
 from mll.functional.margin import apply_margin, at_target
 from mll.functional.scale import adacos_statistics_chunked
@@ -67,6 +67,7 @@ __all__ = [
     "check_target",
     "chunked_loss",
     "curricular_update_from_statistics",
+    "finite_sum_and_count",
     "is_soft",
     "mag",
     "rank_and_world",

@@ -111,11 +111,17 @@ def curricular_margin(
 
 
 def curricular_statistics(cosine: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum and count of the target cosines (float32, or float64 for float64 input), no grad: the parts of the mean
-    that :func:`curricular_update` needs, so that a module can sum them across ranks first."""
+    """Sum and count of the finite target cosines (float32, or float64 for float64 input), no grad: the parts of the
+    mean that :func:`curricular_update` needs, so that a module can sum them across ranks first. A sample whose
+    cosine is not finite (a NaN or infinite feature) is left out."""
     with torch.no_grad():
-        c = gather_target(cosine, target).to(work_dtype(cosine.dtype))
-        return c.sum(), torch.tensor(c.numel(), dtype=c.dtype, device=c.device)
+        return finite_sum_and_count(gather_target(cosine, target).to(work_dtype(cosine.dtype)))
+
+
+def finite_sum_and_count(values: Tensor) -> tuple[Tensor, Tensor]:
+    """The sum and the number of the finite entries of ``values`` (both 0-dim tensors: no host read)."""
+    finite = torch.isfinite(values)
+    return torch.where(finite, values, 0.0).sum(), finite.sum().to(values.dtype)
 
 
 def curricular_update(

@@ -73,13 +73,19 @@ def _check_statistic(value: object, name: str, *, nonnegative: bool = False) -> 
 def adaface_statistics(norms: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and (unbiased) standard deviation of the clipped feature norms of a batch, no grad.
 
-    Returns two 0-dim tensors; the standard deviation is NaN for fewer than two samples (then
-    :func:`adaface_update` keeps the old one).
+    Returns two 0-dim tensors. Norms that are not finite (a NaN or infinite feature) are left out; the mean is NaN
+    without a finite norm and the standard deviation with fewer than two (then :func:`adaface_update` keeps the
+    old values). No host synchronisation: the counts stay tensors.
     """
     with torch.no_grad():
-        n = norms.detach().reshape(-1).to(work_dtype(norms.dtype)).clamp(*ADAFACE_NORM_RANGE)
-        std = n.std() if n.numel() > 1 else torch.full((), math.nan, dtype=n.dtype, device=n.device)
-        return n.mean(), std
+        n = norms.detach().reshape(-1).to(work_dtype(norms.dtype))
+        finite = torch.isfinite(n)
+        n = torch.where(finite, n.clamp(*ADAFACE_NORM_RANGE), 0.0)
+        count = finite.sum().to(n.dtype)
+        mean = n.sum() / count  # NaN (0/0) without a finite norm
+        squares = torch.where(finite, (n - mean) ** 2, 0.0).sum()
+        std = torch.where(count > 1, (squares / (count - 1).clamp(min=1)).sqrt(), math.nan)
+        return mean, std
 
 
 def adaface_update(
@@ -87,8 +93,8 @@ def adaface_update(
 ) -> tuple[Tensor, Tensor]:
     r"""AdaFace's running norm statistics (Eq. 7–8): ``μ ← decay·μ + (1 − decay)·μ_B``, same for σ.
 
-    The paper's α = 0.01 is ``1 − decay``. A batch with fewer than two samples keeps σ (and an empty one keeps
-    μ too).
+    The paper's α = 0.01 is ``1 − decay``. Norms that are not finite are left out (a NaN or infinite feature
+    cannot poison the statistics); a batch with fewer than two finite norms keeps σ, one with none keeps μ too.
 
     Args:
         mean (Tensor or float): running mean of the norms.
@@ -107,10 +113,12 @@ def adaface_update(
         dtype, device = batch_mean.dtype, batch_mean.device
         old_mean = torch.as_tensor(mean, dtype=dtype, device=device).detach().reshape(())
         old_std = torch.as_tensor(std, dtype=dtype, device=device).detach().reshape(())
-        count = norms.numel()
-        new_mean = decay * old_mean + (1 - decay) * batch_mean if count > 0 else old_mean
-        new_std = decay * old_std + (1 - decay) * batch_std if count > 1 else old_std
-        return new_mean, new_std
+        new_mean = decay * old_mean + (1 - decay) * batch_mean
+        new_std = decay * old_std + (1 - decay) * batch_std
+        # too few finite norms: keep the old value
+        return torch.where(torch.isnan(batch_mean), old_mean, new_mean), torch.where(
+            torch.isnan(batch_std), old_std, new_std
+        )
 
 
 def _ada_value_and_slope(cosine: Tensor, w: Tensor | float, margin: Tensor, quality: Tensor) -> tuple[Tensor, Tensor]:

@@ -47,20 +47,24 @@ def ncm_logits(input: Tensor, means: Tensor, scale: Scale) -> Tensor:
 def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Per-class feature sums and (soft) counts of one batch: ``(Tensor[C, d], Tensor[C])``.
 
-    Class indices use ``index_add`` (O(N·d)); soft targets a ``tᵀx`` GEMM. No Python loop over classes.
+    Class indices use ``index_add`` (O(N·d)); soft targets a ``tᵀx`` GEMM. No Python loop over classes. A sample
+    with a non-finite feature (NaN, ±inf) is left out — it counts for no class — so one bad row cannot poison the
+    running means.
     """
     features = input.reshape(-1, input.shape[-1])
     dtype = torch.promote_types(features.dtype, torch.float32)
     features = features.to(dtype)
+    finite = torch.isfinite(features).all(-1)
+    features = torch.where(finite.unsqueeze(-1), features, 0.0)
     if is_soft(target):
-        weights = target.reshape(-1, num_classes).to(dtype)
+        weights = target.reshape(-1, num_classes).to(dtype) * finite.unsqueeze(-1)
         # class means are state: accumulate them in float32 or better even under autocast
         with torch.autocast(features.device.type, enabled=False):
             return weights.transpose(0, 1) @ features, weights.sum(dim=0)
     labels = target.reshape(-1)
     # in place on the zeros allocated here (an out-of-place index_add would copy all C×d of them)
     sums = features.new_zeros(num_classes, features.shape[-1]).index_add_(0, labels, features)
-    counts = features.new_zeros(num_classes).index_add(0, labels, torch.ones_like(labels, dtype=dtype))
+    counts = features.new_zeros(num_classes).index_add(0, labels, finite.to(dtype))
     return sums, counts
 
 

@@ -183,15 +183,20 @@ def adacos_reduce(log_b: Tensor, theta: Tensor, *, min_scale: float = 0.5) -> Te
 
     ``B_avg = mean_i exp(log_b_i)`` is computed as a log-mean-exp (finite for any scale). The result is
     floored at ``min_scale``: ``ln B_avg`` is negative when the non-targets are far below orthogonal, and for
-    two classes AdaCos's fixed point is ``s = 0``. Needs at least one sample (:func:`adacos_scale` and the
-    module keep the old scale for an empty batch).
+    two classes AdaCos's fixed point is ``s = 0``.
+
+    Samples whose statistics are not finite (a NaN or infinite feature) are left out, so one bad row cannot move the
+    scale; with no sample left (or an empty batch) the result is NaN, and :func:`adacos_scale` and the module keep
+    the old scale. No host synchronisation: the count stays a tensor.
     """
-    count = torch.tensor(log_b.numel(), dtype=log_b.dtype, device=log_b.device)
-    log_b_avg = torch.logsumexp(log_b, dim=-1) - torch.log(count)
-    theta_med = torch.median(theta, dim=-1).values
+    valid = torch.isfinite(theta) & ~torch.isnan(log_b) & (log_b != math.inf)
+    count = valid.sum(-1).to(log_b.dtype)
+    log_b_avg = torch.logsumexp(torch.where(valid, log_b, -math.inf), dim=-1) - torch.log(count)
+    theta_med = torch.nanmedian(torch.where(valid, theta, math.nan), dim=-1).values
     new = log_b_avg / torch.cos(torch.clamp(theta_med, max=math.pi / 4))
-    # nan_to_num: rows whose every class is fully a target give −inf; the floor then applies
-    return torch.nan_to_num(new, nan=min_scale, neginf=min_scale).clamp(min=min_scale)
+    # rows whose every class is fully a target give −inf: the floor applies; no valid row at all: NaN
+    floored = torch.nan_to_num(new, nan=min_scale, neginf=min_scale).clamp(min=min_scale)
+    return torch.where(count > 0, floored, math.nan)
 
 
 def adacos_scale(
@@ -226,6 +231,8 @@ def adacos_scale(
         target = check_target(target, cosine.shape)
     with torch.no_grad():
         log_b, theta = adacos_statistics(cosine, target, scale)
+        old = torch.as_tensor(scale, dtype=log_b.dtype, device=log_b.device).detach().reshape(())
         if log_b.numel() == 0:  # an empty batch carries no statistics: keep the scale (a static shape check)
-            return torch.as_tensor(scale, dtype=log_b.dtype, device=log_b.device).detach().reshape(())
-        return adacos_reduce(log_b, theta, min_scale=min_scale)
+            return old
+        new = adacos_reduce(log_b, theta, min_scale=min_scale)
+        return torch.where(torch.isnan(new), old, new)  # no finite sample: keep the scale

@@ -88,7 +88,9 @@ class AdaCos(Head):
                 )
             log_b, theta = I.all_gather_rows(log_b), I.all_gather_rows(theta)
             if log_b.numel() > 0:  # an empty (global) batch keeps the scale
-                self.scale.copy_(MF.adacos_reduce(log_b, theta, min_scale=self.min_scale))
+                new = MF.adacos_reduce(log_b, theta, min_scale=self.min_scale)
+                # rows with a non-finite feature are left out; with none left, the scale stays
+                self.scale.copy_(torch.where(torch.isnan(new), self.scale, new.to(self.scale.dtype)))
         return MF.NO_MARGIN()
 
     def extra_options(self) -> list[str]:

@@ -69,7 +69,7 @@ class CurricularFace(Head):
                 tau = self.pooling_temperature if self.pooling == "soft" and self.num_sub_centers > 1 else None
                 x = MF.normalize(input.detach()).reshape(-1, input.shape[-1])
                 target = I.target_cosines(x, self.weight, labels.reshape(-1, 1), self.num_sub_centers, tau)
-                total, count = target.sum(), torch.tensor(target.numel(), dtype=target.dtype, device=target.device)
+                total, count = I.finite_sum_and_count(target)
             stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]))
             self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
         return MF.CURRICULAR(self.margin, self.t)
