@@ -29,7 +29,7 @@ from mll.functional._checks import (
     check_scale,
     check_target,
 )
-from mll.functional._distributed import all_gather_ints, bits_float, float_bits
+from mll.functional._distributed import all_gather_ints, bits_float, float_bits, rank_and_world
 from mll.functional._kernel import acc_dtype
 from mll.functional.chunked import check_chunk_size, check_pair, check_reduction
 from mll.functional.cosine import check_pooling
@@ -206,6 +206,33 @@ def _raise_everywhere(problem: Optional[Exception], failed: list[int], group: An
     kind = TypeError if gathered[failed[0]] is not None and gathered[failed[0]][0] == "TypeError" else ValueError
     error = kind(f"invalid input on {'; '.join(parts)} (every rank of the group raises this error)")
     raise error from problem
+
+
+def agree_on_call(
+    problem: Optional[Exception], shared: dict[str, int], device: torch.device, group: Any = None
+) -> None:
+    """For a module whose step shares statistics across ranks (AdaCos, DeepNCM, CurricularFace, AdaFace): before its
+    first collective, every rank says whether its checks passed and what must match (``shared``: sizes, dtype); then
+    every rank raises the same error, or every rank goes on. One small all-gather per step; none in a world of one
+    or while compiling (where ranks must match by construction: the collectives' own errors apply)."""
+    world = 1 if torch.compiler.is_compiling() else _world(group)
+    if world == 1:
+        if problem is not None:
+            raise problem
+        return
+    rows = all_gather_ints([int(problem is not None), *shared.values()], device, group, world)
+    failed = [r for r, row in enumerate(rows) if row[0]]
+    if failed:
+        _raise_everywhere(problem, failed, group, world)
+    for i, name in enumerate(shared, start=1):
+        values = [row[i] for row in rows]
+        if any(v != values[0] for v in values):
+            shown = [_show(name, v) for v in values]
+            raise ValueError(f"{name} must be the same on every rank, but got {shown} (by rank)")
+
+
+def _world(group: Any) -> int:
+    return rank_and_world(group)[1]
 
 
 def check_backward_agreement(device: torch.device, group: Any, world: int) -> None:

@@ -5,6 +5,7 @@ forms of the public functions, so a training step does not check (and read back 
 labels twice. Everything here is either such an unchecked twin or a shared argument check.
 """
 
+from mll.functional._agreement import agree_on_call
 from mll.functional._checks import (
     UNSET,
     _is_int,
@@ -43,6 +44,7 @@ __all__ = [
     "_is_int",
     "ada",
     "adacos_statistics_chunked",
+    "agree_on_call",
     "all_gather_rows",
     "all_reduce_sum",
     "apply_margin",

@@ -10,7 +10,7 @@ head written once runs at every scale.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from mll import functional as MF
 from mll.functional import _internal as I
 
-__all__ = ["Head", "register_margin", "register_scale", "statistics_dtype"]
+__all__ = ["Head", "agreed", "register_margin", "register_scale", "statistics_dtype"]
+
+T = TypeVar("T")
 
 
 def statistics_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -88,6 +90,8 @@ class Head(nn.Module):
     soft_targets = True
     #: ``extra_repr`` says whether the scale is trained
     show_trainable = True
+    #: a training step shares statistics across ranks (a collective): the ranks agree on their checks first
+    shares_statistics = False
 
     def __init__(
         self,
@@ -171,15 +175,31 @@ class Head(nn.Module):
     def logits(self, input: Tensor, labels: Optional[Tensor], margin: Optional[MF.Margin] = None) -> Tensor:
         """The body of ``forward``: scaled cosines, with this step's margin in training mode (``margin``, when given,
         instead of :meth:`step_margin`'s)."""
-        cosine = self.cosine(input)
         if not self.training:
-            return cosine * self.logit_scale()
-        labels = self.check_labels(labels, cosine.shape)
+            return self.cosine(input) * self.logit_scale()
+        cosine, labels = self.agreed(lambda: self._cosine_and_labels(input, labels))
         if margin is None:
             margin = self.step_margin(input, labels, cosine)  # type: ignore[arg-type]
         if labels is None or margin.family is MF.NO_MARGIN:
             return cosine * self.logit_scale()
         return I.apply_margin(cosine, labels, margin, self.logit_scale())
+
+    def _cosine_and_labels(self, input: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        cosine = self.cosine(input)
+        return cosine, self.check_labels(labels, cosine.shape)
+
+    def agreed(self, check: Callable[[], T]) -> T:
+        """``check()``, and — when a step shares statistics across ranks — the ranks' agreement on its outcome and on
+        the head's sizes, so that a bad input on one rank raises the same error on every rank instead of leaving
+        the others waiting in the statistics' collective."""
+        if not self.shares_statistics:
+            return check()
+        sizes = {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "num_sub_centers": self.num_sub_centers,
+        }
+        return agreed(check, sizes, self.weight.device)
 
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
@@ -194,6 +214,16 @@ class Head(nn.Module):
     ) -> Tensor:  # fmt: skip
         """The body of ``loss``: every check first, then this step's margin (which may change state; ``margin``,
         when given, instead), then the chunked cross-entropy."""
+        if not self.training:
+            target = self._loss_checks(input, labels, reduction, chunk_size)
+            return self.loss_terms(input, target, MF.NO_MARGIN(), reduction, chunk_size)
+        target = self.agreed(lambda: self._loss_checks(input, labels, reduction, chunk_size))
+        # every check above ran before the first change of state here
+        if margin is None:
+            margin = self.step_margin(input, target, None)
+        return self.loss_terms(input, target, margin, reduction, chunk_size)
+
+    def _loss_checks(self, input: Tensor, labels: Tensor, reduction: str, chunk_size: Optional[int]) -> Tensor:
         I.check_features(input, self.weight, self.num_sub_centers)
         I.check_reduction(reduction)
         I.check_chunk_size(chunk_size)
@@ -201,15 +231,10 @@ class Head(nn.Module):
         if labels is None:
             raise ValueError(f"{type(self).__name__}.loss needs labels: class indices (*) or soft targets (*, C)")
         if not self.training:
-            target = I.check_target(labels, shape, name="labels")
-            return self.loss_terms(input, target, MF.NO_MARGIN(), reduction, chunk_size)
+            return I.check_target(labels, shape, name="labels")
         checked = self.check_labels(labels, shape)
         assert checked is not None
-        target = checked
-        # every check above ran before the first change of state here
-        if margin is None:
-            margin = self.step_margin(input, target, None)
-        return self.loss_terms(input, target, margin, reduction, chunk_size)
+        return checked
 
     def loss_terms(
         self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
@@ -238,6 +263,19 @@ class Head(nn.Module):
     def extra_options(self) -> list[str]:
         """The head's own hyper-parameters for ``extra_repr``."""
         return []
+
+
+def agreed(check: Callable[[], T], sizes: dict[str, int], device: torch.device) -> T:
+    """Run ``check``; under ``torch.distributed`` every rank then learns whether any rank's check failed and whether
+    ``sizes`` match, and all raise the same error or all go on (:func:`mll.functional._agreement.agree_on_call`)."""
+    problem: Optional[Exception] = None
+    result: Any = None
+    try:
+        result = check()
+    except (TypeError, ValueError) as error:
+        problem = error
+    I.agree_on_call(problem, sizes, device)
+    return result
 
 
 def _upgrade_legacy_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -56,6 +56,7 @@ class AdaCos(Head):
 
     needs_labels = False
     show_trainable = False
+    shares_statistics = True
 
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None, *,

@@ -35,6 +35,7 @@ class CurricularFace(Head):
     """
 
     soft_targets = False
+    shares_statistics = True
     margin: Any
     t: Tensor
 

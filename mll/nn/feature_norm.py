@@ -39,6 +39,7 @@ class AdaFace(Head):
             as in the paper's code).
     """
 
+    shares_statistics = True
     margin: Any
     norm_mean: Tensor
     norm_std: Tensor

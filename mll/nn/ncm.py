@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
 from mll.functional import _internal as I
+from mll.nn._head import agreed
 
 __all__ = ["DeepNCM"]
+
+T = TypeVar("T")
 
 
 class DeepNCM(nn.Module):
@@ -73,20 +76,28 @@ class DeepNCM(nn.Module):
         self.means.zero_()
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        logits = MF.ncm_logits(input, self.means, self.scale)
-        if self.training:
-            self._update(input, self._check_labels(labels, logits.shape))
+        if not self.training:
+            return MF.ncm_logits(input, self.means, self.scale)
+        logits, labels = self._agreed(lambda: self._logits_and_labels(input, labels))
+        self._update(input, labels)
         return logits
+
+    def _logits_and_labels(self, input: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        logits = MF.ncm_logits(input, self.means, self.scale)
+        return logits, self._check_labels(labels, logits.shape)
+
+    def _agreed(self, check: Callable[[], T]) -> T:
+        # the update all-reduces C×d sums: different sizes on two ranks would crash the collective
+        return agreed(check, {"in_features": self.in_features, "out_features": self.out_features}, self.means.device)
 
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
         """``F.cross_entropy(self(input, labels), labels)`` over class chunks, then the means' update (training)."""
-        I.check_features(input, self.means, 1, weight_name="means")
-        I.check_reduction(reduction)
-        I.check_chunk_size(chunk_size)
-        shape = torch.Size((*input.shape[:-1], self.out_features))
-        labels = self._check_labels(labels, shape) if self.training else I.check_target(labels, shape, name="labels")
+        if self.training:
+            labels = self._agreed(lambda: self._loss_checks(input, labels, reduction, chunk_size))
+        else:
+            labels = self._loss_checks(input, labels, reduction, chunk_size)
         means = self.means.clone() if self.training else self.means  # backward needs the means of the forward
         loss = I.chunked_loss(
             input, means.to(input.dtype), labels, self.scale, MF.NO_MARGIN(), 1, "max", 0.1, chunk_size, reduction
@@ -94,6 +105,13 @@ class DeepNCM(nn.Module):
         if self.training:
             self._update(input, labels)
         return loss
+
+    def _loss_checks(self, input: Tensor, labels: Tensor, reduction: str, chunk_size: Optional[int]) -> Tensor:
+        I.check_features(input, self.means, 1, weight_name="means")
+        I.check_reduction(reduction)
+        I.check_chunk_size(chunk_size)
+        shape = torch.Size((*input.shape[:-1], self.out_features))
+        return self._check_labels(labels, shape) if self.training else I.check_target(labels, shape, name="labels")
 
     def _check_labels(self, labels: Optional[Tensor], shape: torch.Size) -> Tensor:
         if labels is None:

@@ -10,6 +10,8 @@ gradient. Sampled cases compare with the dense loss restricted to the union of t
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from typing import Any, Callable, Optional
 
 import pytest
@@ -284,12 +286,40 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
             x, torch.randn(stop - start + 1, D, dtype=torch.float64), y.clamp(max=6), **kwargs
         ),
     }
+    # one argument wrong on rank 1 only: every rank raises the same error, naming rank 1 and the argument
+    good = y.clamp(max=6)
+    one_bad: dict[str, dict[str, Any]] = {
+        "margin": {"margin": -0.1},
+        "scale": {"scale": -1.0},
+        "reduction": {"reduction": "avg"},
+        "chunk_size": {"chunk_size": 0},
+        "sample_rate": {"sample_rate": 1.5},
+        "margin_type": {"margin_type": "tan"},
+        "pooling": {"pooling": "min"},
+        "feature_grad_scale": {"feature_grad_scale": float("nan")},
+    }
+    for arg, bad in one_bad.items():
+        attempts[f"one-bad-{arg}"] = lambda bad=bad: MF.sharded_margin_cross_entropy(
+            x, w, good, **{**kwargs, **(bad if rank == 1 else {})}
+        )
+    eval_on_one = mll.ShardedArcFace(D, 7, class_range=(start, stop), dtype=torch.float64).train(rank != 1)
+    attempts["one-in-eval-mode"] = lambda: eval_on_one.loss(x, good)
+    attempts["one-bad-dtype"] = lambda: MF.sharded_margin_cross_entropy(
+        x.float() if rank == 1 else x, w.float() if rank == 1 else w, good, **kwargs
+    )
+    attempts["one-bad-soft-target"] = lambda: MF.sharded_margin_cross_entropy(
+        x, w, torch.full((3, 7), float("inf") if rank == 1 else 1 / 7, dtype=torch.float64), **kwargs
+    )
+    xr = x.clone().requires_grad_(True)
+    attempts["one-double-backward"] = lambda: torch.autograd.grad(
+        MF.sharded_margin_cross_entropy(xr, w, good, **kwargs), xr, create_graph=rank == 1
+    )
     for name, attempt in attempts.items():
         try:
             attempt()
             out[name] = "no error"
-        except ValueError as error:
-            out[name] = str(error)
+        except (ValueError, TypeError, RuntimeError) as error:
+            out[name] = f"{type(error).__name__}: {error}"
     # the group still works: a valid call after the errors
     out["after"] = repr(float(MF.sharded_margin_cross_entropy(x, w, y.clamp(max=6), **kwargs)))
     return out
@@ -321,7 +351,13 @@ def spawned(tmp_path_factory):
     def results(world: int) -> list[dict[str, Any]]:
         if world not in _RESULTS:
             path = tmp_path_factory.mktemp(f"world{world}")
-            mp.spawn(_worker, args=(world, str(path)), nprocs=world, join=True)
+            context = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False)
+            start = time.monotonic()
+            while not context.join(timeout=1):
+                if time.monotonic() - start > 600:  # a rank left waiting in a collective fails, never stalls CI
+                    for process in context.processes:
+                        process.kill()
+                    pytest.fail(f"world {world}: a rank hung")
             _RESULTS[world] = [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
         return _RESULTS[world]
 
@@ -439,9 +475,26 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
         errors = r["errors"]
         # every rank raises the same error, which quotes the faulty rank's own message
         assert errors["bad-label"] == (
-            "invalid input on rank 1: target must hold class indices in [0, 7), but got values from 0 "
+            "ValueError: invalid input on rank 1: target must hold class indices in [0, 7), but got values from 0 "
             "to 9 (every rank of the group raises this error)"
         )
+        wanted = {
+            "margin": r"ValueError: invalid input on rank 1: ArcFace margin must be in \[0, 1.571\), but got -0.1",
+            "scale": r"ValueError: invalid input on rank 1: scale must be positive and finite, but got -1.0",
+            "reduction": r"ValueError: invalid input on rank 1: reduction must be 'mean', 'sum' or 'none'",
+            "chunk_size": r"ValueError: invalid input on rank 1: chunk_size must be None or an integer >= 1",
+            "sample_rate": r"ValueError: invalid input on rank 1: sample_rate must be a float in \(0, 1\]",
+            "margin_type": r"ValueError: invalid input on rank 1: margin_type must be one of",
+            "pooling": r"ValueError: invalid input on rank 1: pooling must be 'max' or 'soft', but got 'min'",
+            "feature_grad_scale": r"ValueError: invalid input on rank 1: feature_grad_scale must be None or a finite",
+            "dtype": r"ValueError: dtype must be the same on every rank, but got \['torch.float64', 'torch.float32'",
+            "soft-target": r"ValueError: invalid input on rank 1: soft target must be non-negative and finite",
+            "double-backward": r"RuntimeError: the sharded loss gives first derivatives only.*rank\(s\) \[1\]",
+            "in-eval-mode": r"ValueError: the margin family must be the same on every rank, but got \['arc', 'none'",
+        }
+        for arg, pattern in wanted.items():
+            key = f"one-bad-{arg}" if f"one-bad-{arg}" in errors else f"one-{arg}"
+            assert re.match(pattern, errors[key]), (arg, errors[key])
         assert (
             "the margin's float parameters must be the same on every rank, but got [[0.5], [0.4]"
             in errors["margins-differ"]

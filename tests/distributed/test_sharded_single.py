@@ -402,3 +402,11 @@ def test_exported_names() -> None:
         assert getattr(mll, name) is getattr(mll.nn, name)
     for name in ("sharded_margin_cross_entropy", "shard_bounds", "sample_classes"):
         assert name in MF.__all__
+
+
+def test_a_state_dict_whose_class_range_is_not_a_pair_is_refused() -> None:
+    head = mll.ShardedArcFace(4, 10, class_range=(0, 10))
+    state = head.state_dict()
+    state["class_range"] = torch.tensor([0, 5, 10])
+    with pytest.raises(ValueError, match=r"class_range must be a pair \(start, stop\), but got shape \(3,\)"):
+        head.load_state_dict(state)

@@ -85,3 +85,64 @@ def test_statistics_are_gathered_across_ranks(tmp_path, split, compiled) -> None
     local = run_steps(*heads(), *(t[: split[0]] for t in global_batch()))
     for i in range(4):  # the test must tell local from global statistics, for every head
         assert not torch.allclose(local[0][i], expected[0][i]), i
+
+
+# ------------------------------------------------------------------------ one faulty rank: every rank raises, fast
+
+
+def _faulty_worker(rank, path, results, world):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    out = {}
+    try:
+        x, y, _ = global_batch()
+        x, y = x[:4], y[:4]
+        for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
+            bad = y.clone()
+            if rank == 1:
+                bad[0] = C  # one label out of range, on one rank
+            for call in ("forward", "loss"):
+                run = head if call == "forward" else head.loss
+                try:
+                    run(x, bad)
+                    out[(name, call)] = "no error"
+                except ValueError as error:
+                    out[(name, call)] = str(error)
+            run = head.loss
+            out[(name, "after")] = float(run(x, y))  # the group still works
+        wide = mll.DeepNCM(D, C + rank)  # a different number of classes per rank
+        try:
+            wide(x, y)
+            out["sizes"] = "no error"
+        except ValueError as error:
+            out["sizes"] = str(error)
+        torch.save(out, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_bad_label_on_one_rank_raises_on_every_rank_within_seconds(tmp_path, world) -> None:
+    import time
+
+    start = time.monotonic()
+    context = mp.start_processes(
+        _faulty_worker, args=(str(tmp_path / "store"), str(tmp_path / "result"), world), nprocs=world, join=False,
+        start_method="spawn",
+    )  # fmt: skip
+    while not context.join(timeout=1):
+        if time.monotonic() - start > 120:  # a hang fails the test instead of stalling CI
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank hung in a collective")
+    got = [torch.load(f"{tmp_path / 'result'}.{rank}") for rank in range(world)]
+    for name in ("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"):
+        for call in ("forward", "loss"):
+            messages = {g[(name, call)] for g in got}
+            assert len(messages) == 1, messages  # the same error on every rank
+            (message,) = messages
+            assert message.startswith("invalid input on rank 1: labels must hold class indices in [0, 7)"), message
+        assert len({g[(name, "after")] for g in got}) == 1
+    sizes = [C + rank for rank in range(world)]
+    assert {g["sizes"] for g in got} == {f"out_features must be the same on every rank, but got {sizes} (by rank)"}
