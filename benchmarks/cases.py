@@ -8,7 +8,7 @@ Gradients accumulate into buffers allocated once, so steady-state steps allocate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -35,6 +35,8 @@ class Data:
     x: torch.Tensor
     y: torch.Tensor
     target: torch.Tensor  # y, or soft targets (a mixup of two labels) when cfg.soft
+    #: class weights shared by the cases of a suite that asks for them (see :func:`shared_weight`), by row count
+    weights: dict[int, torch.nn.Parameter] = field(default_factory=dict)
 
 
 def make_data(cfg: Config) -> Data:
@@ -140,10 +142,96 @@ def per_class_arcface(cfg: Config, data: Data) -> Step:
     return _module_step(head, data)
 
 
+# The "limit" suite: one class-weight matrix for every case (at C = 10^6 it is 2 GB, its gradient 2 GB more; a copy
+# per case would not fit next to the dense paths' N×C buffers), and gradients set to None before each step, as
+# ``optimizer.zero_grad()`` does by default — except in the case that measures accumulation into an existing .grad.
+
+
+def shared_weight(cfg: Config, data: Data) -> torch.nn.Parameter:
+    """The suite's class weights (C·K × d), made on first use and kept on ``data``."""
+    rows = cfg.classes * cfg.sub_centers
+    if rows not in data.weights:
+        data.weights[rows] = torch.nn.Parameter(_weight(cfg, rows).detach())
+    return data.weights[rows]
+
+
+def three_gemm_limit(cfg: Config, data: Data) -> Step:
+    """The three GEMMs a cosine head cannot avoid — logits = x̂Ŵᵀ, dX = G·Ŵ, dW = Gᵀ·x̂ — on preallocated operands
+    and outputs, and nothing else. Ŵ is the suite's weight matrix as it is (a GEMM's time does not depend on the
+    rows' norms; a normalised copy would cost another C×d buffer), G a random N×C matrix."""
+    rows = cfg.classes * cfg.sub_centers
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    x_hat = F.normalize(torch.randn(cfg.batch, cfg.features, generator=g))
+    w_hat = shared_weight(cfg, data).detach()
+    grad_logits = torch.randn(cfg.batch, rows, generator=g)
+    logits = torch.empty(cfg.batch, rows)
+    grad_x = torch.empty(cfg.batch, cfg.features)
+    grad_w = torch.empty(rows, cfg.features)
+
+    def step() -> None:
+        torch.mm(x_hat, w_hat.t(), out=logits)
+        torch.mm(grad_logits, w_hat, out=grad_x)
+        torch.mm(grad_logits.t(), x_hat, out=grad_w)
+
+    return step
+
+
+def zeroing_floor(cfg: Config, data: Data) -> Step:
+    """The floor on the suite's weights, gradients set to None first."""
+    w = shared_weight(cfg, data)
+
+    def step() -> None:
+        data.x.grad = w.grad = None
+        F.cross_entropy(SCALE * F.linear(F.normalize(data.x), F.normalize(w)), data.target).backward()
+
+    return step
+
+
+def _head_on_shared_weight(name: str, cfg: Config, data: Data, **kwargs: object) -> torch.nn.Module:
+    head = getattr(mll, name)(cfg.features, cfg.classes, cfg.sub_centers, **kwargs)
+    head.weight = shared_weight(cfg, data)  # its own initial weights are freed here
+    return head.train()
+
+
+def zeroing_dense(name: str, **kwargs: object) -> Factory:
+    """``F.cross_entropy(head(x, y), y)`` on the suite's weights, gradients set to None first."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = _head_on_shared_weight(name, cfg, data, **kwargs)
+
+        def step() -> None:
+            data.x.grad = head.weight.grad = None
+            F.cross_entropy(head(data.x, data.target), data.target).backward()
+
+        return step
+
+    return make
+
+
+def chunked_loss(name: str, accumulate: bool = False, **kwargs: object) -> Factory:
+    """``head.loss(x, y)`` (chunked) on the suite's weights: gradients set to None first, or, with ``accumulate``,
+    added to the ``.grad`` already there (gradient accumulation: ``.grad`` is not None before backward)."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = _head_on_shared_weight(name, cfg, data, **kwargs)
+        weight = head.weight
+
+        def step() -> None:
+            if not accumulate:
+                data.x.grad = weight.grad = None
+            elif weight.grad is None:  # never in the suite's order (the plain loss() runs just before); a lone run
+                weight.grad = torch.zeros_like(weight)
+            head.loss(data.x, data.target).backward()
+
+        return step
+
+    return make
+
+
 @dataclass(frozen=True)
 class Case:
     head: str
-    impl: str  # "floor", "mll", "0.1.6", "pml 2.9"
+    impl: str  # "floor", "limit", "mll…", "0.1.6", "pml 2.9"
     factory: Factory
     available: Callable[[], bool] = lambda: True
 
@@ -158,7 +246,8 @@ def _has_pml() -> bool:
 
 ARC_DEG = math.degrees(ARC_MARGIN)
 
-#: the suites: (title, configs' overrides, cases); the floor is always the first case
+#: the suites: name -> cases; the first case is the floor (the reference in DeepNCM), but for "limit", which
+#: starts with the three-GEMM limit and then the floor
 SUITES: dict[str, list[Case]] = {
     "int labels": [
         Case("floor", "floor", floor),
@@ -199,6 +288,18 @@ SUITES: dict[str, list[Case]] = {
         Case("ArcFace, per-class margins", "mll", per_class_arcface),
         Case("CurricularFace (dense step)", "mll", ours("CurricularFace", scale=SCALE)),
         Case("SphereFace (m=4)", "pml 2.9", pml("SphereFaceLoss", margin=4), _has_pml),
+    ],
+    # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
+    "limit": [
+        Case("three GEMMs (x̂Ŵᵀ, G·Ŵ, Gᵀ·x̂)", "limit", three_gemm_limit),
+        Case("floor", "floor", zeroing_floor),
+        Case("ArcFace", "mll dense + F.cross_entropy", zeroing_dense("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
+        Case("ArcFace", "mll loss() (chunked)", chunked_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
+        Case(
+            "ArcFace",
+            "mll loss(), .grad exists (accumulating)",
+            chunked_loss("ArcFace", accumulate=True, scale=SCALE, margin=ARC_MARGIN),
+        ),
     ],
     "DeepNCM": [
         Case("ScaledNormalizedLinear (reference)", "mll", ours("ScaledNormalizedLinear", scale=SCALE)),

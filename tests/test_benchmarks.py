@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import run
-from benchmarks.cases import SUITES, Config
+from benchmarks.cases import SUITES, Config, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,9 @@ def test_quick_run_prints_a_table_per_suite() -> None:
     for suite in run.PLAN:
         assert f"### {suite}: N=32, d=64, C=500" in done.stdout
     assert "| ArcFace | mll |" in done.stdout
+    for impl in ("limit", "floor", "mll dense + F.cross_entropy", "mll loss() (chunked)"):
+        assert f"| {impl} |" in done.stdout
+    assert "| × limit (median) | × floor (median) |" in done.stdout
 
 
 def test_memory_probe_measures_a_step() -> None:
@@ -53,3 +57,22 @@ def test_sharded_quick_run_prints_its_tables() -> None:
     for world, threads, classes in ((1, 2, 4000), (2, 1, 2000)):
         assert f"| {world} | {threads} | {classes} |" in done.stdout
     assert "| 2 | 65536 | 1024 | 3072 | 65536 | 132 | 132.1 |" in done.stdout
+
+
+def test_limit_suite_shares_one_weight_and_accumulates_only_where_asked() -> None:
+    cfg = Config(batch=8, features=16, classes=50)
+    data = make_data(cfg)
+    steps = {case.impl: case.factory(cfg, data) for case in SUITES["limit"]}
+    (weight,) = data.weights.values()  # one class-weight matrix for every case
+    steps["limit"]()  # the three GEMMs touch no gradient
+    assert weight.grad is None
+    steps["mll loss() (chunked)"]()
+    once = weight.grad.clone()
+    steps["mll loss() (chunked)"]()  # gradients set to None first: the same gradient again
+    torch.testing.assert_close(weight.grad, once)
+    accumulating = next(impl for impl in steps if "accumulating" in impl)
+    steps[accumulating]()  # added to the .grad already there
+    torch.testing.assert_close(weight.grad, 2 * once)
+    steps["floor"]()
+    steps["mll dense + F.cross_entropy"]()
+    assert weight.grad.shape == weight.shape
