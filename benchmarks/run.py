@@ -3,17 +3,21 @@
     python -m benchmarks.run                      # the full run (about 15 minutes on 2 cores)
     python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds
     python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
+    python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
 
 Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by
 round in this one process with ``torch.utils.benchmark``; the median (and the minimum) per implementation, and
 their ratios to the floor of the same suite and class count (and, in the "limit" suite, to the three GEMMs a
-cosine head cannot avoid). The process re-executes itself with
+cosine head cannot avoid). With ``--allocator tuned`` (the default) the process re-executes itself with
 ``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (the same for every implementation) so that large
-tensors are not mmapped and unmapped on every step (page faults otherwise take a third of the time at C=50k).
+tensors are not mmapped and unmapped on every step (page faults otherwise take a third of the time at C=50k);
+``--allocator default`` re-executes without any ``MALLOC_*`` variable (glibc's defaults, what a user gets);
+``both`` runs the suites once under each, in a child process per setting. Every table's title names its allocator.
 
 Memory: each implementation runs in a fresh process; after a warm-up step (gradient buffers allocated) the peak
 resident set of one more step is read from ``VmHWM`` (reset through ``/proc/self/clear_refs``), minus the resident
-set before it. Those processes use ``MALLOC_MMAP_THRESHOLD_=65536`` instead, so freed tensors leave the RSS.
+set before it. Those processes use ``MALLOC_MMAP_THRESHOLD_=65536`` instead, whatever ``--allocator`` says, so
+freed tensors leave the RSS.
 """
 
 from __future__ import annotations
@@ -36,6 +40,22 @@ from benchmarks.peers import load_legacy, pml_version
 
 TIMING_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+ALLOCATORS = ("tuned", "default")
+
+
+def allocator_env(setting: str) -> dict[str, str]:
+    """This process's environment with the allocator variables of ``setting``: TIMING_ENV added for "tuned", every
+    ``MALLOC_*`` variable removed for "default"."""
+    if setting == "tuned":
+        return {**os.environ, **TIMING_ENV}
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+
+def allocator_description(setting: str) -> str:
+    if setting == "tuned":
+        return f"tuned ({' '.join(f'{k}={v}' for k, v in TIMING_ENV.items())})"
+    return "default (glibc's: no MALLOC_* variables)"
+
 
 # suite -> (class counts, sub-centers, soft targets) for the full and the quick run
 PLAN = {
@@ -161,7 +181,7 @@ def header(args: argparse.Namespace) -> str:
             f"{platform.processor() or platform.machine()}",
             f"peers: pytorch-metric-learning {pml_version() or 'not installed'}; "
             f"metric-learning-layers 0.1.6 {'loaded from ' + str(legacy.__file__) if legacy else 'not fetched'}",
-            f"allocator (timing): {' '.join(f'{k}={v}' for k, v in TIMING_ENV.items())}; "
+            f"allocator (timing): {allocator_description(args.allocator)}; "
             f"(memory, one process per head): {' '.join(f'{k}={v}' for k, v in MEMORY_ENV.items())}",
             f"rounds per implementation: {args.rounds or 'auto'}; quick={args.quick}",
         ]
@@ -174,15 +194,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suites", nargs="*", default=list(PLAN), choices=list(PLAN))
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds per implementation (0: auto)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory probes")
+    parser.add_argument(
+        "--allocator",
+        choices=[*ALLOCATORS, "both"],
+        default="tuned",
+        help="glibc malloc settings of the timing process: tuned (no mmap, no trim), default, or both in turn",
+    )
     parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
 
     if args.probe:
         suite, index, cfg = args.probe
         print(probe_memory(suite, int(index), Config(**json.loads(cfg))))
         return
-    if any(os.environ.get(k) != v for k, v in TIMING_ENV.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], {**os.environ, **TIMING_ENV})
+    if args.allocator == "both":
+        # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins)
+        for setting in ALLOCATORS:
+            print(f"\n## allocator: {allocator_description(setting)}\n", flush=True)
+            done = subprocess.run([sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting])
+            if done.returncode != 0:
+                sys.exit(done.returncode)
+        return
+    env = allocator_env(args.allocator)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *raw], env)
 
     print(header(args), flush=True)
     for suite in args.suites:
@@ -194,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds = args.rounds or (3 if args.quick or rows >= 1_000_000 else (9 if rows >= 100_000 else 25))
             warmup = 1 if rows >= 1_000_000 else 2  # a step at 10^6 classes takes seconds
             results = time_suite(suite, cfg, rounds, memory=not args.no_memory, warmup=warmup)
-            title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}"
+            title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"
             print(f"\n### {title}\n\n{table(results)}", flush=True)
 
 

@@ -38,6 +38,31 @@ def test_memory_probe_measures_a_step() -> None:
     assert peak >= 64 * 20_000 * 4 / 2**20  # at least the N×C float32 logits (4.9 MB) must show
 
 
+def test_allocator_settings_environments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    tuned = run.allocator_env("tuned")
+    assert all(tuned[k] == v for k, v in run.TIMING_ENV.items())
+    assert tuned["MALLOC_ARENA_MAX"] == "2"
+    assert not [k for k in run.allocator_env("default") if k.startswith("MALLOC_")]
+
+
+@pytest.mark.slow
+def test_both_allocators_print_a_table_each() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-memory", "--suites", "limit", "--allocator", "both"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for setting in run.ALLOCATORS:
+        assert f"## allocator: {run.allocator_description(setting)}" in done.stdout
+        assert f"### limit: N=32, d=64, C=500, K=1; allocator: {setting}" in done.stdout
+    assert "allocator (timing): default (glibc's: no MALLOC_* variables)" in done.stdout
+
+
 @pytest.mark.slow
 def test_chunked_quick_run_prints_its_table() -> None:
     done = subprocess.run(
