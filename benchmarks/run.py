@@ -78,6 +78,7 @@ class Result:
     classes: int
     times: list[float]
     memory_mb: float | None = None
+    note: str | None = None  # why it was not timed
 
 
 def _vm_kb(field: str) -> int:
@@ -113,23 +114,49 @@ def measure_memory(suite: str, index: int, cfg: Config) -> float | None:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def time_suite(suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2) -> list[Result]:
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not in /proc/meminfo")
+
+
+#: resident memory a step may take, as a multiple of its live tensors' peak: with mmap off (the tuned allocator)
+#: glibc reuses freed multi-GB blocks poorly — a floor step at C = 10^6 grew the resident set by 15 GB for 7.8 GB
+#: of live tensors, and the machine thrashed
+RESIDENT_PER_LIVE = {"tuned": 2.0, "default": 1.25}
+
+
+def time_suite(
+    suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2, allocator: str = "tuned"
+) -> list[Result]:
+    """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
+    the memory left once every case is built gets a "skipped" row instead."""
     cases = [case for case in SUITES[suite] if case.available()]
     data = make_data(cfg)
     steps = [case.factory(cfg, data) for case in cases]
-    for step in steps:  # warm-up, and allocate the gradient buffers
+    results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
+    free = available_memory()
+    for case, result in zip(cases, results):
+        if case.step_bytes is not None:
+            need = RESIDENT_PER_LIVE[allocator] * case.step_bytes(cfg)
+            if need > 0.9 * free:
+                result.note = f"skipped: a step needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
+    timed = [(step, result) for step, result in zip(steps, results) if result.note is None]
+    for step, _ in timed:  # warm-up, and allocate the gradient buffers
         for _ in range(warmup):
             step()
-    timers = [benchmark.Timer(stmt="step()", globals={"step": step}) for step in steps]
-    results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
+    timers = [(benchmark.Timer(stmt="step()", globals={"step": step}), result) for step, result in timed]
     for _ in range(rounds):
-        for timer, result in zip(timers, results):
+        for timer, result in timers:
             result.times.append(timer.timeit(1).median)
+    del steps, timed, timers, data
     if memory:
-        for index, (case, result) in enumerate(zip(SUITES[suite], results)):
-            if case.available():
+        for case, result in zip(cases, results):
+            if result.note is None:
                 result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
-            del index
     return results
 
 
@@ -140,36 +167,34 @@ def _ratio(value: float | None, base: float | None) -> str:
 def table(results: list[Result]) -> str:
     """One row per implementation: median ms, its ratios to the floor (median and min), peak step memory and its
     ratio to the floor's. With a "limit" row (the three GEMMs), ratios to it as well."""
-    base = next((r for r in results if r.impl == "floor"), results[0])
-    limit = next((r for r in results if r.impl == "limit"), None)
-    base_median, base_min = statistics.median(base.times), min(base.times)
-    if limit is None:
-        lines = [
-            "| head | implementation | median ms | × floor (median) | × floor (min) | peak step MB | × floor memory |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-    else:
-        limit_median, limit_min = statistics.median(limit.times), min(limit.times)
-        lines = [
-            "| head | implementation | median ms | × limit (median) | × floor (median) | × limit (min) | × floor (min) "
-            "| peak step MB | × floor memory |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
+    timed = [r for r in results if r.times]
+    base = next((r for r in timed if r.impl == "floor"), None if any(r.impl == "floor" for r in results) else timed[0])
+    limit = next((r for r in timed if r.impl == "limit"), None)
+    with_limit = any(r.impl == "limit" for r in results)
+    columns = ["median ms", "× floor (median)", "× floor (min)", "peak step MB", "× floor memory"]
+    if with_limit:
+        columns[1:3] = ["× limit (median)", "× floor (median)", "× limit (min)", "× floor (min)"]
+    lines = [
+        f"| head | implementation | {' | '.join(columns)} |",
+        f"| --- | --- |{' ---: |' * len(columns)}",
+    ]
     for r in results:
-        median = statistics.median(r.times)
-        mem = "—" if r.memory_mb is None else f"{r.memory_mb:.1f}"
-        mem_ratio = _ratio(r.memory_mb, base.memory_mb)
-        if limit is None:
-            lines.append(
-                f"| {r.head} | {r.impl} | {median * 1e3:.1f} | {median / base_median:.3f} | "
-                f"{min(r.times) / base_min:.3f} | {mem} | {mem_ratio} |"
-            )
+        if not r.times:
+            lines.append(f"| {r.head} | {r.impl} | {r.note or 'not timed'} |{' |' * (len(columns) - 1)}")
+            continue
+        median, least = statistics.median(r.times), min(r.times)
+        to_floor = [_ratio(median, base and statistics.median(base.times)), _ratio(least, base and min(base.times))]
+        if with_limit:
+            to_limit = [
+                _ratio(median, limit and statistics.median(limit.times)),
+                _ratio(least, limit and min(limit.times)),
+            ]
+            ratios = [to_limit[0], to_floor[0], to_limit[1], to_floor[1]]
         else:
-            lines.append(
-                f"| {r.head} | {r.impl} | {median * 1e3:.1f} | {median / limit_median:.3f} | "
-                f"{median / base_median:.3f} | {min(r.times) / limit_min:.3f} | {min(r.times) / base_min:.3f} | "
-                f"{mem} | {mem_ratio} |"
-            )
+            ratios = to_floor
+        mem = "—" if r.memory_mb is None else f"{r.memory_mb:.1f}"
+        cells = [f"{median * 1e3:.1f}", *ratios, mem, _ratio(r.memory_mb, base and base.memory_mb)]
+        lines.append(f"| {r.head} | {r.impl} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -193,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and few rounds: a smoke run")
     parser.add_argument("--suites", nargs="*", default=list(PLAN), choices=list(PLAN))
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds per implementation (0: auto)")
+    parser.add_argument("--classes", type=int, nargs="*", help="class counts for every suite (default: the plan's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory probes")
     parser.add_argument(
         "--allocator",
@@ -223,13 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     print(header(args), flush=True)
     for suite in args.suites:
         classes, sub_centers, soft = PLAN[suite]
-        for c in [QUICK_CLASSES] if args.quick else classes:
+        for c in [QUICK_CLASSES] if args.quick else (args.classes or classes):
             base = QUICK if args.quick else Config()
             cfg = replace(base, classes=c, sub_centers=sub_centers, soft=soft)
             rows = c * sub_centers
             rounds = args.rounds or (3 if args.quick or rows >= 1_000_000 else (9 if rows >= 100_000 else 25))
             warmup = 1 if rows >= 1_000_000 else 2  # a step at 10^6 classes takes seconds
-            results = time_suite(suite, cfg, rounds, memory=not args.no_memory, warmup=warmup)
+            results = time_suite(suite, cfg, rounds, not args.no_memory, warmup, args.allocator)
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"
             print(f"\n### {title}\n\n{table(results)}", flush=True)
 

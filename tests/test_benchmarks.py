@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import run
+from benchmarks import gpu, run
 from benchmarks.cases import SUITES, Config, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,8 @@ def test_limit_suite_shares_one_weight_and_accumulates_only_where_asked() -> Non
     cfg = Config(batch=8, features=16, classes=50)
     data = make_data(cfg)
     steps = {case.impl: case.factory(cfg, data) for case in SUITES["limit"]}
-    (weight,) = data.weights.values()  # one class-weight matrix for every case
+    (weight,) = [v for k, v in data.shared.items() if k[0] == "weight"]  # one class-weight matrix for every case
+    assert len(data.shared) == 2  # and one ArcFace head on it
     steps["limit"]()  # the three GEMMs touch no gradient
     assert weight.grad is None
     steps["mll loss() (chunked)"]()
@@ -101,3 +102,68 @@ def test_limit_suite_shares_one_weight_and_accumulates_only_where_asked() -> Non
     steps["floor"]()
     steps["mll dense + F.cross_entropy"]()
     assert weight.grad.shape == weight.shape
+
+
+def test_gpu_largest_classes_doubles_by_memory_and_halves_by_time() -> None:
+    plan = gpu.FULL
+    per_million = gpu.floor_step_bytes(plan.batch, plan.features, 1_000_000)
+    assert gpu.largest_by_memory(plan, free_bytes=0) == 1_000_000  # never below the last fixed stage
+    four = gpu.largest_by_memory(plan, free_bytes=int(4.5 * per_million / gpu.MEMORY_FRACTION))
+    assert four == 4_000_000
+    assert gpu.cap_by_time(four, 1_000_000, seconds_at_start=10.0, seconds_left=1000.0) == four
+    assert gpu.cap_by_time(four, 1_000_000, seconds_at_start=10.0, seconds_left=30.0) == 2_000_000
+    assert gpu.cap_by_time(four, 1_000_000, seconds_at_start=10.0, seconds_left=1.0) == 1_000_000
+
+
+def test_gpu_dry_run_prints_the_plan() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dry run: no device used" in done.stdout
+    assert "largest by memory with 139 GiB free: C=4000000" in done.stdout
+    for case in gpu.CASES:
+        assert case.name in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_gpu_benchmark_fails_fast_without_a_gpu() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "no CUDA device" in done.stderr
+    assert "--device cpu --quick" in done.stderr
+
+
+def test_gpu_quick_cpu_run_prints_every_case_and_the_sync_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--quick", "--compile-backend", "eager"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for classes in gpu.QUICK.classes:
+        assert f"### C={classes}\n" in out
+    assert f"### C={gpu.QUICK.max_classes} (the largest that fits)" in out
+    assert "| floor | " in out and "| 1.000 |" in out
+    for case in gpu.CASES:
+        assert f"| {case.name} | " in out
+        if case.package is None:  # mll and torch cases must run; the anchors need their package and a GPU
+            assert f"| {case.name} | failed" not in out, out
+    assert "| ArcFace | dense | n/a on cpu (the step ran) |" in out
+    assert "| ArcFace | loss() | n/a on cpu (the step ran) |" in out
+
+
+def test_a_step_that_would_not_fit_in_memory_is_skipped_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "available_memory", lambda: 1)
+    results = run.time_suite("limit", Config(batch=8, features=16, classes=50), rounds=1, memory=False)
+    skipped = {r.impl for r in results if r.note}
+    assert skipped == {"floor", "mll dense + F.cross_entropy"}
+    assert all(r.times for r in results if not r.note)
+    printed = run.table(results)
+    assert "| floor | floor | skipped: a step needs ~0 GiB, 0 GiB available |" in printed
+    assert "| 1.000 | — | 1.000 | — |" in printed  # the limit row: no floor, no ratio to it
