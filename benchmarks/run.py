@@ -236,11 +236,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.allocator == "both":
         # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins)
+        failed = []
         for setting in ALLOCATORS:
             print(f"\n## allocator: {allocator_description(setting)}\n", flush=True)
             done = subprocess.run([sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting])
-            if done.returncode != 0:
-                sys.exit(done.returncode)
+            if done.returncode != 0:  # e.g. killed for memory: say so, and still run the other setting
+                print(f"the run with the {setting} allocator failed (exit status {done.returncode})", file=sys.stderr)
+                failed.append(setting)
+        if failed:
+            sys.exit(f"failed: the runs with the {' and '.join(failed)} allocator")
         return
     env = allocator_env(args.allocator)
     if env != dict(os.environ):
