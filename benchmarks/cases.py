@@ -8,8 +8,8 @@ Gradients accumulate into buffers allocated once, so steady-state steps allocate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class Data:
     x: torch.Tensor
     y: torch.Tensor
     target: torch.Tensor  # y, or soft targets (a mixup of two labels) when cfg.soft
+    #: what the cases of a suite share when they ask for it (:func:`shared_weight`, :func:`shared_head`)
+    shared: dict[tuple[object, ...], Any] = field(default_factory=dict)
 
 
 def make_data(cfg: Config) -> Data:
@@ -140,12 +142,112 @@ def per_class_arcface(cfg: Config, data: Data) -> Step:
     return _module_step(head, data)
 
 
+# The "limit" suite: one class-weight matrix and one head for every case (at C = 10^6 the weights are 2 GB, their
+# gradient 2 GB more, and glibc reuses freed multi-GB blocks poorly once mmap is off: a copy per case does not fit
+# next to the dense paths' N×C buffers in 24 GB), and gradients set to None before each step, as
+# ``optimizer.zero_grad()`` does by default — except in the case that measures accumulation into an existing .grad.
+
+
+def shared_weight(cfg: Config, data: Data) -> torch.nn.Parameter:
+    """The suite's class weights (C·K × d), made on first use and kept on ``data``."""
+    key = ("weight", cfg.classes * cfg.sub_centers)
+    if key not in data.shared:
+        data.shared[key] = torch.nn.Parameter(_weight(cfg, cfg.classes * cfg.sub_centers).detach())
+    return data.shared[key]
+
+
+def shared_head(name: str, cfg: Config, data: Data, **kwargs: object) -> torch.nn.Module:
+    """The suite's ``mll.<name>(**kwargs)`` in training mode, holding :func:`shared_weight`; made on first use."""
+    key = ("head", name, *sorted(kwargs.items()))
+    if key not in data.shared:
+        head = getattr(mll, name)(cfg.features, cfg.classes, cfg.sub_centers, **kwargs)
+        head.weight = shared_weight(cfg, data)  # its own initial weights are freed here
+        data.shared[key] = head.train()
+    return data.shared[key]
+
+
+def three_gemm_limit(cfg: Config, data: Data) -> Step:
+    """The three GEMMs a cosine head cannot avoid — logits = x̂Ŵᵀ, dX = G·Ŵ, dW = Gᵀ·x̂ — on preallocated operands
+    and outputs, and nothing else. Ŵ is the suite's weight matrix as it is (a GEMM's time does not depend on the
+    rows' norms; a normalised copy would cost another C×d buffer); G is the logits' buffer, as in a fused head that
+    overwrites the logits with softmax − target (its values are the logits', which changes no GEMM's time)."""
+    rows = cfg.classes * cfg.sub_centers
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    x_hat = F.normalize(torch.randn(cfg.batch, cfg.features, generator=g))
+    w_hat = shared_weight(cfg, data).detach()
+    logits = torch.zeros(cfg.batch, rows)  # also G
+    grad_x = torch.zeros(cfg.batch, cfg.features)
+    grad_w = torch.zeros(rows, cfg.features)
+
+    def step() -> None:
+        torch.mm(x_hat, w_hat.t(), out=logits)
+        torch.mm(logits, w_hat, out=grad_x)
+        torch.mm(logits.t(), x_hat, out=grad_w)
+
+    return step
+
+
+def zeroing_floor(cfg: Config, data: Data) -> Step:
+    """The floor on the suite's weights, gradients set to None first."""
+    w = shared_weight(cfg, data)
+
+    def step() -> None:
+        data.x.grad = w.grad = None
+        F.cross_entropy(SCALE * F.linear(F.normalize(data.x), F.normalize(w)), data.target).backward()
+
+    return step
+
+
+def zeroing_dense(name: str, **kwargs: object) -> Factory:
+    """``F.cross_entropy(head(x, y), y)`` on the suite's weights, gradients set to None first."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = shared_head(name, cfg, data, **kwargs)
+
+        def step() -> None:
+            data.x.grad = head.weight.grad = None
+            F.cross_entropy(head(data.x, data.target), data.target).backward()
+
+        return step
+
+    return make
+
+
+def chunked_loss(name: str, accumulate: bool = False, **kwargs: object) -> Factory:
+    """``head.loss(x, y)`` (chunked) on the suite's weights: gradients set to None first, or, with ``accumulate``,
+    added to the ``.grad`` already there (gradient accumulation: ``.grad`` is not None before backward)."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = shared_head(name, cfg, data, **kwargs)
+        weight = head.weight
+
+        def step() -> None:
+            if not accumulate:
+                data.x.grad = weight.grad = None
+            elif weight.grad is None:  # never in the suite's order (the plain loss() runs just before); a lone run
+                weight.grad = torch.zeros_like(weight)
+            head.loss(data.x, data.target).backward()
+
+        return step
+
+    return make
+
+
 @dataclass(frozen=True)
 class Case:
     head: str
-    impl: str  # "floor", "mll", "0.1.6", "pml 2.9"
+    impl: str  # "floor", "limit", "mll…", "0.1.6", "pml 2.9"
     factory: Factory
     available: Callable[[], bool] = lambda: True
+    #: the live tensors' peak of one step, in bytes, where it can reach the machine's memory (None: small)
+    step_bytes: Callable[[Config], int] | None = None
+
+
+def dense_step_bytes(cfg: Config) -> int:
+    """A dense step's live peak: about four N×C and two C·K×d float32 buffers (a floor step measured 782 MB at
+    N=256, d=512, C=10^5)."""
+    rows = cfg.classes * cfg.sub_centers
+    return 4 * rows * (4 * cfg.batch + 2 * cfg.features)
 
 
 def _has_legacy() -> bool:
@@ -158,7 +260,8 @@ def _has_pml() -> bool:
 
 ARC_DEG = math.degrees(ARC_MARGIN)
 
-#: the suites: (title, configs' overrides, cases); the floor is always the first case
+#: the suites: name -> cases; the first case is the floor (the reference in DeepNCM), but for "limit", which
+#: starts with the three-GEMM limit and then the floor
 SUITES: dict[str, list[Case]] = {
     "int labels": [
         Case("floor", "floor", floor),
@@ -199,6 +302,23 @@ SUITES: dict[str, list[Case]] = {
         Case("ArcFace, per-class margins", "mll", per_class_arcface),
         Case("CurricularFace (dense step)", "mll", ours("CurricularFace", scale=SCALE)),
         Case("SphereFace (m=4)", "pml 2.9", pml("SphereFaceLoss", margin=4), _has_pml),
+    ],
+    # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
+    "limit": [
+        Case("three GEMMs (x̂Ŵᵀ, G·Ŵ, Gᵀ·x̂)", "limit", three_gemm_limit),
+        Case("floor", "floor", zeroing_floor, step_bytes=dense_step_bytes),
+        Case(
+            "ArcFace",
+            "mll dense + F.cross_entropy",
+            zeroing_dense("ArcFace", scale=SCALE, margin=ARC_MARGIN),
+            step_bytes=dense_step_bytes,
+        ),
+        Case("ArcFace", "mll loss() (chunked)", chunked_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
+        Case(
+            "ArcFace",
+            "mll loss(), .grad exists (accumulating)",
+            chunked_loss("ArcFace", accumulate=True, scale=SCALE, margin=ARC_MARGIN),
+        ),
     ],
     "DeepNCM": [
         Case("ScaledNormalizedLinear (reference)", "mll", ours("ScaledNormalizedLinear", scale=SCALE)),

@@ -1,22 +1,30 @@
 """Time and measure every head side by side with the floor and the peers; print Markdown tables of ratios.
 
-    python -m benchmarks.run            # the full run (about 10 minutes on 2 cores)
-    python -m benchmarks.run --quick    # a smoke run: small shapes, few rounds
+    python -m benchmarks.run                      # the full run (about 15 minutes on 2 cores)
+    python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds
+    python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
+    python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
 
 Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by
 round in this one process with ``torch.utils.benchmark``; the median (and the minimum) per implementation, and
-their ratios to the floor of the same suite and class count. The process re-executes itself with
+their ratios to the floor of the same suite and class count (and, in the "limit" suite, to the three GEMMs a
+cosine head cannot avoid). With ``--allocator tuned`` (the default) the process re-executes itself with
 ``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (the same for every implementation) so that large
-tensors are not mmapped and unmapped on every step (page faults otherwise take a third of the time at C=50k).
+tensors are not mmapped and unmapped on every step (page faults otherwise take a third of the time at C=50k);
+``--allocator default`` re-executes without any ``MALLOC_*`` variable (glibc's defaults, what a user gets);
+``both`` runs the suites once under each, in a child process per setting. Every table's title names its allocator.
 
 Memory: each implementation runs in a fresh process; after a warm-up step (gradient buffers allocated) the peak
 resident set of one more step is read from ``VmHWM`` (reset through ``/proc/self/clear_refs``), minus the resident
-set before it. Those processes use ``MALLOC_MMAP_THRESHOLD_=65536`` instead, so freed tensors leave the RSS.
+set before it. Those processes use ``MALLOC_MMAP_THRESHOLD_=65536`` instead, whatever ``--allocator`` says, so
+freed tensors leave the RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -34,6 +42,22 @@ from benchmarks.peers import load_legacy, pml_version
 
 TIMING_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+ALLOCATORS = ("tuned", "default")
+
+
+def allocator_env(setting: str) -> dict[str, str]:
+    """This process's environment with the allocator variables of ``setting``: TIMING_ENV added for "tuned", every
+    ``MALLOC_*`` variable removed for "default"."""
+    if setting == "tuned":
+        return {**os.environ, **TIMING_ENV}
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+
+def allocator_description(setting: str) -> str:
+    if setting == "tuned":
+        return f"tuned ({' '.join(f'{k}={v}' for k, v in TIMING_ENV.items())})"
+    return "default (glibc's: no MALLOC_* variables)"
+
 
 # suite -> (class counts, sub-centers, soft targets) for the full and the quick run
 PLAN = {
@@ -42,6 +66,7 @@ PLAN = {
     "soft targets": ([10_000], 1, True),
     "DeepNCM": ([100_000], 1, False),
     "margin families": ([1_000, 10_000, 100_000], 1, False),
+    "limit": ([1_000, 10_000, 100_000, 1_000_000], 1, False),
 }
 QUICK = Config(batch=32, features=64)
 QUICK_CLASSES = 500
@@ -55,6 +80,7 @@ class Result:
     classes: int
     times: list[float]
     memory_mb: float | None = None
+    note: str | None = None  # why it was not timed
 
 
 def _vm_kb(field: str) -> int:
@@ -90,41 +116,95 @@ def measure_memory(suite: str, index: int, cfg: Config) -> float | None:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def time_suite(suite: str, cfg: Config, rounds: int, memory: bool) -> list[Result]:
+def release_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; the tuned allocator never trims on its own)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not in /proc/meminfo")
+
+
+#: resident memory a step may take, as a multiple of its live tensors' peak: with mmap off (the tuned allocator)
+#: glibc reuses freed multi-GB blocks poorly — a floor step at C = 10^6 grew the resident set by 15 GB for 7.8 GB
+#: of live tensors, and the machine thrashed
+RESIDENT_PER_LIVE = {"tuned": 2.0, "default": 1.25}
+
+
+def time_suite(
+    suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2, allocator: str = "tuned"
+) -> list[Result]:
+    """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
+    the memory left once every case is built gets a "skipped" row instead."""
     cases = [case for case in SUITES[suite] if case.available()]
     data = make_data(cfg)
     steps = [case.factory(cfg, data) for case in cases]
-    for step in steps:  # warm-up, and allocate the gradient buffers
-        step()
-        step()
-    timers = [benchmark.Timer(stmt="step()", globals={"step": step}) for step in steps]
     results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
+    free = available_memory()
+    for case, result in zip(cases, results):
+        if case.step_bytes is not None:
+            need = RESIDENT_PER_LIVE[allocator] * case.step_bytes(cfg)
+            if need > 0.9 * free:
+                result.note = f"skipped: a step needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
+    timed = [(step, result) for step, result in zip(steps, results) if result.note is None]
+    for step, _ in timed:  # warm-up, and allocate the gradient buffers
+        for _ in range(warmup):
+            step()
+    timers = [(benchmark.Timer(stmt="step()", globals={"step": step}), result) for step, result in timed]
     for _ in range(rounds):
-        for timer, result in zip(timers, results):
+        for timer, result in timers:
             result.times.append(timer.timeit(1).median)
+    del steps, timed, timers, data
+    release_heap()  # the probes' processes need that memory: at C = 10^6 this one holds 10 GB once freed
     if memory:
-        for index, (case, result) in enumerate(zip(SUITES[suite], results)):
-            if case.available():
+        for case, result in zip(cases, results):
+            if result.note is None:
                 result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
-            del index
     return results
 
 
+def _ratio(value: float | None, base: float | None) -> str:
+    return "—" if value is None or not base else f"{value / base:.3f}"
+
+
 def table(results: list[Result]) -> str:
-    base = results[0]
-    base_median, base_min = statistics.median(base.times), min(base.times)
+    """One row per implementation: median ms, its ratios to the floor (median and min), peak step memory and its
+    ratio to the floor's. With a "limit" row (the three GEMMs), ratios to it as well."""
+    timed = [r for r in results if r.times]
+    base = next((r for r in timed if r.impl == "floor"), None if any(r.impl == "floor" for r in results) else timed[0])
+    limit = next((r for r in timed if r.impl == "limit"), None)
+    with_limit = any(r.impl == "limit" for r in results)
+    columns = ["median ms", "× floor (median)", "× floor (min)", "peak step MB", "× floor memory"]
+    if with_limit:
+        columns[1:3] = ["× limit (median)", "× floor (median)", "× limit (min)", "× floor (min)"]
     lines = [
-        "| head | implementation | median ms | × floor (median) | × floor (min) | peak step MB | × floor memory |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| head | implementation | {' | '.join(columns)} |",
+        f"| --- | --- |{' ---: |' * len(columns)}",
     ]
     for r in results:
-        median = statistics.median(r.times)
+        if not r.times:
+            lines.append(f"| {r.head} | {r.impl} | {r.note or 'not timed'} |{' |' * (len(columns) - 1)}")
+            continue
+        median, least = statistics.median(r.times), min(r.times)
+        to_floor = [_ratio(median, base and statistics.median(base.times)), _ratio(least, base and min(base.times))]
+        if with_limit:
+            to_limit = [
+                _ratio(median, limit and statistics.median(limit.times)),
+                _ratio(least, limit and min(limit.times)),
+            ]
+            ratios = [to_limit[0], to_floor[0], to_limit[1], to_floor[1]]
+        else:
+            ratios = to_floor
         mem = "—" if r.memory_mb is None else f"{r.memory_mb:.1f}"
-        mem_ratio = "—" if r.memory_mb is None or not base.memory_mb else f"{r.memory_mb / base.memory_mb:.3f}"
-        lines.append(
-            f"| {r.head} | {r.impl} | {median * 1e3:.1f} | {median / base_median:.3f} | "
-            f"{min(r.times) / base_min:.3f} | {mem} | {mem_ratio} |"
-        )
+        cells = [f"{median * 1e3:.1f}", *ratios, mem, _ratio(r.memory_mb, base and base.memory_mb)]
+        lines.append(f"| {r.head} | {r.impl} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -136,7 +216,7 @@ def header(args: argparse.Namespace) -> str:
             f"{platform.processor() or platform.machine()}",
             f"peers: pytorch-metric-learning {pml_version() or 'not installed'}; "
             f"metric-learning-layers 0.1.6 {'loaded from ' + str(legacy.__file__) if legacy else 'not fetched'}",
-            f"allocator (timing): {' '.join(f'{k}={v}' for k, v in TIMING_ENV.items())}; "
+            f"allocator (timing): {allocator_description(args.allocator)}; "
             f"(memory, one process per head): {' '.join(f'{k}={v}' for k, v in MEMORY_ENV.items())}",
             f"rounds per implementation: {args.rounds or 'auto'}; quick={args.quick}",
         ]
@@ -148,27 +228,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and few rounds: a smoke run")
     parser.add_argument("--suites", nargs="*", default=list(PLAN), choices=list(PLAN))
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds per implementation (0: auto)")
+    parser.add_argument("--classes", type=int, nargs="*", help="class counts for every suite (default: the plan's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory probes")
+    parser.add_argument(
+        "--allocator",
+        choices=[*ALLOCATORS, "both"],
+        default="tuned",
+        help="glibc malloc settings of the timing process: tuned (no mmap, no trim), default, or both in turn",
+    )
     parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw)
 
     if args.probe:
         suite, index, cfg = args.probe
         print(probe_memory(suite, int(index), Config(**json.loads(cfg))))
         return
-    if any(os.environ.get(k) != v for k, v in TIMING_ENV.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], {**os.environ, **TIMING_ENV})
+    if args.allocator == "both":
+        # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins)
+        failed = []
+        for setting in ALLOCATORS:
+            print(f"\n## allocator: {allocator_description(setting)}\n", flush=True)
+            done = subprocess.run([sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting])
+            if done.returncode != 0:  # e.g. killed for memory: say so, and still run the other setting
+                print(f"the run with the {setting} allocator failed (exit status {done.returncode})", file=sys.stderr)
+                failed.append(setting)
+        if failed:
+            sys.exit(f"failed: the runs with the {' and '.join(failed)} allocator")
+        return
+    env = allocator_env(args.allocator)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *raw], env)
 
     print(header(args), flush=True)
     for suite in args.suites:
         classes, sub_centers, soft = PLAN[suite]
-        for c in [QUICK_CLASSES] if args.quick else classes:
+        for c in [QUICK_CLASSES] if args.quick else (args.classes or classes):
             base = QUICK if args.quick else Config()
             cfg = replace(base, classes=c, sub_centers=sub_centers, soft=soft)
-            rounds = args.rounds or (3 if args.quick else (9 if c * sub_centers >= 100_000 else 25))
-            results = time_suite(suite, cfg, rounds, memory=not args.no_memory)
-            title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}"
-            print(f"\n### {title}\n\n{table(results)}", flush=True)
+            rows = c * sub_centers
+            rounds = args.rounds or (3 if args.quick or rows >= 1_000_000 else (9 if rows >= 100_000 else 25))
+            warmup = 1 if rows >= 1_000_000 else 2  # a step at 10^6 classes takes seconds
+            results = time_suite(suite, cfg, rounds, not args.no_memory, warmup, args.allocator)
+            title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"
+            load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"\n### {title}\n\n{table(results)}\n\nload average (1/5/15 min) after: {load}", flush=True)
 
 
 if __name__ == "__main__":
