@@ -208,6 +208,11 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _relative(path: object) -> str:
+    """A path relative to the working directory: no machine paths in printed (and committed) results."""
+    return os.path.relpath(str(path))
+
+
 def header(args: argparse.Namespace) -> str:
     legacy = load_legacy()
     return "\n".join(
@@ -215,7 +220,7 @@ def header(args: argparse.Namespace) -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{platform.processor() or platform.machine()}",
             f"peers: pytorch-metric-learning {pml_version() or 'not installed'}; "
-            f"metric-learning-layers 0.1.6 {'loaded from ' + str(legacy.__file__) if legacy else 'not fetched'}",
+            f"metric-learning-layers 0.1.6 {'loaded from ' + _relative(legacy.__file__) if legacy else 'not fetched'}",
             f"allocator (timing): {allocator_description(args.allocator)}; "
             f"(memory, one process per head): {' '.join(f'{k}={v}' for k, v in MEMORY_ENV.items())}",
             f"rounds per implementation: {args.rounds or 'auto'}; quick={args.quick}",
