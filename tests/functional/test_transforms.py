@@ -103,3 +103,32 @@ def test_compile_fullgraph_equals_eager() -> None:
     compiled_grads = torch.autograd.grad(compiled[0], (x, w))
     for a, b in zip((*eager, *eager_grads), (*compiled, *compiled_grads)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# every function of the first row of docs/functional.md's table, under vmap (a batch of 2 problems) and compile
+_CLAIMED = {
+    "margin_logits": lambda c, y, t, x, n: MF.margin_logits(c, y, MF.COMBINED(1.2, 0.2, 0.1), scale=3.0),
+    "curricular_margin": lambda c, y, t, x, n: MF.curricular_margin(c, y, 0.4, t=0.3, scale=3.0),
+    "ada_margin": lambda c, y, t, x, n: MF.ada_margin(c, t, n, 0.4, mean=10.0, std=3.0, scale=3.0),
+    "mag_margin": lambda c, y, t, x, n: MF.mag_margin(c, y, n, lower=1.0, upper=5.0, scale=3.0),
+    "sphere_margin": lambda c, y, t, x, n: MF.sphere_margin(c, y, 3.0, lambda_=1.0, scale=3.0),
+    "adacos_scale": lambda c, y, t, x, n: MF.adacos_scale(c, t, scale=4.0),
+    "adaface_update": lambda c, y, t, x, n: torch.stack(MF.adaface_update(20.0, 100.0, n)),
+    "curricular_update": lambda c, y, t, x, n: MF.curricular_update(0.1, c, y),
+    "ncm_update": lambda c, y, t, x, n: MF.ncm_update(torch.ones(C, D, dtype=x.dtype), x, y, 0.9),
+}
+
+
+@pytest.mark.parametrize("name", _CLAIMED)
+def test_the_documented_functions_run_under_vmap_and_compile(name) -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, N, D, generator=g, dtype=torch.float64)
+    cos = torch.rand(2, N, C, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, C, (2, N), generator=g)
+    soft = torch.softmax(torch.randn(2, N, C, generator=g, dtype=torch.float64), -1)
+    norms = x.norm(dim=-1)
+    fn = _CLAIMED[name]
+    looped = torch.stack([fn(cos[i], y[i], soft[i], x[i], norms[i]) for i in range(2)])
+    torch.testing.assert_close(torch.func.vmap(fn)(cos, y, soft, x, norms), looped, rtol=1e-12, atol=1e-12)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(cos[0], y[0], soft[0], x[0], norms[0]), looped[0], rtol=1e-12, atol=1e-12)
