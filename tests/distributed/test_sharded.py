@@ -325,6 +325,47 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+FAMILY_CASE = Case("families", k=3, labels="edges", chunk_size=2)
+M3 = torch.linspace(0.0, 0.3, FAMILY_CASE.classes, dtype=torch.float64)
+M_ARC = torch.linspace(0.2, 0.6, FAMILY_CASE.classes, dtype=torch.float64)
+
+
+def family_margin(name: str, x: torch.Tensor, start: int, stop: int) -> MF.Margin:
+    """The margin of one family for features ``x`` and the classes [start, stop) (all of them for the reference)."""
+    if name == "combined-per-class":
+        return MF.COMBINED(1.2, 0.2, M3[start:stop])
+    if name == "sphere":
+        return MF.SPHERE(3.0, 1.5)
+    if name == "curricular-per-class":
+        return MF.CURRICULAR(M_ARC[start:stop], 0.3)
+    magnitude = x.norm(dim=-1, keepdim=True).clamp(1.0, 5.0)  # per sample, with its gradient
+    return MF.MAG(magnitude, 1.0, 5.0, 0.2, 0.6)
+
+
+FAMILIES = ("combined-per-class", "sphere", "curricular-per-class", "mag-per-sample")
+POOLINGS = {"combined-per-class": "soft", "sphere": "max", "curricular-per-class": "soft", "mag-per-sample": "max"}
+
+
+def run_families(rank: int, world: int) -> dict[str, Any]:
+    """Every kind of margin parameter through the sharded loss: per class (this block's slice), per sample (with a
+    gradient), a family with a non-target part, soft sub-center pooling."""
+    case = FAMILY_CASE
+    data = make_data(case, world)
+    rows = rows_of(data["split"], rank)
+    start, stop = ranges_of(case, world)[rank]
+    out = {}
+    for name in FAMILIES:
+        x = data["x"][rows].clone().requires_grad_(True)
+        w = data["w"][start * case.k : stop * case.k].clone().requires_grad_(True)
+        loss = MF.sharded_margin_cross_entropy(
+            x, w, data["y"][rows], class_start=start, num_classes=case.classes, scale=SCALE,
+            margin=family_margin(name, x, start, stop), num_sub_centers=case.k, pooling=POOLINGS[name],
+            chunk_size=case.chunk_size, feature_grad_scale=1.0,
+        )  # fmt: skip
+        out[name] = {"loss": loss.detach(), "grads": torch.autograd.grad(loss, [x, w])}
+    return out
+
+
 def _worker(rank: int, world: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=world)
@@ -335,6 +376,7 @@ def _worker(rank: int, world: int, path: str) -> None:
             "modules": run_modules(rank, world),
             "ddp": run_ddp(rank, world),
             "errors": run_errors(rank, world),
+            "families": run_families(rank, world),
         }
         torch.save(results, f"{path}/rank{rank}.pt")
     finally:
@@ -501,3 +543,24 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
         )
         assert "must tile [0, 7) without gaps or overlaps" in errors["blocks-overlap"]
         assert errors["after"] == ranks[0]["errors"]["after"] != "no error"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_kind_of_margin_parameter_is_sharded_exactly(spawned, world, name) -> None:
+    ranks = spawned(world)
+    case = FAMILY_CASE
+    data = make_data(case, world)
+    x = data["x"].clone().requires_grad_(True)
+    w = data["w"].clone().requires_grad_(True)
+    margin = family_margin(name, x, 0, case.classes)
+    cos = MF.cosine_logits(x, w, case.k, pooling=POOLINGS[name])
+    dense = F.cross_entropy(MF.margin_logits(cos, data["y"], margin, scale=SCALE), data["y"])
+    grads = torch.autograd.grad(dense, [x, w])
+    for rank, result in enumerate(r["families"][name] for r in ranks):
+        rows = rows_of(data["split"], rank)
+        start, stop = ranges_of(case, world)[rank]
+        torch.testing.assert_close(result["loss"], dense, **TOL)
+        torch.testing.assert_close(result["grads"][0], grads[0][rows], **TOL)
+        torch.testing.assert_close(result["grads"][1], grads[1][start * case.k : stop * case.k], **TOL)
