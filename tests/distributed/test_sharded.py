@@ -269,12 +269,22 @@ def ddp_models() -> tuple[nn.Module, nn.Module]:
     return backbone, mll.ArcFace(4, 9, margin=0.5, dtype=torch.float64)
 
 
+def error_case_data(world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch (3 samples per rank) and weights of the fault tests."""
+    g = torch.Generator().manual_seed(77)
+    x = torch.randn(3 * world, D, generator=g, dtype=torch.float64)
+    return x, torch.randn(7, D, generator=g, dtype=torch.float64), torch.tensor([0, 6, 2] * world)
+
+
 def run_errors(rank: int, world: int) -> dict[str, str]:
     """Bad input on one rank, or ranks that disagree, raise on every rank (and leave the group usable)."""
-    x = torch.randn(3, D, dtype=torch.float64)
+    x, w_all, y_all = error_case_data(world)
+    x = x[3 * rank : 3 * rank + 3]
     start, stop = MF.shard_bounds(7, world)[rank]
-    w = torch.randn(stop - start, D, dtype=torch.float64)
-    y = torch.tensor([0, 6, 9 if rank == 1 else 2])
+    w = w_all[start:stop]
+    y = y_all[3 * rank : 3 * rank + 3].clone()
+    if rank == 1:
+        y[2] = 9
     kwargs = dict(class_start=start, num_classes=7, scale=SCALE, margin=0.5, margin_type="arc")
     out = {}
     attempts: dict[str, Callable[[], Any]] = {
@@ -543,6 +553,11 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
         )
         assert "must tile [0, 7) without gaps or overlaps" in errors["blocks-overlap"]
         assert errors["after"] == ranks[0]["errors"]["after"] != "no error"
+    # and the call after the errors is the single-process loss
+    x, w, y = error_case_data(world)
+    y[3 * 1 + 2] = 6  # rank 1's clamped label
+    want = MF.margin_cross_entropy(x, w, y, scale=SCALE, margin=MF.ARC(0.5))
+    assert float(ranks[0]["errors"]["after"]) == pytest.approx(float(want), rel=1e-10)
 
 
 @pytest.mark.slow
