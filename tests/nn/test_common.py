@@ -147,7 +147,7 @@ def test_a_bad_label_on_one_rank_raises_on_every_rank_within_seconds(tmp_path, w
     # the call after the errors is the single-process loss of the global batch (every rank held the same 4 samples)
     x, y, _ = global_batch()
     for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
-        want = float(head.loss(x[:4].repeat(world, 1), y[:4].repeat(world)))
+        want = float(head.loss(x[:4].repeat(world, 1), y[:4].repeat(world)).detach())
         assert got[0][(name, "after")] == pytest.approx(want, rel=1e-6), name
     sizes = [C + rank for rank in range(world)]
     assert {g["sizes"] for g in got} == {f"out_features must be the same on every rank, but got {sizes} (by rank)"}
