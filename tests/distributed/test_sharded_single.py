@@ -244,6 +244,7 @@ def test_bad_arguments(kwargs, error, match) -> None:
         (torch.rand(3, 5).requires_grad_(True), ValueError, r"does not differentiate soft targets: detach target"),
         ((torch.tensor([[0, 1]] * 3),), ValueError, r"a pair \(classes, weights\), but got a tuple of length 1"),
         ((torch.rand(3, 2), torch.rand(3, 2)), TypeError, r"target's classes must be an integer tensor of shape"),
+        ((torch.ones(3, 2, dtype=torch.bool), torch.rand(3, 2)), TypeError, r"classes must be an integer.*torch.bool"),
         ((torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long)), TypeError, r"weights must be a"),
         ((torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 3)), ValueError, r"both have shape \(\*, P\)"),
         ((torch.full((3, 2), 7), torch.rand(3, 2)), ValueError, r"classes must be in \[0, 5\), but got values from 7"),
@@ -410,3 +411,10 @@ def test_a_state_dict_whose_class_range_is_not_a_pair_is_refused() -> None:
     state["class_range"] = torch.tensor([0, 5, 10])
     with pytest.raises(ValueError, match=r"class_range must be a pair \(start, stop\), but got shape \(3,\)"):
         head.load_state_dict(state)
+
+
+def test_sample_classes_names_a_mask_that_is_not_bool() -> None:
+    with pytest.raises(TypeError, match=r"positive must be a 1-dim bool tensor .* but got dtype torch.int64"):
+        MF.sample_classes(torch.tensor([0, 1, 0, 1]), 0.5)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, but got int"):
+        MF.sample_classes(torch.tensor([False, True]), 0.5, generator=3)
