@@ -1,6 +1,6 @@
 """Time and measure every head side by side with the floor and the peers; print Markdown tables of ratios.
 
-    python -m benchmarks.run                      # the full run (about 15 minutes on 2 cores)
+    python -m benchmarks.run                      # the full run (about 25 minutes on 2 cores, 8 of them at C=10^6)
     python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds
     python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
     python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
