@@ -110,6 +110,13 @@ def _faulty_worker(rank, path, results, world):
                     out[(name, call)] = str(error)
             run = head.loss
             out[(name, "after")] = float(run(x, y))  # the group still works
+        # a NaN feature on rank 0 only: every rank leaves that row out, and all hold the same state
+        for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
+            poisoned = x.clone()
+            if rank == 0:
+                poisoned[1, 0] = float("nan")
+            head(poisoned, y)
+            out[(name, "state after NaN")] = {k: v.clone() for k, v in head.state_dict().items() if k != "weight"}
         wide = mll.DeepNCM(D, C + rank)  # a different number of classes per rank
         try:
             wide(x, y)
@@ -149,5 +156,16 @@ def test_a_bad_label_on_one_rank_raises_on_every_rank_within_seconds(tmp_path, w
     for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
         want = float(head.loss(x[:4].repeat(world, 1), y[:4].repeat(world)).detach())
         assert got[0][(name, "after")] == pytest.approx(want, rel=1e-6), name
+    for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
+        clean = torch.cat([x[:4]] * world)  # the global batch without rank 0's poisoned row
+        keep = torch.ones(len(clean), dtype=torch.bool)
+        keep[1] = False
+        head(clean[keep], y[:4].repeat(world)[keep])
+        for key, want in head.state_dict().items():
+            if key == "weight":
+                continue
+            for g in got:
+                assert torch.isfinite(g[(name, "state after NaN")][key]).all(), (name, key)
+                torch.testing.assert_close(g[(name, "state after NaN")][key], want, rtol=1e-5, atol=1e-6)
     sizes = [C + rank for rank in range(world)]
     assert {g["sizes"] for g in got} == {f"out_features must be the same on every rank, but got {sizes} (by rank)"}
