@@ -7,6 +7,7 @@ labels twice. Everything here is either such an unchecked twin or a shared argum
 
 from mll.functional._agreement import agree_on_call
 from mll.functional._checks import (
+    _INDEX_DTYPES,
     UNSET,
     _is_int,
     check_decay,
@@ -36,11 +37,15 @@ from mll.functional.curricular import curricular_update_from_statistics, finite_
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
 from mll.functional.margin import apply_margin, at_target
 from mll.functional.scale import adacos_statistics_chunked
+from mll.functional.sub_centers import _check_dominant, _check_max_angle
 
 __all__ = [
     "MAGFACE_MAGNITUDES",
     "MAGFACE_MARGINS",
     "UNSET",
+    "_INDEX_DTYPES",
+    "_check_dominant",
+    "_check_max_angle",
     "_is_int",
     "ada",
     "adacos_statistics_chunked",
