@@ -45,7 +45,8 @@ _NOT_A_FLOAT = float_bits(math.nan)
 
 @dataclass
 class Report:
-    """What one rank says about its call. The fields after ``class_stop`` must be the same on every rank."""
+    """What one rank says about its call, as integers (floats travel as their bits). The fields after
+    ``class_stop`` must be the same on every rank."""
 
     error: bool = False
     rows: int = 0
@@ -62,7 +63,6 @@ class Report:
     margin: int = 0  # crc32 of the family's name
     margin_params: list[int] = field(default_factory=lambda: [_NOT_A_FLOAT] * _PARAM_SLOTS)
     scale: int = _NOT_A_FLOAT
-    sample_rate: float = 1.0
     requires_grad: int = 0  # bits: input, weight, scale
 
     def set_scale(self, scale: object) -> None:
@@ -90,12 +90,7 @@ class Report:
         out: list[int] = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, list):
-                out += value
-            elif isinstance(value, float):
-                out.append(float_bits(value))
-            else:
-                out.append(int(value))
+            out += value if isinstance(value, list) else [int(value)]
         return out
 
     @classmethod
@@ -106,9 +101,6 @@ class Report:
             if isinstance(current, list):
                 setattr(report, f.name, list(values[i : i + len(current)]))
                 i += len(current)
-            elif isinstance(current, float):
-                setattr(report, f.name, bits_float(values[i]))
-                i += 1
             else:
                 setattr(report, f.name, type(current)(values[i]))
                 i += 1
@@ -170,8 +162,6 @@ def agree(report: Report, problem: Optional[Exception], device: torch.device, gr
             _raise_everywhere(problem, failed, group, world)
     names = [f.name for f in fields(Report)]
     for name in names[names.index(_FIRST_SHARED) :]:
-        if name == "sample_rate":
-            continue
         values = [getattr(r, name) for r in reports]
         if any(v != values[0] for v in values):
             shown = [_show(name, v) for v in values]
@@ -259,8 +249,7 @@ def check_locally(
     report.set_margin(margin_)
     check_reduction(reduction)
     report.set_reduction(reduction)
-    check_sample_rate(sample_rate)
-    report.sample_rate = sample_rate
+    check_sample_rate(sample_rate)  # each rank samples its own block: rates need not agree
     check_chunk_size(chunk_size)
     if not _is_int(class_start) or class_start < 0:
         raise ValueError(f"class_start must be an integer >= 0, but got {class_start!r}")
