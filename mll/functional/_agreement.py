@@ -221,6 +221,11 @@ def agree_on_call(
             raise ValueError(f"{name} must be the same on every rank, but got {shown} (by rank)")
 
 
+def dtype_code(dtype: object) -> int:
+    """A floating dtype as the small integer :func:`agree_on_call` compares and prints by name (``"dtype"``)."""
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
 def _world(group: Any) -> int:
     return rank_and_world(group)[1]
 

@@ -5,7 +5,14 @@ forms of the public functions, so a training step does not check (and read back 
 labels twice. Everything here is either such an unchecked twin or a shared argument check.
 """
 
-from mll.functional._agreement import agree_on_call
+from mll.functional._agreement import agree_on_call, dtype_code
+from mll.functional._block import (
+    all_reduce_log_sum_exp,
+    block_soft_targets,
+    gather_block_batch,
+    own_share_sum,
+    pair_class_sums,
+)
 from mll.functional._checks import (
     _INDEX_DTYPES,
     UNSET,
@@ -31,7 +38,7 @@ from mll.functional._checks import (
 )
 from mll.functional._distributed import all_gather_rows, all_reduce_sum, rank_and_world
 from mll.functional._kernel import target_cosines
-from mll.functional.chunked import check_chunk_size, check_reduction, chunked_loss
+from mll.functional.chunked import check_chunk_size, check_pair, check_reduction, chunked_loss
 from mll.functional.cosine import check_pooling
 from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
@@ -51,9 +58,11 @@ __all__ = [
     "adacos_statistics_chunked",
     "agree_on_call",
     "all_gather_rows",
+    "all_reduce_log_sum_exp",
     "all_reduce_sum",
     "apply_margin",
     "at_target",
+    "block_soft_targets",
     "check_chunk_size",
     "check_decay",
     "check_feature_grad_scale",
@@ -66,6 +75,7 @@ __all__ = [
     "check_nonnegative",
     "check_num_classes",
     "check_num_sub_centers",
+    "check_pair",
     "check_pooling",
     "check_positive",
     "check_reduction",
@@ -74,9 +84,13 @@ __all__ = [
     "check_target",
     "chunked_loss",
     "curricular_update_from_statistics",
+    "dtype_code",
     "finite_sum_and_count",
+    "gather_block_batch",
     "is_soft",
     "mag",
+    "own_share_sum",
+    "pair_class_sums",
     "rank_and_world",
     "renamed",
     "shape_str",

@@ -6,7 +6,24 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
-from mll.nn.sharded import ShardedArcFace, ShardedCosFace, ShardedScaledNormalizedLinear, dense_state_dict
+from mll.nn.sharded import (
+    ShardedAdaCos,
+    ShardedAdaFace,
+    ShardedArcFace,
+    ShardedCombinedMargin,
+    ShardedCosFace,
+    ShardedCurricularFace,
+    ShardedDeepNCM,
+    ShardedElasticArcFace,
+    ShardedElasticCosFace,
+    ShardedFixedAdaCos,
+    ShardedMagFace,
+    ShardedNormalizedLinear,
+    ShardedScaledNormalizedLinear,
+    ShardedScaledNormalizedLinearSqrt,
+    ShardedSphereFace,
+    dense_state_dict,
+)
 from mll.nn.sub_centers import SubCenterCleanup, clean_sub_centers, keep_dominant_sub_centers
 
 __all__ = [
@@ -24,9 +41,21 @@ __all__ = [
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
+    "ShardedAdaCos",
+    "ShardedAdaFace",
     "ShardedArcFace",
+    "ShardedCombinedMargin",
     "ShardedCosFace",
+    "ShardedCurricularFace",
+    "ShardedDeepNCM",
+    "ShardedElasticArcFace",
+    "ShardedElasticCosFace",
+    "ShardedFixedAdaCos",
+    "ShardedMagFace",
+    "ShardedNormalizedLinear",
     "ShardedScaledNormalizedLinear",
+    "ShardedScaledNormalizedLinearSqrt",
+    "ShardedSphereFace",
     "SphereFace",
     "SubCenterCleanup",
     "clean_sub_centers",

@@ -92,6 +92,9 @@ class Head(nn.Module):
     show_trainable = True
     #: a training step shares statistics across ranks (a collective): the ranks agree on their checks first
     shares_statistics = False
+    #: the process group whose ranks share the running statistics (None: the default group); the sharded forms set
+    #: their own
+    group: Any = None
 
     def __init__(
         self,
@@ -121,11 +124,34 @@ class Head(nn.Module):
         self.num_sub_centers = int(num_sub_centers)
         self.pooling, self.pooling_temperature = pooling, float(pooling_temperature)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((self.out_features * self.num_sub_centers, self.in_features), **factory))
+        self.weight = nn.Parameter(torch.empty((self.weight_rows(), self.in_features), **factory))
         if has_scale:
             if scale is None:
                 scale = MF.heuristic_scale(self.out_features, default_margin or MF.NO_MARGIN())
             register_scale(self, scale, trainable_scale, device, dtype)
+
+    def weight_rows(self) -> int:
+        """How many rows of class weights this module holds: ``C·K`` (a sharded form: its block's)."""
+        return self.out_features * self.num_sub_centers
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head (its
+        hyper-parameters; the weights and running statistics are in the ``state_dict``)."""
+        options: dict[str, Any] = {
+            "num_sub_centers": self.num_sub_centers,
+            "pooling": self.pooling,
+            "pooling_temperature": self.pooling_temperature,
+        }
+        scale = getattr(self, "scale", None)
+        if isinstance(scale, Tensor):
+            options["scale"] = float(scale.detach())
+            if self.show_trainable:
+                options["trainable_scale"] = scale.requires_grad
+        return {**options, **self.head_options()}
+
+    def head_options(self) -> dict[str, Any]:
+        """The head's own constructor arguments (its margin's), for :meth:`options`."""
+        return {}
 
     def reset_parameters(self) -> None:
         # Gaussian rows point in uniformly random directions on the sphere (a uniform box, as in nn.Linear's
@@ -199,7 +225,7 @@ class Head(nn.Module):
             "out_features": self.out_features,
             "num_sub_centers": self.num_sub_centers,
         }
-        return agreed(check, sizes, self.weight.device)
+        return agreed(check, sizes, self.weight.device, self.group)
 
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
@@ -265,7 +291,7 @@ class Head(nn.Module):
         return []
 
 
-def agreed(check: Callable[[], T], sizes: dict[str, int], device: torch.device) -> T:
+def agreed(check: Callable[[], T], sizes: dict[str, int], device: torch.device, group: Any = None) -> T:
     """Run ``check``; under ``torch.distributed`` every rank then learns whether any rank's check failed and whether
     ``sizes`` match, and all raise the same error or all go on (:func:`mll.functional._agreement.agree_on_call`)."""
     problem: Optional[Exception] = None
@@ -274,7 +300,7 @@ def agreed(check: Callable[[], T], sizes: dict[str, int], device: torch.device) 
         result = check()
     except (TypeError, ValueError) as error:
         problem = error
-    I.agree_on_call(problem, sizes, device)
+    I.agree_on_call(problem, sizes, device, group)
     return result
 
 

@@ -87,12 +87,15 @@ class AdaCos(Head):
                 log_b, theta = I.adacos_statistics_chunked(
                     input, self.weight, labels, self.scale, num_sub_centers=self.num_sub_centers, tau=tau
                 )
-            log_b, theta = I.all_gather_rows(log_b), I.all_gather_rows(theta)
+            log_b, theta = I.all_gather_rows(log_b, group=self.group), I.all_gather_rows(theta, group=self.group)
             if log_b.numel() > 0:  # an empty (global) batch keeps the scale
                 new = MF.adacos_reduce(log_b, theta, min_scale=self.min_scale)
                 # rows with a non-finite feature are left out; with none left, the scale stays
                 self.scale.copy_(torch.where(torch.isnan(new), self.scale, new.to(self.scale.dtype)))
         return MF.NO_MARGIN()
+
+    def head_options(self) -> dict[str, Any]:
+        return {"scale": self.initial_scale, "min_scale": self.min_scale}
 
     def extra_options(self) -> list[str]:
         return [f"min_scale={self.min_scale}"]

@@ -71,7 +71,7 @@ class CurricularFace(Head):
                 x = MF.normalize(input.detach()).reshape(-1, input.shape[-1])
                 target = I.target_cosines(x, self.weight, labels.reshape(-1, 1), self.num_sub_centers, tau)
                 total, count = I.finite_sum_and_count(target)
-            stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]))
+            stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
             self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
         return MF.CURRICULAR(self.margin, self.t)
 
@@ -79,6 +79,9 @@ class CurricularFace(Head):
     def momentum(self) -> float:
         """Deprecated name of :attr:`decay`."""
         return self.decay
+
+    def head_options(self) -> dict[str, Any]:
+        return {"margin": self.margin, "decay": self.decay}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"decay={self.decay}"]

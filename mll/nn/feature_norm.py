@@ -73,7 +73,7 @@ class AdaFace(Head):
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         norms = input.detach().norm(dim=-1)
         with torch.no_grad():
-            batch = I.all_gather_rows(norms.reshape(-1))
+            batch = I.all_gather_rows(norms.reshape(-1), group=self.group)
             mean, std = MF.adaface_update(self.norm_mean, self.norm_std, batch, decay=self.decay)
             self.norm_mean.copy_(mean)
             self.norm_std.copy_(std)
@@ -83,6 +83,9 @@ class AdaFace(Head):
     def momentum(self) -> float:
         """Deprecated name of :attr:`decay`."""
         return self.decay
+
+    def head_options(self) -> dict[str, Any]:
+        return {"margin": self.margin, "h": self.h, "decay": self.decay}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"h={self.h}", f"decay={self.decay}"]
@@ -156,6 +159,12 @@ class MagFace(Head):
         g = MF.magface_regularizer(input.norm(dim=-1), lower=self.lower, upper=self.upper).to(ce.dtype)
         reg = g if reduction == "none" else (g.sum() if reduction == "sum" else g.mean())
         return ce + self.lambda_g * reg
+
+    def head_options(self) -> dict[str, Any]:
+        return {
+            "lower": self.lower, "upper": self.upper, "margin_low": self.margin_low, "margin_high": self.margin_high,
+            "lambda_g": self.lambda_g, "easy_margin": self.easy_margin,
+        }  # fmt: skip
 
     def extra_options(self) -> list[str]:
         return [

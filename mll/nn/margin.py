@@ -57,6 +57,9 @@ class CosFace(Head):
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return MF.COS(self.margin)
 
+    def head_options(self) -> dict[str, Any]:
+        return {"margin": self.margin}
+
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}"]
 
@@ -91,6 +94,9 @@ class ArcFace(Head):
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return (MF.ARC_EASY if self.easy_margin else MF.ARC)(self.margin)
+
+    def head_options(self) -> dict[str, Any]:
+        return {"margin": self.margin, "easy_margin": self.easy_margin}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"easy_margin={self.easy_margin}"]
@@ -134,6 +140,9 @@ class CombinedMargin(Head):
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return MF.COMBINED(self.m1, self.m2, self.m3)
 
+    def head_options(self) -> dict[str, Any]:
+        return {"m1": self.m1, "m2": self.m2, "m3": self.m3}
+
     def extra_options(self) -> list[str]:
         return [f"{n}={margin_repr(getattr(self, n))}" for n in ("m1", "m2", "m3")]
 
@@ -175,6 +184,9 @@ class SphereFace(Head):
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return MF.SPHERE(self.margin, self.annealing_lambda)
+
+    def head_options(self) -> dict[str, Any]:
+        return {"margin": self.margin, "lambda_": float(self.annealing_lambda)}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"lambda_={float(self.annealing_lambda):g}"]
@@ -256,6 +268,9 @@ class _Elastic(Head):
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return self.family(self.sample_margins(input, labels))
+
+    def head_options(self) -> dict[str, Any]:
+        return {"margin": self.margin, "std": self.std, "generator": self.generator}
 
     def extra_options(self) -> list[str]:
         seeded = "" if self.generator is None else ", generator=<seeded>"

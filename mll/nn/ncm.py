@@ -52,6 +52,8 @@ class DeepNCM(nn.Module):
     means: Tensor
     scale: Tensor
     num_sub_centers = 1
+    #: the process group whose ranks share the class means (None: the default group)
+    group: Any = None
 
     def __init__(
         self, in_features: int, out_features: int, alpha: float = 0.9, scale: Optional[float] = None, *,
@@ -65,11 +67,19 @@ class DeepNCM(nn.Module):
         I.check_scale(scale)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.alpha = float(alpha)
-        self.register_buffer("means", torch.zeros((out_features, in_features), device=device, dtype=dtype))
+        self.register_buffer("means", torch.zeros((self.weight_rows(), in_features), device=device, dtype=dtype))
         self.register_buffer(
             "scale", torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
         )
         self._register_load_state_dict_pre_hook(_upgrade_legacy_state, with_module=True)
+
+    def weight_rows(self) -> int:
+        """How many class means this module holds: ``C`` (a sharded form: its block's)."""
+        return self.out_features
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head."""
+        return {"alpha": self.alpha, "scale": float(self.scale)}
 
     def reset_running_stats(self) -> None:
         """Forget every class mean."""
@@ -124,8 +134,8 @@ class DeepNCM(nn.Module):
     def _update(self, input: Tensor, labels: Tensor) -> None:
         with torch.no_grad():
             sums, counts = MF.ncm_batch_statistics(input.detach(), labels, self.out_features)
-            I.all_reduce_sum(sums)
-            I.all_reduce_sum(counts)
+            I.all_reduce_sum(sums, self.group)
+            I.all_reduce_sum(counts, self.group)
             self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
 
     def extra_repr(self) -> str:

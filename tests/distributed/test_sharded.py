@@ -23,6 +23,7 @@ from torch import nn
 
 import mll
 from mll import functional as MF
+from tests.distributed import sharded_heads
 
 D = 5
 SCALE = 6.0
@@ -387,6 +388,7 @@ def _worker(rank: int, world: int, path: str) -> None:
             "ddp": run_ddp(rank, world),
             "errors": run_errors(rank, world),
             "families": run_families(rank, world),
+            "heads": sharded_heads.run_heads(rank, world),
         }
         torch.save(results, f"{path}/rank{rank}.pt")
     finally:
@@ -579,3 +581,33 @@ def test_every_kind_of_margin_parameter_is_sharded_exactly(spawned, world, name)
         torch.testing.assert_close(result["loss"], dense, **TOL)
         torch.testing.assert_close(result["grads"][0], grads[0][rows], **TOL)
         torch.testing.assert_close(result["grads"][1], grads[1][start * case.k : stop * case.k], **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", sharded_heads.HEAD_CASES, ids=[case.name for case in sharded_heads.HEAD_CASES])
+def test_every_head_shards_exactly(spawned, world, case) -> None:
+    """Two training steps and an eval step of every head's sharded form equal its dense head's on the global batch:
+    losses, gradients, and the state after each step (running statistics included) via dense_state_dict."""
+    ranks = [r["heads"][case.name] for r in spawned(world)]
+    k = getattr(sharded_heads.dense_head(case), "num_sub_centers", 1)
+    for step, want in enumerate(sharded_heads.reference(case, world)):
+        for rank, got in enumerate(ranks):
+            mine = got["steps"][step]
+            part = sharded_heads.rows(want["split"], rank)
+            start, stop = got["range"]
+            expected = want["loss"][part] if case.reduction == "none" else want["loss"]
+            torch.testing.assert_close(mine["loss"], expected, **TOL)
+            torch.testing.assert_close(mine["grads"][0], want["grads"][0][part], **TOL)
+            for g_mine, g_want in zip(mine["grads"][1:], want["grads"][1:]):
+                if g_want.dim() == 2:  # a block of the weights
+                    g_want = g_want[start * k : stop * k]
+                torch.testing.assert_close(g_mine, g_want, **TOL)
+            assert len(mine["grads"]) == len(want["grads"])
+        merged = mll.nn.dense_state_dict([got["steps"][step]["state"] for got in ranks])
+        assert merged.keys() == want["state"].keys()
+        for key, value in want["state"].items():
+            where = f"{key} at step {step}"
+            torch.testing.assert_close(merged[key], value, **TOL, msg=lambda m, where=where: f"{where}: {m}")
+    for got in ranks:
+        assert f"class_range=[{got['range'][0]}, {got['range'][1]})" in got["repr"]

@@ -171,7 +171,30 @@ COLUMNS = [
     ("K sub-centers (soft)", ("indices", 3, "soft", False)),
     ("per-class margins", ("indices", 1, "max", True)),
 ]
-SHARDED = {"ArcFace", "CosFace", "ScaledNormalizedLinear"}
+KINDS = {"hard": "indices", "soft": "soft", "pair": "pairs"}
+
+
+def sharded_cell(name: str) -> str:
+    """The sharded form and the targets with which ``test_sharded.py::test_every_head_shards_exactly`` runs it on 2
+    and 3 processes."""
+    from tests.distributed.sharded_heads import HEAD_CASES
+
+    cases = [case for case in HEAD_CASES if case.head == name]
+    if not hasattr(mll, f"Sharded{name}") or not cases:
+        return "no"
+    kinds = [kind for key, kind in KINDS.items() if any(case.target == key for case in cases)]
+    heads = [case.build() for case in cases]
+    if any(getattr(h, "num_sub_centers", 1) > 1 for h in heads):
+        kinds.append("K")
+    if any(getattr(h, "pooling", "max") == "soft" for h in heads):
+        kinds.append("soft pooling")
+    if any(
+        isinstance(v, torch.Tensor) and v.shape == (h.out_features,)
+        for h in heads
+        for v in vars(h)["_buffers"].values()
+    ):
+        kinds.append("per-class")
+    return f"`Sharded{name}`: {', '.join(kinds)}"
 
 
 def support_matrix() -> str:
@@ -193,7 +216,7 @@ def support_matrix() -> str:
                 note = outcome[len("n/a: ") :]
                 notes += [] if note in notes else [note]
                 row.append(f"no [{notes.index(note) + 1}]")
-        row.append(f"`Sharded{name}`" if name in SHARDED else "not yet")
+        row.append(sharded_cell(name))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]

@@ -1,0 +1,105 @@
+"""What the sharded heads need to keep their running statistics exact: the global batch as one block sees it.
+
+A sharded head's statistic (AdaCos's scale, CurricularFace's ``t``, DeepNCM's class means) is a function of the
+global batch — every rank's samples — and of all C classes, while a rank holds only its block. Each rank gathers
+the batch once (:func:`gather_block_batch`), computes its block's share and the ranks add the shares
+(:func:`all_reduce_log_sum_exp` for a log-sum-exp over the classes, a plain sum otherwise), so that every rank
+ends with the number a single process computes on the global batch with the full weights. No autograd here: the
+statistics are running state, updated under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from mll.functional._agreement import dense_to_pair, pad_pairs
+from mll.functional._checks import is_soft
+from mll.functional._distributed import all_gather_ints, all_gather_rows, all_reduce, rank_and_world
+
+__all__ = ["all_reduce_log_sum_exp", "block_soft_targets", "gather_block_batch", "own_share_sum", "pair_class_sums"]
+
+
+def gather_block_batch(
+    input: Tensor, target: Any, num_classes: int, class_start: int, width: int, group: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's features (detached, in rank order) and targets, as the block ``[class_start, class_start +
+    width)`` sees them.
+
+    ``target`` is this rank's checked target: class indices ``(*)``, soft targets ``(*, C)`` or a pair ``(classes,
+    weights)``. Returns ``(x (N, d), classes (N, P) int64, weights (N, P))`` for the global batch of N rows:
+    block-local class indices, −1 for entries outside the block (and padding), with their weights (1 for class
+    indices). Two small all-gathers besides the features' and targets'.
+    """
+    _, world = rank_and_world(group)
+    x = input.detach().reshape(-1, input.shape[-1])
+    n = x.shape[0]
+    if isinstance(target, (tuple, list)):
+        p = target[0].shape[-1]
+        classes, weights = target[0].reshape(n, p), target[1].detach().reshape(n, p)
+    elif is_soft(target):
+        classes, weights = dense_to_pair(target.detach().reshape(n, num_classes))
+    else:
+        classes = target.reshape(n, 1)
+        weights = torch.ones(classes.shape, dtype=torch.float64, device=x.device)
+    counts = all_gather_ints([n, classes.shape[1]], x.device, group, world)
+    sizes, p = [row[0] for row in counts], max(max(row[1] for row in counts), 1)
+    classes, weights = pad_pairs(classes.to(torch.int64), weights.to(torch.float64), p)
+    x = all_gather_rows(x, sizes, group)
+    classes = all_gather_rows(classes, sizes, group)
+    weights = all_gather_rows(weights, sizes, group)
+    local = classes - int(class_start)
+    inside = (classes >= 0) & (local >= 0) & (local < width)
+    return x, torch.where(inside, local, -1), torch.where(inside, weights, 0.0)
+
+
+def block_soft_targets(classes: Tensor, weights: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """Block-local pairs as dense soft targets of the block, ``(N, width)`` (the entries outside add nothing)."""
+    dense = torch.zeros((classes.shape[0], width), dtype=dtype, device=classes.device)
+    if width == 0:
+        return dense
+    inside = classes >= 0
+    return dense.scatter_add_(1, classes.clamp(min=0), torch.where(inside, weights, 0.0).to(dtype))
+
+
+def pair_class_sums(features: Tensor, classes: Tensor, weights: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Per-class weighted sums of the finite feature rows and their total weights, ``(width, d)`` and ``(width,)``,
+    for block-local pairs (entries −1 add nothing): DeepNCM's batch statistics of one block."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    features = features.to(dtype)
+    finite = torch.isfinite(features).all(-1, keepdim=True)
+    features = torch.where(finite, features, 0.0)
+    keep = (classes >= 0) & finite
+    row = torch.arange(classes.shape[0], device=classes.device).unsqueeze(1).expand_as(classes)[keep]
+    w = weights.to(dtype)[keep]
+    column = classes[keep]
+    sums = features.new_zeros(width, features.shape[-1]).index_add_(0, column, features[row] * w.unsqueeze(1))
+    counts = features.new_zeros(width).index_add_(0, column, w)
+    return sums, counts
+
+
+def all_reduce_log_sum_exp(values: Tensor, group: Any) -> Tensor:
+    """``log Σ_r exp(values_r)`` over the ranks, elementwise, without overflow (a MAX then a SUM all-reduce)."""
+    _, world = rank_and_world(group)
+    if world == 1:
+        return values
+    top = all_reduce(values.clone(), "max", group, world)
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    total = all_reduce(torch.exp(values - shift), "sum", group, world)
+    return shift + torch.log(total)
+
+
+def own_share_sum(values: Tensor, group: Any, count: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """The sum of ``values`` over every rank's entries (the same number on every rank), whose gradient reaches only
+    this rank's entries — the sharded loss's contract: each rank's output stands for its own samples — and the
+    global number of entries (or the sum of ``count`` over the ranks)."""
+    _, world = rank_and_world(group)
+    local = values.sum()
+    n = values.numel() if count is None else count
+    totals = torch.stack([local.detach().to(torch.float64), torch.tensor(float(n), dtype=torch.float64,
+                                                                         device=values.device)])  # fmt: skip
+    totals = all_reduce(totals, "sum", group, world)
+    # the global sum's value, to the bit on every rank, with the gradient of this rank's sum
+    return totals[0].to(local.dtype) + (local - local.detach()), totals[1]

@@ -1,0 +1,276 @@
+"""The shared body of the class-sharded heads: a head's maths on one rank's block of classes.
+
+``ShardedH`` is ``H`` with two changes, made once here for every head: its ``weight`` holds only the rows of the
+block ``[class_start, class_stop)``, and its loss is :func:`mll.functional.sharded_margin_cross_entropy` — the chunk
+kernel with two all-reduces — with the margin that ``H.step_margin`` gives. So a sharded head is its dense head's
+constructor, hyper-parameters, margin and checks, inherited (one mixin before the dense class in the bases); only a
+head whose running statistic needs every class (AdaCos, CurricularFace) says how its block's share is computed.
+Hyper-parameters — per-class margins included — and running statistics are small and replicated on every rank;
+the weights are the only per-class state that is split.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor
+
+from mll import functional as MF
+from mll.functional import _internal as I
+
+if TYPE_CHECKING:  # the mixin always comes before a head: type-check it as one
+    from mll.nn._head import Head as _Base
+else:
+    _Base = object
+
+__all__ = ["Sharded", "dense_state_dict"]
+
+#: state_dict entries split by class (rows of the block, K per class); every other entry is replicated
+PER_CLASS = ("weight", "means")
+
+
+class Sharded(_Base):
+    """Mixin before a dense head class: ``class ShardedArcFace(Sharded, ArcFace)``. See :mod:`mll.nn.sharded`."""
+
+    class_start: int
+    class_stop: int
+    #: the single-process head this one shards
+    dense: type[Any]
+
+    def __init__(
+        self, *args: Any, class_range: Optional[tuple[int, int]] = None, group: Any = None,
+        sample_rate: float = 1.0, feature_grad_scale: Optional[float] = None,
+        generator: Optional[torch.Generator] = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        I.check_sample_rate(sample_rate)
+        I.check_feature_grad_scale(feature_grad_scale)
+        I.check_generator(generator)
+        I.rank_and_world(group)  # a group without torch.distributed is an error here, not at the first step
+        self.requested_range, self.group = class_range, group  # read by weight_rows, during the dense __init__
+        if "generator" in inspect.signature(self.dense).parameters:
+            kwargs["generator"] = generator  # ElasticFace: the margins' draws and the class sampling share it
+        super().__init__(*args, **kwargs)
+        self.sample_rate = float(sample_rate)
+        self.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
+        self.sampling_generator = generator
+        device = self.rows().device
+        # saved with the weights: a checkpoint says which classes it holds
+        self.register_buffer(
+            "class_range", torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device=device)
+        )
+        self._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
+
+    def rows(self) -> Tensor:
+        """The block's per-class rows (the weights; DeepNCM's class means)."""
+        return self.weight
+
+    def weight_rows(self) -> int:
+        """The block's rows: ``(class_stop − class_start)·K``; the block is resolved here, as the weight is made."""
+        out_features, class_range = self.out_features, self.requested_range
+        if class_range is None:
+            rank, world = I.rank_and_world(self.group)
+            class_range = MF.shard_bounds(out_features, world)[rank]
+        elif not (
+            isinstance(class_range, (tuple, list))
+            and len(class_range) == 2
+            and all(I._is_int(v) for v in class_range)
+            and 0 <= class_range[0] <= class_range[1] <= out_features
+        ):
+            raise ValueError(
+                f"class_range must be a pair (start, stop) of integers with 0 <= start <= stop <= out_features="
+                f"{out_features}, but got {class_range!r}"
+            )
+        self.class_start, self.class_stop = (int(v) for v in class_range)
+        return (self.class_stop - self.class_start) * self.num_sub_centers
+
+    def forward(self, input: Tensor, labels: Any = None) -> Tensor:
+        """This rank's block of logits ``(*, class_stop − class_start)``: scaled cosines, no margin, no change of
+        state (the logits of the other classes live on the other ranks). Called with labels it returns
+        :meth:`loss`, as before 0.2 (deprecated)."""
+        if labels is not None:
+            warnings.warn(
+                f"{type(self).__name__}(input, labels) returning the loss is deprecated and will be removed in 0.3: "
+                "call head.loss(input, labels); head(input) gives this rank's block of logits",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.loss(input, labels)
+        return self.cosine(input) * self.logit_scale()
+
+    def chunked_loss(
+        self, input: Tensor, labels: Any, reduction: str, chunk_size: Optional[int],
+        margin: Optional[MF.Margin] = None,
+    ) -> Tensor:  # fmt: skip
+        """Every rank checks its call and the ranks agree (so that no rank is left waiting in a collective), then
+        this step's margin and statistics, then the sharded loss."""
+        problem: Optional[Exception] = None
+        target: Any = None
+        try:
+            target = self._loss_checks(input, labels, reduction, chunk_size)
+        except (TypeError, ValueError) as error:
+            problem = error
+        shared = {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "num_sub_centers": self.num_sub_centers,
+            "dtype": I.dtype_code(getattr(input, "dtype", None)),
+            "soft": int(isinstance(target, tuple) or (isinstance(target, Tensor) and target.is_floating_point())),
+        }
+        I.agree_on_call(problem, shared, self.rows().device, self.group)
+        if not self.training:
+            margin = MF.NO_MARGIN()
+        elif margin is None:
+            margin = self.step_margin(input, target, None)
+        return self.loss_terms(input, target, margin, reduction, chunk_size)
+
+    def _loss_checks(self, input: Tensor, labels: Any, reduction: str, chunk_size: Optional[int]) -> Any:
+        if not isinstance(labels, (tuple, list)):
+            return super()._loss_checks(input, labels, reduction, chunk_size)
+        name = type(self).__name__
+        if self.training and not self.soft_targets:
+            raise ValueError(
+                f"{name}.loss needs class indices (*) in training mode, not few-hot pairs (classes, weights)"
+            )
+        I.check_features(input, self.rows(), self.num_sub_centers)
+        I.check_reduction(reduction)
+        I.check_chunk_size(chunk_size)
+        classes, weights = I.check_pair(labels, tuple(input.shape[:-1]), self.out_features)
+        return classes, weights
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        """The sharded cross-entropy with this step's margin, its per-class parameters cut to the block."""
+        return MF.sharded_margin_cross_entropy(
+            input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
+            scale=self.logit_scale(), margin=self.block_margin(margin),
+            num_sub_centers=self.num_sub_centers, pooling=self.pooling,
+            pooling_temperature=self.pooling_temperature,
+            sample_rate=self.sample_rate if self.training else 1.0, generator=self.sampling_generator,
+            chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale, group=self.group,
+            reduction=reduction,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def block_margin(self, margin: MF.Margin) -> MF.Margin:
+        """``margin`` with its per-class parameters ``(C,)`` cut to this block's ``(B,)``."""
+        c, start, stop = self.out_features, self.class_start, self.class_stop
+        params = tuple(
+            p[start:stop] if isinstance(p, Tensor) and p.dim() == 1 and p.shape[0] == c else p for p in margin.params
+        )
+        return MF.Margin(margin.family, params)
+
+    def extra_repr(self) -> str:
+        parts = [
+            super().extra_repr(),
+            f"class_range=[{self.class_start}, {self.class_stop})",
+            f"sample_rate={self.sample_rate}",
+        ]
+        if self.feature_grad_scale is not None:
+            parts.append(f"feature_grad_scale={self.feature_grad_scale}")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_dense(cls, head: Any, *, class_range: Optional[tuple[int, int]] = None, **kwargs: Any) -> Any:
+        """This rank's block of a single-process head: its hyper-parameters, running statistics and the block's
+        weights, copied. Keyword arguments as the constructor's (``group``, ``sample_rate``, ``feature_grad_scale``,
+        ``generator``)."""
+        dense = cls.dense
+        if not isinstance(head, dense):
+            raise TypeError(f"{cls.__name__}.from_dense needs a {dense.__name__}, but got {type(head).__name__}")
+        weight = head.weight if hasattr(head, "weight") else head.means
+        options = {**head.options(), **kwargs}
+        shard = cls(
+            head.in_features, head.out_features, class_range=class_range, device=weight.device, dtype=weight.dtype,
+            **options,
+        )  # fmt: skip
+        k = head.num_sub_centers
+        block = block_state(head.state_dict(), shard.class_start, shard.class_stop, k, shard.get_buffer("class_range"))
+        shard.load_state_dict(block)
+        return shard
+
+
+def block_state(state: Mapping[str, Tensor], start: int, stop: int, k: int, class_range: Tensor) -> dict[str, Tensor]:
+    """A dense head's ``state_dict`` cut to the block ``[start, stop)`` (K rows per class) of a sharded one."""
+    out = dict(state)
+    for key in PER_CLASS:
+        if key in out:
+            out[key] = out[key][start * k : stop * k]
+    out["class_range"] = class_range
+    return out
+
+
+def _check_class_range(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    saved = state_dict.get(prefix + "class_range")
+    if not isinstance(saved, Tensor):
+        return
+    if saved.shape != (2,):
+        raise ValueError(
+            f"the state_dict's class_range must be a pair (start, stop), but got shape {tuple(saved.shape)}"
+        )
+    if tuple(saved.tolist()) != (module.class_start, module.class_stop):
+        start, stop = saved.tolist()
+        raise ValueError(
+            f"this shard holds classes [{module.class_start}, {module.class_stop}), but the state_dict holds classes "
+            f"[{start}, {stop}): load each rank's own checkpoint, or re-shard with dense_state_dict and from_dense"
+        )
+
+
+def dense_state_dict(shards: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The ``state_dict`` of the single-process head, assembled from every rank's sharded head ``state_dict``.
+
+    Checks that the shards' class ranges tile ``[0, C)`` (in any order; empty blocks allowed) and agree on
+    ``in_features`` and sub-centers; the per-class rows (``weight``, DeepNCM's ``means``) are concatenated in class
+    order, and every other entry (the scale, per-class margins, running statistics) must be the same on every shard
+    and is taken once. Load the result into the dense head with the same hyper-parameters (``ShardedArcFace`` →
+    ``ArcFace`` …)::
+
+        shards = [torch.load(f"head-{r}.pt") for r in range(world)]
+        head = mll.ArcFace(in_features, num_classes, margin=0.5)
+        head.load_state_dict(mll.nn.dense_state_dict(shards))
+
+    Args:
+        shards (sequence of state_dict): one per rank, as saved from ``head.state_dict()``.
+
+    Returns:
+        dict: the dense head's ``state_dict`` (``weight`` of shape ``[C*K, d]``, ``scale``, …).
+    """
+    if len(shards) == 0:
+        raise ValueError("dense_state_dict needs at least one shard state_dict, but got none")
+    rows_key = next((key for key in PER_CLASS if key in shards[0]), "weight")
+    for index, shard in enumerate(shards):
+        missing = [key for key in (rows_key, "class_range") if key not in shard]
+        if missing or set(shard) != set(shards[0]):
+            raise ValueError(
+                f"shard {index} lacks {missing or sorted(set(shards[0]) ^ set(shard))}: pass the state_dicts of "
+                "one Sharded* head, one per rank"
+            )
+    order = sorted(range(len(shards)), key=lambda i: tuple(shards[i]["class_range"].tolist()))
+    ranges = [tuple(int(v) for v in shards[i]["class_range"].tolist()) for i in order]
+    filled = [r for r in ranges if r[1] > r[0]]
+    if not filled or filled[0][0] != 0 or any(a[1] != b[0] for a, b in zip(filled, filled[1:])):
+        raise ValueError(f"the shards' class ranges must tile [0, C) without gaps or overlaps, but got {ranges}")
+    num_classes = filled[-1][1]
+    widths = {shards[i][rows_key].shape[1] for i in order}
+    if len(widths) != 1:
+        raise ValueError(f"the shards must have the same in_features, but got {sorted(widths)}")
+    per_class = {shards[i][rows_key].shape[0] // (r[1] - r[0]) for i, r in zip(order, ranges) if r[1] > r[0]}
+    k = min(per_class)
+    if len(per_class) != 1 or not all(shards[i][rows_key].shape[0] == (r[1] - r[0]) * k for i, r in zip(order, ranges)):
+        raise ValueError("the shards must have the same number of sub-centers (weight rows per class)")
+    out: dict[str, Tensor] = {}
+    for key, first in shards[order[0]].items():
+        if key == "class_range":
+            continue
+        if key == rows_key:
+            out[key] = torch.cat([shards[i][key] for i in order])
+            continue
+        if not all(torch.equal(shards[i][key], first) for i in order):
+            values = [shards[i][key].tolist() if shards[i][key].numel() <= 4 else "…" for i in order]
+            raise ValueError(f"the shards must hold the same {key}, but got {values} (by class range)")
+        out[key] = first.clone()
+    assert out[rows_key].shape[0] == num_classes * k
+    return out

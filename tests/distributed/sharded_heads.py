@@ -1,0 +1,189 @@
+"""Every head's sharded form against its dense head, on the global batch: the worker side and the reference.
+
+Each case builds a dense head (same seed on every rank and in the test), cuts each rank's block with ``from_dense``,
+and runs two training steps (running statistics must evolve as the dense head's do on the global batch) and one
+eval step on the rank's rows; the test runs the dense head on all rows and compares the losses, every rank's
+feature gradient, every block's weight gradient, the trainable scale's gradient and — through
+``dense_state_dict`` — the state after each step. Float64; ElasticFace's draws come from a generator per rank,
+which the reference replays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+import mll
+
+D, C = 5, 9
+SPLITS = {"uneven": {2: (4, 3), 3: (4, 3, 2)}, "empty-rank": {2: (0, 5), 3: (4, 0, 3)}}
+STEPS = 2
+
+
+def _per_class(low: float, high: float) -> torch.Tensor:
+    return torch.linspace(low, high, C, dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadCase:
+    name: str
+    head: str
+    build: Callable[[], nn.Module]
+    target: str = "hard"  # "hard", "soft" (N, C) or "pair" ((N, 2), (N, 2))
+    split: str = "uneven"
+    reduction: str = "mean"
+    feature_norm: float = 1.0  # MagFace reads the magnitudes: give it features of norm in its range
+
+
+def _f64(cls: Any, *args: Any, **kwargs: Any) -> Callable[[], nn.Module]:
+    return lambda: cls(D, C, *args, dtype=torch.float64, **kwargs)
+
+
+# one configuration per line, each run with every kind of target its sharded form takes (splits and reductions
+# alternate): K sub-centers, soft pooling, per-class margins and trainable scales spread over the heads
+CONFIGS = [
+    ("normalized-soft-pooling", "NormalizedLinear", _f64(mll.NormalizedLinear, 2, pooling="soft"), 1.0),
+    ("scaled-trainable", "ScaledNormalizedLinear", _f64(mll.ScaledNormalizedLinear, 3, trainable_scale=True), 1.0),
+    ("sqrt", "ScaledNormalizedLinearSqrt", _f64(mll.ScaledNormalizedLinearSqrt, 2), 1.0),
+    ("fixed-adacos", "FixedAdaCos", _f64(mll.FixedAdaCos, 1), 1.0),
+    ("cosface-per-class", "CosFace", _f64(mll.CosFace, 1, 6.0, True, _per_class(0.1, 0.5)), 1.0),
+    ("cosface-sub-centers", "CosFace", _f64(mll.CosFace, 2, 6.0, margin=0.3), 1.0),
+    (
+        "arcface-per-class-soft-pooling",
+        "ArcFace",
+        _f64(mll.ArcFace, 3, margin=_per_class(0.2, 0.6), pooling="soft"),
+        1.0,
+    ),
+    ("arcface-easy", "ArcFace", _f64(mll.ArcFace, 1, margin=0.4, easy_margin=True), 1.0),
+    ("combined-per-class", "CombinedMargin", _f64(mll.CombinedMargin, 2, m1=_per_class(1.0, 1.4)), 1.0),
+    ("sphereface", "SphereFace", _f64(mll.SphereFace, 2, 5.0, lambda_=2.0), 1.0),
+    ("elastic-arc-per-class", "ElasticArcFace", _f64(mll.ElasticArcFace, margin=_per_class(0.3, 0.6)), 1.0),
+    ("elastic-cos", "ElasticCosFace", _f64(mll.ElasticCosFace, 2, std=0.1, pooling="soft"), 1.0),
+    ("adaface", "AdaFace", _f64(mll.AdaFace, 1, 8.0, margin=_per_class(0.2, 0.5)), 20.0),
+    ("adaface-sub-centers", "AdaFace", _f64(mll.AdaFace, 2, trainable_scale=True), 20.0),
+    ("magface", "MagFace", _f64(mll.MagFace, 1, 16.0, margin_low=_per_class(0.3, 0.5)), 40.0),
+    ("magface-easy", "MagFace", _f64(mll.MagFace, 2, easy_margin=True, trainable_scale=True), 60.0),
+    ("curricular", "CurricularFace", _f64(mll.CurricularFace, 2, margin=_per_class(0.3, 0.5), decay=0.5), 1.0),
+    ("curricular-soft-pooling", "CurricularFace", _f64(mll.CurricularFace, 3, decay=0.7, pooling="soft"), 1.0),
+    ("adacos", "AdaCos", _f64(mll.AdaCos, 2, pooling="soft"), 1.0),
+    ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
+    ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
+    ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
+]
+#: what each sharded form takes besides class indices
+TARGETS = {"CurricularFace": (), "ElasticArcFace": ()}
+SPLIT_CYCLE = ("uneven", "empty-rank")
+REDUCTION_CYCLE = ("mean", "sum", "mean", "none")
+
+
+def _cases() -> list[HeadCase]:
+    cases = []
+    for name, head, build, norm in CONFIGS:
+        for target in ("hard", *TARGETS.get(head, ("soft", "pair"))):
+            i = len(cases)
+            split, reduction = SPLIT_CYCLE[i % 2], REDUCTION_CYCLE[(i // 2) % 4]
+            cases.append(HeadCase(f"{name}-{target}", head, build, target, split, reduction, norm))
+    return cases
+
+
+HEAD_CASES = _cases()
+
+
+def dense_head(case: HeadCase) -> nn.Module:
+    torch.manual_seed(11)
+    head = case.build()
+    if isinstance(head, mll.DeepNCM):  # start from non-zero means, so that the first step's loss means something
+        with torch.no_grad():
+            head.means.copy_(torch.randn(C, D, dtype=torch.float64))
+    return head
+
+
+def batch(case: HeadCase, world: int, step: int) -> dict[str, Any]:
+    """The global batch of one step: features, targets (dense form for the reference, the case's form per rank)."""
+    split = SPLITS[case.split][world]
+    g = torch.Generator().manual_seed(1000 * step + 17)
+    n = sum(split)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=-1, keepdim=True) * case.feature_norm * (1 + 0.5 * torch.rand(n, 1, generator=g, dtype=x.dtype))
+    hard = torch.randint(0, C, (n,), generator=g)
+    second = (hard + 1 + torch.randint(0, C - 1, (n,), generator=g)) % C
+    share = 0.6 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
+    soft = torch.zeros(n, C, dtype=torch.float64)
+    soft[torch.arange(n), hard] = share
+    soft[torch.arange(n), second] += 1 - share
+    pair = (torch.stack([hard, second], 1), torch.stack([share, 1 - share], 1))
+    return {"x": x, "split": split, "hard": hard, "soft": soft, "pair": pair}
+
+
+def rows(split: tuple[int, ...], rank: int) -> slice:
+    start = sum(split[:rank])
+    return slice(start, start + split[rank])
+
+
+def target_of(case: HeadCase, data: dict[str, Any], part: slice) -> Any:
+    if case.target == "pair":
+        return data["pair"][0][part], data["pair"][1][part]
+    return data[case.target][part]
+
+
+def dense_target(case: HeadCase, data: dict[str, Any]) -> Any:
+    return data["hard"] if case.target == "hard" else data["soft"]
+
+
+def elastic_generators(world: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(100 + rank) for rank in range(world)]
+
+
+def trainable(head: nn.Module) -> list[torch.Tensor]:
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+def run_heads(rank: int, world: int) -> dict[str, Any]:
+    """Worker side: every case's per-step losses, gradients and state on this rank."""
+    out: dict[str, Any] = {}
+    for case in HEAD_CASES:
+        dense = dense_head(case)
+        extra = {"generator": elastic_generators(world)[rank]} if "Elastic" in case.head else {}
+        shard = getattr(mll, "Sharded" + case.head).from_dense(dense, feature_grad_scale=1.0, **extra)
+        steps = []
+        for step in range(STEPS + 1):
+            shard.train(step < STEPS)
+            data = batch(case, world, step)
+            part = rows(data["split"], rank)
+            x = data["x"][part].clone().requires_grad_(True)
+            loss = shard.loss(x, target_of(case, data, part), reduction=case.reduction)
+            objective = loss.sum() if case.reduction == "none" else loss
+            grads = torch.autograd.grad(objective, [x, *trainable(shard)])
+            steps.append(
+                {"loss": loss.detach(), "grads": grads, "state": {k: v.clone() for k, v in shard.state_dict().items()}}
+            )
+        out[case.name] = {"steps": steps, "range": (shard.class_start, shard.class_stop), "repr": repr(shard)}
+    return out
+
+
+def reference(case: HeadCase, world: int) -> list[dict[str, Any]]:
+    """The dense head on the global batch, step by step (ElasticFace's margins replayed from the ranks' draws)."""
+    dense = dense_head(case)
+    generators = elastic_generators(world)
+    steps = []
+    for step in range(STEPS + 1):
+        dense.train(step < STEPS)
+        data = batch(case, world, step)
+        x = data["x"].clone().requires_grad_(True)
+        kwargs: dict[str, Optional[torch.Tensor]] = {}
+        if "Elastic" in case.head and step < STEPS:
+            draws = []
+            for rank, g in enumerate(generators):
+                part = rows(data["split"], rank)
+                dense.generator = g
+                draws.append(dense.sample_margins(data["x"][part], dense_target(case, data)[part]))
+            kwargs["margins"] = torch.cat(draws)
+        loss = dense.loss(x, dense_target(case, data), reduction=case.reduction, **kwargs)
+        objective = loss.sum() if case.reduction == "none" else loss
+        grads = torch.autograd.grad(objective, [x, *trainable(dense)])
+        state = {k: v.clone() for k, v in dense.state_dict().items()}
+        steps.append({"loss": loss.detach(), "grads": grads, "state": state, "split": data["split"]})
+    return steps
