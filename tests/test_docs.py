@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import mll
 from mll import functional as MF
 
 PAGE = Path(__file__).parents[1] / "docs" / "adding-a-head.md"
@@ -29,3 +30,11 @@ def test_the_adding_a_head_example_runs_on_every_path() -> None:
     torch.testing.assert_close(head(x, y).detach(), expected, rtol=1e-12, atol=1e-12)
     assert head.scale == MF.heuristic_scale(7, namespace["SHIFTED"](0.2, 0.5))
     assert "m=0.2, p=0.5" in repr(head)
+    # the sharded form: in a world of one, every class in one block; cut into blocks, it reassembles
+    sharded = namespace["ShardedShifted"]
+    shard = sharded.from_dense(head)
+    torch.testing.assert_close(shard.loss(x, y), dense, rtol=1e-12, atol=1e-12)
+    blocks = [sharded.from_dense(head, class_range=r) for r in ((0, 3), (3, 7))]
+    assert blocks[1].weight.shape == (8, 5) and "class_range=[3, 7)" in repr(blocks[1])
+    merged = mll.nn.dense_state_dict([b.state_dict() for b in blocks])
+    assert all(torch.equal(merged[k], v) for k, v in head.state_dict().items())

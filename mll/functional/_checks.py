@@ -131,6 +131,7 @@ def check_margin_param(
     *,
     name: str = "margin",
     high_inclusive: bool = False,
+    check_values: bool = True,
 ) -> None:
     """A margin is a float or a floating tensor that broadcasts to the logits' shape ``(*, C)``.
 
@@ -159,7 +160,7 @@ def check_margin_param(
                 f"{kind} {name} must be a float or a tensor that broadcasts to the logits' shape "
                 f"{shape_str(cosine_shape)}: (C,) per class, (*, 1) per sample, but got shape {shape_str(margin.shape)}"
             )
-    if values_checkable() and margin.numel() > 0:
+    if check_values and values_checkable() and margin.numel() > 0:
         lo, hi = (float(v) for v in torch.aminmax(margin.detach()))
         ok = low <= lo and (hi <= high if high_inclusive else hi < high)
         if not (ok and math.isfinite(lo) and math.isfinite(hi)):

@@ -95,10 +95,13 @@ class MarginParameter:
                 )
             if logits_shape is None:
                 return
-        low, high = (-math.inf, math.inf) if self.statistic and isinstance(value, Tensor) else (self.low, self.high)
+        # a statistic of the features (AdaFace's quality, MagFace's magnitude) is checked for its shape only: a
+        # non-finite feature gives a non-finite statistic and a NaN loss for its row, as on the dense path
+        data = self.statistic and isinstance(value, Tensor)
         check_margin_param(
-            value, low, high, family, _shape(logits_shape), name=self.name, high_inclusive=self.high_inclusive
-        )
+            value, self.low, self.high, family, _shape(logits_shape), name=self.name,
+            high_inclusive=self.high_inclusive, check_values=not data,
+        )  # fmt: skip
 
 
 def _shape(shape: Optional[Sequence[int]]) -> Optional[torch.Size]:

@@ -187,3 +187,49 @@ def reference(case: HeadCase, world: int) -> list[dict[str, Any]]:
         state = {k: v.clone() for k, v in dense.state_dict().items()}
         steps.append({"loss": loss.detach(), "grads": grads, "state": state, "split": data["split"]})
     return steps
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+STATEFUL = ["AdaCos", "CurricularFace", "AdaFace", "DeepNCM", "MagFace", "ArcFace"]
+
+
+def fault_head(name: str) -> nn.Module:
+    torch.manual_seed(13)
+    head = getattr(mll, name)(D, C, dtype=torch.float64)
+    if isinstance(head, mll.DeepNCM):
+        with torch.no_grad():
+            head.means.copy_(torch.randn(C, D, dtype=torch.float64))
+    return head
+
+
+def fault_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows per rank; rank 0's first row is NaN, rank 1's second +inf."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3 * world, D, generator=g, dtype=torch.float64) * 30
+    x[0, 1], x[4, 0] = torch.nan, torch.inf
+    return x, torch.randint(0, C, (3 * world,), generator=g)
+
+
+def run_faults(rank: int, world: int) -> dict[str, Any]:
+    """Per stateful head: a bad label on rank 1 only (every rank must raise, no state change), then a step with
+    non-finite rows (the state must be the dense head's on the finite rows)."""
+    out: dict[str, Any] = {}
+    x, y = fault_batch(world)
+    part = slice(3 * rank, 3 * rank + 3)
+    for name in STATEFUL:
+        shard = getattr(mll, "Sharded" + name).from_dense(fault_head(name), feature_grad_scale=1.0)
+        before = {k: v.clone() for k, v in shard.state_dict().items()}
+        bad = y[part].clone()
+        if rank == 1:
+            bad[0] = C  # out of range
+        try:
+            shard.loss(x[part], bad)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        unchanged = all(torch.equal(v, shard.state_dict()[k]) for k, v in before.items())
+        loss = shard.loss(x[part], y[part])
+        state = {k: v.clone() for k, v in shard.state_dict().items()}
+        out[name] = {"error": error, "unchanged": unchanged, "state": state, "loss": loss.detach()}
+    return out

@@ -389,6 +389,7 @@ def _worker(rank: int, world: int, path: str) -> None:
             "errors": run_errors(rank, world),
             "families": run_families(rank, world),
             "heads": sharded_heads.run_heads(rank, world),
+            "head_faults": sharded_heads.run_faults(rank, world),
         }
         torch.save(results, f"{path}/rank{rank}.pt")
     finally:
@@ -611,3 +612,26 @@ def test_every_head_shards_exactly(spawned, world, case) -> None:
             torch.testing.assert_close(merged[key], value, **TOL, msg=lambda m, where=where: f"{where}: {m}")
     for got in ranks:
         assert f"class_range=[{got['range'][0]}, {got['range'][1]})" in got["repr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", sharded_heads.STATEFUL)
+def test_sharded_heads_survive_a_bad_rank(spawned, world, name) -> None:
+    """A bad label on rank 1 raises the same error on every rank and changes no state; non-finite rows on two ranks
+    leave the state equal to the dense head's on the finite rows only."""
+    got = [r["head_faults"][name] for r in spawned(world)]
+    for r in got:
+        assert r["error"] is not None and "rank 1" in r["error"] and f"[0, {sharded_heads.C})" in r["error"], r
+        assert r["unchanged"]
+    assert all(r["error"] == got[0]["error"] for r in got)
+    x, y = sharded_heads.fault_batch(world)
+    dense = sharded_heads.fault_head(name)
+    finite = torch.isfinite(x).all(-1)
+    twin = sharded_heads.fault_head(name)
+    twin.loss(x[finite], y[finite])  # the state the finite rows alone give
+    dense.loss(x, y)
+    merged = mll.nn.dense_state_dict([r["state"] for r in got])
+    for key, value in twin.state_dict().items():
+        torch.testing.assert_close(merged[key], value, **TOL)
+        torch.testing.assert_close(dense.state_dict()[key], value, **TOL)  # the dense head leaves them out too
