@@ -1,7 +1,10 @@
 import os
+import time
+from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from hypothesis import HealthCheck, settings
 
 # dev: fast feedback, failures print a reproduction blob; ci: reproducible (same examples every run).
@@ -24,3 +27,29 @@ def _seed() -> None:
 
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+_SPAWNED: dict[int, list[dict[str, Any]]] = {}
+
+
+@pytest.fixture(scope="session")
+def spawned(tmp_path_factory):
+    """``spawned(world)``: every rank's results of the one multi-process run per world size (gloo, CPU), shared by
+    every test that needs several processes — each process pays seconds to import torch, so they run every job
+    once (``tests/distributed/test_sharded.py::_worker``) and the tests compare what they saved."""
+    from tests.distributed.test_sharded import _worker
+
+    def results(world: int) -> list[dict[str, Any]]:
+        if world not in _SPAWNED:
+            path = tmp_path_factory.mktemp(f"world{world}")
+            context = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False)
+            start = time.monotonic()
+            while not context.join(timeout=1):
+                if time.monotonic() - start > 600:  # a rank left waiting in a collective fails, never stalls CI
+                    for process in context.processes:
+                        process.kill()
+                    pytest.fail(f"world {world}: a rank hung")
+            _SPAWNED[world] = [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+        return _SPAWNED[world]
+
+    return results

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from typing import Any, Callable, Optional
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import mll
 from mll import functional as MF
 from tests.distributed import sharded_heads
+from tests.nn import test_common
 
 D = 5
 SCALE = 6.0
@@ -390,33 +389,13 @@ def _worker(rank: int, world: int, path: str) -> None:
             "families": run_families(rank, world),
             "heads": sharded_heads.run_heads(rank, world),
             "head_faults": sharded_heads.run_faults(rank, world),
+            "common_faults": test_common.run_faulty(rank, world),
         }
+        if world == test_common.WORLD:
+            results["common_statistics"] = test_common.run_statistics(rank, world)
         torch.save(results, f"{path}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-_RESULTS: dict[int, list[dict[str, Any]]] = {}
-
-
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    """``spawned(world)``: every rank's results, from one spawn per world size."""
-
-    def results(world: int) -> list[dict[str, Any]]:
-        if world not in _RESULTS:
-            path = tmp_path_factory.mktemp(f"world{world}")
-            context = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False)
-            start = time.monotonic()
-            while not context.join(timeout=1):
-                if time.monotonic() - start > 600:  # a rank left waiting in a collective fails, never stalls CI
-                    for process in context.processes:
-                        process.kill()
-                    pytest.fail(f"world {world}: a rank hung")
-            _RESULTS[world] = [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
-        return _RESULTS[world]
-
-    return results
 
 
 # ---------------------------------------------------------------------------------------------- the references

@@ -3,8 +3,6 @@ process."""
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import mll
 
@@ -51,34 +49,32 @@ def _module(head):
     return getattr(head, "_orig_mod", head)
 
 
-def _worker(rank, path, results, split, compiled):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
-    try:
+VARIANTS = {"eager-uneven": (SPLIT, False), "compiled-even": ((4, 4), True)}  # compiled: equal per-rank batches
+
+
+def run_statistics(rank: int, world: int) -> dict:
+    """Worker side (world 2, in the shared spawn of tests/distributed/test_sharded.py): each variant's states."""
+    out = {}
+    for name, (split, compiled) in VARIANTS.items():
         x, y, soft = global_batch()
         lo = sum(split[:rank])
         part = slice(lo, lo + split[rank])
         modules = heads()
         if compiled:  # the statistics must be shared under torch.compile too
             modules = tuple(torch.compile(m, fullgraph=True, backend="aot_eager") for m in modules)
-        steps = run_steps(*modules, x[part], y[part], soft[part])
-        torch.save(steps, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
+        second = y if compiled else soft  # compiled: class indices twice (a soft step would compile every head again)
+        out[name] = run_steps(*modules, x[part], y[part], second[part])
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("split", "compiled"),
-    [(SPLIT, False), ((4, 4), True)],  # under compile, ranks contribute equal numbers of samples
-    ids=["eager-uneven", "compiled-even"],
-)
-def test_statistics_are_gathered_across_ranks(tmp_path, split, compiled) -> None:
-    args = (str(tmp_path / "store"), str(tmp_path / "result"), split, compiled)
-    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
-    expected = run_steps(*heads(), *global_batch())
-    for rank in range(WORLD):
-        got = torch.load(f"{tmp_path / 'result'}.{rank}")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_statistics_are_gathered_across_ranks(spawned, variant) -> None:
+    split, compiled = VARIANTS[variant]
+    x, y, soft = global_batch()
+    expected = run_steps(*heads(), x, y, y if compiled else soft)
+    for result in spawned(WORLD):
+        got = result["common_statistics"][variant]
         for step, want_step in zip(got, expected):
             for state, want in zip(step, want_step):
                 torch.testing.assert_close(state, want, rtol=1e-6, atol=1e-6)
@@ -90,60 +86,44 @@ def test_statistics_are_gathered_across_ranks(tmp_path, split, compiled) -> None
 # ------------------------------------------------------------------------ one faulty rank: every rank raises, fast
 
 
-def _faulty_worker(rank, path, results, world):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    out = {}
+def run_faulty(rank: int, world: int) -> dict:
+    """Worker side (in the shared spawn of tests/distributed/test_sharded.py)."""
+    out: dict = {}
+    x, y, _ = global_batch()
+    x, y = x[:4], y[:4]
+    for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
+        bad = y.clone()
+        if rank == 1:
+            bad[0] = C  # one label out of range, on one rank
+        for call in ("forward", "loss"):
+            run = head if call == "forward" else head.loss
+            try:
+                run(x, bad)
+                out[(name, call)] = "no error"
+            except ValueError as error:
+                out[(name, call)] = str(error)
+        run = head.loss
+        out[(name, "after")] = float(run(x, y))  # the group still works
+    # a NaN feature on rank 0 only: every rank leaves that row out, and all hold the same state
+    for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
+        poisoned = x.clone()
+        if rank == 0:
+            poisoned[1, 0] = float("nan")
+        head(poisoned, y)
+        out[(name, "state after NaN")] = {k: v.clone() for k, v in head.state_dict().items() if k != "weight"}
+    wide = mll.DeepNCM(D, C + rank)  # a different number of classes per rank
     try:
-        x, y, _ = global_batch()
-        x, y = x[:4], y[:4]
-        for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
-            bad = y.clone()
-            if rank == 1:
-                bad[0] = C  # one label out of range, on one rank
-            for call in ("forward", "loss"):
-                run = head if call == "forward" else head.loss
-                try:
-                    run(x, bad)
-                    out[(name, call)] = "no error"
-                except ValueError as error:
-                    out[(name, call)] = str(error)
-            run = head.loss
-            out[(name, "after")] = float(run(x, y))  # the group still works
-        # a NaN feature on rank 0 only: every rank leaves that row out, and all hold the same state
-        for name, head in zip(("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"), heads()):
-            poisoned = x.clone()
-            if rank == 0:
-                poisoned[1, 0] = float("nan")
-            head(poisoned, y)
-            out[(name, "state after NaN")] = {k: v.clone() for k, v in head.state_dict().items() if k != "weight"}
-        wide = mll.DeepNCM(D, C + rank)  # a different number of classes per rank
-        try:
-            wide(x, y)
-            out["sizes"] = "no error"
-        except ValueError as error:
-            out["sizes"] = str(error)
-        torch.save(out, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
+        wide(x, y)
+        out["sizes"] = "no error"
+    except ValueError as error:
+        out["sizes"] = str(error)
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_a_bad_label_on_one_rank_raises_on_every_rank_within_seconds(tmp_path, world) -> None:
-    import time
-
-    start = time.monotonic()
-    context = mp.start_processes(
-        _faulty_worker, args=(str(tmp_path / "store"), str(tmp_path / "result"), world), nprocs=world, join=False,
-        start_method="spawn",
-    )  # fmt: skip
-    while not context.join(timeout=1):
-        if time.monotonic() - start > 120:  # a hang fails the test instead of stalling CI
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank hung in a collective")
-    got = [torch.load(f"{tmp_path / 'result'}.{rank}") for rank in range(world)]
+def test_a_bad_label_on_one_rank_raises_on_every_rank(spawned, world) -> None:
+    got = [r["common_faults"] for r in spawned(world)]  # a rank left hanging fails the spawn, never stalls CI
     for name in ("AdaCos", "DeepNCM", "CurricularFace", "AdaFace"):
         for call in ("forward", "loss"):
             messages = {g[(name, call)] for g in got}
