@@ -8,74 +8,11 @@ own the state.
 """
 
 from mll import functional
-from mll.nn import (
-    AdaCos,
-    AdaFace,
-    ArcFace,
-    CombinedMargin,
-    CosFace,
-    CurricularFace,
-    DeepNCM,
-    ElasticArcFace,
-    ElasticCosFace,
-    FixedAdaCos,
-    MagFace,
-    NormalizedLinear,
-    ScaledNormalizedLinear,
-    ScaledNormalizedLinearSqrt,
-    ShardedAdaCos,
-    ShardedAdaFace,
-    ShardedArcFace,
-    ShardedCombinedMargin,
-    ShardedCosFace,
-    ShardedCurricularFace,
-    ShardedDeepNCM,
-    ShardedElasticArcFace,
-    ShardedElasticCosFace,
-    ShardedFixedAdaCos,
-    ShardedMagFace,
-    ShardedNormalizedLinear,
-    ShardedScaledNormalizedLinear,
-    ShardedScaledNormalizedLinearSqrt,
-    ShardedSphereFace,
-    SphereFace,
-    clean_sub_centers,
-)
+from mll import nn as _nn
+from mll.nn import *  # noqa: F403  (every head, its sharded form, clean_sub_centers)
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "AdaCos",
-    "AdaFace",
-    "ArcFace",
-    "CombinedMargin",
-    "CosFace",
-    "CurricularFace",
-    "DeepNCM",
-    "ElasticArcFace",
-    "ElasticCosFace",
-    "FixedAdaCos",
-    "MagFace",
-    "NormalizedLinear",
-    "ScaledNormalizedLinear",
-    "ScaledNormalizedLinearSqrt",
-    "ShardedAdaCos",
-    "ShardedAdaFace",
-    "ShardedArcFace",
-    "ShardedCombinedMargin",
-    "ShardedCosFace",
-    "ShardedCurricularFace",
-    "ShardedDeepNCM",
-    "ShardedElasticArcFace",
-    "ShardedElasticCosFace",
-    "ShardedFixedAdaCos",
-    "ShardedMagFace",
-    "ShardedNormalizedLinear",
-    "ShardedScaledNormalizedLinear",
-    "ShardedScaledNormalizedLinearSqrt",
-    "ShardedSphereFace",
-    "SphereFace",
-    "__version__",
-    "clean_sub_centers",
-    "functional",
-]
+#: mll.nn's tools for checkpoints and sub-center clean-up stay in mll.nn
+_NN_ONLY = ("SubCenterCleanup", "dense_state_dict", "keep_dominant_sub_centers")
+__all__ = [name for name in _nn.__all__ if name not in _NN_ONLY] + ["__version__", "functional"]
