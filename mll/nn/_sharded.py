@@ -7,6 +7,13 @@ constructor, hyper-parameters, margin and checks, inherited (one mixin before th
 head whose running statistic needs every class (AdaCos, CurricularFace) says how its block's share is computed.
 Hyper-parameters — per-class margins included — and running statistics are small and replicated on every rank;
 the weights are the only per-class state that is split.
+
+Why a mixin, where the style guide prefers flat modules: the alternative is fifteen hand-written sharded classes,
+each repeating its dense head's constructor, checks and margin — the "dozen copies of the same constructor" a shallow
+shared piece is allowed to remove (as ``_NormBase`` does for the norm layers). It stays shallow: ``Sharded`` is not
+a base of any dense head and has no base of its own besides the head it is mixed into, so a sharded head is one
+level above its dense head, never a chain; and ``isinstance(ShardedArcFace(...), ArcFace)`` holds because a sharded
+ArcFace *is* an ArcFace — the same maths on a block — not an unrelated head reusing code (0.1.6's AdaCos ⊂ CosFace).
 """
 
 from __future__ import annotations
@@ -179,8 +186,11 @@ class Sharded(_Base):
         weights, copied. Keyword arguments as the constructor's (``group``, ``sample_rate``, ``feature_grad_scale``,
         ``generator``)."""
         dense = cls.dense
-        if not isinstance(head, dense):
-            raise TypeError(f"{cls.__name__}.from_dense needs a {dense.__name__}, but got {type(head).__name__}")
+        if not isinstance(head, dense) or isinstance(head, Sharded):
+            raise TypeError(
+                f"{cls.__name__}.from_dense needs a single-process {dense.__name__}, but got {type(head).__name__} "
+                "(a sharded head's blocks reassemble with mll.nn.dense_state_dict first)"
+            )
         weight = head.weight if hasattr(head, "weight") else head.means
         options = {**head.options(), **kwargs}
         shard = cls(

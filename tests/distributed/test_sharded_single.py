@@ -394,8 +394,10 @@ def test_bad_head_arguments(kwargs, error, match) -> None:
 
 
 def test_from_dense_needs_the_matching_head() -> None:
-    with pytest.raises(TypeError, match=r"ShardedArcFace.from_dense needs a ArcFace, but got CosFace"):
+    with pytest.raises(TypeError, match=r"ShardedArcFace.from_dense needs a single-process ArcFace, but got CosFace"):
         mll.ShardedArcFace.from_dense(mll.CosFace(4, 10))
+    with pytest.raises(TypeError, match=r"but got ShardedArcFace \(a sharded head's blocks reassemble with"):
+        mll.ShardedArcFace.from_dense(mll.ShardedArcFace(4, 10))
 
 
 def test_exported_names() -> None:
