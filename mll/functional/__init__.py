@@ -3,10 +3,11 @@
 No module state, no in-place writes to inputs. The elementwise functions — cosines, margins (``margin_logits`` and
 its named forms), scales, statistics and updates — have no ``.item()`` or Python branching on tensor values in the
 computation and work under ``torch.func.vmap``/``grad`` and ``torch.compile(fullgraph=True)``; input checks that
-read tensor values run in eager mode only. The losses that walk class chunks (``margin_cross_entropy``,
-``sharded_margin_cross_entropy``) run eagerly under ``torch.compile`` (a graph break), work under
-``torch.func.grad`` (the chunked one), and raise a clear error under ``torch.func.vmap``. The sub-center clean-up
-helpers and ``sample_classes`` read the data (eager only).
+read tensor values run in eager mode only (and when :class:`value_checks` is on). The chunked loss
+``margin_cross_entropy`` compiles with ``fullgraph=True`` (its chunk loop unrolls), works under ``torch.func.grad``
+and raises a clear error under ``torch.func.vmap``; the sharded loss runs eagerly (a graph break under
+``torch.compile``: collectives and host reads). The sub-center clean-up helpers and ``sample_classes`` read the data
+(eager only). A table of what runs under which transform, each row tested: ``docs/functional.md``.
 
 Typical use::
 
@@ -17,6 +18,7 @@ Typical use::
     loss = MF.margin_cross_entropy(x, W, y, scale=s, margin=MF.ARC(0.5))  # its loss, without the N×C logits
 """
 
+from mll.functional._checks import value_checks
 from mll.functional.chunked import margin_cross_entropy
 from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
@@ -95,4 +97,5 @@ __all__ = [
     "sphere_margin",
     "sub_center_counts",
     "sub_center_outliers",
+    "value_checks",
 ]

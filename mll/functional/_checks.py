@@ -18,9 +18,44 @@ from torch import Tensor
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+_VALUE_CHECKS = [True]
+
+
+class value_checks:
+    """Turn the checks of input *values* on (the default) or off, for the whole process; also a context manager.
+
+    The shapes, dtypes and arguments are always checked (no cost). The values — labels within ``[0, C)``, soft
+    targets finite and non-negative, per-class margins within their range — need the numbers on the host: free on a
+    CPU, but on a GPU each is a device synchronisation that stalls the step until the GPU has caught up. With checks
+    off, a training step of every head (``head(x, y)``, ``head.loss(x, y)`` and their backward) reads nothing back
+    from the device; a bad value is then no longer named (an out-of-range label may give an indexing error, a
+    device-side assertion on CUDA, or a wrong loss). Check a pipeline with them on, then turn them off where the
+    synchronisations cost::
+
+        mll.functional.value_checks(False)          # from here on
+        with mll.functional.value_checks(False):    # or for a block
+            loss = head.loss(features, labels)
+
+    The class-sharded losses read a few integers per step regardless (the ranks' row counts and their agreement).
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"value_checks takes a bool, but got {type(enabled).__name__}")
+        self.previous = _VALUE_CHECKS[0]
+        _VALUE_CHECKS[0] = enabled
+
+    def __enter__(self) -> value_checks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _VALUE_CHECKS[0] = self.previous
+
+
 def values_checkable() -> bool:
-    """Whether data-dependent checks may run: eager mode, outside any ``torch.func`` transform."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """Whether data-dependent checks may run: switched on (:class:`value_checks`), in eager mode, outside any
+    ``torch.func`` transform."""
+    if not _VALUE_CHECKS[0] or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return not torch._C._are_functorch_transforms_active()
 
