@@ -163,3 +163,53 @@ def test_default_chunk_size() -> None:
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         MF.margin_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), scale=10.0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- .grad in place
+
+
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the outputs of at least ``numel`` elements that a region allocates."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        known = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):  # new storage only: views and in-place ops allocate nothing
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in known:
+                self.seen.append(str(func))
+        return out
+
+
+def test_an_existing_grad_is_accumulated_into_in_place() -> None:
+    """Gradient accumulation adds each chunk's weight gradient into .grad: no C×d buffer in the backward, the same
+    numbers as autograd's accumulation; torch.autograd.grad, backward(inputs=...) and hooks are left alone."""
+    torch.manual_seed(0)
+    head = mll.ArcFace(8, 2000, 2, dtype=torch.float64)
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 2000, (6,))
+    head.loss(x, y, chunk_size=300).backward()
+    once = head.weight.grad.clone()
+    big = head.weight.numel()
+    with _LargeAllocations(big) as fresh:  # no .grad yet: the gradient itself is the one C×d allocation
+        head.weight.grad = None
+        head.loss(x, y, chunk_size=300).backward()
+    assert len(fresh.seen) >= 1
+    with _LargeAllocations(big) as accumulating:
+        head.loss(x, y, chunk_size=300).backward()
+    assert accumulating.seen == []
+    torch.testing.assert_close(head.weight.grad, 2 * once, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(head.loss(x, y), [head.weight])
+    torch.testing.assert_close(g, once, rtol=1e-12, atol=1e-12)
+    xr = x.clone().requires_grad_()
+    head.loss(xr, y).backward(inputs=[xr])
+    torch.testing.assert_close(head.weight.grad, 2 * once, rtol=1e-12, atol=1e-12)  # untouched
+    seen = []
+    handle = head.weight.register_hook(lambda grad: seen.append(grad) or grad * 0.5)
+    head.loss(x, y).backward()
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(head.weight.grad, 2.5 * once, rtol=1e-12, atol=1e-12)
