@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mll.functional._accumulate import accumulate_node, grad_to_accumulate_into
 from mll.functional.cosine import normalize
 from mll.functional.margin import MarginFamily
 
@@ -245,7 +246,7 @@ class ChunkedCE(torch.autograd.Function):
             x, weight, lse, scale if ctx.scale_is_tensor else None, None if value is None else value.detach(), *params
         )
         ctx.mark_non_differentiable(lse)
-        ctx.accumulate = _accumulate_node(weight)
+        ctx.accumulate = accumulate_node(weight)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _grad_lse: Any) -> tuple[Any, ...]:
@@ -264,7 +265,7 @@ class ChunkedCE(torch.autograd.Function):
         g = grad.to(acc)
         needs = ctx.needs_input_grad
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
-        into = _grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
+        into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
         grad_w = (
             into if into is not None else torch.zeros(weight.shape, dtype=acc, device=x.device) if needs[1] else None
         )
@@ -376,43 +377,6 @@ def _add_grads(
         radial = (w_acc * d_hat).sum(1, keepdim=True)
         rows = torch.where(chunk.norms > eps, d_hat - w_acc * radial, d_hat) / chunk.norms.clamp(min=eps)
         grad_w[chunk.start * k : chunk.stop * k] += rows.to(grad_w.dtype)
-
-
-def _accumulate_node(weight: Tensor) -> Any:
-    """The autograd node that accumulates a leaf weight's gradient into ``.grad`` (None where that cannot be used:
-    a non-leaf, or while compiling)."""
-    if not (weight.is_leaf and weight.requires_grad) or torch.compiler.is_compiling():
-        return None
-    with torch.enable_grad():  # setup_context runs without grad mode
-        return weight.view_as(weight).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
-
-
-def _grad_to_accumulate_into(node: Any, weight: Tensor) -> Optional[Tensor]:
-    """The weight's existing ``.grad``, when this backward may add the block's gradient into it chunk by chunk —
-    instead of building a whole C×d gradient that autograd then adds to it (gradient accumulation,
-    ``zero_grad(set_to_none=False)``): a ``loss.backward()`` that will accumulate into this leaf (not
-    ``torch.autograd.grad``), no hook on the weight's gradient, and a dense ``.grad`` of the weight's shape."""
-    if node is None:
-        return None
-    grad = weight.grad
-    if (
-        grad is None
-        or grad.shape != weight.shape
-        or grad.layout != torch.strided
-        or grad.requires_grad
-        or weight._backward_hooks
-        or getattr(weight, "_post_accumulate_grad_hooks", None)
-        or not _will_accumulate(node)
-    ):
-        return None
-    return grad
-
-
-def _will_accumulate(node: Any) -> bool:
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except RuntimeError:  # torch.autograd.grad: the gradient is returned, never accumulated
-        return False
 
 
 def chunk_cosines(x: Tensor, weight: Tensor, k: int, tau: Optional[float], chunk: int) -> Any:
