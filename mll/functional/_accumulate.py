@@ -17,10 +17,15 @@ from torch import Tensor
 def accumulate_node(weight: Tensor) -> Any:
     """The autograd node that accumulates a leaf weight's gradient into ``.grad`` (None where that cannot be used:
     a non-leaf, or while compiling)."""
-    if not (weight.is_leaf and weight.requires_grad) or torch.compiler.is_compiling():
+    if (
+        not (weight.is_leaf and weight.requires_grad)
+        or torch.compiler.is_compiling()
+        or torch.is_inference_mode_enabled()  # no autograd graph at all (a validation loop)
+    ):
         return None
     with torch.enable_grad():  # setup_context runs without grad mode
-        return weight.view_as(weight).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+        grad_fn = weight.view_as(weight).grad_fn
+    return None if grad_fn is None else grad_fn.next_functions[0][0]
 
 
 def grad_to_accumulate_into(node: Any, weight: Tensor) -> Optional[Tensor]:

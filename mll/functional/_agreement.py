@@ -170,21 +170,25 @@ def agree(report: Report, problem: Optional[Exception], device: torch.device, gr
                 shown = [row[:used] for row in shown]
             title = _TITLES.get(name, name)
             raise ValueError(f"{title} must be the same on every rank, but got {shown} (by rank)")
-    ranges = sorted((r.class_start, r.class_stop) for r in reports if r.class_stop > r.class_start)
+    check_tiling([(r.class_start, r.class_stop) for r in reports], num_classes)
+    return reports
+
+
+def check_tiling(by_rank: list[tuple[int, int]], num_classes: int) -> None:
+    """The ranks' class blocks must tile ``[0, C)`` (any order, empty blocks allowed)."""
+    ranges = sorted(r for r in by_rank if r[1] > r[0])
     tiles = (
         bool(ranges)
-        and all(0 <= r.class_start <= r.class_stop <= num_classes for r in reports)
+        and all(0 <= start <= stop <= num_classes for start, stop in by_rank)
         and ranges[0][0] == 0
         and ranges[-1][1] == num_classes
         and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     )
     if not tiles:
-        by_rank = [(r.class_start, r.class_stop) for r in reports]
         raise ValueError(
             f"the ranks' class blocks [class_start, class_start + weight rows / num_sub_centers) must tile "
             f"[0, {num_classes}) without gaps or overlaps, but got {by_rank} (by rank)"
         )
-    return reports
 
 
 def _raise_everywhere(problem: Optional[Exception], failed: list[int], group: Any, world: int) -> None:
@@ -199,18 +203,24 @@ def _raise_everywhere(problem: Optional[Exception], failed: list[int], group: An
 
 
 def agree_on_call(
-    problem: Optional[Exception], shared: dict[str, int], device: torch.device, group: Any = None
-) -> None:
-    """For a module whose step shares statistics across ranks (AdaCos, DeepNCM, CurricularFace, AdaFace): before its
-    first collective, every rank says whether its checks passed and what must match (``shared``: sizes, dtype); then
-    every rank raises the same error, or every rank goes on. One small all-gather per step; none in a world of one
-    or while compiling (where ranks must match by construction: the collectives' own errors apply)."""
+    problem: Optional[Exception], shared: dict[str, int], device: torch.device, group: Any = None,
+    block: Optional[tuple[int, int]] = None, num_classes: int = 0,
+) -> None:  # fmt: skip
+    """For a module whose step shares statistics across ranks (AdaCos, DeepNCM, CurricularFace, AdaFace, every
+    sharded head): before its first collective, every rank says whether its checks passed and what must match
+    (``shared``: sizes, dtype, mode…; and, for a sharded head, its ``block`` of classes, which must tile
+    ``[0, num_classes)``); then every rank raises the same error, or every rank goes on. One small all-gather per
+    step; none in a world of one or while compiling (where ranks must match by construction: the collectives' own
+    errors apply)."""
     world = 1 if torch.compiler.is_compiling() else _world(group)
     if world == 1:
         if problem is not None:
             raise problem
+        if block is not None:
+            check_tiling([block], num_classes)
         return
-    rows = all_gather_ints([int(problem is not None), *shared.values()], device, group, world)
+    extra = [] if block is None else list(block)
+    rows = all_gather_ints([int(problem is not None), *shared.values(), *extra], device, group, world)
     failed = [r for r, row in enumerate(rows) if row[0]]
     if failed:
         _raise_everywhere(problem, failed, group, world)
@@ -218,7 +228,26 @@ def agree_on_call(
         values = [row[i] for row in rows]
         if any(v != values[0] for v in values):
             shown = [_show(name, v) for v in values]
-            raise ValueError(f"{name} must be the same on every rank, but got {shown} (by rank)")
+            raise ValueError(f"{_TITLES.get(name, name)} must be the same on every rank, but got {shown} (by rank)")
+    if block is not None:
+        check_tiling([(row[-2], row[-1]) for row in rows], num_classes)
+
+
+def call_report(input: object, weight: Tensor, scale: object, reduction: object) -> dict[str, int]:
+    """The fields of a sharded call that :func:`agree` compares and a module can know before its step (the same
+    keys whatever the arguments: every rank sends as many integers); −1 where an argument is invalid (its check
+    fails on that rank anyway)."""
+    report = Report()
+    out = {"reduction": -1, "scale": report.scale, "requires_grad": -1}
+    if reduction in _REDUCTIONS:
+        out["reduction"] = _REDUCTIONS.index(reduction)
+    if isinstance(scale, (Tensor, float, int)) and (not isinstance(scale, Tensor) or scale.numel() == 1):
+        report.set_scale(scale)
+        out["scale"] = report.scale
+    if isinstance(input, Tensor):
+        report.set_requires_grad(input, weight, scale)
+        out["requires_grad"] = report.requires_grad
+    return out
 
 
 def dtype_code(dtype: object) -> int:

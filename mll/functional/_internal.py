@@ -5,7 +5,7 @@ forms of the public functions, so a training step does not check (and read back 
 labels twice. Everything here is either such an unchecked twin or a shared argument check.
 """
 
-from mll.functional._agreement import agree_on_call, dtype_code
+from mll.functional._agreement import agree_on_call, call_report, dtype_code
 from mll.functional._block import (
     all_reduce_log_sum_exp,
     block_soft_targets,
@@ -63,6 +63,7 @@ __all__ = [
     "apply_margin",
     "at_target",
     "block_soft_targets",
+    "call_report",
     "check_chunk_size",
     "check_decay",
     "check_feature_grad_scale",

@@ -120,14 +120,19 @@ class Sharded(_Base):
             target = self._loss_checks(input, labels, reduction, chunk_size)
         except (TypeError, ValueError) as error:
             problem = error
+        # everything the sharded loss's own agreement compares, before any statistic changes: a call that raises
+        # changes no state, and no rank is left in a collective the others skip (train on one rank, eval on another)
         shared = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "num_sub_centers": self.num_sub_centers,
+            "training": int(self.training),
             "dtype": I.dtype_code(getattr(input, "dtype", None)),
             "soft": int(isinstance(target, tuple) or (isinstance(target, Tensor) and target.is_floating_point())),
+            **I.call_report(input, self.rows(), self.logit_scale(), reduction),
         }
-        I.agree_on_call(problem, shared, self.rows().device, self.group)
+        I.agree_on_call(problem, shared, self.rows().device, self.group, (self.class_start, self.class_stop),
+                        self.out_features)  # fmt: skip
         if not self.training:
             margin = MF.NO_MARGIN()
         elif margin is None:

@@ -105,7 +105,9 @@ class ShardedSphereFace(Sharded, SphereFace):
 
 class ShardedElasticArcFace(Sharded, ElasticArcFace):  # type: ignore[misc]  # forward: no margins= (block logits)
     """Class-sharded :class:`mll.nn.ElasticArcFace` (see the module notes). Each rank draws the margins of its own
-    samples from ``generator``; per-class means take class indices (a per-sample, per-class draw is not sharded)."""
+    samples from ``generator`` — seed it differently on every rank (``from_dense`` without ``generator=`` keeps the
+    dense head's, which would repeat the same draws on every rank if all were seeded alike); per-class means take
+    class indices (a per-sample, per-class draw is not sharded)."""
 
     dense = ElasticArcFace
 
@@ -151,7 +153,8 @@ class ShardedMagFace(Sharded, MagFace):
         a = input.norm(dim=-1)
         world = I.rank_and_world(self.group)[1]
         grad_scale = float(world) if self.feature_grad_scale is None else self.feature_grad_scale
-        a = a.detach() + (a - a.detach()) * grad_scale  # the features' gradient contract, as the cross-entropy's
+        if a.requires_grad and grad_scale != 1.0:  # the features' gradient contract, as the cross-entropy's
+            a.register_hook(lambda grad: grad * grad_scale)
         g = MF.magface_regularizer(a, lower=self.lower, upper=self.upper).to(ce.dtype)
         if reduction == "none":
             return ce + self.lambda_g * g
@@ -223,6 +226,9 @@ class ShardedDeepNCM(Sharded, DeepNCM):
 
     def rows(self) -> Tensor:
         return self.means
+
+    def logit_scale(self) -> Tensor:
+        return self.scale
 
     def forward(self, input: Tensor, labels: Any = None) -> Tensor:
         if labels is not None:

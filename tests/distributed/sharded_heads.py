@@ -229,7 +229,28 @@ def run_faults(rank: int, world: int) -> dict[str, Any]:
         except ValueError as e:
             error = str(e)
         unchanged = all(torch.equal(v, shard.state_dict()[k]) for k, v in before.items())
+        # disagreements only the loss's own agreement used to see, after the statistics had moved: a reduction,
+        # a mode (train on rank 1, eval on the others: a collective the others skip), grad mode
+        mismatches = {}
+        for what in ("reduction", "training", "grad"):
+            kwargs = {"reduction": "sum" if rank == 1 and what == "reduction" else "mean"}
+            shard.train(not (rank == 1 and what == "training"))
+            try:
+                with torch.set_grad_enabled(not (rank == 1 and what == "grad")):
+                    xr = x[part].clone().requires_grad_()
+                    shard.loss(xr, y[part], **kwargs)
+                mismatches[what] = None
+            except ValueError as e:
+                mismatches[what] = str(e)
+        shard.train()
+        unchanged = unchanged and all(torch.equal(v, shard.state_dict()[k]) for k, v in before.items())
         loss = shard.loss(x[part], y[part])
         state = {k: v.clone() for k, v in shard.state_dict().items()}
-        out[name] = {"error": error, "unchanged": unchanged, "state": state, "loss": loss.detach()}
+        out[name] = {
+            "error": error,
+            "unchanged": unchanged,
+            "state": state,
+            "loss": loss.detach(),
+            "mismatches": mismatches,
+        }
     return out

@@ -524,7 +524,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
             "dtype": r"ValueError: dtype must be the same on every rank, but got \['torch.float64', 'torch.float32'",
             "soft-target": r"ValueError: invalid input on rank 1: soft target must be non-negative and finite",
             "double-backward": r"RuntimeError: the sharded loss gives first derivatives only.*rank\(s\) \[1\]",
-            "in-eval-mode": r"ValueError: the margin family must be the same on every rank, but got \['arc', 'none'",
+            "in-eval-mode": r"ValueError: training must be the same on every rank, but got \[1, 0",
         }
         for arg, pattern in wanted.items():
             key = f"one-bad-{arg}" if f"one-bad-{arg}" in errors else f"one-{arg}"
@@ -603,6 +603,9 @@ def test_sharded_heads_survive_a_bad_rank(spawned, world, name) -> None:
     for r in got:
         assert r["error"] is not None and "rank 1" in r["error"] and f"[0, {sharded_heads.C})" in r["error"], r
         assert r["unchanged"]
+        assert "reduction must be the same on every rank, but got ['mean', 'sum'" in r["mismatches"]["reduction"]
+        assert "training must be the same on every rank, but got [1, 0" in r["mismatches"]["training"]
+        assert "requires_grad" in r["mismatches"]["grad"], r["mismatches"]
     assert all(r["error"] == got[0]["error"] for r in got)
     x, y = sharded_heads.fault_batch(world)
     dense = sharded_heads.fault_head(name)

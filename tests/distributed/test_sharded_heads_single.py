@@ -4,6 +4,8 @@ refuse say why. The multi-process exactness is in ``test_sharded.py::test_every_
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -105,3 +107,31 @@ def test_heads_share_one_sharded_body() -> None:
     assert MF.sharded_margin_cross_entropy is mll.functional.sharded_margin_cross_entropy
     bodies = {getattr(mll, "Sharded" + name).loss_terms for name in DENSE_NAMES}
     assert len(bodies) == 3  # the shared one, MagFace's (adds its regulariser), DeepNCM's (updates its means)
+
+
+def test_loss_under_inference_mode() -> None:
+    """A validation loop under torch.inference_mode: no graph, no .grad to accumulate into, a loss all the same."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 8])
+    for head in (mll.ArcFace(5, 9), mll.ShardedArcFace(5, 9), mll.ShardedAdaCos(5, 9)):
+        twin = copy.deepcopy(head)  # AdaCos's scale moves with each training call
+        with torch.no_grad():
+            want = head.loss(x, y)
+        with torch.inference_mode():
+            got = twin.loss(x, y)
+        torch.testing.assert_close(got, want)
+
+
+def test_sharded_magface_with_a_norm_that_overflows() -> None:
+    """Finite entries whose norm is inf: the regulariser's gradient hook keeps the sharded loss equal to the dense."""
+    torch.manual_seed(0)
+    dense = mll.MagFace(5, 9)
+    shard = mll.ShardedMagFace.from_dense(dense, feature_grad_scale=2.0)
+    x = torch.randn(3, 5) * 40
+    x[0] = 3e38
+    y = torch.tensor([0, 4, 8])
+    torch.testing.assert_close(shard.loss(x, y), dense.loss(x, y), equal_nan=True)
+    assert torch.isfinite(dense.loss(x[1:], y[1:]))
+    xs, xd = x[1:].clone().requires_grad_(), x[1:].clone().requires_grad_()
+    shard.loss(xs, y[1:]).backward()
+    dense.loss(xd, y[1:]).backward()
+    torch.testing.assert_close(xs.grad, 2.0 * xd.grad)  # feature_grad_scale applies to the regulariser's part too
