@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         print(probe_memory(suite, int(index), Config(**json.loads(cfg))))
         return
     if args.allocator == "both":
-        # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins)
+        # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins),
+        # started with that setting's environment so that it need not start Python a second time (execve below)
         failed = []
         for setting in ALLOCATORS:
             print(f"\n## allocator: {allocator_description(setting)}\n", flush=True)
-            done = subprocess.run([sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting])
+            child = [sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting]
+            done = subprocess.run(child, env=allocator_env(setting))
             if done.returncode != 0:  # e.g. killed for memory: say so, and still run the other setting
                 print(f"the run with the {setting} allocator failed (exit status {done.returncode})", file=sys.stderr)
                 failed.append(setting)
