@@ -1,7 +1,7 @@
 """Time and measure every head side by side with the floor and the peers; print Markdown tables of ratios.
 
     python -m benchmarks.run                      # the full run (about 25 minutes on 2 cores, 8 of them at C=10^6)
-    python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds
+    python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds, one thread
     python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
     python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
 
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     if env != dict(os.environ):
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *raw], env)
 
+    if args.quick:
+        torch.set_num_threads(1)  # a smoke run: tiny steps, and no OpenMP stalls on a busy machine (as in gpu.py)
     print(header(args), flush=True)
     # what exists now (the interpreter, torch, mll) lives as long as the run: out of every collection of
     # release_heap, which otherwise walks those hundreds of thousands of objects each time (a quarter of a second)
