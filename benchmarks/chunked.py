@@ -1,7 +1,7 @@
 """Chunked margin cross-entropy against the dense path at 10^5–10^6 classes: peak memory and step time.
 
     python -m benchmarks.chunked            # C = 100k, 400k, 1M (about 10 minutes on 2 cores)
-    python -m benchmarks.chunked --quick    # a smoke run at C = 20k
+    python -m benchmarks.chunked --quick    # a smoke run at C = 20k: its probes side by side, one thread each
 
 Every (implementation, C) runs in a fresh process with the default allocator: one warm-up step (so the parameter
 gradients exist), then the peak resident set of the timed steps above the resident set before them (``VmHWM``
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +85,25 @@ def main(argv: list[str] | None = None) -> None:
     batch, features = (64, 64) if args.quick else (256, 512)
     classes_list = [20_000] if args.quick else args.classes
     steps = 2 if args.quick else args.steps
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; N={batch}, d={features}; ArcFace m=0.5, s=30")
-    print("fresh process per row, default allocator; memory above parameters and gradients; median of", steps, "steps")
+    # a smoke run starts the probes of a C side by side, one thread each: every process still measures its own
+    # memory, but their step times are no longer comparable (each pays seconds to import torch: that is what a smoke
+    # run saves), and OpenMP threads that wait for a busy core would spin through the machine's time
+    together = len(IMPLEMENTATIONS) if args.quick else 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.quick else None
+    threads = 1 if args.quick else torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; N={batch}, d={features}; ArcFace m=0.5, s=30")
+    rows = "fresh process per row" + (", all rows of a C at once (times not comparable)" if together > 1 else "")
+    print(f"{rows}, default allocator; memory above parameters and gradients; median of", steps, "steps")
     print("\n| C | implementation | peak MB | × dense memory | step s | × dense time | chunk (classes) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for classes in classes_list:
         results = {}
-        for impl in IMPLEMENTATIONS:
-            cmd = [sys.executable, "-m", "benchmarks.chunked", "--probe", impl, str(classes), str(batch)]
-            done = subprocess.run([*cmd, str(features), str(steps)], capture_output=True, text=True)
+        sizes = [str(v) for v in (classes, batch, features, steps)]
+        commands = [[sys.executable, "-m", "benchmarks.chunked", "--probe", impl, *sizes] for impl in IMPLEMENTATIONS]
+        with ThreadPoolExecutor(together) as pool:
+            runs = pool.map(lambda command: subprocess.run(command, env=env, capture_output=True, text=True), commands)
+            probes = dict(zip(IMPLEMENTATIONS, runs))
+        for impl, done in probes.items():
             if done.returncode != 0:
                 print(f"| {classes} | {impl} | failed: {done.stderr.strip().splitlines()[-1][:80]} | | | | |")
                 continue

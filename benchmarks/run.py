@@ -1,7 +1,7 @@
 """Time and measure every head side by side with the floor and the peers; print Markdown tables of ratios.
 
     python -m benchmarks.run                      # the full run (about 25 minutes on 2 cores, 8 of them at C=10^6)
-    python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds
+    python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds, one thread
     python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
     python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
 
@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         print(probe_memory(suite, int(index), Config(**json.loads(cfg))))
         return
     if args.allocator == "both":
-        # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins)
+        # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins),
+        # started with that setting's environment so that it need not start Python a second time (execve below)
         failed = []
         for setting in ALLOCATORS:
             print(f"\n## allocator: {allocator_description(setting)}\n", flush=True)
-            done = subprocess.run([sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting])
+            child = [sys.executable, "-m", "benchmarks.run", *raw, "--allocator", setting]
+            done = subprocess.run(child, env=allocator_env(setting))
             if done.returncode != 0:  # e.g. killed for memory: say so, and still run the other setting
                 print(f"the run with the {setting} allocator failed (exit status {done.returncode})", file=sys.stderr)
                 failed.append(setting)
@@ -265,7 +267,20 @@ def main(argv: list[str] | None = None) -> None:
     if env != dict(os.environ):
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *raw], env)
 
+    if args.quick:
+        torch.set_num_threads(1)  # a smoke run: tiny steps, and no OpenMP stalls on a busy machine (as in gpu.py)
     print(header(args), flush=True)
+    # what exists now (the interpreter, torch, mll) lives as long as the run: out of every collection of
+    # release_heap, which otherwise walks those hundreds of thousands of objects each time (a quarter of a second)
+    gc.freeze()
+    try:
+        run_suites(args)
+    finally:
+        gc.unfreeze()
+
+
+def run_suites(args: argparse.Namespace) -> None:
+    """Time the suites of ``args`` at their class counts and print a table for each."""
     for suite in args.suites:
         classes, sub_centers, soft = PLAN[suite]
         for c in [QUICK_CLASSES] if args.quick else (args.classes or classes):

@@ -1,7 +1,7 @@
 """Class-sharded ArcFace at C = 10^6 on gloo: per-rank memory and step time for world sizes 1, 2 and 4.
 
     python -m benchmarks.sharded            # C = 10^6, d = 128, N = 256 (about 10 minutes on 2 cores)
-    python -m benchmarks.sharded --quick    # a smoke run: C = 4000, worlds 1 and 2, memory from the timed processes
+    python -m benchmarks.sharded --quick    # a smoke run: C = 4000, worlds 1 and 2 (see below)
 
 Every configuration runs as fresh processes (one per rank, joined through a ``file://`` store): world 1 with two
 threads, worlds 2 and 4 with one thread per rank. Each rank holds ``mll.ShardedArcFace``'s block of C/world
@@ -21,6 +21,9 @@ suffers badly when another process takes a core, so the ratios use the best step
 all rounds, and per round); the CPU pressure stall share (``/proc/pressure/cpu``) is printed as a witness.
 The timed processes run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` (large tensors are not
 mmapped and unmapped per step).
+
+``--quick`` checks that all of this runs, in seconds: C = 4000, worlds 1 and 2 with one thread per rank, started
+at once (their times are not comparable), one round of two steps, the memory read from those same processes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -113,6 +117,18 @@ def launch(
     return sorted(results, key=lambda r: r["rank"])
 
 
+def launch_configs(
+    configs: tuple[tuple[int, int], ...], classes: int, features: int, batch: int, steps: int, together: bool
+) -> dict[int, list[dict]]:
+    """Every configuration's ranks' results, by world size: one configuration after the other, or, ``together``,
+    all of them at once (a smoke run: their processes then compete for the cores and the times mean nothing)."""
+    if not together:
+        return {world: launch(world, threads, classes, features, batch, steps) for world, threads in configs}
+    with ThreadPoolExecutor(len(configs)) as pool:
+        running = {w: pool.submit(launch, w, threads, classes, features, batch, steps) for w, threads in configs}
+        return {world: future.result() for world, future in running.items()}
+
+
 def cpu_pressure() -> str:
     """The share of the last minute in which some runnable task waited for a CPU (the machine is shared)."""
     try:
@@ -148,18 +164,19 @@ def main(argv: list[str] | None = None) -> None:
         rank, world, threads, classes, features, batch, steps = (int(v) for v in args.worker[:7])
         print(json.dumps(worker(rank, world, threads, classes, features, batch, steps, args.worker[7])))
         return
-    configs = CONFIGS
-    if args.quick:  # each process pays seconds to import torch: few of them
+    configs: tuple[tuple[int, int], ...] = CONFIGS
+    if args.quick:  # each process pays seconds to import torch: few of them, all started at once, one thread each
         args.classes, args.steps, args.rounds = 4_000, 2, 1
-        configs = CONFIGS[:2]
+        configs = tuple((world, 1) for world, _ in CONFIGS[:2])
     c, d, n = args.classes, args.features, args.batch
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; ShardedArcFace C={c}, d={d}, global N={n}, float32")
     print(f"CPU pressure (/proc/pressure/cpu, some avg60) at the start: {cpu_pressure()}")
     allocator = " ".join(f"{k}={v}" for k, v in TIMING_ENV.items())
-    print(f"allocator: {allocator}; {args.steps} timed steps per configuration, {args.rounds} rounds")
+    together = ", the configurations side by side (times not comparable)" if args.quick else ""
+    print(f"allocator: {allocator}; {args.steps} timed steps per configuration, {args.rounds} rounds{together}")
     rounds: list[dict[int, list[dict]]] = []
     for index in range(args.rounds):
-        results = {world: launch(world, threads, c, d, n, args.steps) for world, threads in configs}
+        results = launch_configs(configs, c, d, n, args.steps, together=args.quick)
         rounds.append(results)
         times = ", ".join(f"world {w}: {min(r[0]['times']):.2f} s" for w, r in results.items())
         print(f"round {index + 1}: {times}", flush=True)

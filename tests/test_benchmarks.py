@@ -1,41 +1,66 @@
-"""The benchmark's smoke run: it must run and print its tables. Timings are printed, never asserted."""
+"""The benchmarks' smoke runs: each must run and print its tables. Timings are printed, never asserted.
 
-import subprocess
+Every entry point's main() runs in this process, its output captured: what the process environment would change
+(glibc's MALLOC_* settings, read at start-up) is what the benchmarks' own children are for, and those start as in
+a real run — one per --allocator setting, per chunked probe, per sharded rank — from the repository root.
+"""
+
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import gpu, run
+from benchmarks import chunked, gpu, run, sharded
 from benchmarks.cases import SUITES, Config, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_quick_run_prints_a_table_per_suite() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-memory"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for suite in run.PLAN:
-        assert f"### {suite}: N=32, d=64, C=500" in done.stdout
-    assert "| ArcFace | mll |" in done.stdout
-    for impl in ("limit", "floor", "mll dense + F.cross_entropy", "mll loss() (chunked)"):
-        assert f"| {impl} |" in done.stdout
-    assert "| × limit (median) | × floor (median) |" in done.stdout
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For a benchmark's main() in this process: the repository root as working directory (its children run
+    ``python -m benchmarks.…``), no os.execve (it would replace the test process), torch's thread count as it was
+    afterwards (a quick run sets one thread)."""
+
+    def execve(*args: object) -> None:
+        raise AssertionError(f"the benchmark would replace the test process: os.execve{args[:2]}")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(os, "execve", execve)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_memory_probe_measures_a_step() -> None:
+    # first in this file: probe_memory expects a fresh process, and after a benchmark's main() has run here the
+    # heap can hold freed blocks of the step's size, resident already, which the step would reuse unseen
     cfg = Config(batch=64, features=32, classes=20_000)
     index = next(i for i, case in enumerate(SUITES["int labels"]) if case.head == "ArcFace" and case.impl == "mll")
     peak = run.probe_memory("int labels", index, cfg)
     assert peak >= 64 * 20_000 * 4 / 2**20  # at least the N×C float32 logits (4.9 MB) must show
+
+
+@pytest.mark.slow
+# numpy 2's, raised inside pytorch-metric-learning's SphereFaceLoss (scipy.special.binom): a peer's, not ours
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+def test_quick_run_prints_a_table_per_suite(
+    in_process: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the default allocator, without MALLOC_* variables, is this process's own: main() runs here, not re-executed
+    for name in [name for name in os.environ if name.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    run.main(["--quick", "--no-memory", "--allocator", "default"])
+    out = capsys.readouterr().out
+    for suite in run.PLAN:
+        assert f"### {suite}: N=32, d=64, C=500, K={run.PLAN[suite][1]}; allocator: default" in out
+    assert "| ArcFace | mll |" in out
+    for impl in ("limit", "floor", "mll dense + F.cross_entropy", "mll loss() (chunked)"):
+        assert f"| {impl} |" in out
+    assert "| × limit (median) | × floor (median) |" in out
 
 
 def test_allocator_settings_environments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,41 +72,53 @@ def test_allocator_settings_environments(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not [k for k in run.allocator_env("default") if k.startswith("MALLOC_")]
 
 
+def test_a_run_restarts_itself_under_the_tuned_allocator(in_process: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append((path, argv, env))
+        raise SystemExit(0)  # as the real one: nothing after it runs here
+
+    monkeypatch.setattr(os, "execve", execve)
+    for name in run.TIMING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--suites", "limit"])
+    # the command it restarts with runs in the tuned child of test_both_allocators_print_a_table_each
+    ((path, argv, env),) = calls
+    assert path == sys.executable
+    assert argv == [sys.executable, "-m", "benchmarks.run", "--quick", "--suites", "limit"]
+    assert env == run.allocator_env("tuned")
+
+
 @pytest.mark.slow
-def test_both_allocators_print_a_table_each() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-memory", "--suites", "limit", "--allocator", "both"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_both_allocators_print_a_table_each(in_process: None, capfd: pytest.CaptureFixture[str]) -> None:
+    run.main(["--quick", "--no-memory", "--suites", "limit", "--allocator", "both"])
+    out = capfd.readouterr().out  # the children's tables: written to this process's file descriptor 1
     for setting in run.ALLOCATORS:
-        assert f"## allocator: {run.allocator_description(setting)}" in done.stdout
-        assert f"### limit: N=32, d=64, C=500, K=1; allocator: {setting}" in done.stdout
-    assert "allocator (timing): default (glibc's: no MALLOC_* variables)" in done.stdout
+        heading = f"## allocator: {run.allocator_description(setting)}"
+        title = f"### limit: N=32, d=64, C=500, K=1; allocator: {setting}"
+        assert heading in out and title in out
+        assert out.index(heading) < out.index(title)  # each setting's heading, then its child's table
+    assert "allocator (timing): default (glibc's: no MALLOC_* variables)" in out
 
 
 @pytest.mark.slow
-def test_chunked_quick_run_prints_its_table() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.chunked", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for impl in ("dense", "chunked", "torch linear_cross_entropy"):
-        assert f"| 20000 | {impl} |" in done.stdout
+def test_chunked_quick_run_prints_its_table(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
+    chunked.main(["--quick"])
+    out = capsys.readouterr().out
+    for impl in chunked.IMPLEMENTATIONS:
+        assert f"| 20000 | {impl} |" in out
+    assert "failed" not in out  # a probe that failed prints its row too, with its error
 
 
 @pytest.mark.slow
-def test_sharded_quick_run_prints_its_tables() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sharded", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for world, threads, classes in ((1, 2, 4000), (2, 1, 2000)):
-        assert f"| {world} | {threads} | {classes} |" in done.stdout
-    assert "| 2 | 65536 | 1024 | 3072 | 65536 | 132 | 132.1 |" in done.stdout
+def test_sharded_quick_run_prints_its_tables(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
+    sharded.main(["--quick"])  # a rank that fails raises, with its stderr
+    out = capsys.readouterr().out
+    for world, threads, classes in ((1, 1, 4000), (2, 1, 2000)):  # a quick run: one thread per rank
+        assert f"| {world} | {threads} | {classes} |" in out
+    assert "| 2 | 65536 | 1024 | 3072 | 65536 | 132 | 132.1 |" in out
 
 
 def test_limit_suite_shares_one_weight_and_accumulates_only_where_asked() -> None:
@@ -115,37 +152,31 @@ def test_gpu_largest_classes_doubles_by_memory_and_halves_by_time() -> None:
     assert gpu.cap_by_time(four, 1_000_000, seconds_at_start=10.0, seconds_left=1.0) == 1_000_000
 
 
-def test_gpu_dry_run_prints_the_plan() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "dry run: no device used" in done.stdout
-    assert "largest by memory with 139 GiB free: C=4000000" in done.stdout
+def test_gpu_dry_run_prints_the_plan(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
+    gpu.main(["--dry-run"])
+    out = capsys.readouterr().out
+    assert "dry run: no device used" in out
+    assert "largest by memory with 139 GiB free: C=4000000" in out
     for case in gpu.CASES:
-        assert case.name in done.stdout
+        assert case.name in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
-def test_gpu_benchmark_fails_fast_without_a_gpu() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode != 0
-    assert "no CUDA device" in done.stderr
-    assert "--device cpu --quick" in done.stderr
+def test_gpu_benchmark_fails_fast_without_a_gpu(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        gpu.main([])
+    message = exited.value.code
+    assert isinstance(message, str)  # what Python prints to stderr, with exit status 1
+    assert "no CUDA device" in message
+    assert "--device cpu --quick" in message
+    assert capsys.readouterr().out == ""  # before anything ran
 
 
-def test_gpu_quick_cpu_run_prints_every_case_and_the_sync_table() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--quick", "--compile-backend", "eager"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+def test_gpu_quick_cpu_run_prints_every_case_and_the_sync_table(
+    in_process: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gpu.main(["--device", "cpu", "--quick", "--compile-backend", "eager"])
+    out = capsys.readouterr().out
     for classes in gpu.QUICK.classes:
         assert f"### C={classes}\n" in out
     assert f"### C={gpu.QUICK.max_classes} (the largest that fits)" in out
