@@ -221,13 +221,23 @@ def sharded_margin_cross_entropy(
     Returns:
         Tensor: the loss (float32 for half-precision inputs).
     """
-    return _sharded(
+    return _eager_sharded()(
         input, weight, target, class_start, num_classes, scale, margin, margin_type, easy_margin, num_sub_centers,
         pooling, pooling_temperature, sample_rate, generator, chunk_size, feature_grad_scale, group, reduction,
     )  # fmt: skip
 
 
-@torch.compiler.disable
+_EAGER: list[Any] = []
+
+
+def _eager_sharded() -> Any:
+    """:func:`_sharded` behind ``torch.compiler.disable`` (a graph break under ``torch.compile``), made at the first
+    call: decorating it at import would import ``torch._dynamo`` (over a second) into every ``import mll``."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_sharded))
+    return _EAGER[0]
+
+
 def _sharded(
     input: Tensor, weight: Tensor, target: Target, class_start: int, num_classes: int, scale: Scale, margin: Any,
     margin_type: Optional[str], easy_margin: bool, num_sub_centers: int, pooling: str, pooling_temperature: float,
