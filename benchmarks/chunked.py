@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
             results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
         dense = results.get("dense")
         for impl, r in results.items():
-            mem = f"{r['peak_mb'] / dense['peak_mb']:.3f}" if dense else "—"
-            tim = f"{r['seconds'] / dense['seconds']:.3f}" if dense else "—"
+            # a tiny quick run's dense peak can be 0 MB (the heap had room already): no ratio then
+            mem = f"{r['peak_mb'] / dense['peak_mb']:.3f}" if dense and dense["peak_mb"] > 0 else "—"
+            tim = f"{r['seconds'] / dense['seconds']:.3f}" if dense and dense["seconds"] > 0 else "—"
             chunk = default_chunk_size(batch, classes, 1) if impl == "chunked" else "—"
             print(
                 f"| {classes} | {impl} | {r['peak_mb']:.0f} | {mem} | {r['seconds']:.2f} | {tim} | {chunk} |",
