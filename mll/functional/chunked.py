@@ -25,15 +25,22 @@ Reduction = Literal["mean", "sum", "none"]
 #: class indices ``(*)``, soft targets ``(*, C)``, or few-hot soft targets as a pair ``(classes, weights)``, ``(*, P)``
 Target = Union[Tensor, tuple[Tensor, Tensor]]
 
-#: the default chunk keeps one chunk's N×chunk·K float32 logits near this many elements (1 MB): small enough that
-#: a chunk's few buffers stay a few percent of the dense path's memory from C = 10^5, large enough (1024 classes at
-#: N = 256) that each chunk is still an efficient GEMM and the Python loop over chunks costs little
+#: the default chunk keeps one chunk's N×chunk·K float32 logits near this many elements, per device type. CPU: 1 MB,
+#: measured on a 2-core machine — a chunk's buffers stay in cache and a few percent of the dense path's memory from
+#: C = 10^5, and 1024 classes at N = 256 are still an efficient GEMM. Accelerators: 16 MB, chosen, not yet measured —
+#: a GPU needs larger GEMMs to fill its cores and pays a kernel launch per elementwise op of a chunk, and 2^22
+#: elements are still ≤ 5% of the dense path's logits from C = 10^5 at N ≥ 512 / K
 CHUNK_ELEMENTS = 1 << 18
+DEVICE_CHUNK_ELEMENTS = {"cpu": CHUNK_ELEMENTS}
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 
 
-def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int) -> int:
-    """Classes per chunk: ``2**18 // (N·K)`` (1 MB of float32 logits per chunk), at least 1, at most C."""
-    return max(1, min(num_classes, CHUNK_ELEMENTS // max(1, batch * num_sub_centers)))
+def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, device: Any = "cpu") -> int:
+    """Classes per chunk: ``E // (N·K)`` with E = 2**18 on the CPU (1 MB of float32 logits per chunk) and 2**22 on an
+    accelerator (CUDA and the others), at least 1, at most C."""
+    kind = torch.device(device).type
+    elements = DEVICE_CHUNK_ELEMENTS.get(kind, ACCELERATOR_CHUNK_ELEMENTS)
+    return max(1, min(num_classes, elements // max(1, batch * num_sub_centers)))
 
 
 def check_chunk_size(chunk_size: object) -> None:
@@ -155,7 +162,8 @@ def margin_cross_entropy(
         num_sub_centers (int): ``K``.
         pooling (str): ``"max"`` or ``"soft"`` sub-center pooling (see :func:`cosine_logits`).
         pooling_temperature (float): γ of soft pooling (``temperature`` before 0.2, deprecated).
-        chunk_size (int, optional): classes per chunk; default ``2**18 // (N·K)`` (1 MB of logits per chunk).
+        chunk_size (int, optional): classes per chunk; default ``2**18 // (N·K)`` on the CPU (1 MB of logits per
+            chunk), ``2**22 // (N·K)`` on an accelerator.
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(*)``).
 
     Returns:
@@ -205,7 +213,7 @@ def chunked_loss(
     if n == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
         losses = x.sum(-1).to(acc) + 0.0 * weight.sum()
     else:
-        chunk = default_chunk_size(n, num_classes, num_sub_centers) if chunk_size is None else int(chunk_size)
+        chunk = default_chunk_size(n, num_classes, num_sub_centers, x.device) if chunk_size is None else int(chunk_size)
         tau = float(pooling_temperature) if pooling == "soft" and num_sub_centers > 1 else None
         spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau)
         value = prepare(spec, x, weight, params)

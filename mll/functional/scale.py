@@ -144,7 +144,7 @@ def adacos_statistics_chunked(
     num_classes = weight.shape[0] // k
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = scale.detach().to(dtype) if isinstance(scale, Tensor) else scale
-    chunk = default_chunk_size(n, num_classes, k) if chunk_size is None else chunk_size
+    chunk = default_chunk_size(n, num_classes, k, x.device) if chunk_size is None else chunk_size
     soft = target is not None and is_soft(target)
     flat = None if target is None else (target.reshape(n, num_classes) if soft else target.reshape(n))
     run_max = torch.full((n,), -math.inf, dtype=dtype, device=x.device)

@@ -213,7 +213,8 @@ def sharded_margin_cross_entropy(
         pooling_temperature (float): γ of soft pooling.
         sample_rate (float): Partial FC's fraction of each block kept per call, in ``(0, 1]``.
         generator (torch.Generator, optional): for the sampling, on the weights' device.
-        chunk_size (int, optional): classes per chunk of the block; default ``2**18 // (N·K)`` (N global).
+        chunk_size (int, optional): classes per chunk of the block; default ``2**18 // (N·K)`` on the CPU,
+            ``2**22 // (N·K)`` on an accelerator (N global).
         feature_grad_scale (float, optional): multiplier of the features' gradient; None means the world size.
         group (ProcessGroup, optional): the ranks sharing the classes; the default group when None.
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"``.
@@ -314,7 +315,7 @@ def _sharded(
             width = kept.numel()
 
     # 3. the chunk kernel, its row statistics all-reduced over the blocks
-    chunk = default_chunk_size(total, max(width, 1), k) if chunk_size is None else int(chunk_size)
+    chunk = default_chunk_size(total, max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
     tau = float(pooling_temperature) if pooling == "soft" and k > 1 else None
     spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, chunk, tau,
                 reduce=lambda t, op: all_reduce(t, op, group, world))  # fmt: skip

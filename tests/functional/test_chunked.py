@@ -145,6 +145,11 @@ def test_default_chunk_size() -> None:
     assert MF.chunked.default_chunk_size(256, 1_000_000, 1) == 2**18 // 256 == 1024
     assert MF.chunked.default_chunk_size(2**19, 10, 1) == 1
     assert MF.chunked.default_chunk_size(4, 10, 1) == 10
+    # per device type: accelerators get 16 times the CPU's chunk (larger GEMMs, fewer launches)
+    assert MF.chunked.default_chunk_size(256, 1_000_000, 1, "cuda") == 2**22 // 256 == 16384
+    assert MF.chunked.default_chunk_size(256, 1_000_000, 2, torch.device("cuda", 1)) == 8192
+    assert MF.chunked.default_chunk_size(256, 1_000_000, 1, torch.device("cpu")) == 1024
+    assert MF.chunked.default_chunk_size(512, 10_000, 1, "cuda") == 8192
 
 
 @pytest.mark.parametrize(
