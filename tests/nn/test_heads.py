@@ -287,6 +287,33 @@ def test_autocast_keeps_parameter_dtypes_and_is_finite(name, soft) -> None:
 
 
 @pytest.mark.parametrize("name", HEADS)
+def test_chunked_loss_under_bf16_autocast_is_the_float32_loss(name) -> None:
+    """``loss()`` under bf16 autocast: finite, parameters and gradients keep their dtypes, and within bf16's
+    precision of the float32 loss and of the dense path under the same autocast."""
+    make, _ = HEADS[name]
+    x, y = batch(n=8, soft=False)
+    heads = [make() for _ in range(3)]
+    for h in heads[1:]:
+        h.load_state_dict(heads[0].state_dict())
+    xs = [x.clone().requires_grad_(True) for _ in heads]
+    want = heads[0].loss(xs[0], y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = heads[1].loss(xs[1], y)
+        dense = F.cross_entropy(heads[2](xs[2], y).float(), y)
+        if isinstance(heads[2], mll.MagFace):  # its loss() adds the regulariser
+            dense = dense + heads[2].lambda_g * heads[2].regularizer(xs[2])
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    torch.testing.assert_close(got, want.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, dense, rtol=3e-2, atol=3e-2)
+    got.backward()
+    want.backward()
+    assert xs[1].grad.dtype == x.dtype and torch.isfinite(xs[1].grad).all()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0.1, atol=0.05 * float(xs[0].grad.abs().max()))
+    for p, q in zip(heads[1].parameters(), heads[0].parameters()):
+        assert p.dtype == q.dtype and (p.grad is None or (p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()))
+
+
+@pytest.mark.parametrize("name", HEADS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_modules_at_cos_plus_minus_one(name, dtype) -> None:
     make, _ = HEADS[name]
