@@ -79,7 +79,7 @@ class Report:
         self.reduction = _REDUCTIONS.index(reduction)
 
     def set_dtype(self, dtype: torch.dtype) -> None:
-        self.dtype = _DTYPES.index(dtype) if dtype in _DTYPES else -1
+        self.dtype = dtype_code(dtype)
 
     def set_requires_grad(self, input: Tensor, weight: Tensor, scale: object) -> None:
         grad = torch.is_grad_enabled()

@@ -10,7 +10,7 @@ statistics are running state, updated under ``no_grad``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,15 +91,14 @@ def all_reduce_log_sum_exp(values: Tensor, group: Any) -> Tensor:
     return shift + torch.log(total)
 
 
-def own_share_sum(values: Tensor, group: Any, count: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def own_share_sum(values: Tensor, group: Any) -> tuple[Tensor, Tensor]:
     """The sum of ``values`` over every rank's entries (the same number on every rank), whose gradient reaches only
     this rank's entries — the sharded loss's contract: each rank's output stands for its own samples — and the
-    global number of entries (or the sum of ``count`` over the ranks)."""
+    global number of entries."""
     _, world = rank_and_world(group)
     local = values.sum()
-    n = values.numel() if count is None else count
-    totals = torch.stack([local.detach().to(torch.float64), torch.tensor(float(n), dtype=torch.float64,
-                                                                         device=values.device)])  # fmt: skip
+    count = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
+    totals = torch.stack([local.detach().to(torch.float64), count])
     totals = all_reduce(totals, "sum", group, world)
     # the global sum's value, to the bit on every rank, with the gradient of this rank's sum
     return totals[0].to(local.dtype) + (local - local.detach()), totals[1]

@@ -265,10 +265,11 @@ class ChunkedCE(torch.autograd.Function):
         g = grad.to(acc)
         needs = ctx.needs_input_grad
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
+        # with an existing .grad, each chunk's weight gradient is added into it: no C×d buffer of our own
         into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
-        grad_w = (
-            into if into is not None else torch.zeros(weight.shape, dtype=acc, device=x.device) if needs[1] else None
-        )
+        grad_w = into
+        if needs[1] and into is None:
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
         grad_s = torch.zeros((), dtype=acc, device=x.device) if ctx.scale_is_tensor and needs[2] else None
         grad_value = torch.zeros(value.shape, dtype=acc, device=x.device) if value is not None and needs[3] else None
         grad_params = [torch.zeros_like(p) if needs[5 + i] else None for i, p in enumerate(params)]

@@ -31,15 +31,13 @@ Target = Union[Tensor, tuple[Tensor, Tensor]]
 #: a GPU needs larger GEMMs to fill its cores and pays a kernel launch per elementwise op of a chunk, and 2^22
 #: elements are still ≤ 5% of the dense path's logits from C = 10^5 at N ≥ 512 / K
 CHUNK_ELEMENTS = 1 << 18
-DEVICE_CHUNK_ELEMENTS = {"cpu": CHUNK_ELEMENTS}
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 
 
 def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, device: Any = "cpu") -> int:
     """Classes per chunk: ``E // (N·K)`` with E = 2**18 on the CPU (1 MB of float32 logits per chunk) and 2**22 on an
     accelerator (CUDA and the others), at least 1, at most C."""
-    kind = torch.device(device).type
-    elements = DEVICE_CHUNK_ELEMENTS.get(kind, ACCELERATOR_CHUNK_ELEMENTS)
+    elements = CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     return max(1, min(num_classes, elements // max(1, batch * num_sub_centers)))
 
 

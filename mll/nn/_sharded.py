@@ -128,7 +128,7 @@ class Sharded(_Base):
             "num_sub_centers": self.num_sub_centers,
             "training": int(self.training),
             "dtype": I.dtype_code(getattr(input, "dtype", None)),
-            "soft": int(isinstance(target, tuple) or (isinstance(target, Tensor) and target.is_floating_point())),
+            "soft": int(target is not None and soft_target(target)),
             **I.call_report(input, self.rows(), self.logit_scale(), reduction),
         }
         I.agree_on_call(problem, shared, self.rows().device, self.group, (self.class_start, self.class_stop),
@@ -206,6 +206,11 @@ class Sharded(_Base):
         block = block_state(head.state_dict(), shard.class_start, shard.class_stop, k, shard.get_buffer("class_range"))
         shard.load_state_dict(block)
         return shard
+
+
+def soft_target(target: Any) -> bool:
+    """Whether a checked target is soft: dense ``(*, C)`` or a few-hot pair, rather than class indices."""
+    return isinstance(target, (tuple, list)) or target.is_floating_point()
 
 
 def block_state(state: Mapping[str, Tensor], start: int, stop: int, k: int, class_range: Tensor) -> dict[str, Tensor]:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional import _internal as I
-from mll.nn._sharded import Sharded, dense_state_dict
+from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
@@ -103,6 +103,16 @@ class ShardedSphereFace(Sharded, SphereFace):
     dense = SphereFace
 
 
+def _elastic_step_margin(head: Any, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
+    """ElasticFace's step (each rank draws its own samples' margins), refusing the one cell the sharded loss lacks."""
+    if isinstance(head.margin, Tensor) and soft_target(labels):
+        raise ValueError(
+            f"{type(head).__name__} with per-class margins takes class indices: with soft targets each sample "
+            "would draw one margin per class, which the sharded loss does not take (use one mean margin)"
+        )
+    return head.family(head.sample_margins(input, labels))
+
+
 class ShardedElasticArcFace(Sharded, ElasticArcFace):  # type: ignore[misc]  # forward: no margins= (block logits)
     """Class-sharded :class:`mll.nn.ElasticArcFace` (see the module notes). Each rank draws the margins of its own
     samples from ``generator`` — seed it differently on every rank (``from_dense`` without ``generator=`` keeps the
@@ -110,27 +120,14 @@ class ShardedElasticArcFace(Sharded, ElasticArcFace):  # type: ignore[misc]  # f
     class indices (a per-sample, per-class draw is not sharded)."""
 
     dense = ElasticArcFace
-
-    def step_margin(self, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
-        return self.family(_elastic_draw(self, input, labels))
+    step_margin = _elastic_step_margin
 
 
 class ShardedElasticCosFace(Sharded, ElasticCosFace):  # type: ignore[misc]
     """Class-sharded :class:`mll.nn.ElasticCosFace` (see :class:`ShardedElasticArcFace`)."""
 
     dense = ElasticCosFace
-
-    def step_margin(self, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
-        return self.family(_elastic_draw(self, input, labels))
-
-
-def _elastic_draw(head: Any, input: Tensor, labels: Any) -> Tensor:
-    if isinstance(head.margin, Tensor) and (isinstance(labels, tuple) or labels.is_floating_point()):
-        raise ValueError(
-            f"{type(head).__name__} with per-class margins takes class indices: with soft targets each sample "
-            "would draw one margin per class, which the sharded loss does not take (use one mean margin)"
-        )
-    return head.sample_margins(input, labels)
+    step_margin = _elastic_step_margin
 
 
 class ShardedAdaFace(Sharded, AdaFace):
@@ -194,9 +191,8 @@ class ShardedAdaCos(Sharded, AdaCos):
             width = _width(self)
             x, classes, weights = I.gather_block_batch(input, labels, self.out_features, self.class_start, width,
                                                        self.group)  # fmt: skip
-            hard = not (isinstance(labels, tuple) or labels.is_floating_point())
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            target = classes[:, 0] if hard else I.block_soft_targets(classes, weights, width, dtype)
+            target = I.block_soft_targets(classes, weights, width, dtype) if soft_target(labels) else classes[:, 0]
             log_b, theta = I.adacos_statistics_chunked(
                 x, self.weight, target, self.scale, num_sub_centers=self.num_sub_centers, tau=_tau(self)
             )
