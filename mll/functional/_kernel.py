@@ -126,35 +126,61 @@ def _inside(classes: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     return (local >= 0) & (local < stop - start), local.clamp(0, stop - start - 1)
 
 
+def _gemm(x: Tensor, rows: Tensor, acc: torch.dtype, out: Optional[Tensor]) -> Tensor:
+    """``x @ rowsᵀ`` in the accumulation dtype, into ``out`` (a reused chunk buffer) where the dtypes allow it."""
+    if out is not None and x.dtype == rows.dtype == acc and not torch.is_autocast_enabled(x.device.type):
+        return torch.mm(x, rows.t(), out=out)
+    return F.linear(x, rows).to(acc)
+
+
+def chunk_buffer(n: int, spec: Spec, width: int, acc: torch.dtype, device: Any) -> Tensor:
+    """One flat buffer for a chunk's N×chunk·K GEMM output, reused by every chunk (no allocation per chunk)."""
+    return torch.empty(n * min(spec.chunk, width) * spec.num_sub_centers, dtype=acc, device=device)
+
+
 class _Chunk:
-    """One chunk's logits (accumulation dtype) and what its backward needs."""
+    """One chunk's logits (accumulation dtype) and what its backward needs.
+
+    The weight rows are never normalised into a copy: the GEMM runs on the raw rows and each output column is scaled
+    by ``inv = 1 / max(‖w‖, ε)`` — an N×chunk pass, folded into the scale for the plain cosine logits, instead of a
+    chunk·K×d normalised copy and its backward (see :func:`_add_grads`). The logits ``z`` may live in ``buf``.
+    """
 
     def __init__(
         self, spec: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...],
-        s: Any, start: int, stop: int,
+        s: Any, start: int, stop: int, buf: Optional[Tensor] = None,
     ) -> None:  # fmt: skip
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
-        rows = weight[start * k : stop * k].detach()
-        self.norms = rows.to(acc).norm(dim=1, keepdim=True)
-        self.w_hat = normalize(rows)
-        self.cos_k = F.linear(x, self.w_hat).to(acc)
-        self.pooled = pool(self.cos_k, k, spec.tau)
+        n, cols = x.shape[0], (stop - start) * k
+        self.rows = weight[start * k : stop * k].detach()
+        norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
+        eps = weight_eps(weight.dtype)
+        self.inv = norms.clamp(min=eps).reciprocal_()
+        self.radial = norms > eps  # rows whose normalisation's backward projects out the radial part
+        raw = _gemm(x, self.rows, acc, None if buf is None else buf[: n * cols].view(n, cols))
         self.start, self.stop = start, stop
         self.slope: Optional[Tensor] = None  # dense soft targets: ∂ψ/∂cos per entry
         self.neg_slope: Optional[Tensor] = None
+        self.cos_k: Optional[Tensor] = None  # sub-center cosines (K > 1, for the pooling's backward)
+        self.pooled: Optional[Tensor] = None  # pooled cosines (where the margin needs them)
         family, targets = spec.family, spec.targets
-        if targets.dense is not None:
-            self.t = targets.dense[:, start:stop].to(acc)
-            with torch.no_grad():
-                z, self.slope = family.value_and_slope(self.pooled, self.t, *flat_params(params, start, stop))
-            self.z = z * s
-            return
-        if family.negatives is not None:
-            assert spec.target_cos is not None
-            z, self.neg_slope = family.negatives(self.pooled, spec.target_cos, *spec.row_params)
-            self.z = z * s
+        if k == 1 and targets.dense is None and family.negatives is None:
+            self.z = raw.mul_(self.inv * s)  # the plain scaled cosines: one pass, in place
         else:
-            self.z = self.pooled * s
+            self.cos_k = raw.mul_(self.inv)
+            self.pooled = pool(self.cos_k, k, spec.tau)
+            if targets.dense is not None:
+                self.t = targets.dense[:, start:stop].to(acc)
+                with torch.no_grad():
+                    z, self.slope = family.value_and_slope(self.pooled, self.t, *flat_params(params, start, stop))
+                self.z = z * s
+                return
+            if family.negatives is not None:
+                assert spec.target_cos is not None
+                z, self.neg_slope = family.negatives(self.pooled, spec.target_cos, *spec.row_params)
+                self.z = z * s
+            else:
+                self.z = self.pooled * s
         assert targets.classes is not None and value is not None
         for p in range(targets.classes.shape[1]):  # one entry per row at a time: no two writes collide
             inside, col = _inside(targets.classes[:, p : p + 1], start, stop)
@@ -211,12 +237,14 @@ class ChunkedCE(torch.autograd.Function):
         run_sum = torch.zeros(n, dtype=acc, device=x.device)
         target_term = torch.zeros(n, dtype=acc, device=x.device)  # Σ_j t_ij z_ij over this block
         width = weight.shape[0] // k
+        buf = chunk_buffer(n, spec, width, acc, x.device)
         for start, stop in chunk_bounds(width, spec.chunk):
-            chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop)
+            chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop, buf)
+            z = chunk.z
             if targets.dense is not None:
-                target_term += (chunk.t * chunk.z).sum(1)
-            new_max = torch.maximum(run_max, chunk.z.amax(1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(chunk.z - new_max[:, None]).sum(1)
+                target_term += (chunk.t * z).sum(1)
+            new_max = torch.maximum(run_max, z.amax(1))
+            run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(1)
             run_max = new_max
         if targets.classes is not None and width > 0:
             assert value_d is not None
@@ -264,19 +292,27 @@ class ChunkedCE(torch.autograd.Function):
         width = weight.shape[0] // k
         g = grad.to(acc)
         needs = ctx.needs_input_grad
+        n = x.shape[0]
+        # every term is linear in the rows' upstream gradient g: it is folded into the features of the weight
+        # gradient's GEMM (x·g) and into the feature gradient at the end, not into an N×C pass per chunk
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
-        # with an existing .grad, each chunk's weight gradient is added into it: no C×d buffer of our own
+        xg = x.to(acc) * g[:, None] if needs[1] else None
+        # with an existing .grad, each chunk's weight gradient is added into it: no C×d buffer of our own; else
+        # each chunk writes its own rows of a fresh gradient once
         into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
         grad_w = into
         if needs[1] and into is None:
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
+            tiled = width * k == weight.shape[0]  # every row is written by one chunk
+            grad_w = (torch.empty if tiled else torch.zeros)(weight.shape, dtype=acc, device=x.device)
         grad_s = torch.zeros((), dtype=acc, device=x.device) if ctx.scale_is_tensor and needs[2] else None
         grad_value = torch.zeros(value.shape, dtype=acc, device=x.device) if value is not None and needs[3] else None
         grad_params = [torch.zeros_like(p) if needs[5 + i] else None for i, p in enumerate(params)]
         value_d = None if value is None else value.to(acc)
+        buf = chunk_buffer(n, spec, width, acc, x.device)
         for start, stop in chunk_bounds(width, spec.chunk):
-            chunk = _Chunk(spec, x, weight, value_d, tuple(params), s, start, stop)
-            dz = torch.exp_(chunk.z - lse[:, None])  # p
+            chunk = _Chunk(spec, x, weight, value_d, tuple(params), s, start, stop, buf)
+            # p = softmax; in place over the logits unless the scale's gradient still needs them
+            dz = torch.exp(chunk.z - lse[:, None]) if grad_s is not None else chunk.z.sub_(lse[:, None]).exp_()
             if targets.row_sum is not None:
                 dz.mul_(targets.row_sum[:, None])
             if targets.dense is not None:
@@ -287,13 +323,14 @@ class ChunkedCE(torch.autograd.Function):
                     inside, col = _inside(targets.classes[:, p : p + 1], start, stop)
                     w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(acc)
                     dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(acc))
-            dz.mul_(g[:, None])
             if grad_s is not None:
-                grad_s += (dz * chunk.z).sum() / s
-            dcos = _dcos(spec, chunk, dz, s, grad_value, params, grad_params)
-            _add_grads(dcos, x, weight, chunk, k, spec.tau, grad_x, grad_w)
+                grad_s += ((dz * chunk.z).sum(1) * g).sum() / s
+            dcos = _dcos(spec, chunk, dz, s, g, grad_value, params, grad_params)
+            _add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)
         if grad_s is not None and spec.reduce is not None:  # the scale is shared by the blocks
             spec.reduce(grad_s, "sum")
+        if grad_x is not None:
+            grad_x.mul_(g[:, None])
         return (
             None if grad_x is None else grad_x.to(x.dtype),
             None if grad_w is None or into is not None else grad_w.to(weight.dtype),
@@ -314,13 +351,17 @@ def _double_backward() -> bool:
 
 
 def _dcos(
-    spec: Spec, chunk: _Chunk, dz: Tensor, s: Any, grad_value: Optional[Tensor], params: list[Tensor],
+    spec: Spec, chunk: _Chunk, dz: Tensor, s: Any, g: Tensor, grad_value: Optional[Tensor], params: list[Tensor],
     grad_params: list[Optional[Tensor]],
 ) -> Tensor:  # fmt: skip
-    """∂loss/∂(pooled cosine) of the chunk from ∂loss/∂logit, through the margin; also the margin's own gradients."""
-    targets = spec.targets
+    """∂loss/∂(cosine) of the chunk from ∂loss/∂logit ``dz`` (without the rows' upstream gradient ``g``), through the
+    margin, divided by each weight row's norm (the normalisation's forward factor, folded in here); for K > 1 the
+    sub-center cosines' gradient. Also the margin's own gradients (with ``g``). May overwrite ``dz``."""
+    targets, k = spec.targets, spec.num_sub_centers
+    # the per-column factor: the scale and, for K = 1, the rows' 1 / ‖w‖ (K > 1: after the pooling's backward)
+    factor = chunk.inv * s if k == 1 else s
     if targets.dense is not None:
-        assert chunk.slope is not None
+        assert chunk.slope is not None and chunk.pooled is not None
         if any(gp is not None for gp in grad_params):  # margins that need a gradient, at every soft entry
             leaves = [
                 p.detach().requires_grad_(gp is not None)
@@ -329,7 +370,7 @@ def _dcos(
             with torch.enable_grad():
                 value, _ = spec.family.value_and_slope(chunk.pooled.detach(), chunk.t, *leaves)
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad(value, wanted, dz * s, allow_unused=True))
+            grads = iter(torch.autograd.grad(value, wanted, dz * (g[:, None] * s), allow_unused=True))
             for i, gp in enumerate(grad_params):
                 if gp is None:
                     continue
@@ -340,44 +381,65 @@ def _dcos(
                     gp += got.sum_to_size(gp.shape)
                 else:
                     gp[..., chunk.start : chunk.stop] += got.sum_to_size(leaves[i].shape)
-        return dz.mul_(chunk.slope).mul_(s)
+        return _sub_centers(dz.mul_(chunk.slope).mul_(factor), chunk, k, spec.tau)
     assert targets.classes is not None and spec.slope is not None
     slope = spec.slope
-    dcos = dz * s if chunk.neg_slope is None else dz * s * chunk.neg_slope
-    for p in range(targets.classes.shape[1]):
-        inside, col = _inside(targets.classes[:, p : p + 1], chunk.start, chunk.stop)
-        at = dz.gather(1, col) * s
-        if grad_value is not None:
-            grad_value[:, p : p + 1] += torch.where(inside, at, 0.0)
-        dcos.scatter_(1, col, torch.where(inside, at * slope[:, p : p + 1], dcos.gather(1, col)))
-    return dcos
+    entries = [_inside(targets.classes[:, p : p + 1], chunk.start, chunk.stop) for p in range(targets.classes.shape[1])]
+    at = [dz.gather(1, col) * s for _, col in entries]  # ∂loss/∂ψ at the margin's entries, before dz is overwritten
+    if grad_value is not None:
+        for p, (inside, _) in enumerate(entries):
+            grad_value[:, p : p + 1] += torch.where(inside, at[p] * g[:, None], 0.0)
+    dcos = dz if chunk.neg_slope is None else dz.mul_(chunk.neg_slope)
+    dcos.mul_(factor)
+    for p, (inside, col) in enumerate(entries):
+        target = at[p] * slope[:, p : p + 1]
+        if k == 1:
+            target = target * chunk.inv[col]
+        dcos.scatter_(1, col, torch.where(inside, target, dcos.gather(1, col)))
+    return _sub_centers(dcos, chunk, k, spec.tau)
+
+
+def _sub_centers(dcos: Tensor, chunk: _Chunk, k: int, tau: Optional[float]) -> Tensor:
+    """K > 1: the pooled cosines' gradient ``(N, W)`` to the sub-center cosines ``(N, W·K)``, divided by each row's
+    norm. K = 1: ``dcos`` as it is (the norms are already in)."""
+    if k == 1:
+        return dcos
+    assert chunk.cos_k is not None and chunk.pooled is not None
+    n, width = dcos.shape
+    view = chunk.cos_k.view(n, width, k)
+    if tau is None:  # max-pool: split among ties as amax does
+        winners = (view == chunk.pooled.unsqueeze(-1)).to(dcos.dtype)
+        dcos_k = (winners * (dcos / winners.sum(-1)).unsqueeze(-1)).view(n, -1)
+    else:  # soft pooling S = Σ p_k c_k: ∂S/∂c_k = p_k·(1 + (c_k − S)/τ)
+        p_k = torch.softmax(view / tau, dim=-1)
+        dcos_k = (dcos.unsqueeze(-1) * p_k * (1 + (view - chunk.pooled.unsqueeze(-1)) / tau)).view(n, -1)
+    return dcos_k.mul_(chunk.inv)
 
 
 def _add_grads(
-    dcos: Tensor, x: Tensor, weight: Tensor, chunk: _Chunk, k: int, tau: Optional[float],
-    grad_x: Optional[Tensor], grad_w: Optional[Tensor],
+    dcos: Tensor, xg: Optional[Tensor], chunk: _Chunk, k: int, tau: Optional[float], grad_x: Optional[Tensor],
+    grad_w: Optional[Tensor], fresh: bool,
 ) -> None:  # fmt: skip
-    """Chain ∂loss/∂cos of one chunk through the sub-center pooling, the GEMM and the weights' normalisation."""
-    n, acc = x.shape[0], dcos.dtype
-    width = chunk.stop - chunk.start
-    if k > 1:
-        view = chunk.cos_k.view(n, width, k)
-        if tau is None:  # max-pool: split among ties as amax does
-            winners = (view == chunk.pooled.unsqueeze(-1)).to(acc)
-            dcos = (winners * (dcos / winners.sum(-1)).unsqueeze(-1)).view(n, -1)
-        else:  # soft pooling S = Σ p_k c_k: ∂S/∂c_k = p_k·(1 + (c_k − S)/τ)
-            p_k = torch.softmax(view / tau, dim=-1)
-            dcos = (dcos.unsqueeze(-1) * p_k * (1 + (view - chunk.pooled.unsqueeze(-1)) / tau)).view(n, -1)
-    w_acc = chunk.w_hat.to(acc)
+    """The chunk's share of the feature gradient and its rows of the weight gradient, from ``dcos`` = ∂loss/∂cos
+    divided by the rows' norms (``xg``: the features times the rows' upstream gradient).
+
+    With ŵ = w·inv, inv = 1 / max(‖w‖, ε): the feature gradient is Σ_j ∂cos_j·ŵ_j = (dcos·inv) @ W — the raw rows,
+    no normalised copy — and the row gradient is inv·(dŵ − ŵ (ŵ·dŵ)) = D − w·inv²·(w·D) with D = (dcos·inv)ᵀ @ xg
+    (where ‖w‖ ≤ ε the normalisation is w/ε and D alone is the gradient)."""
+    acc = dcos.dtype
+    rows = chunk.rows if chunk.rows.dtype == acc else chunk.rows.to(acc)
     if grad_x is not None:
-        grad_x += dcos @ w_acc
-    if grad_w is not None:
-        d_hat = dcos.T @ x.to(acc)
-        # backward of w / max(‖w‖, ε): project out the radial part where the norm is above ε
-        eps = weight_eps(weight.dtype)
-        radial = (w_acc * d_hat).sum(1, keepdim=True)
-        rows = torch.where(chunk.norms > eps, d_hat - w_acc * radial, d_hat) / chunk.norms.clamp(min=eps)
-        grad_w[chunk.start * k : chunk.stop * k] += rows.to(grad_w.dtype)
+        grad_x.addmm_(dcos, rows)
+    if grad_w is None:
+        return
+    assert xg is not None
+    dest = grad_w[chunk.start * k : chunk.stop * k]
+    direct = fresh and dest.dtype == acc
+    d = torch.mm(dcos.t(), xg, out=dest) if direct else dcos.t() @ xg
+    radial = torch.linalg.vecdot(rows, d)
+    d.addcmul_(rows, torch.where(chunk.radial, -radial * chunk.inv * chunk.inv, 0.0).unsqueeze(1))
+    if not direct:
+        dest += d.to(dest.dtype)
 
 
 def chunk_cosines(x: Tensor, weight: Tensor, k: int, tau: Optional[float], chunk: int) -> Any:
@@ -386,5 +448,6 @@ def chunk_cosines(x: Tensor, weight: Tensor, k: int, tau: Optional[float], chunk
     acc = acc_dtype(x.dtype)
     with torch.no_grad():
         for start, stop in chunk_bounds(weight.shape[0] // k, chunk):
-            cos_k = F.linear(x.detach(), normalize(weight[start * k : stop * k].detach())).to(acc)
-            yield start, stop, pool(cos_k, k, tau)
+            rows = weight[start * k : stop * k].detach()
+            inv = torch.linalg.vector_norm(rows, dim=1, dtype=acc).clamp(min=weight_eps(weight.dtype)).reciprocal_()
+            yield start, stop, pool(_gemm(x.detach(), rows, acc, None).mul_(inv), k, tau)
