@@ -26,6 +26,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def kernel_mode(request, monkeypatch) -> str:
+    """Run a test with the chunk kernel keeping its logits from forward to backward (the default for small
+    problems), and again with it recomputing them (the default from about 16 MB of logits)."""
+    from mll.functional import chunked
+
+    if request.param == "recomputed":
+        monkeypatch.setattr(chunked, "KEEP_BYTES", 0)
+    else:
+        monkeypatch.setattr(chunked, "KEEP_BYTES", 1 << 40)
+    return request.param
+
+
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 

@@ -68,6 +68,10 @@ class Spec:
     chunk: int
     tau: Optional[float] = None  # soft sub-center pooling temperature; None: max pooling
     reduce: Optional[Reduce] = None  # None: a single block
+    #: keep each chunk's logits from forward to backward instead of recomputing them (no fourth GEMM): for blocks
+    #: whose logits are small (see :func:`mll.functional.chunked.keeps_logits`); the forward fills ``kept``
+    keep: bool = False
+    kept: Optional[list[Any]] = None
     #: at the ``classes`` entries: the margin's slope ``(N, P)``; for a family's non-target part, each row's target
     #: cosine ``(N, 1)`` and its parameters at the target class (set by :func:`prepare`)
     slope: Optional[Tensor] = None
@@ -136,6 +140,11 @@ def _gemm(x: Tensor, rows: Tensor, acc: torch.dtype, out: Optional[Tensor]) -> T
 def chunk_buffer(n: int, spec: Spec, width: int, acc: torch.dtype, device: Any) -> Tensor:
     """One flat buffer for a chunk's N×chunk·K GEMM output, reused by every chunk (no allocation per chunk)."""
     return torch.empty(n * min(spec.chunk, width) * spec.num_sub_centers, dtype=acc, device=device)
+
+
+def _into(buf: Tensor, op: Callable[..., Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """``op(a, b)`` written into the front of the flat buffer ``buf``, shaped as ``a``."""
+    return op(a, b, out=buf[: a.numel()].view(a.shape))
 
 
 class _Chunk:
@@ -238,14 +247,19 @@ class ChunkedCE(torch.autograd.Function):
         target_term = torch.zeros(n, dtype=acc, device=x.device)  # Σ_j t_ij z_ij over this block
         width = weight.shape[0] // k
         buf = chunk_buffer(n, spec, width, acc, x.device)
+        spec.kept = [] if spec.keep else None
         for start, stop in chunk_bounds(width, spec.chunk):
-            chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop, buf)
+            # kept logits live in their own chunk's tensors; recomputed ones in the shared buffer
+            chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop, None if spec.keep else buf)
             z = chunk.z
             if targets.dense is not None:
                 target_term += (chunk.t * z).sum(1)
             new_max = torch.maximum(run_max, z.amax(1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(1)
+            shifted = z.sub_(new_max[:, None]) if spec.kept is None else _into(buf, torch.sub, z, new_max[:, None])
+            run_sum = run_sum * torch.exp(run_max - new_max) + shifted.exp_().sum(1)
             run_max = new_max
+            if spec.kept is not None:
+                spec.kept.append(chunk)
         if targets.classes is not None and width > 0:
             assert value_d is not None
             inside = (targets.classes >= 0) & (targets.classes < width)
@@ -309,10 +323,15 @@ class ChunkedCE(torch.autograd.Function):
         grad_params = [torch.zeros_like(p) if needs[5 + i] else None for i, p in enumerate(params)]
         value_d = None if value is None else value.to(acc)
         buf = chunk_buffer(n, spec, width, acc, x.device)
-        for start, stop in chunk_bounds(width, spec.chunk):
-            chunk = _Chunk(spec, x, weight, value_d, tuple(params), s, start, stop, buf)
-            # p = softmax; in place over the logits unless the scale's gradient still needs them
-            dz = torch.exp(chunk.z - lse[:, None]) if grad_s is not None else chunk.z.sub_(lse[:, None]).exp_()
+        kept = spec.kept
+        for i, (start, stop) in enumerate(chunk_bounds(width, spec.chunk)):
+            if kept is not None:  # the forward's logits, left as they are (a second backward reads them again)
+                chunk = kept[i]
+                dz = _into(buf, torch.sub, chunk.z, lse[:, None]).exp_()
+            else:
+                chunk = _Chunk(spec, x, weight, value_d, tuple(params), s, start, stop, buf)
+                # p = softmax; in place over the logits unless the scale's gradient still needs them
+                dz = torch.exp(chunk.z - lse[:, None]) if grad_s is not None else chunk.z.sub_(lse[:, None]).exp_()
             if targets.row_sum is not None:
                 dz.mul_(targets.row_sum[:, None])
             if targets.dense is not None:

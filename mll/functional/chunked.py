@@ -34,6 +34,24 @@ CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 
 
+#: ``loss()`` keeps a block's logits from forward to backward — no recomputation, three GEMMs instead of four —
+#: while they take at most this many bytes (per device type): on the CPU 16 MB, i.e. up to C = 16384 classes at
+#: N = 256 (K = 1); from C = 10^5 at N = 256 the logits are recomputed and the memory stays O(N·chunk). On an
+#: accelerator 64 MB (chosen, not yet measured).
+KEEP_BYTES = 1 << 24
+ACCELERATOR_KEEP_BYTES = 1 << 26
+
+
+def keeps_logits(batch: int, num_classes: int, num_sub_centers: int, plain: bool, dtype: torch.dtype,
+                 device: Any = "cpu") -> bool:  # fmt: skip
+    """Whether the chunk kernel keeps a block's logits between forward and backward: their bytes — the N×C·K
+    logits in the accumulation dtype, four times that for a margin that keeps more per chunk (sub-centers, a
+    non-target part, dense soft targets) — within :data:`KEEP_BYTES` (accelerators :data:`ACCELERATOR_KEEP_BYTES`)."""
+    budget = KEEP_BYTES if torch.device(device).type == "cpu" else ACCELERATOR_KEEP_BYTES
+    per_logit = torch.finfo(acc_dtype(dtype)).bits // 8 * (1 if plain else 4)
+    return batch * num_classes * num_sub_centers * per_logit <= budget
+
+
 def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, device: Any = "cpu") -> int:
     """Classes per chunk: ``E // (N·K)`` with E = 2**18 on the CPU (1 MB of float32 logits per chunk) and 2**22 on an
     accelerator (CUDA and the others), at least 1, at most C."""
@@ -213,7 +231,9 @@ def chunked_loss(
     else:
         chunk = default_chunk_size(n, num_classes, num_sub_centers, x.device) if chunk_size is None else int(chunk_size)
         tau = float(pooling_temperature) if pooling == "soft" and num_sub_centers > 1 else None
-        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau)
+        plain = num_sub_centers == 1 and targets.dense is None and margin.family.negatives is None
+        keep = keeps_logits(n, num_classes, num_sub_centers, plain, input.dtype, x.device)
+        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, keep=keep)
         value = prepare(spec, x, weight, params)
         losses, _ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
     losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)

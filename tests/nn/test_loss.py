@@ -22,6 +22,9 @@ from torch import nn
 
 import mll
 
+# every test runs with the kernel keeping its logits and with it recomputing them
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 D, C = 6, 7
 PER_CLASS = torch.linspace(0.1, 0.5, C, dtype=torch.float64)
 
