@@ -247,7 +247,7 @@ class ChunkedCE(torch.autograd.Function):
         target_term = torch.zeros(n, dtype=acc, device=x.device)  # Σ_j t_ij z_ij over this block
         width = weight.shape[0] // k
         buf = chunk_buffer(n, spec, width, acc, x.device)
-        spec.kept = [] if spec.keep else None
+        kept: Optional[list[_Chunk]] = [] if spec.keep else None
         for start, stop in chunk_bounds(width, spec.chunk):
             # kept logits live in their own chunk's tensors; recomputed ones in the shared buffer
             chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop, None if spec.keep else buf)
@@ -255,11 +255,13 @@ class ChunkedCE(torch.autograd.Function):
             if targets.dense is not None:
                 target_term += (chunk.t * z).sum(1)
             new_max = torch.maximum(run_max, z.amax(1))
-            shifted = z.sub_(new_max[:, None]) if spec.kept is None else _into(buf, torch.sub, z, new_max[:, None])
+            shifted = z.sub_(new_max[:, None]) if kept is None else _into(buf, torch.sub, z, new_max[:, None])
             run_sum = run_sum * torch.exp(run_max - new_max) + shifted.exp_().sum(1)
             run_max = new_max
-            if spec.kept is not None:
-                spec.kept.append(chunk)
+            if kept is not None:
+                kept.append(chunk)
+        if kept is not None:  # (only then: a traced forward must not change the spec)
+            spec.kept = kept
         if targets.classes is not None and width > 0:
             assert value_d is not None
             inside = (targets.classes >= 0) & (targets.classes < width)

@@ -46,7 +46,10 @@ def keeps_logits(batch: int, num_classes: int, num_sub_centers: int, plain: bool
                  device: Any = "cpu") -> bool:  # fmt: skip
     """Whether the chunk kernel keeps a block's logits between forward and backward: their bytes — the N×C·K
     logits in the accumulation dtype, four times that for a margin that keeps more per chunk (sub-centers, a
-    non-target part, dense soft targets) — within :data:`KEEP_BYTES` (accelerators :data:`ACCELERATOR_KEEP_BYTES`)."""
+    non-target part, dense soft targets) — within :data:`KEEP_BYTES` (accelerators :data:`ACCELERATOR_KEEP_BYTES`).
+    Never while ``torch.compile`` traces the kernel."""
+    if torch.compiler.is_compiling():  # a traced kernel cannot hand its chunks from forward to backward
+        return False
     budget = KEEP_BYTES if torch.device(device).type == "cpu" else ACCELERATOR_KEEP_BYTES
     per_logit = torch.finfo(acc_dtype(dtype)).bits // 8 * (1 if plain else 4)
     return batch * num_classes * num_sub_centers * per_logit <= budget

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from mll.functional._checks import UNSET, check_features, check_positive, rename
 __all__ = ["cosine_logits", "normalize"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_EPS = 1e-12  # F.normalize's ε, for float32 and float64
 
 Pooling = Literal["max", "soft"]
 
@@ -83,10 +84,64 @@ def cosine_logits(
     pooling_temperature = renamed(pooling_temperature, temperature, "temperature", "pooling_temperature")
     check_features(input, weight, num_sub_centers, weight_name=weight_name)
     check_pooling(pooling, pooling_temperature)
-    cosine = F.linear(normalize(input), normalize(weight))
+    cosine = _cosines(normalize(input), weight)
     if num_sub_centers > 1:
         cosine = pool_sub_centers(cosine.unflatten(-1, (-1, num_sub_centers)), pooling, pooling_temperature)
     return cosine
+
+
+def _cosines(x_hat: Tensor, weight: Tensor) -> Tensor:
+    """``x̂ · ŵ_jᵀ`` for every row of ``weight``: for float32/float64 weights that need a gradient, without a
+    normalised copy of the weights (see :class:`_FoldedCosine`); otherwise (half precision, autocast, a buffer)
+    ``F.linear(x̂, normalize(W))``."""
+    if (
+        x_hat.dtype in _HALF
+        or not weight.requires_grad  # (a buffer, such as DeepNCM's means, may change in place before backward)
+        or weight.dtype != x_hat.dtype
+        or weight.dim() != 2
+        or torch.is_autocast_enabled(x_hat.device.type)
+    ):
+        return F.linear(x_hat, normalize(weight))
+    cosine, _ = _FoldedCosine.apply(x_hat.reshape(-1, x_hat.shape[-1]), weight)
+    return cosine.reshape(*x_hat.shape[:-1], weight.shape[0])
+
+
+class _FoldedCosine(torch.autograd.Function):
+    r"""``cos = (x̂ Wᵀ) · diag(1 / max(‖w_j‖, ε))``: the cosines with each row's normalisation folded into the GEMM's
+    output columns, an N×C pass instead of a C×d normalised copy of W that autograd would keep for backward.
+
+    Backward, with G = ∂L/∂cos · diag(inv): ∂L/∂x̂ = G W, and for each row (ŵ = w·inv, as
+    :func:`torch.nn.functional.normalize`'s backward) ∂L/∂w = inv·(dŵ − ŵ(ŵ·dŵ)) = D − w·inv²·(w·D) with D = Gᵀx̂;
+    where ‖w‖ ≤ ε the normalisation is w/ε and D alone. The backward is written in differentiable ops (double
+    backward, ``torch.func``); returns ``(cos, ‖w‖)`` so that the norms can be saved under ``torch.func`` transforms.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x_hat: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        norms = torch.linalg.vector_norm(weight, dim=-1)
+        return F.linear(x_hat, weight) * norms.clamp(min=_EPS).reciprocal(), norms
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
+        x_hat, weight = inputs
+        ctx.save_for_backward(x_hat, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_inv: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        x_hat, weight, norms = ctx.saved_tensors
+        inv = norms.clamp(min=_EPS).reciprocal()
+        g = grad * inv
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            d = g.transpose(-2, -1) @ x_hat
+            radial = torch.linalg.vecdot(weight, d)
+            coef = torch.where(norms > _EPS, -radial * inv * inv, 0.0)
+            grad_w = d + weight * coef.unsqueeze(-1)
+        return grad_x, grad_w
 
 
 def pool_sub_centers(cosine: Tensor, pooling: Pooling, temperature: float) -> Tensor:

@@ -76,10 +76,15 @@ def test_world_of_one_equals_the_dense_loss(problem, reduction, easy) -> None:
     )  # fmt: skip
     torch.testing.assert_close(got, dense, **TOL)
     weights = torch.randn(dense.shape, dtype=torch.float64)
-    for a, b in zip(
-        torch.autograd.grad((got * weights).sum(), (x, w, scale)),
-        torch.autograd.grad((dense * weights).sum(), (x, w, scale)),
+    for i, (a, b) in enumerate(
+        zip(
+            torch.autograd.grad((got * weights).sum(), (x, w, scale)),
+            torch.autograd.grad((dense * weights).sum(), (x, w, scale)),
+        )
     ):
+        if i < 2 and x.shape[-1] == 1:  # d = 1: both are 0 up to rounding (see tests/functional/test_chunked.py)
+            torch.testing.assert_close(a, torch.zeros_like(a), rtol=0, atol=1e-6)
+            continue
         torch.testing.assert_close(a, b, **TOL)
 
 

@@ -57,9 +57,10 @@ def test_equals_the_dense_path_in_float64(problem, reduction, easy) -> None:
     g_dense = torch.autograd.grad((dense * weights).sum(), (x, w, scale))
     g_chunked = torch.autograd.grad((chunked * weights).sum(), (x, w, scale))
     for i, (a, b) in enumerate(zip(g_chunked, g_dense)):
-        if i == 1 and x.shape[-1] == 1:
-            # d = 1: a normalised weight is ±1 whatever w is, so both gradients are 0 up to the rounding of terms
-            # that cancel — and at cos = ±1 ArcFace's slope reaches cot θ ≈ 1/√ε ≈ 7e7, so the rounding is ~1e-8
+        if i < 2 and x.shape[-1] == 1:
+            # d = 1: a normalised feature or weight is ±1 whatever its value, so both paths' gradients are 0 up to
+            # the rounding of terms that cancel — and at cos = ±1 ArcFace's slope reaches cot θ ≈ 1/√ε ≈ 7e7, so
+            # the rounding is ~1e-8
             torch.testing.assert_close(a, torch.zeros_like(a), rtol=0, atol=1e-6)
             continue
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
