@@ -47,6 +47,7 @@ from mll.functional.margins import (
     sphere_margin,
 )
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
+from mll.functional.proxy import PROXY_NCA_TEMPERATURE, proxy_nca_logits, proxy_nca_scale
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
@@ -61,6 +62,7 @@ __all__ = [
     "MAG",
     "MAG_EASY",
     "NO_MARGIN",
+    "PROXY_NCA_TEMPERATURE",
     "SPHERE",
     "Margin",
     "MarginFamily",
@@ -91,6 +93,8 @@ __all__ = [
     "ncm_update",
     "ncm_update_from_statistics",
     "normalize",
+    "proxy_nca_logits",
+    "proxy_nca_scale",
     "sample_classes",
     "shard_bounds",
     "sharded_margin_cross_entropy",

@@ -6,6 +6,7 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.proxy import ProxyNCAPlusPlus
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
@@ -19,6 +20,7 @@ from mll.nn.sharded import (
     ShardedFixedAdaCos,
     ShardedMagFace,
     ShardedNormalizedLinear,
+    ShardedProxyNCAPlusPlus,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
     ShardedSphereFace,
@@ -39,6 +41,7 @@ __all__ = [
     "FixedAdaCos",
     "MagFace",
     "NormalizedLinear",
+    "ProxyNCAPlusPlus",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
     "ShardedAdaCos",
@@ -53,6 +56,7 @@ __all__ = [
     "ShardedFixedAdaCos",
     "ShardedMagFace",
     "ShardedNormalizedLinear",
+    "ShardedProxyNCAPlusPlus",
     "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt",
     "ShardedSphereFace",

@@ -45,11 +45,13 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.proxy import ProxyNCAPlusPlus
 
 __all__ = [
     "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
-    "ShardedMagFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
+    "ShardedMagFace", "ShardedNormalizedLinear", "ShardedProxyNCAPlusPlus",
+    "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
     "ShardedSphereFace", "dense_state_dict",
 ]  # fmt: skip
 
@@ -256,3 +258,10 @@ class ShardedDeepNCM(Sharded, DeepNCM):
                 sums, counts = I.pair_class_sums(x, classes, weights, width)
                 self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
         return loss
+
+
+class ShardedProxyNCAPlusPlus(Sharded, ProxyNCAPlusPlus):
+    """Class-sharded :class:`mll.nn.ProxyNCAPlusPlus` (see the module notes): its loss is a softmax cross-entropy
+    over the proxies, which the sharded cross-entropy computes exactly."""
+
+    dense = ProxyNCAPlusPlus

@@ -72,6 +72,7 @@ CONFIGS = [
     ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
     ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
     ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
+    ("proxy-nca-pp-soft-pooling", "ProxyNCAPlusPlus", _f64(mll.ProxyNCAPlusPlus, 2, 0.2, pooling="soft"), 1.0),
 ]
 #: what each sharded form takes besides class indices
 TARGETS = {"CurricularFace": (), "ElasticArcFace": ()}

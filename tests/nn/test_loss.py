@@ -48,9 +48,10 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
         D, C, k, scale=6.0, margin=m, generator=torch.Generator().manual_seed(1), **kw
     ),
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
+    "ProxyNCAPlusPlus": lambda k, **kw: mll.ProxyNCAPlusPlus(D, C, k, **kw),
 }
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
-               "DeepNCM"}  # fmt: skip
+               "DeepNCM", "ProxyNCAPlusPlus"}  # fmt: skip
 
 
 def _no_sub_centers() -> nn.Module:
