@@ -6,7 +6,7 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
-from mll.nn.proxy import ProxyNCAPlusPlus
+from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
@@ -20,6 +20,7 @@ from mll.nn.sharded import (
     ShardedFixedAdaCos,
     ShardedMagFace,
     ShardedNormalizedLinear,
+    ShardedProxyAnchor,
     ShardedProxyNCAPlusPlus,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
@@ -41,6 +42,7 @@ __all__ = [
     "FixedAdaCos",
     "MagFace",
     "NormalizedLinear",
+    "ProxyAnchor",
     "ProxyNCAPlusPlus",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
@@ -56,6 +58,7 @@ __all__ = [
     "ShardedFixedAdaCos",
     "ShardedMagFace",
     "ShardedNormalizedLinear",
+    "ShardedProxyAnchor",
     "ShardedProxyNCAPlusPlus",
     "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt",

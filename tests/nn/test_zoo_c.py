@@ -25,8 +25,13 @@ HEADS: dict[str, tuple[Callable[..., Any], Callable[..., torch.Tensor], Callable
         lambda h, x, y: F.cross_entropy(MF.proxy_nca_logits(h.cosine(x), softmax_temperature=0.25), y),
         lambda h: 8.0,
     ),
+    "ProxyAnchor": (
+        lambda k=K, **kw: mll.ProxyAnchor(D, C, k, alpha=16.0, delta=0.2, **kw),
+        lambda h, x, y: MF.proxy_anchor_loss(h.cosine(x), y, alpha=16.0, delta=0.2),
+        lambda h: 16.0,
+    ),
 }
-HARD_ONLY: set[str] = set()
+HARD_ONLY = {"ProxyAnchor"}
 
 
 def batch(n: int = 8, dtype: torch.dtype = torch.float32, soft: bool = False, seed: int = 0):
@@ -200,3 +205,60 @@ def test_proxy_nca_fast_moving_proxies_are_a_parameter_group() -> None:
     opt.step()
     assert [g["lr"] for g in opt.param_groups] == [4e-3, 4e2]
     assert not torch.equal(head.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------- Proxy-Anchor
+
+
+def test_proxy_anchor_loss_is_the_same_in_eval_mode_and_takes_mean_only() -> None:
+    head = mll.ProxyAnchor(D, C, dtype=torch.float64)
+    x, y = batch(dtype=torch.float64)
+    train = head.loss(x, y)
+    torch.testing.assert_close(head.eval().loss(x, y), train, rtol=0, atol=0)
+    for training in (True, False):
+        head.train(training)
+        with pytest.raises(ValueError, match=r"ProxyAnchor's loss is one number for the batch .* reduction must be "
+                                             r"'mean', but got 'none'"):  # fmt: skip
+            head.loss(x, y, reduction="none")
+        with pytest.raises(ValueError, match=r"ProxyAnchor needs class indices"):
+            head.loss(x, torch.softmax(torch.randn(8, C, dtype=torch.float64), 1))
+
+
+def test_proxy_anchor_defaults_are_the_papers() -> None:
+    head = mll.ProxyAnchor(D, C)
+    assert (head.alpha, head.delta) == (32.0, 0.1)
+    assert "alpha=32, delta=0.1" in repr(head)
+    with pytest.raises(ValueError, match=r"Proxy-Anchor alpha must be a positive finite float"):
+        mll.ProxyAnchor(D, C, alpha=-1.0)
+    with pytest.raises(ValueError, match=r"Proxy-Anchor delta must be a finite float >= 0"):
+        mll.ProxyAnchor(D, C, delta=float("nan"))
+
+
+def test_sharded_proxy_anchor_in_one_process_and_its_refusals() -> None:
+    head = mll.ProxyAnchor(D, C, 2, alpha=20.0, delta=0.15, pooling="soft", dtype=torch.float64)
+    shard = mll.ShardedProxyAnchor.from_dense(head)
+    assert (shard.alpha, shard.delta, shard.pooling, shard.num_sub_centers) == (20.0, 0.15, "soft", 2)
+    x, y = batch(dtype=torch.float64)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    got, want = shard.loss(xs[0], y, chunk_size=2), head.loss(xs[1], y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, [xs[0], shard.weight]), torch.autograd.grad(want, [xs[1], head.weight])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(shard(x), head(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"ShardedProxyAnchor samples no classes: sample_rate must be 1.0"):
+        mll.ShardedProxyAnchor(D, C, sample_rate=0.5)
+    with pytest.raises(ValueError, match=r"reduction must be 'mean'"):
+        shard.loss(x, y, reduction="sum")
+
+
+def test_proxy_anchor_training_step_reads_nothing_from_the_device() -> None:
+    """As tests/test_host_syncs.py counts them, for the dense and chunked paths with K = 2 (K = 1 runs there)."""
+    from tests.test_host_syncs import HostReads
+
+    head = mll.ProxyAnchor(D, C, 2)
+    y = torch.randint(0, C, (8,))
+    with MF.value_checks(False), HostReads() as reads:
+        x = torch.randn(8, D, requires_grad=True)
+        MF.proxy_anchor_loss(head.cosine(x), y).backward()
+        head.loss(x, y).backward()
+    assert sum(reads.count.values()) == 0
