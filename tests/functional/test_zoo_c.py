@@ -350,6 +350,15 @@ def test_proxy_anchor_under_vmap_grad_and_compile() -> None:
     torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match=r"does not run under torch.func.vmap"):
         torch.func.vmap(lambda a: MF.chunked_proxy_anchor_loss(a, w, yy))(x.unsqueeze(0).expand(2, -1, -1))
+    # and compiles with fullgraph=True (the chunk loop unrolls), value and gradients
+    wr = w.clone().requires_grad_(True)
+    compiled_chunked = torch.compile(
+        lambda a, b: MF.chunked_proxy_anchor_loss(a, b, yy, chunk_size=2), fullgraph=True, backend="aot_eager"
+    )
+    got = compiled_chunked(x, wr)
+    want = MF.chunked_proxy_anchor_loss(x, wr, yy, chunk_size=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, wr)[0], torch.autograd.grad(want, wr)[0], rtol=1e-12, atol=0)
 
 
 def test_proxy_anchor_refuses_a_double_backward() -> None:
