@@ -216,6 +216,8 @@ def test_proxy_anchor_loss_is_the_same_in_eval_mode_and_takes_mean_only() -> Non
     x, y = batch(dtype=torch.float64)
     train = head.loss(x, y)
     torch.testing.assert_close(head.eval().loss(x, y), train, rtol=0, atol=0)
+    with torch.inference_mode():  # a validation loop: no graph, the same number
+        torch.testing.assert_close(head.loss(x, y), train.detach(), rtol=0, atol=0)
     for training in (True, False):
         head.train(training)
         with pytest.raises(ValueError, match=r"ProxyAnchor's loss is one number for the batch .* reduction must be "
