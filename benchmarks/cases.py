@@ -117,6 +117,8 @@ def pml(name: str, **kwargs: object) -> Factory:
         cls = getattr(losses, name)
         if name == "NormalizedSoftmaxLoss":
             loss_fn = cls(num_classes=cfg.classes, embedding_size=cfg.features, temperature=1 / SCALE)
+        elif name in ("ProxyNCALoss", "ProxyAnchorLoss"):  # their own scale arguments (softmax_scale, alpha)
+            loss_fn = cls(num_classes=cfg.classes, embedding_size=cfg.features, **kwargs)
         elif name == "SubCenterArcFaceLoss":
             loss_fn = cls(
                 num_classes=cfg.classes, embedding_size=cfg.features, scale=SCALE, sub_centers=cfg.sub_centers, **kwargs
@@ -126,6 +128,25 @@ def pml(name: str, **kwargs: object) -> Factory:
 
         def step() -> None:
             loss_fn(data.x, data.y).backward()
+
+        return step
+
+    return make
+
+
+def proxy_anchor(chunked: bool, **kwargs: object) -> Factory:
+    """A ProxyAnchor step: its chunked ``loss()``, or (``chunked=False``) the dense loss of its N×C cosines,
+    ``mll.functional.proxy_anchor_loss`` — it is not a cross-entropy of logits."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = mll.ProxyAnchor(cfg.features, cfg.classes, cfg.sub_centers, **kwargs).train()
+
+        def step() -> None:
+            if chunked:
+                head.loss(data.x, data.y).backward()
+            else:
+                loss = mll.functional.proxy_anchor_loss(head.cosine(data.x), data.y, alpha=head.alpha, delta=head.delta)
+                loss.backward()
 
         return step
 
@@ -319,6 +340,15 @@ SUITES: dict[str, list[Case]] = {
             "mll loss(), .grad exists (accumulating)",
             chunked_loss("ArcFace", accumulate=True, scale=SCALE, margin=ARC_MARGIN),
         ),
+    ],
+    # the zoo of issue 14: each head beside its pytorch-metric-learning counterpart where one exists
+    "zoo": [
+        Case("floor", "floor", floor),
+        Case("ProxyNCAPlusPlus (s = 2/T = 18)", "mll", ours("ProxyNCAPlusPlus")),
+        Case("ProxyNCAPlusPlus (s = 2/T = 18)", "pml 2.9", pml("ProxyNCALoss", softmax_scale=9.0), _has_pml),
+        Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False)),
+        Case("ProxyAnchor", "mll loss() (chunked)", proxy_anchor(chunked=True)),
+        Case("ProxyAnchor", "pml 2.9", pml("ProxyAnchorLoss", margin=0.1, alpha=32), _has_pml),
     ],
     "DeepNCM": [
         Case("ScaledNormalizedLinear (reference)", "mll", ours("ScaledNormalizedLinear", scale=SCALE)),

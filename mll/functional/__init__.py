@@ -47,6 +47,16 @@ from mll.functional.margins import (
     sphere_margin,
 )
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
+from mll.functional.proxy import (
+    PROXY_ANCHOR_ALPHA,
+    PROXY_ANCHOR_DELTA,
+    PROXY_NCA_TEMPERATURE,
+    chunked_proxy_anchor_loss,
+    proxy_anchor_loss,
+    proxy_nca_logits,
+    proxy_nca_scale,
+    sharded_proxy_anchor_loss,
+)
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
@@ -61,6 +71,9 @@ __all__ = [
     "MAG",
     "MAG_EASY",
     "NO_MARGIN",
+    "PROXY_ANCHOR_ALPHA",
+    "PROXY_ANCHOR_DELTA",
+    "PROXY_NCA_TEMPERATURE",
     "SPHERE",
     "Margin",
     "MarginFamily",
@@ -72,6 +85,7 @@ __all__ = [
     "adaface_statistics",
     "adaface_update",
     "arc_margin",
+    "chunked_proxy_anchor_loss",
     "combined_margin",
     "cos_margin",
     "cosine_logits",
@@ -91,9 +105,13 @@ __all__ = [
     "ncm_update",
     "ncm_update_from_statistics",
     "normalize",
+    "proxy_anchor_loss",
+    "proxy_nca_logits",
+    "proxy_nca_scale",
     "sample_classes",
     "shard_bounds",
     "sharded_margin_cross_entropy",
+    "sharded_proxy_anchor_loss",
     "sphere_margin",
     "sub_center_counts",
     "sub_center_outliers",

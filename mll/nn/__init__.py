@@ -6,6 +6,7 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
@@ -19,6 +20,8 @@ from mll.nn.sharded import (
     ShardedFixedAdaCos,
     ShardedMagFace,
     ShardedNormalizedLinear,
+    ShardedProxyAnchor,
+    ShardedProxyNCAPlusPlus,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
     ShardedSphereFace,
@@ -39,6 +42,8 @@ __all__ = [
     "FixedAdaCos",
     "MagFace",
     "NormalizedLinear",
+    "ProxyAnchor",
+    "ProxyNCAPlusPlus",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
     "ShardedAdaCos",
@@ -53,6 +58,8 @@ __all__ = [
     "ShardedFixedAdaCos",
     "ShardedMagFace",
     "ShardedNormalizedLinear",
+    "ShardedProxyAnchor",
+    "ShardedProxyNCAPlusPlus",
     "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt",
     "ShardedSphereFace",

@@ -45,11 +45,13 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
 
 __all__ = [
     "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
-    "ShardedMagFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
+    "ShardedMagFace", "ShardedNormalizedLinear", "ShardedProxyAnchor", "ShardedProxyNCAPlusPlus",
+    "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
     "ShardedSphereFace", "dense_state_dict",
 ]  # fmt: skip
 
@@ -256,3 +258,37 @@ class ShardedDeepNCM(Sharded, DeepNCM):
                 sums, counts = I.pair_class_sums(x, classes, weights, width)
                 self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
         return loss
+
+
+class ShardedProxyNCAPlusPlus(Sharded, ProxyNCAPlusPlus):
+    """Class-sharded :class:`mll.nn.ProxyNCAPlusPlus` (see the module notes): its loss is a softmax cross-entropy
+    over the proxies, which the sharded cross-entropy computes exactly."""
+
+    dense = ProxyNCAPlusPlus
+
+
+class ShardedProxyAnchor(Sharded, ProxyAnchor):
+    """Class-sharded :class:`mll.nn.ProxyAnchor` (see the module notes): each rank gathers the global batch,
+    computes its block's positive and negative log-sums and its count of classes with a positive, and the ranks add
+    the three numbers (:func:`mll.functional.sharded_proxy_anchor_loss`). No class sampling: ``sample_rate`` must
+    be 1 (the negative term averages over every proxy)."""
+
+    dense = ProxyAnchor
+
+    def __init__(self, *args: Any, sample_rate: float = 1.0, **kwargs: Any) -> None:
+        if sample_rate != 1.0:
+            raise ValueError(
+                "ShardedProxyAnchor samples no classes: sample_rate must be 1.0 (its negative term averages over "
+                f"every proxy), but got {sample_rate!r}"
+            )
+        super().__init__(*args, sample_rate=sample_rate, **kwargs)
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        return MF.sharded_proxy_anchor_loss(
+            input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
+            alpha=self.alpha, delta=self.delta, num_sub_centers=self.num_sub_centers, pooling=self.pooling,
+            pooling_temperature=self.pooling_temperature, chunk_size=chunk_size,
+            feature_grad_scale=self.feature_grad_scale, group=self.group,
+        )  # fmt: skip

@@ -74,9 +74,14 @@ CONFIGS = [
     ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
     ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
     ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
+    ("proxy-nca-pp-soft-pooling", "ProxyNCAPlusPlus", _f64(mll.ProxyNCAPlusPlus, 2, 0.2, pooling="soft"), 1.0),
+    ("proxy-anchor", "ProxyAnchor", _f64(mll.ProxyAnchor, 1, 16.0, 0.2), 1.0),
+    ("proxy-anchor-soft-pooling", "ProxyAnchor", _f64(mll.ProxyAnchor, 2, pooling="soft"), 1.0),
 ]
 #: what each sharded form takes besides class indices
-TARGETS = {"CurricularFace": (), "ElasticArcFace": ()}
+TARGETS = {"CurricularFace": (), "ElasticArcFace": (), "ProxyAnchor": ()}
+#: heads whose loss is one number per batch (no per-sample losses to sum or return)
+MEAN_ONLY = {"ProxyAnchor"}
 SPLIT_CYCLE = ("uneven", "empty-rank")
 REDUCTION_CYCLE = ("mean", "sum", "mean", "none")
 
@@ -87,6 +92,7 @@ def _cases() -> list[HeadCase]:
         for target in ("hard", *TARGETS.get(head, ("soft", "pair"))):
             i = len(cases)
             split, reduction = SPLIT_CYCLE[i % 2], REDUCTION_CYCLE[(i // 2) % 4]
+            reduction = "mean" if head in MEAN_ONLY else reduction
             cases.append(HeadCase(f"{name}-{target}", head, build, target, split, reduction, norm))
     return cases
 
@@ -187,6 +193,8 @@ def reference(case: HeadCase, world: int) -> list[dict[str, Any]]:
                 draws.append(dense.sample_margins(data["x"][part], dense_target(case, data)[part]))
             kwargs["margins"] = torch.cat(draws)
         loss = dense.loss(x, dense_target(case, data), reduction=case.reduction, **kwargs)
+        if case.head == "ProxyAnchor":  # the dense loss itself, from the N×C cosines
+            loss = mll.functional.proxy_anchor_loss(dense.cosine(x), data["hard"], alpha=dense.alpha, delta=dense.delta)
         objective = loss.sum() if case.reduction == "none" else loss
         grads = torch.autograd.grad(objective, [x, *trainable(dense)])
         state = {k: v.clone() for k, v in dense.state_dict().items()}

@@ -51,9 +51,11 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
         D, C, k, scale=6.0, margin=m, generator=torch.Generator().manual_seed(1), **kw
     ),
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
+    "ProxyNCAPlusPlus": lambda k, **kw: mll.ProxyNCAPlusPlus(D, C, k, **kw),
+    "ProxyAnchor": lambda k, **kw: mll.ProxyAnchor(D, C, k, alpha=8.0, delta=0.2, **kw),
 }
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
-               "DeepNCM"}  # fmt: skip
+               "DeepNCM", "ProxyNCAPlusPlus", "ProxyAnchor"}  # fmt: skip
 
 
 def _no_sub_centers() -> nn.Module:
@@ -99,6 +101,8 @@ def batch(target: str, seed: int = 0) -> tuple[torch.Tensor, Any, Any]:
 
 
 def dense_loss(head: nn.Module, name: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "ProxyAnchor":  # not a cross-entropy: its loss from the dense cosines, in both modes
+        return mll.functional.proxy_anchor_loss(head.cosine(x), target, alpha=head.alpha, delta=head.delta)
     logits = head(x, target)
     flat = target.reshape(-1, C) if target.is_floating_point() else target.reshape(-1)
     loss = F.cross_entropy(logits.reshape(-1, C), flat)
@@ -151,8 +155,8 @@ def test_loss_equals_the_cross_entropy_of_the_logits(name, target, k, pooling, p
     if not _applies(name, per_class):
         pytest.skip("no margin to give per class")
     outcome = check_cell(name, target, k, pooling, per_class)
-    if name == "CurricularFace" and target != "indices":
-        assert outcome.startswith("n/a: CurricularFace needs class indices"), outcome
+    if name in ("CurricularFace", "ProxyAnchor") and target != "indices":
+        assert outcome.startswith(f"n/a: {name} needs class indices"), outcome
     elif name == "DeepNCM" and k > 1:
         assert outcome == "n/a: DeepNCM has no sub-centers: a class mean is one vector", outcome
     else:
@@ -162,6 +166,8 @@ def test_loss_equals_the_cross_entropy_of_the_logits(name, target, k, pooling, p
 @pytest.mark.parametrize("name", HEADS)
 @pytest.mark.parametrize("target", ["indices", "soft"])
 def test_loss_in_eval_mode_is_the_margin_free_cross_entropy(name, target) -> None:
+    if name == "ProxyAnchor" and target == "soft":
+        pytest.skip("class indices only")
     assert check_cell(name, target, 1, "max", False, training=False) == "yes"
 
 

@@ -1,0 +1,486 @@
+r"""Proxy-based losses: one learnable vector (a proxy) per class, compared with the features by cosine.
+
+**ProxyNCA++** ("ProxyNCA++: Revisiting and Revitalizing Proxy Neighborhood Component Analysis", Teh, DeVries &
+Taylor, ECCV 2020, https://arxiv.org/abs/2004.01113) is a softmax over the proxies of −d²(x̂, p̂)/T with the
+squared Euclidean distance of unit vectors, d² = 2 − 2 cos θ, and a low temperature T (1/9 in the paper). Since
+−d²/T = (2/T)·cos θ − 2/T and the softmax ignores the per-row constant, its loss is the cross-entropy of scaled
+cosines with s = 2/T: :func:`proxy_nca_logits` gives them, and the chunked and sharded cross-entropies of the
+engine (:func:`margin_cross_entropy`, :func:`sharded_margin_cross_entropy` with ``scale=2/T``) are its loss at
+every scale.
+
+**Proxy-Anchor** ("Proxy Anchor Loss for Deep Metric Learning", Kim, Kim, Cho & Kwak, CVPR 2020,
+https://arxiv.org/abs/2003.13911) is not a softmax over the classes: each proxy p is an anchor, and its two terms sum
+over the *batch* — the positives X_p⁺ (samples of its class) and the negatives X_p⁻ (all others):
+
+.. math:: \ell = \frac{1}{|P^+|} \sum_{p \in P^+} \log\Big(1 + \sum_{x \in X_p^+} e^{-\alpha(s(x, p) - \delta)}\Big)
+          + \frac{1}{|P|} \sum_{p \in P} \log\Big(1 + \sum_{x \in X_p^-} e^{\alpha(s(x, p) + \delta)}\Big)
+
+with s the cosine, P the C proxies and P⁺ those with a positive in the batch. Three forms, one formula:
+
+* :func:`proxy_anchor_loss` — dense, from the N×C cosines;
+* :func:`chunked_proxy_anchor_loss` — from features and proxies, walking the classes in chunks. Each class's two
+  terms are sums over the batch for that class alone, so a chunk's terms are exact by themselves; the only global
+  numbers are the sums of the terms and |P⁺|, the count of classes with a positive, which add over chunks. Forward
+  keeps each class's two log-sums (2·C numbers); backward recomputes each chunk's cosines and forms
+  ∂ℓ/∂s(x, p) = −α/|P⁺|·σ⁺ on positives and α/C·σ⁻ on negatives, σ the entry's share of its log-sum: peak memory
+  O(N·chunk), never N×C;
+* :func:`sharded_proxy_anchor_loss` — each rank owns a block of classes, gathers the global batch (features and
+  labels), computes its block's two sums and its count of positive classes with the chunked kernel, and the ranks
+  add the three numbers (one all-reduce): the same loss on every rank, and each block's gradient is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mll.functional._accumulate import accumulate_node, grad_to_accumulate_into
+from mll.functional._agreement import Report, agree, check_backward_agreement
+from mll.functional._checks import (
+    _is_int,
+    check_cosine,
+    check_feature_grad_scale,
+    check_features,
+    check_nonnegative,
+    check_num_classes,
+    check_num_sub_centers,
+    check_positive,
+    check_target,
+    is_soft,
+    shape_str,
+)
+from mll.functional._distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
+from mll.functional._kernel import _add_grads, _double_backward, acc_dtype, chunk_bounds, pool
+from mll.functional.chunked import check_chunk_size, default_chunk_size
+from mll.functional.cosine import check_pooling, normalize
+
+__all__ = [
+    "PROXY_ANCHOR_ALPHA",
+    "PROXY_ANCHOR_DELTA",
+    "PROXY_NCA_TEMPERATURE",
+    "chunked_proxy_anchor_loss",
+    "proxy_anchor_loss",
+    "proxy_nca_logits",
+    "proxy_nca_scale",
+    "sharded_proxy_anchor_loss",
+]
+
+#: ProxyNCA++'s softmax temperature T: 1/9 in the paper's experiments (the authors' ``scale = 3 = √(1/T)``)
+PROXY_NCA_TEMPERATURE = 1.0 / 9.0
+
+
+def proxy_nca_scale(softmax_temperature: float = PROXY_NCA_TEMPERATURE) -> float:
+    """The scale of the cosines that ProxyNCA++'s temperature ``T`` amounts to: ``2 / T`` (18 for T = 1/9)."""
+    return 2.0 / check_positive(softmax_temperature, "softmax_temperature")
+
+
+def proxy_nca_logits(cosine: Tensor, *, softmax_temperature: float = PROXY_NCA_TEMPERATURE) -> Tensor:
+    r"""ProxyNCA++ logits: the cosines to the proxies scaled by ``2 / T``.
+
+    "ProxyNCA++: Revisiting and Revitalizing Proxy Neighborhood Component Analysis" (Teh et al., ECCV 2020,
+    https://arxiv.org/abs/2004.01113): the proxy assignment probability with low temperature scaling,
+
+    .. math:: p(y \mid x) = \frac{\exp(-d^2(\hat x, \hat p_y)/T)}{\sum_{z} \exp(-d^2(\hat x, \hat p_z)/T)},
+              \qquad -\frac{d^2(\hat x, \hat p_j)}{T} = \frac{2}{T}\cos\theta_j - \frac{2}{T},
+
+    a softmax over *every* proxy, the positive one included (ProxyNCA left it out of the denominator: the "++"
+    change that makes it a probability). These logits drop the constant −2/T, which no softmax sees, so that they
+    are scaled cosines like every head's; ``F.cross_entropy(proxy_nca_logits(cos), y)`` is the paper's loss.
+
+    Args:
+        cosine (Tensor[*, C]): cosines to the proxies, e.g. :func:`cosine_logits` of features and proxies.
+        softmax_temperature (float): ``T > 0`` (default 1/9, the paper's).
+
+    Returns:
+        Tensor[*, C]: ``(2 / T)·cos θ``, in ``cosine``'s dtype.
+    """
+    check_cosine(cosine)
+    return cosine * proxy_nca_scale(softmax_temperature)
+
+
+# ---------------------------------------------------------------------------------------------- Proxy-Anchor
+
+#: Proxy-Anchor's scale α and margin δ: the paper's defaults (and the authors' ``alpha = 32``, ``mrg = 0.1``)
+PROXY_ANCHOR_ALPHA = 32.0
+PROXY_ANCHOR_DELTA = 0.1
+
+
+def check_proxy_anchor_args(alpha: object, delta: object) -> tuple[float, float]:
+    """``alpha > 0`` and ``delta >= 0``, finite, as floats."""
+    return check_positive(alpha, "Proxy-Anchor alpha"), check_nonnegative(delta, "Proxy-Anchor delta")
+
+
+def _class_indices(target: Any, shape: torch.Size, name: str = "target") -> Tensor:
+    checked = check_target(target, shape, name=name)
+    if is_soft(checked):
+        raise ValueError(
+            f"Proxy-Anchor needs class indices (an integer tensor of shape {shape_str(tuple(shape[:-1]))}), not soft "
+            f"{name}: its positives and negatives are the samples of a proxy's class and all others"
+        )
+    return checked
+
+
+def _log1p_sum_exp(z: Tensor, mask: Tensor) -> Tensor:
+    """``log(1 + Σ_{i: mask_i} exp(z_i))`` down each column ``(N, W) -> (W,)``, without overflow; 0 for a column
+    with no entry. The shift ``max(0, max z)`` is detached: the value does not depend on it, and the gradient
+    ``exp(z_i)/(1 + Σ exp z)`` is exact. Masked-out entries are −inf before the exponential, so no 0·inf anywhere."""
+    if z.shape[0] == 0:
+        return z.sum(0)
+    masked = torch.where(mask, z, -math.inf)
+    top = masked.amax(0).clamp(min=0).detach()
+    return top + torch.log(torch.exp(-top) + torch.exp(masked - top).sum(0))
+
+
+def _class_terms(cosine: Tensor, positive: Tensor, alpha: float, delta: float) -> tuple[Tensor, Tensor]:
+    """Each class's positive and negative log-sums over the batch, ``(W,)`` each, from cosines ``(N, W)``."""
+    return (
+        _log1p_sum_exp(-alpha * (cosine - delta), positive),
+        _log1p_sum_exp(alpha * (cosine + delta), ~positive),
+    )
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def proxy_anchor_loss(
+    cosine: Tensor, target: Tensor, *, alpha: float = PROXY_ANCHOR_ALPHA, delta: float = PROXY_ANCHOR_DELTA
+) -> Tensor:
+    r"""Proxy-Anchor loss from the cosines of every sample to every proxy.
+
+    "Proxy Anchor Loss for Deep Metric Learning" (Kim et al., CVPR 2020, https://arxiv.org/abs/2003.13911):
+
+    .. math:: \ell = \frac{1}{|P^+|} \sum_{p \in P^+} \log\Big(1 + \sum_{x \in X_p^+} e^{-\alpha(s(x, p) - \delta)}\Big)
+              + \frac{1}{|P|} \sum_{p \in P} \log\Big(1 + \sum_{x \in X_p^-} e^{\alpha(s(x, p) + \delta)}\Big)
+
+    The sums run over the batch for each proxy (column), not over the classes of a sample: it is not a softmax
+    cross-entropy. Each log-sum is computed with a shift (``log(1 + Σ eᶻ)`` without overflow for any α), in float32
+    for half-precision cosines; finite with finite gradients at cos = ±1. A batch without samples gives 0 (no
+    positive proxy, and every negative sum is empty). Works under ``torch.func.vmap``/``grad`` and
+    ``torch.compile(fullgraph=True)``.
+
+    Args:
+        cosine (Tensor[*, C]): cosines of the samples to the C proxies (leading dimensions are samples).
+        target (Tensor[*] of int): class indices (soft targets are refused: a proxy's positives are a set).
+        alpha (float): ``α > 0``, the scale (default 32).
+        delta (float): ``δ >= 0``, the margin (default 0.1).
+
+    Returns:
+        Tensor: the loss, 0-dim, in ``cosine``'s dtype (float32 for half precision).
+    """
+    check_cosine(cosine)
+    alpha, delta = check_proxy_anchor_args(alpha, delta)
+    labels = _class_indices(target, cosine.shape)
+    return proxy_anchor_from_cosines(cosine, labels, alpha, delta)
+
+
+def proxy_anchor_from_cosines(cosine: Tensor, labels: Tensor, alpha: float, delta: float) -> Tensor:
+    """:func:`proxy_anchor_loss` after its checks (``labels`` int64, shape ``cosine.shape[:-1]``)."""
+    c = cosine.shape[-1]
+    cos = cosine.reshape(-1, c).to(acc_dtype(cosine.dtype))
+    positive = labels.reshape(-1, 1) == torch.arange(c, device=cosine.device)
+    pos, neg = _class_terms(cos, positive, alpha, delta)
+    count = positive.any(0).sum().clamp(min=1).to(cos.dtype)
+    return (pos.sum() / count + neg.sum() / c).to(_out_dtype(cosine.dtype))
+
+
+@dataclass
+class _Spec:
+    alpha: float
+    delta: float
+    num_sub_centers: int
+    tau: Optional[float]  # soft sub-center pooling temperature; None: max pooling
+    chunk: int
+    group: Any = None
+    world: int = 1
+
+
+class _ChunkCosines:
+    """One chunk's pooled cosines, in the accumulation dtype, and what ``_add_grads`` needs to chain their gradient
+    through the pooling, the GEMM and the proxies' normalisation."""
+
+    def __init__(self, x: Tensor, weight: Tensor, k: int, tau: Optional[float], start: int, stop: int) -> None:
+        rows = weight[start * k : stop * k].detach()
+        self.norms = rows.to(acc_dtype(x.dtype)).norm(dim=1, keepdim=True)
+        self.w_hat = normalize(rows)
+        self.cos_k = F.linear(x, self.w_hat).to(acc_dtype(x.dtype))
+        self.pooled = pool(self.cos_k, k, tau)
+        self.start, self.stop = start, stop
+
+
+class _ProxyAnchorTerms(torch.autograd.Function):
+    """A block of classes' ``(Σ positive log-sums, Σ negative log-sums, #classes with a positive)``:
+    ``forward(x̂ (N, d), weight (B·K, d), labels (N,) block-local, spec)``. Labels outside ``[0, B)`` are samples of
+    other blocks' classes: negatives for every class here."""
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
+        raise RuntimeError(
+            "the chunked Proxy-Anchor loss does not run under torch.func.vmap (a Python loop over class chunks); "
+            "vmap the dense proxy_anchor_loss(cosine_logits(input, weight), target) instead"
+        )
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, labels: Tensor, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
+        acc, k = acc_dtype(x.dtype), spec.num_sub_centers
+        width = weight.shape[0] // k
+        pos = torch.zeros(width, dtype=acc, device=x.device)
+        neg = torch.zeros(width, dtype=acc, device=x.device)
+        present = torch.zeros(width, dtype=acc, device=x.device)
+        for start, stop in chunk_bounds(width, spec.chunk):
+            chunk = _ChunkCosines(x, weight, k, spec.tau, start, stop)
+            positive = labels.unsqueeze(1) == torch.arange(start, stop, device=x.device)
+            pos[start:stop], neg[start:stop] = _class_terms(chunk.pooled, positive, spec.alpha, spec.delta)
+            present[start:stop] = positive.any(0).to(acc)
+        return torch.stack([pos.sum(), neg.sum(), present.sum()]), pos, neg
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, labels, spec = inputs
+        _, pos, neg = output
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, labels, pos, neg)
+        ctx.mark_non_differentiable(pos, neg)
+        ctx.accumulate = accumulate_node(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _pos: Any, _neg: Any) -> tuple[Any, ...]:
+        if _double_backward():
+            raise RuntimeError(
+                "the chunked Proxy-Anchor loss gives first derivatives only: backward with create_graph=True "
+                "(double backward, gradient penalties) is not supported; use the dense proxy_anchor_loss"
+            )
+        spec: _Spec = ctx.spec
+        if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
+            check_backward_agreement(grad.device, spec.group, spec.world)
+        x, weight, labels, pos, neg = ctx.saved_tensors
+        acc, k = acc_dtype(x.dtype), spec.num_sub_centers
+        alpha, delta = spec.alpha, spec.delta
+        g = grad.to(acc)
+        # ∂ℓ/∂s on positives: −α·g⁺·e^{a − pos}, a = −α(s − δ); on negatives: α·g⁻·e^{b − neg}, b = α(s + δ)
+        factor_pos, factor_neg = -alpha * g[0], alpha * g[1]
+        needs = ctx.needs_input_grad
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
+        into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
+        grad_w = into
+        if needs[1] and into is None:
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
+        for start, stop in chunk_bounds(weight.shape[0] // k, spec.chunk):
+            chunk = _ChunkCosines(x, weight, k, spec.tau, start, stop)
+            s = chunk.pooled
+            positive = labels.unsqueeze(1) == torch.arange(start, stop, device=x.device)
+            # each exponent is at most its column's log-sum: the exponential is in [0, 1]
+            exponent = torch.where(
+                positive, -alpha * (s - delta) - pos[start:stop], alpha * (s + delta) - neg[start:stop]
+            )
+            dcos = torch.exp(exponent) * torch.where(positive, factor_pos, factor_neg)
+            _add_grads(dcos, x, weight, chunk, k, spec.tau, grad_x, grad_w)  # type: ignore[arg-type]
+        return (
+            None if grad_x is None else grad_x.to(x.dtype),
+            None if grad_w is None or into is not None else grad_w.to(weight.dtype),
+            None,
+            None,
+        )
+
+
+def chunked_proxy_anchor_loss(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = PROXY_ANCHOR_ALPHA,
+    delta: float = PROXY_ANCHOR_DELTA,
+    num_sub_centers: int = 1,
+    pooling: str = "max",
+    pooling_temperature: float = 0.1,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Proxy-Anchor loss over class chunks: :func:`proxy_anchor_loss` of :func:`cosine_logits` without the N×C
+    cosines.
+
+    Equal in value and in the gradients of ``input`` and ``weight`` to
+    ``proxy_anchor_loss(cosine_logits(input, weight, K, pooling=…), target, alpha=α, delta=δ)``. How it chunks:
+    a class's two log-sums run over the batch for that class only, so the classes are walked in chunks and each
+    chunk's log-sums are exact; the loss needs only their totals and |P⁺| (the chunks' counts of classes with a
+    positive, added), while |P| is C. Forward keeps the 2·C log-sums; backward recomputes each chunk's cosines, forms
+    the gradient of the cosines (see the module notes) and chains it through sub-center pooling, the GEMM and the
+    proxies' normalisation. Peak extra memory O(N·chunk·K + chunk·K·d); statistics in float32 for half-precision
+    input. Works under ``torch.func.grad`` and ``torch.compile``; a clear error under ``torch.func.vmap`` or a
+    double backward.
+
+    Args:
+        input (Tensor[*, d]): features.
+        weight (Tensor[C*K, d]): proxies (row ``c*K + k`` is proxy k of class c).
+        target (Tensor[*] of int): class indices.
+        alpha (float): ``α > 0`` (default 32).
+        delta (float): ``δ >= 0`` (default 0.1).
+        num_sub_centers (int): ``K`` proxies per class; a class's similarity is their pooled cosine.
+        pooling (str): ``"max"`` or ``"soft"`` sub-center pooling (see :func:`cosine_logits`).
+        pooling_temperature (float): γ of soft pooling.
+        chunk_size (int, optional): classes per chunk; default as :func:`margin_cross_entropy`'s.
+
+    Returns:
+        Tensor: the loss, 0-dim (float32 for half-precision input).
+    """
+    alpha, delta = check_proxy_anchor_args(alpha, delta)
+    check_features(input, weight, num_sub_centers)
+    check_pooling(pooling, pooling_temperature)
+    check_chunk_size(chunk_size)
+    labels = _class_indices(target, torch.Size((*input.shape[:-1], weight.shape[0] // num_sub_centers)))
+    return proxy_anchor_chunked(
+        input, weight, labels, alpha, delta, num_sub_centers, pooling, pooling_temperature, chunk_size
+    )
+
+
+def _tau(pooling: str, pooling_temperature: float, k: int) -> Optional[float]:
+    return float(pooling_temperature) if pooling == "soft" and k > 1 else None
+
+
+def proxy_anchor_chunked(
+    input: Tensor, weight: Tensor, labels: Tensor, alpha: float, delta: float, num_sub_centers: int, pooling: str,
+    pooling_temperature: float, chunk_size: Optional[int],
+) -> Tensor:  # fmt: skip
+    """:func:`chunked_proxy_anchor_loss` after its checks (``labels`` int64 of shape ``input.shape[:-1]``)."""
+    k = int(num_sub_centers)
+    num_classes = weight.shape[0] // k
+    x = normalize(input).reshape(-1, input.shape[-1])
+    chunk = default_chunk_size(x.shape[0], num_classes, k, x.device) if chunk_size is None else int(chunk_size)
+    spec = _Spec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk)
+    stats, _, _ = _ProxyAnchorTerms.apply(x, weight, labels.reshape(-1), spec)
+    loss = stats[0] / stats[2].detach().clamp(min=1) + stats[1] / num_classes
+    return loss.to(_out_dtype(input.dtype))
+
+
+def sharded_proxy_anchor_loss(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    alpha: float = PROXY_ANCHOR_ALPHA,
+    delta: float = PROXY_ANCHOR_DELTA,
+    num_sub_centers: int = 1,
+    pooling: str = "max",
+    pooling_temperature: float = 0.1,
+    chunk_size: Optional[int] = None,
+    feature_grad_scale: Optional[float] = None,
+    group: Any = None,
+) -> Tensor:
+    r"""Proxy-Anchor loss over C classes whose proxies are split by class across the ranks of ``group``.
+
+    Every rank calls it in the same step with its own features and class indices and its block of proxies (rows
+    ``(c − class_start)·K + k``, the blocks tiling ``[0, C)``, empty ones allowed). How it shards: each rank
+    gathers the global batch — every rank's normalised features (with their gradient path home) and labels — and
+    runs the chunk kernel of :func:`chunked_proxy_anchor_loss` on its block: its classes' positive and negative
+    log-sums over the global batch are exact there, since a class's terms involve that class alone. The ranks then
+    add three numbers — the block's sums of the two terms and its count of classes with a positive (|P⁺| is their
+    total; |P| is C) — in one all-reduce. The loss is the same number on every rank and equals
+    :func:`proxy_anchor_loss` on the global batch (all ranks' samples in rank order) with all the proxies.
+
+    **Gradient**, as :func:`sharded_margin_cross_entropy`'s contract: every rank calls backward; each rank's
+    ``weight`` gets ∂ℓ/∂W_r; its ``input`` gets ``feature_grad_scale · ∂ℓ/∂x_r`` (default: the world size, which a
+    ``DistributedDataParallel`` backbone's average turns into ∂ℓ/∂θ). The ranks agree on their checks first, so a bad
+    input on one rank raises the same error on every rank. No class sampling (the negative term averages over every
+    class). Eager only (a graph break under ``torch.compile``); without a process group it is the single-process
+    chunked loss.
+
+    Args:
+        input (Tensor[*, d]): this rank's features.
+        weight (Tensor[B*K, d]): this rank's block of proxies.
+        target (Tensor[*] of int): this rank's class indices, in ``[0, C)``.
+        class_start (int): the block's first class.
+        num_classes (int): ``C``, over all ranks.
+        alpha, delta, num_sub_centers, pooling, pooling_temperature, chunk_size: as
+            :func:`chunked_proxy_anchor_loss` (the same on every rank).
+        feature_grad_scale (float, optional): multiplier of the features' gradient; None means the world size.
+        group (ProcessGroup, optional): the ranks sharing the classes; the default group when None.
+
+    Returns:
+        Tensor: the loss, 0-dim, identical on every rank (float32 for half-precision input).
+    """
+    return _eager_sharded()(
+        input, weight, target, class_start, num_classes, alpha, delta, num_sub_centers, pooling, pooling_temperature,
+        chunk_size, feature_grad_scale, group,
+    )  # fmt: skip
+
+
+_EAGER: list[Any] = []
+
+
+def _eager_sharded() -> Any:
+    if not _EAGER:  # made at the first call: decorating at import would import torch._dynamo into every import
+        _EAGER.append(torch.compiler.disable(_sharded))
+    return _EAGER[0]
+
+
+def _check_locally(
+    input: Any, weight: Any, target: Any, class_start: Any, num_classes: Any, alpha: Any, delta: Any,
+    num_sub_centers: Any, pooling: Any, pooling_temperature: Any, chunk_size: Any, feature_grad_scale: Any,
+    report: Report,
+) -> tuple[Tensor, float, float, int]:  # fmt: skip
+    """Every check of one rank's call, filling ``report`` with what must agree between the ranks."""
+    alpha, delta = check_proxy_anchor_args(alpha, delta)
+    # the report's margin slots carry the loss's name and (α, δ), compared across ranks like a margin's
+    report.set_margin(types.SimpleNamespace(family=types.SimpleNamespace(name="proxy_anchor"), params=(alpha, delta)))
+    report.set_reduction("mean")
+    check_chunk_size(chunk_size)
+    if not _is_int(class_start) or class_start < 0:
+        raise ValueError(f"class_start must be an integer >= 0, but got {class_start!r}")
+    check_num_classes(num_classes, "num_classes")
+    check_num_sub_centers(num_sub_centers)
+    check_pooling(pooling, pooling_temperature)
+    check_feature_grad_scale(feature_grad_scale)
+    k = int(num_sub_centers)
+    report.num_classes, report.num_sub_centers, report.pooling = int(num_classes), k, (pooling == "soft")
+    check_features(input, weight, k)
+    report.in_features = input.shape[-1]
+    report.set_dtype(input.dtype)
+    report.class_start, report.class_stop = int(class_start), int(class_start) + weight.shape[0] // k
+    report.rows = math.prod(input.shape[:-1])
+    labels = _class_indices(target, torch.Size((*input.shape[:-1], int(num_classes))))
+    report.entries = 1
+    report.set_requires_grad(input, weight, 1.0)
+    return labels.reshape(-1), alpha, delta, k
+
+
+def _sharded(
+    input: Tensor, weight: Tensor, target: Tensor, class_start: int, num_classes: int, alpha: float, delta: float,
+    num_sub_centers: int, pooling: str, pooling_temperature: float, chunk_size: Optional[int],
+    feature_grad_scale: Optional[float], group: Any,
+) -> Tensor:  # fmt: skip
+    rank, world = rank_and_world(group)
+    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+    report, problem, local = Report(), None, None
+    try:
+        local = _check_locally(
+            input, weight, target, class_start, num_classes, alpha, delta, num_sub_centers, pooling,
+            pooling_temperature, chunk_size, feature_grad_scale, report,
+        )  # fmt: skip
+    except (TypeError, ValueError) as error:
+        problem = error
+    reports = agree(report, problem, device, group, world, num_classes if _is_int(num_classes) else 0)
+    assert local is not None
+    labels, alpha, delta, k = local
+    sizes = [r.rows for r in reports]
+    width = weight.shape[0] // k
+    grad_scale = float(world) if feature_grad_scale is None else float(feature_grad_scale)
+    x = normalize(input).reshape(sizes[rank], input.shape[-1])
+    if world > 1 or grad_scale != 1.0:
+        x = GatherRows.apply(x, sizes, rank, group, grad_scale)
+    y = all_gather_rows(labels.reshape(-1, 1), sizes, group).reshape(-1)
+    local_y = torch.where((y >= class_start) & (y < class_start + width), y - int(class_start), -1)
+    chunk = default_chunk_size(sum(sizes), max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
+    spec = _Spec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk, group, world)
+    stats, _, _ = _ProxyAnchorTerms.apply(x, weight, local_y, spec)
+    # the global sums' values, to the bit on every rank, with the gradient of this block's own sums
+    total = all_reduce(stats.detach().clone(), "sum", group, world)
+    own = total + (stats - stats.detach())
+    loss = own[0] / total[2].clamp(min=1) + own[1] / int(num_classes)
+    return loss.to(_out_dtype(input.dtype))
