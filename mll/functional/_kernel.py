@@ -104,7 +104,7 @@ def pool(cos_k: Tensor, k: int, tau: Optional[float]) -> Tensor:
     """Pool ``(N, W·K)`` sub-center cosines to ``(N, W)``: max, or a softmax of temperature τ."""
     if k == 1:
         return cos_k
-    view = cos_k.view(*cos_k.shape[:-1], -1, k)
+    view = cos_k.view(*cos_k.shape[:-1], cos_k.shape[-1] // k, k)  # (explicit: an empty batch has no -1)
     if tau is None:
         return view.amax(-1)
     return (torch.softmax(view / tau, dim=-1) * view).sum(-1)
@@ -430,10 +430,10 @@ def _sub_centers(dcos: Tensor, chunk: _Chunk, k: int, tau: Optional[float]) -> T
     view = chunk.cos_k.view(n, width, k)
     if tau is None:  # max-pool: split among ties as amax does
         winners = (view == chunk.pooled.unsqueeze(-1)).to(dcos.dtype)
-        dcos_k = (winners * (dcos / winners.sum(-1)).unsqueeze(-1)).view(n, -1)
+        dcos_k = (winners * (dcos / winners.sum(-1)).unsqueeze(-1)).view(n, width * k)
     else:  # soft pooling S = Σ p_k c_k: ∂S/∂c_k = p_k·(1 + (c_k − S)/τ)
         p_k = torch.softmax(view / tau, dim=-1)
-        dcos_k = (dcos.unsqueeze(-1) * p_k * (1 + (view - chunk.pooled.unsqueeze(-1)) / tau)).view(n, -1)
+        dcos_k = (dcos.unsqueeze(-1) * p_k * (1 + (view - chunk.pooled.unsqueeze(-1)) / tau)).view(n, width * k)
     return dcos_k.mul_(chunk.inv)
 
 

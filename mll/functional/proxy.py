@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mll.functional._accumulate import accumulate_node, grad_to_accumulate_into
@@ -56,7 +55,16 @@ from mll.functional._checks import (
     shape_str,
 )
 from mll.functional._distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
-from mll.functional._kernel import _add_grads, _double_backward, acc_dtype, chunk_bounds, pool
+from mll.functional._kernel import (
+    _add_grads,
+    _double_backward,
+    _gemm,
+    _sub_centers,
+    acc_dtype,
+    chunk_bounds,
+    pool,
+    weight_eps,
+)
 from mll.functional.chunked import check_chunk_size, default_chunk_size
 from mll.functional.cosine import check_pooling, normalize
 
@@ -202,14 +210,18 @@ class _Spec:
 
 
 class _ChunkCosines:
-    """One chunk's pooled cosines, in the accumulation dtype, and what ``_add_grads`` needs to chain their gradient
-    through the pooling, the GEMM and the proxies' normalisation."""
+    """One chunk's pooled cosines, in the accumulation dtype, and what the kernel's ``_sub_centers`` and
+    ``_add_grads`` need to chain their gradient through the pooling, the GEMM and the proxies' normalisation (the
+    rows as they are, scaled by ``inv = 1 / max(‖w‖, ε)``, as in the chunk kernel)."""
 
     def __init__(self, x: Tensor, weight: Tensor, k: int, tau: Optional[float], start: int, stop: int) -> None:
-        rows = weight[start * k : stop * k].detach()
-        self.norms = rows.to(acc_dtype(x.dtype)).norm(dim=1, keepdim=True)
-        self.w_hat = normalize(rows)
-        self.cos_k = F.linear(x, self.w_hat).to(acc_dtype(x.dtype))
+        acc = acc_dtype(x.dtype)
+        self.rows = weight[start * k : stop * k].detach()
+        norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
+        eps = weight_eps(weight.dtype)
+        self.inv = norms.clamp(min=eps).reciprocal_()
+        self.radial = norms > eps
+        self.cos_k = _gemm(x, self.rows, acc, None).mul_(self.inv)
         self.pooled = pool(self.cos_k, k, tau)
         self.start, self.stop = start, stop
 
@@ -267,6 +279,7 @@ class _ProxyAnchorTerms(torch.autograd.Function):
         factor_pos, factor_neg = -alpha * g[0], alpha * g[1]
         needs = ctx.needs_input_grad
         grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
+        xg = x.to(acc)  # (the features of the weight gradient's GEMM; g is already in the factors)
         into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
         grad_w = into
         if needs[1] and into is None:
@@ -280,7 +293,9 @@ class _ProxyAnchorTerms(torch.autograd.Function):
                 positive, -alpha * (s - delta) - pos[start:stop], alpha * (s + delta) - neg[start:stop]
             )
             dcos = torch.exp(exponent) * torch.where(positive, factor_pos, factor_neg)
-            _add_grads(dcos, x, weight, chunk, k, spec.tau, grad_x, grad_w)  # type: ignore[arg-type]
+            # ∂ℓ/∂(sub-center cosines) divided by the rows' norms, as _add_grads takes it
+            dcos = dcos.mul_(chunk.inv) if k == 1 else _sub_centers(dcos, chunk, k, spec.tau)  # type: ignore[arg-type]
+            _add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)  # type: ignore[arg-type]
         return (
             None if grad_x is None else grad_x.to(x.dtype),
             None if grad_w is None or into is not None else grad_w.to(weight.dtype),
