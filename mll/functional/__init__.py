@@ -46,6 +46,7 @@ from mll.functional.margins import (
     cos_margin,
     sphere_margin,
 )
+from mll.functional.mv_softmax import MV_ARC, MV_ARC_FIXED, MV_COS, MV_COS_FIXED, mv_margin
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
@@ -60,6 +61,10 @@ __all__ = [
     "CURRICULAR",
     "MAG",
     "MAG_EASY",
+    "MV_ARC",
+    "MV_ARC_FIXED",
+    "MV_COS",
+    "MV_COS_FIXED",
     "NO_MARGIN",
     "SPHERE",
     "Margin",
@@ -86,6 +91,7 @@ __all__ = [
     "magface_regularizer",
     "margin_cross_entropy",
     "margin_logits",
+    "mv_margin",
     "ncm_batch_statistics",
     "ncm_logits",
     "ncm_update",

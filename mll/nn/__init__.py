@@ -5,6 +5,7 @@ from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
+from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
 from mll.nn.sharded import (
     ShardedAdaCos,
@@ -18,6 +19,7 @@ from mll.nn.sharded import (
     ShardedElasticCosFace,
     ShardedFixedAdaCos,
     ShardedMagFace,
+    ShardedMVSoftmax,
     ShardedNormalizedLinear,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
@@ -37,6 +39,7 @@ __all__ = [
     "ElasticArcFace",
     "ElasticCosFace",
     "FixedAdaCos",
+    "MVSoftmax",
     "MagFace",
     "NormalizedLinear",
     "ScaledNormalizedLinear",
@@ -51,6 +54,7 @@ __all__ = [
     "ShardedElasticArcFace",
     "ShardedElasticCosFace",
     "ShardedFixedAdaCos",
+    "ShardedMVSoftmax",
     "ShardedMagFace",
     "ShardedNormalizedLinear",
     "ShardedScaledNormalizedLinear",

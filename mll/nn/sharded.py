@@ -44,13 +44,14 @@ from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
+from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
 
 __all__ = [
     "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
-    "ShardedMagFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
-    "ShardedSphereFace", "dense_state_dict",
+    "ShardedMVSoftmax", "ShardedMagFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear",
+    "ShardedScaledNormalizedLinearSqrt", "ShardedSphereFace", "dense_state_dict",
 ]  # fmt: skip
 
 
@@ -176,6 +177,13 @@ class ShardedCurricularFace(Sharded, CurricularFace):
             stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
             self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
         return MF.CURRICULAR(self.margin, self.t)
+
+
+class ShardedMVSoftmax(Sharded, MVSoftmax):
+    """Class-sharded :class:`mll.nn.MVSoftmax` (see the module notes): each row's target cosine comes from the rank
+    that owns its class, so every rank raises the same mis-classified logits."""
+
+    dense = MVSoftmax
 
 
 class ShardedAdaCos(Sharded, AdaCos):

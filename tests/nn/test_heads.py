@@ -122,6 +122,10 @@ HEADS = {
             ),
         ),
     ),
+    "MVSoftmax": (
+        lambda **kw: mll.MVSoftmax(D, C, K, scale=16.0, margin=0.3, t=0.25, margin_type="arc", **kw),
+        lambda h, x, y: MF.mv_margin(MF.cosine_logits(x, h.weight, K), y, 0.3, t=0.25, margin_type="arc", scale=16.0),
+    ),
 }
 NEW_MARGINS = {
     "CombinedMargin",
@@ -131,11 +135,12 @@ NEW_MARGINS = {
     "MagFace",
     "ElasticArcFace",
     "ElasticCosFace",
+    "MVSoftmax",
 }
 NEEDS_LABELS = {"CosFace", "ArcFace", "DeepNCM"} | NEW_MARGINS
 #: heads whose training forward changes running state or draws random numbers: gradcheck them in eval mode
 STATEFUL = {"AdaCos", "DeepNCM", "CurricularFace", "AdaFace", "ElasticArcFace", "ElasticCosFace"}
-HARD_ONLY = {"CurricularFace"}
+HARD_ONLY = {"CurricularFace", "MVSoftmax"}
 
 
 def _with_means(head: mll.DeepNCM) -> mll.DeepNCM:

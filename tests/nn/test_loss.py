@@ -48,7 +48,10 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
         D, C, k, scale=6.0, margin=m, generator=torch.Generator().manual_seed(1), **kw
     ),
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
+    "MVSoftmax": lambda k, m=0.35, **kw: mll.MVSoftmax(D, C, k, scale=6.0, margin=m, t=0.3, **kw),
 }
+#: heads whose training step takes class indices only
+HARD_ONLY = {"CurricularFace", "MVSoftmax"}
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
                "DeepNCM"}  # fmt: skip
 
@@ -148,8 +151,8 @@ def test_loss_equals_the_cross_entropy_of_the_logits(name, target, k, pooling, p
     if not _applies(name, per_class):
         pytest.skip("no margin to give per class")
     outcome = check_cell(name, target, k, pooling, per_class)
-    if name == "CurricularFace" and target != "indices":
-        assert outcome.startswith("n/a: CurricularFace needs class indices"), outcome
+    if name in HARD_ONLY and target != "indices":
+        assert outcome.startswith(f"n/a: {name} needs class indices"), outcome
     elif name == "DeepNCM" and k > 1:
         assert outcome == "n/a: DeepNCM has no sub-centers: a class mean is one vector", outcome
     else:
