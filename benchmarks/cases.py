@@ -307,6 +307,7 @@ SUITES: dict[str, list[Case]] = {
     "zoo": [
         Case("floor", "floor", floor),
         Case("MVSoftmax (AM, adaptive)", "mll", ours("MVSoftmax", scale=SCALE)),
+        Case("NPCFace", "mll", ours("NPCFace", scale=SCALE)),
     ],
     # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
     "limit": [

@@ -45,6 +45,7 @@ HEADS: dict[str, Callable[[int, int], nn.Module]] = {
 #: the zoo heads (issue #14): trained by name or by ``--heads all`` (the default set, then these)
 ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "MVSoftmax": lambda d, c: mll.MVSoftmax(d, c),
+    "NPCFace": lambda d, c: mll.NPCFace(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 

@@ -81,3 +81,42 @@ def mv_softmax_svx(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     target = torch.where(gt > 0, shifted, gt) if easy_margin else shifted
     out = torch.where(hard, (t + 1.0) * cos + t, cos)
     return out.scatter(1, labels[:, None], target) * scale
+
+
+# ------------------------------------------------------------------------------------------------ NPCFace
+
+
+def npcface_ref(cos: np.ndarray, labels: np.ndarray, m: float, m0: float, m1: float, t: float, a: float,
+                s: float = 1.0) -> np.ndarray:  # fmt: skip
+    """Zeng et al. 2020 with the authors' constants: hard negatives cos θ_j > cos(θ_y + m) become t·cos θ_j + a; the
+    target cos(θ_y + m'), m' = m0 + m1 · (mean cosine of the hard negatives, 0 if none)."""
+    n, c = cos.shape
+    out = np.empty_like(cos)
+    for i in range(n):
+        y = int(labels[i])
+        threshold = _arc(cos[i, y], m)
+        hard = [j for j in range(c) if j != y and cos[i, j] > threshold]
+        mean = sum(cos[i, j] for j in hard) / len(hard) if hard else 0.0
+        for j in range(c):
+            out[i, j] = t * cos[i, j] + a if j in hard else cos[i, j]
+        out[i, y] = _arc(cos[i, y], m0 + m1 * mean)
+    return s * out
+
+
+def npcface_facex(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.5, m0: float = 0.4,
+    m1: float = 0.2, t: float = 1.1, a: float = 0.2, scale: float = 64.0,
+) -> torch.Tensor:  # fmt: skip
+    """FaceX-Zoo ``head/NPCFace.py`` (on the CPU): cosines clamped to [−1, 1]; the hard mask and the positive margin
+    without gradient; the target's margin only where its cosine is positive (no fix past π − m)."""
+    cos = (F.normalize(x) @ F.normalize(weight).t()).clamp(-1, 1)
+    gt = cos.gather(1, labels[:, None])
+    sin = torch.sqrt(1.0 - gt**2)
+    threshold = gt * math.cos(margin) - sin * math.sin(margin)
+    with torch.no_grad():
+        hard = (cos > threshold).scatter(1, labels[:, None], False)
+        mean = torch.where(hard, cos, 0.0).sum(1, keepdim=True) / hard.sum(1, keepdim=True).clamp(1, cos.shape[1])
+        new_m = m0 + m1 * mean
+    target = torch.where(gt > 0, gt * torch.cos(new_m) - sin * torch.sin(new_m), gt)
+    out = torch.where(cos > threshold, t * cos + a, cos).scatter(1, labels[:, None], target)
+    return out * scale

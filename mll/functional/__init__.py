@@ -48,6 +48,7 @@ from mll.functional.margins import (
 )
 from mll.functional.mv_softmax import MV_ARC, MV_ARC_FIXED, MV_COS, MV_COS_FIXED, mv_margin
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
+from mll.functional.npcface import NPC, npcface_margin, npcface_statistics, npcface_statistics_chunked
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
@@ -66,6 +67,7 @@ __all__ = [
     "MV_COS",
     "MV_COS_FIXED",
     "NO_MARGIN",
+    "NPC",
     "SPHERE",
     "Margin",
     "MarginFamily",
@@ -97,6 +99,9 @@ __all__ = [
     "ncm_update",
     "ncm_update_from_statistics",
     "normalize",
+    "npcface_margin",
+    "npcface_statistics",
+    "npcface_statistics_chunked",
     "sample_classes",
     "shard_bounds",
     "sharded_margin_cross_entropy",

@@ -43,6 +43,9 @@ from mll.functional.cosine import check_pooling
 from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
 from mll.functional.margin import apply_margin, at_target
+from mll.functional.npcface import check_npcface_options, npcface_sharded_statistics
+from mll.functional.npcface import hard_mean as npcface_hard_mean
+from mll.functional.npcface import hard_mean_chunked as npcface_hard_mean_chunked
 from mll.functional.scale import adacos_statistics_chunked
 from mll.functional.sub_centers import _check_dominant, _check_max_angle
 
@@ -74,6 +77,7 @@ __all__ = [
     "check_magface_args",
     "check_margin_param",
     "check_nonnegative",
+    "check_npcface_options",
     "check_num_classes",
     "check_num_sub_centers",
     "check_pair",
@@ -90,6 +94,9 @@ __all__ = [
     "gather_block_batch",
     "is_soft",
     "mag",
+    "npcface_hard_mean",
+    "npcface_hard_mean_chunked",
+    "npcface_sharded_statistics",
     "own_share_sum",
     "pair_class_sums",
     "rank_and_world",

@@ -7,6 +7,7 @@ from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormal
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
+from mll.nn.npcface import NPCFace
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
@@ -21,6 +22,7 @@ from mll.nn.sharded import (
     ShardedMagFace,
     ShardedMVSoftmax,
     ShardedNormalizedLinear,
+    ShardedNPCFace,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
     ShardedSphereFace,
@@ -41,6 +43,7 @@ __all__ = [
     "FixedAdaCos",
     "MVSoftmax",
     "MagFace",
+    "NPCFace",
     "NormalizedLinear",
     "ScaledNormalizedLinear",
     "ScaledNormalizedLinearSqrt",
@@ -56,6 +59,7 @@ __all__ = [
     "ShardedFixedAdaCos",
     "ShardedMVSoftmax",
     "ShardedMagFace",
+    "ShardedNPCFace",
     "ShardedNormalizedLinear",
     "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt",

@@ -46,11 +46,12 @@ from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormal
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
+from mll.nn.npcface import NPCFace
 
 __all__ = [
     "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
-    "ShardedMVSoftmax", "ShardedMagFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear",
+    "ShardedMVSoftmax", "ShardedMagFace", "ShardedNPCFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt", "ShardedSphereFace", "dense_state_dict",
 ]  # fmt: skip
 
@@ -184,6 +185,20 @@ class ShardedMVSoftmax(Sharded, MVSoftmax):
     that owns its class, so every rank raises the same mis-classified logits."""
 
     dense = MVSoftmax
+
+
+class ShardedNPCFace(Sharded, NPCFace):
+    """Class-sharded :class:`mll.nn.NPCFace` (see the module notes): each rank adds its block's hard negatives of
+    the global batch's rows, the ranks sum them, and every row's positive margin is the single-process one."""
+
+    dense = NPCFace
+
+    def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
+        mean = I.npcface_sharded_statistics(
+            input, labels, self.weight, self.margin, num_classes=self.out_features, class_start=self.class_start,
+            num_sub_centers=self.num_sub_centers, tau=_tau(self), group=self.group,
+        )  # fmt: skip
+        return MF.NPC(self.margin, self.m0 + self.m1 * mean, self.t, self.a)
 
 
 class ShardedAdaCos(Sharded, AdaCos):

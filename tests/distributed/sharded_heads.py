@@ -70,13 +70,15 @@ CONFIGS = [
     ("curricular-soft-pooling", "CurricularFace", _f64(mll.CurricularFace, 3, decay=0.7, pooling="soft"), 1.0),
     ("mv-am-per-class", "MVSoftmax", _f64(mll.MVSoftmax, 2, 6.0, margin=_per_class(0.2, 0.4), t=0.3), 1.0),
     ("mv-arc-fixed", "MVSoftmax", _f64(mll.MVSoftmax, margin_type="arc", adaptive=False, pooling="soft"), 1.0),
+    ("npcface-per-class", "NPCFace", _f64(mll.NPCFace, 2, 6.0, margin=_per_class(0.3, 0.6)), 1.0),
+    ("npcface-soft-pooling", "NPCFace", _f64(mll.NPCFace, 3, m0=0.5, m1=0.3, pooling="soft"), 1.0),
     ("adacos", "AdaCos", _f64(mll.AdaCos, 2, pooling="soft"), 1.0),
     ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
     ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
     ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
 ]
 #: what each sharded form takes besides class indices
-TARGETS = {"CurricularFace": (), "ElasticArcFace": (), "MVSoftmax": ()}
+TARGETS = {"CurricularFace": (), "ElasticArcFace": (), "MVSoftmax": (), "NPCFace": ()}
 SPLIT_CYCLE = ("uneven", "empty-rank")
 REDUCTION_CYCLE = ("mean", "sum", "mean", "none")
 
