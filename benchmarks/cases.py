@@ -308,6 +308,7 @@ SUITES: dict[str, list[Case]] = {
         Case("floor", "floor", floor),
         Case("MVSoftmax (AM, adaptive)", "mll", ours("MVSoftmax", scale=SCALE)),
         Case("NPCFace", "mll", ours("NPCFace", scale=SCALE)),
+        Case("ArcNegFace", "mll", ours("ArcNegFace", scale=SCALE)),
     ],
     # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
     "limit": [

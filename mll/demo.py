@@ -46,6 +46,7 @@ HEADS: dict[str, Callable[[int, int], nn.Module]] = {
 ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "MVSoftmax": lambda d, c: mll.MVSoftmax(d, c),
     "NPCFace": lambda d, c: mll.NPCFace(d, c),
+    "ArcNegFace": lambda d, c: mll.ArcNegFace(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 

@@ -120,3 +120,35 @@ def npcface_facex(
     target = torch.where(gt > 0, gt * torch.cos(new_m) - sin * torch.sin(new_m), gt)
     out = torch.where(cos > threshold, t * cos + a, cos).scatter(1, labels[:, None], target)
     return out * scale
+
+
+# ------------------------------------------------------------------------------------------------ ArcNegFace
+
+
+def arcneg_ref(cos: np.ndarray, labels: np.ndarray, m: float, alpha: float, sigma: float, s: float = 1.0) -> np.ndarray:
+    """Liu et al. 2019: target ψ_y = cos(θ_y + m); every non-target t_j·cos θ_j + t_j − 1 with
+    t_j = α·exp(−(cos θ_j − ψ_y)²/σ)."""
+    n, c = cos.shape
+    out = np.empty_like(cos)
+    for i in range(n):
+        y = int(labels[i])
+        psi = _arc(cos[i, y], m)
+        for j in range(c):
+            t = alpha * math.exp(-((cos[i, j] - psi) ** 2) / sigma)
+            out[i, j] = psi if j == y else t * cos[i, j] + t - 1
+    return s * out
+
+
+def arcneg_facex(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.5, alpha: float = 1.2,
+    sigma: float = 2.0, scale: float = 64.0,
+) -> torch.Tensor:  # fmt: skip
+    """FaceX-Zoo ``head/ArcNegFace.py``, its per-sample loop vectorised: the target cos(acos(cos θ_y) + m) where
+    θ_y < π − m, else cos θ_y − m·sin(π − m); the re-weighting from the target logit's value (``.item()``), detached."""
+    cos = F.normalize(x) @ F.normalize(weight).t()
+    gt = cos.gather(1, labels[:, None])
+    target = torch.where(gt > math.cos(math.pi - margin), torch.cos(torch.acos(gt) + margin),
+                         gt - math.sin(math.pi - margin) * margin)  # fmt: skip
+    reweight = (alpha * torch.exp(-((cos - target.detach()) ** 2) / sigma)).detach()
+    onehot = (torch.arange(cos.shape[1]) == labels[:, None]).to(cos.dtype)
+    return scale * (onehot * target + (1 - onehot) * (reweight * cos + reweight - 1))

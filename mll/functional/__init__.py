@@ -19,6 +19,7 @@ Typical use::
 """
 
 from mll.functional._checks import value_checks
+from mll.functional.arcneg import ARC_NEG, arcneg_margin
 from mll.functional.chunked import margin_cross_entropy
 from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
@@ -57,6 +58,7 @@ __all__ = [
     "ADA",
     "ARC",
     "ARC_EASY",
+    "ARC_NEG",
     "COMBINED",
     "COS",
     "CURRICULAR",
@@ -79,6 +81,7 @@ __all__ = [
     "adaface_statistics",
     "adaface_update",
     "arc_margin",
+    "arcneg_margin",
     "combined_margin",
     "cos_margin",
     "cosine_logits",

@@ -38,6 +38,7 @@ from mll.functional._checks import (
 )
 from mll.functional._distributed import all_gather_rows, all_reduce_sum, rank_and_world
 from mll.functional._kernel import target_cosines
+from mll.functional.arcneg import check_arcneg_sigma
 from mll.functional.chunked import check_chunk_size, check_pair, check_reduction, chunked_loss
 from mll.functional.cosine import check_pooling
 from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
@@ -67,6 +68,7 @@ __all__ = [
     "at_target",
     "block_soft_targets",
     "call_report",
+    "check_arcneg_sigma",
     "check_chunk_size",
     "check_decay",
     "check_feature_grad_scale",

@@ -1,6 +1,7 @@
 """Modules: own the parameters and buffers, validate their arguments, call :mod:`mll.functional`."""
 
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.arcneg import ArcNegFace
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
@@ -12,6 +13,7 @@ from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
     ShardedArcFace,
+    ShardedArcNegFace,
     ShardedCombinedMargin,
     ShardedCosFace,
     ShardedCurricularFace,
@@ -34,6 +36,7 @@ __all__ = [
     "AdaCos",
     "AdaFace",
     "ArcFace",
+    "ArcNegFace",
     "CombinedMargin",
     "CosFace",
     "CurricularFace",
@@ -50,6 +53,7 @@ __all__ = [
     "ShardedAdaCos",
     "ShardedAdaFace",
     "ShardedArcFace",
+    "ShardedArcNegFace",
     "ShardedCombinedMargin",
     "ShardedCosFace",
     "ShardedCurricularFace",

@@ -40,6 +40,7 @@ from mll import functional as MF
 from mll.functional import _internal as I
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.arcneg import ArcNegFace
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
@@ -49,7 +50,8 @@ from mll.nn.ncm import DeepNCM
 from mll.nn.npcface import NPCFace
 
 __all__ = [
-    "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
+    "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedArcNegFace", "ShardedCombinedMargin",
+    "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
     "ShardedMVSoftmax", "ShardedMagFace", "ShardedNPCFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt", "ShardedSphereFace", "dense_state_dict",
@@ -199,6 +201,13 @@ class ShardedNPCFace(Sharded, NPCFace):
             num_sub_centers=self.num_sub_centers, tau=_tau(self), group=self.group,
         )  # fmt: skip
         return MF.NPC(self.margin, self.m0 + self.m1 * mean, self.t, self.a)
+
+
+class ShardedArcNegFace(Sharded, ArcNegFace):
+    """Class-sharded :class:`mll.nn.ArcNegFace` (see the module notes): each row's target cosine comes from the rank
+    that owns its class, so every rank re-weights its block's negatives as the dense head does."""
+
+    dense = ArcNegFace
 
 
 class ShardedAdaCos(Sharded, AdaCos):

@@ -130,6 +130,10 @@ HEADS = {
         lambda **kw: mll.NPCFace(D, C, K, scale=16.0, margin=0.4, **kw),
         lambda h, x, y: MF.npcface_margin(MF.cosine_logits(x, h.weight, K), y, 0.4, scale=16.0),
     ),
+    "ArcNegFace": (
+        lambda **kw: mll.ArcNegFace(D, C, K, scale=16.0, margin=0.4, **kw),
+        lambda h, x, y: MF.arcneg_margin(MF.cosine_logits(x, h.weight, K), y, 0.4, scale=16.0),
+    ),
 }
 NEW_MARGINS = {
     "CombinedMargin",
@@ -141,14 +145,16 @@ NEW_MARGINS = {
     "ElasticCosFace",
     "MVSoftmax",
     "NPCFace",
+    "ArcNegFace",
 }
 NEEDS_LABELS = {"CosFace", "ArcFace", "DeepNCM"} | NEW_MARGINS
 #: heads whose training forward changes running state or draws random numbers: gradcheck them in eval mode
 STATEFUL = {"AdaCos", "DeepNCM", "CurricularFace", "AdaFace", "ElasticArcFace", "ElasticCosFace"}
-HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace"}
+HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace"}
 #: the options under which a head's gradient is the exact derivative of its logits, for gradcheck (the defaults hold
-#: a statistic of the row constant, as their authors do: NPCFace's positive margin)
-EXACT = {"NPCFace": {"m1": 0.0}}
+#: a statistic of the row constant, as their authors do: NPCFace's positive margin, ArcNegFace's weights, whose
+#: σ → ∞ makes them the constant α)
+EXACT = {"NPCFace": {"m1": 0.0}, "ArcNegFace": {"sigma": 1e12}}
 
 
 def _with_means(head: mll.DeepNCM) -> mll.DeepNCM:
