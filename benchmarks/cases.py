@@ -309,6 +309,7 @@ SUITES: dict[str, list[Case]] = {
         Case("MVSoftmax (AM, adaptive)", "mll", ours("MVSoftmax", scale=SCALE)),
         Case("NPCFace", "mll", ours("NPCFace", scale=SCALE)),
         Case("ArcNegFace", "mll", ours("ArcNegFace", scale=SCALE)),
+        Case("CircleLoss", "mll", ours("CircleLoss", scale=SCALE)),
     ],
     # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
     "limit": [

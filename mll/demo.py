@@ -47,6 +47,7 @@ ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "MVSoftmax": lambda d, c: mll.MVSoftmax(d, c),
     "NPCFace": lambda d, c: mll.NPCFace(d, c),
     "ArcNegFace": lambda d, c: mll.ArcNegFace(d, c),
+    "CircleLoss": lambda d, c: mll.CircleLoss(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 

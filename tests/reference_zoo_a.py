@@ -152,3 +152,32 @@ def arcneg_facex(
     reweight = (alpha * torch.exp(-((cos - target.detach()) ** 2) / sigma)).detach()
     onehot = (torch.arange(cos.shape[1]) == labels[:, None]).to(cos.dtype)
     return scale * (onehot * target + (1 - onehot) * (reweight * cos + reweight - 1))
+
+
+# ------------------------------------------------------------------------------------------------ Circle loss
+
+
+def circle_ref(cos: np.ndarray, labels: np.ndarray, m: float, s: float = 1.0) -> np.ndarray:
+    """Sun et al. 2020, class-level: O_p = 1 + m, O_n = −m, Δ_p = 1 − m, Δ_n = m; the target γ·α_p·(s_p − Δ_p),
+    α_p = [O_p − s_p]_+, every other class γ·α_n·(s_n − Δ_n), α_n = [s_n − O_n]_+."""
+    n, c = cos.shape
+    out = np.empty_like(cos)
+    for i in range(n):
+        for j in range(c):
+            v = cos[i, j]
+            if j == int(labels[i]):
+                out[i, j] = max(1 + m - v, 0.0) * (v - (1 - m))
+            else:
+                out[i, j] = max(v + m, 0.0) * (v - m)
+    return s * out
+
+
+def circle_facex(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, margin: float = 0.25,
+                 gamma: float = 256.0) -> torch.Tensor:  # fmt: skip
+    """FaceX-Zoo ``head/CircleLoss.py``: cosines clamped to [−1, 1], the α's computed from the detached cosines."""
+    cos = (F.normalize(x) @ F.normalize(weight).t()).clamp(-1, 1)
+    alpha_p = torch.clamp_min(1 + margin - cos.detach(), 0.0)
+    alpha_n = torch.clamp_min(cos.detach() + margin, 0.0)
+    positive = torch.arange(cos.shape[1]) == labels[:, None]
+    out = torch.where(positive, alpha_p * (cos - (1 - margin)), alpha_n * (cos - margin))
+    return out * gamma

@@ -27,7 +27,7 @@ HEADS = sorted(
 )  # fmt: skip
 N, D, C = 8, 16, 50
 #: heads whose training step takes class indices only
-HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace"}
+HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}
 
 
 class HostReads(TorchDispatchMode):

@@ -21,6 +21,7 @@ Typical use::
 from mll.functional._checks import value_checks
 from mll.functional.arcneg import ARC_NEG, arcneg_margin
 from mll.functional.chunked import margin_cross_entropy
+from mll.functional.circle import CIRCLE, CIRCLE_EXACT, circle_margin
 from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
 from mll.functional.feature_norm import (
@@ -59,6 +60,8 @@ __all__ = [
     "ARC",
     "ARC_EASY",
     "ARC_NEG",
+    "CIRCLE",
+    "CIRCLE_EXACT",
     "COMBINED",
     "COS",
     "CURRICULAR",
@@ -82,6 +85,7 @@ __all__ = [
     "adaface_update",
     "arc_margin",
     "arcneg_margin",
+    "circle_margin",
     "combined_margin",
     "cos_margin",
     "cosine_logits",

@@ -40,6 +40,7 @@ from mll.functional._distributed import all_gather_rows, all_reduce_sum, rank_an
 from mll.functional._kernel import target_cosines
 from mll.functional.arcneg import check_arcneg_sigma
 from mll.functional.chunked import check_chunk_size, check_pair, check_reduction, chunked_loss
+from mll.functional.circle import circle_family
 from mll.functional.cosine import check_pooling
 from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
@@ -90,6 +91,7 @@ __all__ = [
     "check_scale",
     "check_target",
     "chunked_loss",
+    "circle_family",
     "curricular_update_from_statistics",
     "dtype_code",
     "finite_sum_and_count",

@@ -2,6 +2,7 @@
 
 from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.arcneg import ArcNegFace
+from mll.nn.circle import CircleLoss
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
@@ -14,6 +15,7 @@ from mll.nn.sharded import (
     ShardedAdaFace,
     ShardedArcFace,
     ShardedArcNegFace,
+    ShardedCircleLoss,
     ShardedCombinedMargin,
     ShardedCosFace,
     ShardedCurricularFace,
@@ -37,6 +39,7 @@ __all__ = [
     "AdaFace",
     "ArcFace",
     "ArcNegFace",
+    "CircleLoss",
     "CombinedMargin",
     "CosFace",
     "CurricularFace",
@@ -54,6 +57,7 @@ __all__ = [
     "ShardedAdaFace",
     "ShardedArcFace",
     "ShardedArcNegFace",
+    "ShardedCircleLoss",
     "ShardedCombinedMargin",
     "ShardedCosFace",
     "ShardedCurricularFace",

@@ -41,6 +41,7 @@ from mll.functional import _internal as I
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.arcneg import ArcNegFace
+from mll.nn.circle import CircleLoss
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
@@ -50,8 +51,8 @@ from mll.nn.ncm import DeepNCM
 from mll.nn.npcface import NPCFace
 
 __all__ = [
-    "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedArcNegFace", "ShardedCombinedMargin",
-    "ShardedCosFace",
+    "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedArcNegFace", "ShardedCircleLoss",
+    "ShardedCombinedMargin", "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
     "ShardedMVSoftmax", "ShardedMagFace", "ShardedNPCFace", "ShardedNormalizedLinear", "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt", "ShardedSphereFace", "dense_state_dict",
@@ -208,6 +209,13 @@ class ShardedArcNegFace(Sharded, ArcNegFace):
     that owns its class, so every rank re-weights its block's negatives as the dense head does."""
 
     dense = ArcNegFace
+
+
+class ShardedCircleLoss(Sharded, CircleLoss):
+    """Class-sharded :class:`mll.nn.CircleLoss` (see the module notes): its logits are elementwise, so each block
+    shapes its own; the softmax over the blocks is the sharded loss's."""
+
+    dense = CircleLoss
 
 
 class ShardedAdaCos(Sharded, AdaCos):

@@ -74,13 +74,22 @@ CONFIGS = [
     ("npcface-soft-pooling", "NPCFace", _f64(mll.NPCFace, 3, m0=0.5, m1=0.3, pooling="soft"), 1.0),
     ("arcneg-per-class", "ArcNegFace", _f64(mll.ArcNegFace, 2, 6.0, margin=_per_class(0.3, 0.6)), 1.0),
     ("arcneg-soft-pooling", "ArcNegFace", _f64(mll.ArcNegFace, 3, alpha=1.5, sigma=0.5, pooling="soft"), 1.0),
+    ("circle-per-class", "CircleLoss", _f64(mll.CircleLoss, 2, 8.0, margin=_per_class(0.1, 0.4)), 1.0),
+    ("circle-exact-trainable", "CircleLoss", _f64(mll.CircleLoss, 3, 8.0, True, detach_weights=False), 1.0),
     ("adacos", "AdaCos", _f64(mll.AdaCos, 2, pooling="soft"), 1.0),
     ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
     ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
     ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
 ]
 #: what each sharded form takes besides class indices
-TARGETS = {"CurricularFace": (), "ElasticArcFace": (), "MVSoftmax": (), "NPCFace": (), "ArcNegFace": ()}
+TARGETS = {
+    "CurricularFace": (),
+    "ElasticArcFace": (),
+    "MVSoftmax": (),
+    "NPCFace": (),
+    "ArcNegFace": (),
+    "CircleLoss": (),
+}
 SPLIT_CYCLE = ("uneven", "empty-rank")
 REDUCTION_CYCLE = ("mean", "sum", "mean", "none")
 

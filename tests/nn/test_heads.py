@@ -134,6 +134,10 @@ HEADS = {
         lambda **kw: mll.ArcNegFace(D, C, K, scale=16.0, margin=0.4, **kw),
         lambda h, x, y: MF.arcneg_margin(MF.cosine_logits(x, h.weight, K), y, 0.4, scale=16.0),
     ),
+    "CircleLoss": (
+        lambda **kw: mll.CircleLoss(D, C, K, scale=16.0, margin=0.3, **kw),
+        lambda h, x, y: MF.circle_margin(MF.cosine_logits(x, h.weight, K), y, 0.3, scale=16.0),
+    ),
 }
 NEW_MARGINS = {
     "CombinedMargin",
@@ -146,15 +150,16 @@ NEW_MARGINS = {
     "MVSoftmax",
     "NPCFace",
     "ArcNegFace",
+    "CircleLoss",
 }
 NEEDS_LABELS = {"CosFace", "ArcFace", "DeepNCM"} | NEW_MARGINS
 #: heads whose training forward changes running state or draws random numbers: gradcheck them in eval mode
 STATEFUL = {"AdaCos", "DeepNCM", "CurricularFace", "AdaFace", "ElasticArcFace", "ElasticCosFace"}
-HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace"}
+HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}
 #: the options under which a head's gradient is the exact derivative of its logits, for gradcheck (the defaults hold
-#: a statistic of the row constant, as their authors do: NPCFace's positive margin, ArcNegFace's weights, whose
-#: σ → ∞ makes them the constant α)
-EXACT = {"NPCFace": {"m1": 0.0}, "ArcNegFace": {"sigma": 1e12}}
+#: a statistic or a weight constant, as their authors do: NPCFace's positive margin, ArcNegFace's weights, whose
+#: σ → ∞ makes them the constant α, Circle loss's α's)
+EXACT = {"NPCFace": {"m1": 0.0}, "ArcNegFace": {"sigma": 1e12}, "CircleLoss": {"detach_weights": False}}
 
 
 def _with_means(head: mll.DeepNCM) -> mll.DeepNCM:

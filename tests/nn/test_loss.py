@@ -51,9 +51,10 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "MVSoftmax": lambda k, m=0.35, **kw: mll.MVSoftmax(D, C, k, scale=6.0, margin=m, t=0.3, **kw),
     "NPCFace": lambda k, m=0.5, **kw: mll.NPCFace(D, C, k, scale=6.0, margin=m, **kw),
     "ArcNegFace": lambda k, m=0.5, **kw: mll.ArcNegFace(D, C, k, scale=6.0, margin=m, **kw),
+    "CircleLoss": lambda k, m=0.25, **kw: mll.CircleLoss(D, C, k, scale=16.0, margin=m, **kw),
 }
 #: heads whose training step takes class indices only
-HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace"}
+HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
                "DeepNCM"}  # fmt: skip
 
