@@ -344,6 +344,10 @@ SUITES: dict[str, list[Case]] = {
     # the zoo of issue 14: each head beside its pytorch-metric-learning counterpart where one exists
     "zoo": [
         Case("floor", "floor", floor),
+        Case("MVSoftmax (AM, adaptive)", "mll", ours("MVSoftmax", scale=SCALE)),
+        Case("NPCFace", "mll", ours("NPCFace", scale=SCALE)),
+        Case("ArcNegFace", "mll", ours("ArcNegFace", scale=SCALE)),
+        Case("CircleLoss", "mll", ours("CircleLoss", scale=SCALE)),
         Case("ProxyNCAPlusPlus (s = 2/T = 18)", "mll", ours("ProxyNCAPlusPlus")),
         Case("ProxyNCAPlusPlus (s = 2/T = 18)", "pml 2.9", pml("ProxyNCALoss", softmax_scale=9.0), _has_pml),
         Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False)),

@@ -46,6 +46,10 @@ HEADS: dict[str, Callable[[int, int], nn.Module]] = {
 ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "ProxyNCAPlusPlus": lambda d, c: mll.ProxyNCAPlusPlus(d, c),
     "ProxyAnchor": lambda d, c: mll.ProxyAnchor(d, c),
+    "MVSoftmax": lambda d, c: mll.MVSoftmax(d, c),
+    "NPCFace": lambda d, c: mll.NPCFace(d, c),
+    "ArcNegFace": lambda d, c: mll.ArcNegFace(d, c),
+    "CircleLoss": lambda d, c: mll.CircleLoss(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if "all" in args.heads:
-        args.heads = list(ALL_HEADS)
+        args.heads = [h for name in args.heads for h in (ALL_HEADS if name == "all" else [name])]
     check_args(parser, args)
 
     split = load_digits_split(args.seed)

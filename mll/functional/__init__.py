@@ -19,7 +19,9 @@ Typical use::
 """
 
 from mll.functional._checks import value_checks
+from mll.functional.arcneg import ARC_NEG, arcneg_margin
 from mll.functional.chunked import margin_cross_entropy
+from mll.functional.circle import CIRCLE, CIRCLE_EXACT, circle_margin
 from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
 from mll.functional.feature_norm import (
@@ -46,7 +48,9 @@ from mll.functional.margins import (
     cos_margin,
     sphere_margin,
 )
+from mll.functional.mv_softmax import MV_ARC, MV_ARC_FIXED, MV_COS, MV_COS_FIXED, mv_margin
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
+from mll.functional.npcface import NPC, npcface_margin, npcface_statistics, npcface_statistics_chunked
 from mll.functional.proxy import (
     PROXY_ANCHOR_ALPHA,
     PROXY_ANCHOR_DELTA,
@@ -65,12 +69,20 @@ __all__ = [
     "ADA",
     "ARC",
     "ARC_EASY",
+    "ARC_NEG",
+    "CIRCLE",
+    "CIRCLE_EXACT",
     "COMBINED",
     "COS",
     "CURRICULAR",
     "MAG",
     "MAG_EASY",
+    "MV_ARC",
+    "MV_ARC_FIXED",
+    "MV_COS",
+    "MV_COS_FIXED",
     "NO_MARGIN",
+    "NPC",
     "PROXY_ANCHOR_ALPHA",
     "PROXY_ANCHOR_DELTA",
     "PROXY_NCA_TEMPERATURE",
@@ -85,7 +97,9 @@ __all__ = [
     "adaface_statistics",
     "adaface_update",
     "arc_margin",
+    "arcneg_margin",
     "chunked_proxy_anchor_loss",
+    "circle_margin",
     "combined_margin",
     "cos_margin",
     "cosine_logits",
@@ -100,11 +114,15 @@ __all__ = [
     "magface_regularizer",
     "margin_cross_entropy",
     "margin_logits",
+    "mv_margin",
     "ncm_batch_statistics",
     "ncm_logits",
     "ncm_update",
     "ncm_update_from_statistics",
     "normalize",
+    "npcface_margin",
+    "npcface_statistics",
+    "npcface_statistics_chunked",
     "proxy_anchor_loss",
     "proxy_nca_logits",
     "proxy_nca_scale",

@@ -1,16 +1,22 @@
 """Modules: own the parameters and buffers, validate their arguments, call :mod:`mll.functional`."""
 
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.arcneg import ArcNegFace
+from mll.nn.circle import CircleLoss
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
+from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
+from mll.nn.npcface import NPCFace
 from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
     ShardedArcFace,
+    ShardedArcNegFace,
+    ShardedCircleLoss,
     ShardedCombinedMargin,
     ShardedCosFace,
     ShardedCurricularFace,
@@ -19,7 +25,9 @@ from mll.nn.sharded import (
     ShardedElasticCosFace,
     ShardedFixedAdaCos,
     ShardedMagFace,
+    ShardedMVSoftmax,
     ShardedNormalizedLinear,
+    ShardedNPCFace,
     ShardedProxyAnchor,
     ShardedProxyNCAPlusPlus,
     ShardedScaledNormalizedLinear,
@@ -33,6 +41,8 @@ __all__ = [
     "AdaCos",
     "AdaFace",
     "ArcFace",
+    "ArcNegFace",
+    "CircleLoss",
     "CombinedMargin",
     "CosFace",
     "CurricularFace",
@@ -40,7 +50,9 @@ __all__ = [
     "ElasticArcFace",
     "ElasticCosFace",
     "FixedAdaCos",
+    "MVSoftmax",
     "MagFace",
+    "NPCFace",
     "NormalizedLinear",
     "ProxyAnchor",
     "ProxyNCAPlusPlus",
@@ -49,6 +61,8 @@ __all__ = [
     "ShardedAdaCos",
     "ShardedAdaFace",
     "ShardedArcFace",
+    "ShardedArcNegFace",
+    "ShardedCircleLoss",
     "ShardedCombinedMargin",
     "ShardedCosFace",
     "ShardedCurricularFace",
@@ -56,7 +70,9 @@ __all__ = [
     "ShardedElasticArcFace",
     "ShardedElasticCosFace",
     "ShardedFixedAdaCos",
+    "ShardedMVSoftmax",
     "ShardedMagFace",
+    "ShardedNPCFace",
     "ShardedNormalizedLinear",
     "ShardedProxyAnchor",
     "ShardedProxyNCAPlusPlus",

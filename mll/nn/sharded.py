@@ -40,18 +40,23 @@ from mll import functional as MF
 from mll.functional import _internal as I
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.arcneg import ArcNegFace
+from mll.nn.circle import CircleLoss
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
+from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
+from mll.nn.npcface import NPCFace
 from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
 
 __all__ = [
-    "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
+    "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedArcNegFace", "ShardedCircleLoss",
+    "ShardedCombinedMargin", "ShardedCosFace",
     "ShardedCurricularFace", "ShardedDeepNCM", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedFixedAdaCos",
-    "ShardedMagFace", "ShardedNormalizedLinear", "ShardedProxyAnchor", "ShardedProxyNCAPlusPlus",
-    "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
+    "ShardedMVSoftmax", "ShardedMagFace", "ShardedNPCFace", "ShardedNormalizedLinear", "ShardedProxyAnchor",
+    "ShardedProxyNCAPlusPlus", "ShardedScaledNormalizedLinear", "ShardedScaledNormalizedLinearSqrt",
     "ShardedSphereFace", "dense_state_dict",
 ]  # fmt: skip
 
@@ -178,6 +183,41 @@ class ShardedCurricularFace(Sharded, CurricularFace):
             stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
             self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
         return MF.CURRICULAR(self.margin, self.t)
+
+
+class ShardedMVSoftmax(Sharded, MVSoftmax):
+    """Class-sharded :class:`mll.nn.MVSoftmax` (see the module notes): each row's target cosine comes from the rank
+    that owns its class, so every rank raises the same mis-classified logits."""
+
+    dense = MVSoftmax
+
+
+class ShardedNPCFace(Sharded, NPCFace):
+    """Class-sharded :class:`mll.nn.NPCFace` (see the module notes): each rank adds its block's hard negatives of
+    the global batch's rows, the ranks sum them, and every row's positive margin is the single-process one."""
+
+    dense = NPCFace
+
+    def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
+        mean = I.npcface_sharded_statistics(
+            input, labels, self.weight, self.margin, num_classes=self.out_features, class_start=self.class_start,
+            num_sub_centers=self.num_sub_centers, tau=_tau(self), group=self.group,
+        )  # fmt: skip
+        return MF.NPC(self.margin, self.m0 + self.m1 * mean, self.t, self.a)
+
+
+class ShardedArcNegFace(Sharded, ArcNegFace):
+    """Class-sharded :class:`mll.nn.ArcNegFace` (see the module notes): each row's target cosine comes from the rank
+    that owns its class, so every rank re-weights its block's negatives as the dense head does."""
+
+    dense = ArcNegFace
+
+
+class ShardedCircleLoss(Sharded, CircleLoss):
+    """Class-sharded :class:`mll.nn.CircleLoss` (see the module notes): its logits are elementwise, so each block
+    shapes its own; the softmax over the blocks is the sharded loss's."""
+
+    dense = CircleLoss
 
 
 class ShardedAdaCos(Sharded, AdaCos):

@@ -70,6 +70,14 @@ CONFIGS = [
     ("magface-easy", "MagFace", _f64(mll.MagFace, 2, easy_margin=True, trainable_scale=True), 60.0),
     ("curricular", "CurricularFace", _f64(mll.CurricularFace, 2, margin=_per_class(0.3, 0.5), decay=0.5), 1.0),
     ("curricular-soft-pooling", "CurricularFace", _f64(mll.CurricularFace, 3, decay=0.7, pooling="soft"), 1.0),
+    ("mv-am-per-class", "MVSoftmax", _f64(mll.MVSoftmax, 2, 6.0, margin=_per_class(0.2, 0.4), t=0.3), 1.0),
+    ("mv-arc-fixed", "MVSoftmax", _f64(mll.MVSoftmax, margin_type="arc", adaptive=False, pooling="soft"), 1.0),
+    ("npcface-per-class", "NPCFace", _f64(mll.NPCFace, 2, 6.0, margin=_per_class(0.3, 0.6)), 1.0),
+    ("npcface-soft-pooling", "NPCFace", _f64(mll.NPCFace, 3, m0=0.5, m1=0.3, pooling="soft"), 1.0),
+    ("arcneg-per-class", "ArcNegFace", _f64(mll.ArcNegFace, 2, 6.0, margin=_per_class(0.3, 0.6)), 1.0),
+    ("arcneg-soft-pooling", "ArcNegFace", _f64(mll.ArcNegFace, 3, alpha=1.5, sigma=0.5, pooling="soft"), 1.0),
+    ("circle-per-class", "CircleLoss", _f64(mll.CircleLoss, 2, 8.0, margin=_per_class(0.1, 0.4)), 1.0),
+    ("circle-exact-trainable", "CircleLoss", _f64(mll.CircleLoss, 3, 8.0, True, detach_weights=False), 1.0),
     ("adacos", "AdaCos", _f64(mll.AdaCos, 2, pooling="soft"), 1.0),
     ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
     ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
@@ -79,7 +87,15 @@ CONFIGS = [
     ("proxy-anchor-soft-pooling", "ProxyAnchor", _f64(mll.ProxyAnchor, 2, pooling="soft"), 1.0),
 ]
 #: what each sharded form takes besides class indices
-TARGETS = {"CurricularFace": (), "ElasticArcFace": (), "ProxyAnchor": ()}
+TARGETS = {
+    "CurricularFace": (),
+    "ElasticArcFace": (),
+    "ProxyAnchor": (),
+    "MVSoftmax": (),
+    "NPCFace": (),
+    "ArcNegFace": (),
+    "CircleLoss": (),
+}
 #: heads whose loss is one number per batch (no per-sample losses to sum or return)
 MEAN_ONLY = {"ProxyAnchor"}
 SPLIT_CYCLE = ("uneven", "empty-rank")

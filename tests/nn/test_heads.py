@@ -122,6 +122,22 @@ HEADS = {
             ),
         ),
     ),
+    "MVSoftmax": (
+        lambda **kw: mll.MVSoftmax(D, C, K, scale=16.0, margin=0.3, t=0.25, margin_type="arc", **kw),
+        lambda h, x, y: MF.mv_margin(MF.cosine_logits(x, h.weight, K), y, 0.3, t=0.25, margin_type="arc", scale=16.0),
+    ),
+    "NPCFace": (
+        lambda **kw: mll.NPCFace(D, C, K, scale=16.0, margin=0.4, **kw),
+        lambda h, x, y: MF.npcface_margin(MF.cosine_logits(x, h.weight, K), y, 0.4, scale=16.0),
+    ),
+    "ArcNegFace": (
+        lambda **kw: mll.ArcNegFace(D, C, K, scale=16.0, margin=0.4, **kw),
+        lambda h, x, y: MF.arcneg_margin(MF.cosine_logits(x, h.weight, K), y, 0.4, scale=16.0),
+    ),
+    "CircleLoss": (
+        lambda **kw: mll.CircleLoss(D, C, K, scale=16.0, margin=0.3, **kw),
+        lambda h, x, y: MF.circle_margin(MF.cosine_logits(x, h.weight, K), y, 0.3, scale=16.0),
+    ),
 }
 NEW_MARGINS = {
     "CombinedMargin",
@@ -131,11 +147,19 @@ NEW_MARGINS = {
     "MagFace",
     "ElasticArcFace",
     "ElasticCosFace",
+    "MVSoftmax",
+    "NPCFace",
+    "ArcNegFace",
+    "CircleLoss",
 }
 NEEDS_LABELS = {"CosFace", "ArcFace", "DeepNCM"} | NEW_MARGINS
 #: heads whose training forward changes running state or draws random numbers: gradcheck them in eval mode
 STATEFUL = {"AdaCos", "DeepNCM", "CurricularFace", "AdaFace", "ElasticArcFace", "ElasticCosFace"}
-HARD_ONLY = {"CurricularFace"}
+HARD_ONLY = {"CurricularFace", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}
+#: the options under which a head's gradient is the exact derivative of its logits, for gradcheck (the defaults hold
+#: a statistic or a weight constant, as their authors do: NPCFace's positive margin, ArcNegFace's weights, whose
+#: σ → ∞ makes them the constant α, Circle loss's α's)
+EXACT = {"NPCFace": {"m1": 0.0}, "ArcNegFace": {"sigma": 1e12}, "CircleLoss": {"detach_weights": False}}
 
 
 def _with_means(head: mll.DeepNCM) -> mll.DeepNCM:
@@ -253,7 +277,7 @@ def test_functional_call_with_other_state(name) -> None:
 @pytest.mark.parametrize("name", HEADS)
 def test_float64_factory_and_gradcheck(name) -> None:
     make, _ = HEADS[name]
-    head = make(dtype=torch.float64).eval() if name in STATEFUL else make(dtype=torch.float64)
+    head = make(dtype=torch.float64).eval() if name in STATEFUL else make(dtype=torch.float64, **EXACT.get(name, {}))
     assert all(t.dtype == torch.float64 for t in head.state_dict().values())
     x, y = batch(dtype=torch.float64)
     x.requires_grad_(True)

@@ -53,7 +53,13 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
     "ProxyNCAPlusPlus": lambda k, **kw: mll.ProxyNCAPlusPlus(D, C, k, **kw),
     "ProxyAnchor": lambda k, **kw: mll.ProxyAnchor(D, C, k, alpha=8.0, delta=0.2, **kw),
+    "MVSoftmax": lambda k, m=0.35, **kw: mll.MVSoftmax(D, C, k, scale=6.0, margin=m, t=0.3, **kw),
+    "NPCFace": lambda k, m=0.5, **kw: mll.NPCFace(D, C, k, scale=6.0, margin=m, **kw),
+    "ArcNegFace": lambda k, m=0.5, **kw: mll.ArcNegFace(D, C, k, scale=6.0, margin=m, **kw),
+    "CircleLoss": lambda k, m=0.25, **kw: mll.CircleLoss(D, C, k, scale=16.0, margin=m, **kw),
 }
+#: heads whose training step takes class indices only
+HARD_ONLY = {"CurricularFace", "ProxyAnchor", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
                "DeepNCM", "ProxyNCAPlusPlus", "ProxyAnchor"}  # fmt: skip
 
@@ -155,7 +161,7 @@ def test_loss_equals_the_cross_entropy_of_the_logits(name, target, k, pooling, p
     if not _applies(name, per_class):
         pytest.skip("no margin to give per class")
     outcome = check_cell(name, target, k, pooling, per_class)
-    if name in ("CurricularFace", "ProxyAnchor") and target != "indices":
+    if name in HARD_ONLY and target != "indices":
         assert outcome.startswith(f"n/a: {name} needs class indices"), outcome
     elif name == "DeepNCM" and k > 1:
         assert outcome == "n/a: DeepNCM has no sub-centers: a class mean is one vector", outcome

@@ -1,0 +1,143 @@
+"""MV-Softmax: a CosFace or ArcFace target, mis-classified non-target logits raised (four families).
+
+A non-target class j is *mis-classified* for a sample when its cosine beats the target's margin logit,
+``cos θ_j > ψ(θ_y)``; MV-Softmax raises exactly those logits, by a constant (the fixed variant) or by an amount that
+grows with the cosine (the adaptive one). The families have a non-target part (see
+:class:`mll.functional.MarginFamily`): the dense path makes one elementwise pass over the N×C cosines, the chunked and
+sharded losses apply it chunk by chunk. No N×C one-hot, no N×C arccos.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mll.functional._checks import check_cosine, check_scale, check_target, is_soft
+from mll.functional._target import Scale
+from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin
+from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope
+
+__all__ = ["MV_ARC", "MV_ARC_FIXED", "MV_COS", "MV_COS_FIXED", "mv_margin"]
+
+TargetFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _cos_target(cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
+    value = cosine - margin
+    return value, value.new_ones(()).expand(value.shape)
+
+
+def _arc_target(cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
+    return _arc_value_and_slope(cosine, margin, False)
+
+
+def _family(arc: bool, adaptive: bool) -> MarginFamily:
+    target_fn: TargetFn = _arc_target if arc else _cos_target
+
+    def value_and_slope(cosine: Tensor, w: Tensor | float, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return target_fn(cosine, margin * w)
+
+    def negatives(cosine: Tensor, target: Tensor, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # I_k = 1 where ψ(θ_y) − cos θ_k < 0: the row's decision boundary (ArcFace's with its fix past π − m)
+        boundary, _ = target_fn(target, margin)
+        hard = cosine > boundary
+        t = t.to(cosine.dtype)
+        if adaptive:  # h = e^{s t (cos θ_k + 1) I_k}: logit (t + 1) cos θ_k + t
+            return torch.where(hard, (t + 1) * cosine + t, cosine), torch.where(hard, t + 1, 1.0)
+        # fixed: h = e^{s t I_k}, logit cos θ_k + t
+        return torch.where(hard, cosine + t, cosine), cosine.new_ones(()).expand(cosine.shape)
+
+    margin_range = ARC_MARGIN_RANGE if arc else COS_MARGIN_RANGE
+    base: Callable[[float, float], float] = (
+        (lambda th, m: math.cos(th + m)) if arc else (lambda th, m: math.cos(th) - m)
+    )
+    return MarginFamily(
+        f"mv_{'arc' if arc else 'cos'}{'' if adaptive else '_fixed'}",
+        value_and_slope,
+        (MarginParameter("margin", *margin_range), MarginParameter("t", 0.0, math.inf)),
+        target_logit=lambda th, m, t: base(th, m),
+        negatives=negatives,
+        class_indices_only=True,
+        title="MV-Softmax",
+    )
+
+
+#: MV-AM-Softmax-a: CosFace's target, mis-classified logits (t + 1)·cos θ_j + t.
+MV_COS = _family(arc=False, adaptive=True)
+#: MV-AM-Softmax-f: CosFace's target, mis-classified logits cos θ_j + t.
+MV_COS_FIXED = _family(arc=False, adaptive=False)
+#: MV-Arc-Softmax-a: ArcFace's target, mis-classified logits (t + 1)·cos θ_j + t.
+MV_ARC = _family(arc=True, adaptive=True)
+#: MV-Arc-Softmax-f: ArcFace's target, mis-classified logits cos θ_j + t.
+MV_ARC_FIXED = _family(arc=True, adaptive=False)
+
+_FAMILIES = {("cos", True): MV_COS, ("cos", False): MV_COS_FIXED, ("arc", True): MV_ARC, ("arc", False): MV_ARC_FIXED}
+
+
+def mv_family(margin_type: str, adaptive: bool) -> MarginFamily:
+    """The MV-Softmax family of a target margin (``"cos"`` or ``"arc"``) and a variant, with checked arguments."""
+    if margin_type not in ("cos", "arc"):
+        raise ValueError(
+            f"MV-Softmax margin_type must be 'cos' (AM-Softmax) or 'arc' (ArcFace), but got {margin_type!r}"
+        )
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"MV-Softmax adaptive must be a bool, but got {type(adaptive).__name__}")
+    return _FAMILIES[margin_type, adaptive]
+
+
+def mv_margin(
+    cosine: Tensor, target: Tensor, margin: MarginParam = 0.35, *, t: MarginParam = 0.2, margin_type: str = "cos",
+    adaptive: bool = True, scale: Scale = 1.0,
+) -> Tensor:  # fmt: skip
+    r"""MV-Softmax's logits: a margin on the target, mis-classified non-target logits raised.
+
+    "Mis-classified Vector Guided Softmax Loss for Face Recognition" (Wang et al., AAAI 2020,
+    https://arxiv.org/abs/1912.00833), the loss with the indicator :math:`I_j` and the re-weighting :math:`h`:
+
+    .. math::
+        z_y = s\,\psi(\theta_y), \qquad
+        z_j = \begin{cases} s\cos\theta_j & \cos\theta_j \le \psi(\theta_y) \\
+                            s\,(\cos\theta_j + t) & \text{mis-classified, fixed (MV-X-Softmax-f)} \\
+                            s\,((t + 1)\cos\theta_j + t) & \text{mis-classified, adaptive (MV-X-Softmax-a)}
+              \end{cases}
+
+    with :math:`\psi(\theta) = \cos\theta - m` (``margin_type="cos"``, MV-AM-Softmax) or :math:`\cos(\theta + m)`
+    (``"arc"``, MV-Arc-Softmax, with :func:`arc_margin`'s fix past π − m). The paper writes the change as a factor
+    :math:`h(t, \theta_j, I_j)` on :math:`e^{s\cos\theta_j}`: :math:`e^{s t I_j}` (fixed) and
+    :math:`e^{s\,t(\cos\theta_j + 1) I_j}` (adaptive); FaceX-Zoo's ``mv_weight`` is ``1 + t``. ``t = 0`` gives
+    CosFace / ArcFace. The mis-classification test compares with the row's target logit :math:`\psi(\theta_y)` as
+    computed, a statistic (no gradient flows through it, as in the authors' code); the raised logits have the exact
+    slope (1 or t + 1).
+
+    Class indices only: the test compares every logit with *the* target's, which soft targets do not define.
+    Sub-centers pool before the margin, as for every head (see :func:`cosine_logits`).
+
+    Args:
+        cosine (Tensor[*, C]): cosines.
+        target (Tensor[*] of int): class indices.
+        margin (float or Tensor): ``m``: ``[0, 1)`` for ``"cos"``, radians in ``[0, π/2)`` for ``"arc"``; per class
+            ``(C,)`` or per sample ``(*, 1)``.
+        t (float or Tensor): ``t >= 0`` (the authors' code: 0.2); per class ``(C,)`` (read at each row's target class)
+            or per sample ``(*, 1)``.
+        margin_type (str): ``"cos"`` or ``"arc"``.
+        adaptive (bool): the adaptive variant (default, as the authors' code) or the fixed one.
+        scale (float or Tensor): ``s``.
+
+    Returns:
+        Tensor[*, C]: the scaled logits, in ``cosine``'s dtype.
+    """
+    check_cosine(cosine)
+    family = mv_family(margin_type, adaptive)
+    margin_ = family(margin, t)
+    margin_.check(cosine.shape)
+    check_scale(scale)
+    target = check_target(target, cosine.shape)
+    if is_soft(target):
+        raise ValueError(
+            "MV-Softmax needs class indices (an integer tensor of shape (*)), not soft targets: its mis-classification "
+            "test compares every logit with the target's"
+        )
+    return apply_margin(cosine, target, margin_, scale)
