@@ -303,6 +303,11 @@ SUITES: dict[str, list[Case]] = {
         Case("CurricularFace (dense step)", "mll", ours("CurricularFace", scale=SCALE)),
         Case("SphereFace (m=4)", "pml 2.9", pml("SphereFaceLoss", margin=4), _has_pml),
     ],
+    # issue #14's heads beside the floor, and their pytorch-metric-learning counterparts where there is one
+    "zoo": [
+        Case("floor", "floor", floor),
+        Case("AdaMSoftmax", "mll", ours("AdaMSoftmax", scale=SCALE)),
+    ],
     # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
     "limit": [
         Case("three GEMMs (x̂Ŵᵀ, G·Ŵ, Gᵀ·x̂)", "limit", three_gemm_limit),

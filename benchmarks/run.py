@@ -67,6 +67,7 @@ PLAN = {
     "DeepNCM": ([100_000], 1, False),
     "margin families": ([1_000, 10_000, 100_000], 1, False),
     "limit": ([1_000, 10_000, 100_000, 1_000_000], 1, False),
+    "zoo": ([10_000, 100_000], 1, False),
 }
 QUICK = Config(batch=32, features=64)
 QUICK_CLASSES = 500

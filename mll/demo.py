@@ -42,6 +42,11 @@ HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "AdaCos": lambda d, c: mll.AdaCos(d, c),
     "DeepNCM": lambda d, c: mll.DeepNCM(d, c),
 }
+#: the zoo heads (issue #14): trained by name or by ``--heads all`` (the default set, then these)
+ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+    "AdaMSoftmax": lambda d, c: mll.AdaMSoftmax(d, c),
+}
+ALL_HEADS = {**HEADS, **ZOO_HEADS}
 
 
 @dataclass
@@ -127,7 +132,7 @@ def train_one(name: str, split: Split, epochs: int, seed: int, dim: int, progres
     seed = int(seed)  # Generator.manual_seed refuses NumPy integers
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, dim))
-    head = HEADS[name](dim, TRAIN_CLASSES)
+    head = ALL_HEADS[name](dim, TRAIN_CLASSES)
     optimizer = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=3e-3)
     order = torch.Generator().manual_seed(seed)
     run = Run(name)
@@ -138,8 +143,11 @@ def train_one(name: str, split: Split, epochs: int, seed: int, dim: int, progres
         for batch in torch.randperm(len(split.y_train), generator=order).split(64):
             features = backbone(split.x_train[batch])
             labels = split.y_train[batch]
-            logits = head(features) if isinstance(head, nn.Linear) else head(features, labels)
-            loss = F.cross_entropy(logits, labels)
+            if name in ZOO_HEADS:  # the paper's objective: loss() adds the head's regulariser, if it has one
+                loss = head.loss(features, labels)  # type: ignore[operator]
+            else:
+                logits = head(features) if isinstance(head, nn.Linear) else head(features, labels)
+                loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -277,7 +285,14 @@ def main(argv: list[str] | None = None) -> list[Run]:
     parser = argparse.ArgumentParser(
         prog="python -m mll.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), metavar="HEAD")
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        default=list(HEADS),
+        choices=[*ALL_HEADS, "all"],
+        metavar="HEAD",
+        help="heads to train, or 'all' (the default set and the zoo)",
+    )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per head for the metrics (seed, seed+1, ...)")
     parser.add_argument("--dim", type=int, default=32, help="embedding size for the metrics")
@@ -286,6 +301,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
     parser.add_argument("--no-plots", action="store_true", help="skip the pictures and the 3-D models")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if "all" in args.heads:
+        args.heads = [h for name in args.heads for h in (ALL_HEADS if name == "all" else [name])]
     check_args(parser, args)
 
     split = load_digits_split(args.seed)

@@ -19,6 +19,7 @@ Typical use::
 """
 
 from mll.functional._checks import value_checks
+from mll.functional.adaptive_margin import ADAPTIVE, adaptive_margin, adaptive_margin_regularizer
 from mll.functional.chunked import margin_cross_entropy
 from mll.functional.cosine import cosine_logits, normalize
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
@@ -53,6 +54,7 @@ from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, 
 
 __all__ = [
     "ADA",
+    "ADAPTIVE",
     "ARC",
     "ARC_EASY",
     "COMBINED",
@@ -71,6 +73,8 @@ __all__ = [
     "adacos_statistics",
     "adaface_statistics",
     "adaface_update",
+    "adaptive_margin",
+    "adaptive_margin_regularizer",
     "arc_margin",
     "combined_margin",
     "cos_margin",

@@ -1,6 +1,7 @@
 """Modules: own the parameters and buffers, validate their arguments, call :mod:`mll.functional`."""
 
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.adaptive_margin import AdaMSoftmax
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
@@ -9,6 +10,7 @@ from mll.nn.ncm import DeepNCM
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
+    ShardedAdaMSoftmax,
     ShardedArcFace,
     ShardedCombinedMargin,
     ShardedCosFace,
@@ -29,6 +31,7 @@ from mll.nn.sub_centers import SubCenterCleanup, clean_sub_centers, keep_dominan
 __all__ = [
     "AdaCos",
     "AdaFace",
+    "AdaMSoftmax",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
@@ -43,6 +46,7 @@ __all__ = [
     "ScaledNormalizedLinearSqrt",
     "ShardedAdaCos",
     "ShardedAdaFace",
+    "ShardedAdaMSoftmax",
     "ShardedArcFace",
     "ShardedCombinedMargin",
     "ShardedCosFace",

@@ -38,8 +38,10 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional import _internal as I
+from mll.nn._regularized import reduce_rows, sum_grad_over_ranks
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.adaptive_margin import AdaMSoftmax
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
@@ -157,6 +159,31 @@ class ShardedMagFace(Sharded, MagFace):
             return ce + self.lambda_g * g
         total, count = I.own_share_sum(g, self.group)
         return ce + self.lambda_g * (total if reduction == "sum" else total / count.to(total.dtype))
+
+
+__all__ += ["ShardedAdaMSoftmax"]  # the zoo's heads (issue #14)
+
+
+class ShardedAdaMSoftmax(Sharded, AdaMSoftmax):
+    """Class-sharded :class:`mll.nn.AdaMSoftmax` (see the module notes): every rank keeps all C margins; each rank's
+    loss differentiates its block's margins in the cross-entropy and its own samples' share of the regulariser, and
+    backward sums the margins' gradient over the ranks, so that every rank holds the full, exact gradient (and,
+    after the same optimizer step, the same margins)."""
+
+    dense = AdaMSoftmax
+
+    def step_margin(self, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
+        self.project_margins()
+        return MF.ADAPTIVE(sum_grad_over_ranks(self.margin, self.group))
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        ce = Sharded.loss_terms(self, input, labels, margin, "none", chunk_size)
+        # the margins of this step (their gradient summed over the ranks); in eval mode, wrapped here
+        m = margin.params[0] if margin.family is MF.ADAPTIVE else sum_grad_over_ranks(self.margin, self.group)
+        reg = MF.adaptive_margin_regularizer(m, lambda_=self.lambda_)  # type: ignore[arg-type]
+        return reduce_rows(ce + reg.to(ce.dtype), reduction, self.group)
 
 
 class ShardedCurricularFace(Sharded, CurricularFace):

@@ -72,6 +72,8 @@ CONFIGS = [
     ("adacos-plain", "AdaCos", _f64(mll.AdaCos), 1.0),
     ("deepncm", "DeepNCM", _f64(mll.DeepNCM, 0.5), 1.0),
     ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
+    ("adam-per-class", "AdaMSoftmax", _f64(mll.AdaMSoftmax, 1, 6.0, margin=_per_class(0.1, 0.5), lambda_=2.0), 1.0),
+    ("adam-soft-pooling", "AdaMSoftmax", _f64(mll.AdaMSoftmax, 2, trainable_scale=True, pooling="soft"), 1.0),
 ]
 #: what each sharded form takes besides class indices
 TARGETS = {"CurricularFace": (), "ElasticArcFace": ()}

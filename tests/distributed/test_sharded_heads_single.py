@@ -106,7 +106,10 @@ def test_refused_cells_say_why() -> None:
 def test_heads_share_one_sharded_body() -> None:
     assert MF.sharded_margin_cross_entropy is mll.functional.sharded_margin_cross_entropy
     bodies = {getattr(mll, "Sharded" + name).loss_terms for name in DENSE_NAMES}
-    assert len(bodies) == 3  # the shared one, MagFace's (adds its regulariser), DeepNCM's (updates its means)
+    # the shared one, MagFace's (adds its regulariser), DeepNCM's (updates its means), and one per zoo head that
+    # adds a regulariser
+    zoo = {"AdaMSoftmax"}
+    assert len(bodies) == 3 + len(zoo)
 
 
 def test_loss_under_inference_mode() -> None:

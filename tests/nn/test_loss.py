@@ -48,7 +48,10 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
         D, C, k, scale=6.0, margin=m, generator=torch.Generator().manual_seed(1), **kw
     ),
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
+    "AdaMSoftmax": lambda k, m=0.35, **kw: mll.AdaMSoftmax(D, C, k, scale=6.0, margin=m, lambda_=3.0, **kw),
 }
+#: heads whose loss() adds ``head.regularizer()`` (a per-class term) to the cross-entropy, in both modes
+REGULARISED = {"AdaMSoftmax"}
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
                "DeepNCM"}  # fmt: skip
 
@@ -101,6 +104,8 @@ def dense_loss(head: nn.Module, name: str, x: torch.Tensor, target: torch.Tensor
     loss = F.cross_entropy(logits.reshape(-1, C), flat)
     if name == "MagFace":  # its documented extra term, in both modes
         loss = loss + head.lambda_g * head.regularizer(x)
+    if name in REGULARISED:
+        loss = loss + head.regularizer()
     return loss
 
 
