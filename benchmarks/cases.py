@@ -117,6 +117,10 @@ def pml(name: str, **kwargs: object) -> Factory:
         cls = getattr(losses, name)
         if name == "NormalizedSoftmaxLoss":
             loss_fn = cls(num_classes=cfg.classes, embedding_size=cfg.features, temperature=1 / SCALE)
+        elif name == "SoftTripleLoss":  # its scale is la; the suite's K centres per class
+            loss_fn = cls(
+                num_classes=cfg.classes, embedding_size=cfg.features, centers_per_class=cfg.sub_centers, **kwargs
+            )
         elif name == "SubCenterArcFaceLoss":
             loss_fn = cls(
                 num_classes=cfg.classes, embedding_size=cfg.features, scale=SCALE, sub_centers=cfg.sub_centers, **kwargs
@@ -307,6 +311,8 @@ SUITES: dict[str, list[Case]] = {
     "zoo": [
         Case("floor", "floor", floor),
         Case("AdaMSoftmax", "mll", ours("AdaMSoftmax", scale=SCALE)),
+        Case("SoftTriple", "mll", ours("SoftTriple", scale=SCALE)),
+        Case("SoftTriple", "pml 2.9", pml("SoftTripleLoss", la=SCALE), _has_pml),
     ],
     # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
     "limit": [

@@ -45,6 +45,7 @@ HEADS: dict[str, Callable[[int, int], nn.Module]] = {
 #: the zoo heads (issue #14): trained by name or by ``--heads all`` (the default set, then these)
 ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "AdaMSoftmax": lambda d, c: mll.AdaMSoftmax(d, c),
+    "SoftTriple": lambda d, c: mll.SoftTriple(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 

@@ -50,6 +50,7 @@ from mll.functional.margins import (
 from mll.functional.ncm import ncm_batch_statistics, ncm_logits, ncm_update, ncm_update_from_statistics
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
+from mll.functional.soft_triple import soft_triple_distinct_centers, soft_triple_regularizer
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 
 __all__ = [
@@ -98,6 +99,8 @@ __all__ = [
     "sample_classes",
     "shard_bounds",
     "sharded_margin_cross_entropy",
+    "soft_triple_distinct_centers",
+    "soft_triple_regularizer",
     "sphere_margin",
     "sub_center_counts",
     "sub_center_outliers",

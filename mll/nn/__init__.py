@@ -23,9 +23,11 @@ from mll.nn.sharded import (
     ShardedNormalizedLinear,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
+    ShardedSoftTriple,
     ShardedSphereFace,
     dense_state_dict,
 )
+from mll.nn.soft_triple import SoftTriple
 from mll.nn.sub_centers import SubCenterCleanup, clean_sub_centers, keep_dominant_sub_centers
 
 __all__ = [
@@ -59,7 +61,9 @@ __all__ = [
     "ShardedNormalizedLinear",
     "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt",
+    "ShardedSoftTriple",
     "ShardedSphereFace",
+    "SoftTriple",
     "SphereFace",
     "SubCenterCleanup",
     "clean_sub_centers",

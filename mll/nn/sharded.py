@@ -38,7 +38,7 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional import _internal as I
-from mll.nn._regularized import reduce_rows, sum_grad_over_ranks
+from mll.nn._regularized import reduce_rows, shared_class_term, sum_grad_over_ranks
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.adaptive_margin import AdaMSoftmax
@@ -47,6 +47,7 @@ from mll.nn.feature_norm import AdaFace, MagFace
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
+from mll.nn.soft_triple import SoftTriple
 
 __all__ = [
     "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedCombinedMargin", "ShardedCosFace",
@@ -161,7 +162,7 @@ class ShardedMagFace(Sharded, MagFace):
         return ce + self.lambda_g * (total if reduction == "sum" else total / count.to(total.dtype))
 
 
-__all__ += ["ShardedAdaMSoftmax"]  # the zoo's heads (issue #14)
+__all__ += ["ShardedAdaMSoftmax", "ShardedSoftTriple"]  # the zoo's heads (issue #14)
 
 
 class ShardedAdaMSoftmax(Sharded, AdaMSoftmax):
@@ -184,6 +185,22 @@ class ShardedAdaMSoftmax(Sharded, AdaMSoftmax):
         m = margin.params[0] if margin.family is MF.ADAPTIVE else sum_grad_over_ranks(self.margin, self.group)
         reg = MF.adaptive_margin_regularizer(m, lambda_=self.lambda_)  # type: ignore[arg-type]
         return reduce_rows(ce + reg.to(ce.dtype), reduction, self.group)
+
+
+class ShardedSoftTriple(Sharded, SoftTriple):
+    """Class-sharded :class:`mll.nn.SoftTriple` (see the module notes): the centre regulariser is a sum over classes,
+    so each rank computes its block's part from its own rows and the ranks add the parts (one all-reduce); backward
+    gives each block's rows the gradient of the global objective (every rank's rows carry the term)."""
+
+    dense = SoftTriple
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        ce = Sharded.loss_terms(self, input, labels, margin, "none", chunk_size)
+        part = self.center_term(self.weight, self.out_features).to(ce.dtype)
+        term = shared_class_term(part, ce.numel(), self.group).reshape(ce.shape)
+        return reduce_rows(ce + term, reduction, self.group)
 
 
 class ShardedCurricularFace(Sharded, CurricularFace):

@@ -74,6 +74,8 @@ CONFIGS = [
     ("deepncm-slow", "DeepNCM", _f64(mll.DeepNCM, 0.8), 1.0),
     ("adam-per-class", "AdaMSoftmax", _f64(mll.AdaMSoftmax, 1, 6.0, margin=_per_class(0.1, 0.5), lambda_=2.0), 1.0),
     ("adam-soft-pooling", "AdaMSoftmax", _f64(mll.AdaMSoftmax, 2, trainable_scale=True, pooling="soft"), 1.0),
+    ("soft-triple", "SoftTriple", _f64(mll.SoftTriple, 3, 6.0, margin=_per_class(0.0, 0.1), tau=0.5), 1.0),
+    ("soft-triple-max-pooling", "SoftTriple", _f64(mll.SoftTriple, 2, trainable_scale=True, pooling="max"), 1.0),
 ]
 #: what each sharded form takes besides class indices
 TARGETS = {"CurricularFace": (), "ElasticArcFace": ()}

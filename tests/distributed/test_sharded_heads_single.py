@@ -108,7 +108,7 @@ def test_heads_share_one_sharded_body() -> None:
     bodies = {getattr(mll, "Sharded" + name).loss_terms for name in DENSE_NAMES}
     # the shared one, MagFace's (adds its regulariser), DeepNCM's (updates its means), and one per zoo head that
     # adds a regulariser
-    zoo = {"AdaMSoftmax"}
+    zoo = {"AdaMSoftmax", "SoftTriple"}
     assert len(bodies) == 3 + len(zoo)
 
 

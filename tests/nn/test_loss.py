@@ -49,9 +49,10 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     ),
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
     "AdaMSoftmax": lambda k, m=0.35, **kw: mll.AdaMSoftmax(D, C, k, scale=6.0, margin=m, lambda_=3.0, **kw),
+    "SoftTriple": lambda k, m=0.05, **kw: mll.SoftTriple(D, C, k, scale=8.0, margin=m, tau=0.5, **kw),
 }
 #: heads whose loss() adds ``head.regularizer()`` (a per-class term) to the cross-entropy, in both modes
-REGULARISED = {"AdaMSoftmax"}
+REGULARISED = {"AdaMSoftmax", "SoftTriple"}
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
                "DeepNCM"}  # fmt: skip
 
