@@ -313,6 +313,8 @@ SUITES: dict[str, list[Case]] = {
         Case("AdaMSoftmax", "mll", ours("AdaMSoftmax", scale=SCALE)),
         Case("SoftTriple", "mll", ours("SoftTriple", scale=SCALE)),
         Case("SoftTriple", "pml 2.9", pml("SoftTripleLoss", la=SCALE), _has_pml),
+        Case("LargeMarginSoftmax (m=4)", "mll", ours("LargeMarginSoftmax", scale=SCALE)),
+        Case("LargeMarginSoftmax (m=4)", "pml 2.9", pml("LargeMarginSoftmaxLoss", margin=4), _has_pml),
     ],
     # the three-GEMM limit and the floor side by side (issue #13); the limit is first, the floor second
     "limit": [

@@ -46,6 +46,7 @@ HEADS: dict[str, Callable[[int, int], nn.Module]] = {
 ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "AdaMSoftmax": lambda d, c: mll.AdaMSoftmax(d, c),
     "SoftTriple": lambda d, c: mll.SoftTriple(d, c),
+    "LargeMarginSoftmax": lambda d, c: mll.LargeMarginSoftmax(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 

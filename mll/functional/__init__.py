@@ -33,6 +33,7 @@ from mll.functional.feature_norm import (
     mag_margin,
     magface_regularizer,
 )
+from mll.functional.large_margin import LARGE_MARGIN, large_margin_logits
 from mll.functional.margin import Margin, MarginFamily, MarginParameter, margin_logits
 from mll.functional.margin_values import dynamic_margins, elastic_margins
 from mll.functional.margins import (
@@ -61,6 +62,7 @@ __all__ = [
     "COMBINED",
     "COS",
     "CURRICULAR",
+    "LARGE_MARGIN",
     "MAG",
     "MAG_EASY",
     "NO_MARGIN",
@@ -87,6 +89,7 @@ __all__ = [
     "dynamic_margins",
     "elastic_margins",
     "heuristic_scale",
+    "large_margin_logits",
     "mag_margin",
     "magface_regularizer",
     "margin_cross_entropy",

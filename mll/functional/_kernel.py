@@ -68,6 +68,8 @@ class Spec:
     chunk: int
     tau: Optional[float] = None  # soft sub-center pooling temperature; None: max pooling
     reduce: Optional[Reduce] = None  # None: a single block
+    #: False: the weight rows are used as they are, so that a chunk's "cosines" are the dot products x·w (L-Softmax)
+    normalize_weight: bool = True
     #: at the ``classes`` entries: the margin's slope ``(N, P)``; for a family's non-target part, each row's target
     #: cosine ``(N, 1)`` and its parameters at the target class (set by :func:`prepare`)
     slope: Optional[Tensor] = None
@@ -106,7 +108,9 @@ def pool(cos_k: Tensor, k: int, tau: Optional[float]) -> Tensor:
     return (torch.softmax(view / tau, dim=-1) * view).sum(-1)
 
 
-def target_cosines(x: Tensor, weight: Tensor, classes: Tensor, k: int, tau: Optional[float]) -> Tensor:
+def target_cosines(
+    x: Tensor, weight: Tensor, classes: Tensor, k: int, tau: Optional[float], normalize_weight: bool = True
+) -> Tensor:
     """Pooled cosines of each row with its ``classes (N, P)`` (clamped into the block), in the accumulation dtype.
 
     O(N·P·K·d): the entries the margin shapes, computed once before the chunk loop. An empty block gives zeros.
@@ -116,7 +120,8 @@ def target_cosines(x: Tensor, weight: Tensor, classes: Tensor, k: int, tau: Opti
     if width == 0:
         return torch.zeros(classes.shape, dtype=acc, device=x.device)
     rows = weight.detach().view(width, k, -1)[classes.clamp(0, width - 1)]  # (N, P, K, d)
-    cos_k = torch.einsum("nd,npkd->npk", x.detach().to(acc), normalize(rows).to(acc))
+    rows = normalize(rows) if normalize_weight else rows
+    cos_k = torch.einsum("nd,npkd->npk", x.detach().to(acc), rows.to(acc))
     return pool(cos_k.reshape(classes.shape[0], -1), k, tau) if k > 1 else cos_k.squeeze(-1)
 
 
@@ -136,7 +141,7 @@ class _Chunk:
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
         rows = weight[start * k : stop * k].detach()
         self.norms = rows.to(acc).norm(dim=1, keepdim=True)
-        self.w_hat = normalize(rows)
+        self.w_hat = normalize(rows) if spec.normalize_weight else rows
         self.cos_k = F.linear(x, self.w_hat).to(acc)
         self.pooled = pool(self.cos_k, k, spec.tau)
         self.start, self.stop = start, stop
@@ -169,7 +174,7 @@ def prepare(spec: Spec, x: Tensor, weight: Tensor, params: tuple[Tensor, ...]) -
     if targets.classes is None:
         return None
     width = weight.shape[0] // spec.num_sub_centers
-    cos = target_cosines(x, weight, targets.classes, spec.num_sub_centers, spec.tau)
+    cos = target_cosines(x, weight, targets.classes, spec.num_sub_centers, spec.tau, spec.normalize_weight)
     graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     with torch.set_grad_enabled(graph):
         at = [at_classes(p, targets.classes, width) for p in params]
@@ -291,7 +296,7 @@ class ChunkedCE(torch.autograd.Function):
             if grad_s is not None:
                 grad_s += (dz * chunk.z).sum() / s
             dcos = _dcos(spec, chunk, dz, s, grad_value, params, grad_params)
-            _add_grads(dcos, x, weight, chunk, k, spec.tau, grad_x, grad_w)
+            _add_grads(dcos, x, weight, chunk, k, spec.tau, grad_x, grad_w, spec.normalize_weight)
         if grad_s is not None and spec.reduce is not None:  # the scale is shared by the blocks
             spec.reduce(grad_s, "sum")
         return (
@@ -355,7 +360,7 @@ def _dcos(
 
 def _add_grads(
     dcos: Tensor, x: Tensor, weight: Tensor, chunk: _Chunk, k: int, tau: Optional[float],
-    grad_x: Optional[Tensor], grad_w: Optional[Tensor],
+    grad_x: Optional[Tensor], grad_w: Optional[Tensor], normalize_weight: bool = True,
 ) -> None:  # fmt: skip
     """Chain ∂loss/∂cos of one chunk through the sub-center pooling, the GEMM and the weights' normalisation."""
     n, acc = x.shape[0], dcos.dtype
@@ -373,6 +378,9 @@ def _add_grads(
         grad_x += dcos @ w_acc
     if grad_w is not None:
         d_hat = dcos.T @ x.to(acc)
+        if not normalize_weight:  # the rows as they are: no normalisation to chain through
+            grad_w[chunk.start * k : chunk.stop * k] += d_hat.to(grad_w.dtype)
+            return
         # backward of w / max(‖w‖, ε): project out the radial part where the norm is above ε
         eps = weight_eps(weight.dtype)
         radial = (w_acc * d_hat).sum(1, keepdim=True)

@@ -194,12 +194,14 @@ def chunked_loss(
     pooling_temperature: float,
     chunk_size: Optional[int],
     reduction: str,
+    normalized: bool = True,
 ) -> Tensor:
     """:func:`margin_cross_entropy` after its checks: ``targets`` in the kernel's form, or class indices (int64,
-    checked) or dense soft targets (checked) as a tensor."""
+    checked) or dense soft targets (checked) as a tensor. ``normalized=False``: the features and weights as they
+    are, so that the margin family sees the dot products x·w (L-Softmax)."""
     num_classes = weight.shape[0] // num_sub_centers
     lead = tuple(input.shape[:-1])
-    x = normalize(input).reshape(-1, input.shape[-1])
+    x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     n, acc = x.shape[0], acc_dtype(input.dtype)
     if isinstance(targets, Tensor):
         targets = _tensor_targets(targets, num_classes, acc)
@@ -213,7 +215,7 @@ def chunked_loss(
     else:
         chunk = default_chunk_size(n, num_classes, num_sub_centers, x.device) if chunk_size is None else int(chunk_size)
         tau = float(pooling_temperature) if pooling == "soft" and num_sub_centers > 1 else None
-        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau)
+        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, normalize_weight=normalized)
         value = prepare(spec, x, weight, params)
         losses, _ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
     losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)

@@ -4,6 +4,7 @@ from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.adaptive_margin import AdaMSoftmax
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
+from mll.nn.large_margin import LargeMarginSoftmax
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
@@ -19,6 +20,7 @@ from mll.nn.sharded import (
     ShardedElasticArcFace,
     ShardedElasticCosFace,
     ShardedFixedAdaCos,
+    ShardedLargeMarginSoftmax,
     ShardedMagFace,
     ShardedNormalizedLinear,
     ShardedScaledNormalizedLinear,
@@ -42,6 +44,7 @@ __all__ = [
     "ElasticArcFace",
     "ElasticCosFace",
     "FixedAdaCos",
+    "LargeMarginSoftmax",
     "MagFace",
     "NormalizedLinear",
     "ScaledNormalizedLinear",
@@ -57,6 +60,7 @@ __all__ = [
     "ShardedElasticArcFace",
     "ShardedElasticCosFace",
     "ShardedFixedAdaCos",
+    "ShardedLargeMarginSoftmax",
     "ShardedMagFace",
     "ShardedNormalizedLinear",
     "ShardedScaledNormalizedLinear",

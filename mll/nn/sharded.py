@@ -44,6 +44,7 @@ from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.adaptive_margin import AdaMSoftmax
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
+from mll.nn.large_margin import LargeMarginSoftmax
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.ncm import DeepNCM
@@ -162,7 +163,7 @@ class ShardedMagFace(Sharded, MagFace):
         return ce + self.lambda_g * (total if reduction == "sum" else total / count.to(total.dtype))
 
 
-__all__ += ["ShardedAdaMSoftmax", "ShardedSoftTriple"]  # the zoo's heads (issue #14)
+__all__ += ["ShardedAdaMSoftmax", "ShardedLargeMarginSoftmax", "ShardedSoftTriple"]  # the zoo's heads (issue #14)
 
 
 class ShardedAdaMSoftmax(Sharded, AdaMSoftmax):
@@ -201,6 +202,25 @@ class ShardedSoftTriple(Sharded, SoftTriple):
         part = self.center_term(self.weight, self.out_features).to(ce.dtype)
         term = shared_class_term(part, ce.numel(), self.group).reshape(ce.shape)
         return reduce_rows(ce + term, reduction, self.group)
+
+
+class ShardedLargeMarginSoftmax(Sharded, LargeMarginSoftmax):
+    """Class-sharded :class:`mll.nn.LargeMarginSoftmax` (see the module notes): the sharded loss on the features and
+    the block's weights as they are (``normalized=False``); the feature norms travel with the features (their
+    gradient comes home), the block's weight norms stay on the rank. ``head(x)`` gives the block's ``scale·x·Wᵀ``."""
+
+    dense = LargeMarginSoftmax
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        return MF.sharded_margin_cross_entropy(
+            input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
+            scale=self.logit_scale(), margin=self.block_margin(margin), num_sub_centers=1,
+            sample_rate=self.sample_rate if self.training else 1.0, generator=self.sampling_generator,
+            chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale, group=self.group,
+            reduction=reduction, normalized=False,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 class ShardedCurricularFace(Sharded, CurricularFace):

@@ -107,8 +107,8 @@ def test_heads_share_one_sharded_body() -> None:
     assert MF.sharded_margin_cross_entropy is mll.functional.sharded_margin_cross_entropy
     bodies = {getattr(mll, "Sharded" + name).loss_terms for name in DENSE_NAMES}
     # the shared one, MagFace's (adds its regulariser), DeepNCM's (updates its means), and one per zoo head that
-    # adds a regulariser
-    zoo = {"AdaMSoftmax", "SoftTriple"}
+    # adds a regulariser or, L-Softmax, uses the features and weights un-normalised
+    zoo = {"AdaMSoftmax", "SoftTriple", "LargeMarginSoftmax"}
     assert len(bodies) == 3 + len(zoo)
 
 

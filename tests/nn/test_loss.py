@@ -50,6 +50,9 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "DeepNCM": lambda k, **kw: mll.DeepNCM(D, C, **kw) if k == 1 else _no_sub_centers(),
     "AdaMSoftmax": lambda k, m=0.35, **kw: mll.AdaMSoftmax(D, C, k, scale=6.0, margin=m, lambda_=3.0, **kw),
     "SoftTriple": lambda k, m=0.05, **kw: mll.SoftTriple(D, C, k, scale=8.0, margin=m, tau=0.5, **kw),
+    "LargeMarginSoftmax": lambda k, m=3.0, **kw: mll.LargeMarginSoftmax(
+        D, C, k, margin=m if isinstance(m, float) else 1 + 5 * m, lambda_=1.0, **kw
+    ),
 }
 #: heads whose loss() adds ``head.regularizer()`` (a per-class term) to the cross-entropy, in both modes
 REGULARISED = {"AdaMSoftmax", "SoftTriple"}
@@ -158,6 +161,8 @@ def test_loss_equals_the_cross_entropy_of_the_logits(name, target, k, pooling, p
         assert outcome.startswith("n/a: CurricularFace needs class indices"), outcome
     elif name == "DeepNCM" and k > 1:
         assert outcome == "n/a: DeepNCM has no sub-centers: a class mean is one vector", outcome
+    elif name == "LargeMarginSoftmax" and k > 1:
+        assert outcome.startswith("n/a: LargeMarginSoftmax has one weight vector per class"), outcome
     else:
         assert outcome == "yes", outcome
 

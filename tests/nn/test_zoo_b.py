@@ -88,6 +88,26 @@ def ref_soft_triple(x, w, t, k, lam, gamma, delta, tau):
     return logits, _cross_entropy(logits, t).mean() + reg
 
 
+def ref_large_margin(x, w, t, m, lam, s):
+    """L-Softmax: ‖w_j‖‖x‖cos θ_j, and at a target ‖w_y‖‖x‖(λ cos θ + ψ(θ))/(1 + λ), ψ(θ) = (−1)^k cos(mθ) − 2k
+    on [kπ/m, (k+1)π/m] (k found by a loop); soft targets t give the margin 1 + (m − 1)t."""
+    norms = np.sqrt((x * x).sum(1))[:, None] * np.sqrt((w * w).sum(1))[None, :]
+    cos = np.clip((x @ w.T) / norms, -1, 1)
+    logits = norms * cos
+    for i in range(x.shape[0]):
+        for j in range(w.shape[0]):
+            if t[i, j] == 0:
+                continue
+            mm = 1 + (m - 1) * t[i, j]
+            theta = math.acos(cos[i, j])
+            k = 0
+            while theta > (k + 1) * math.pi / mm:
+                k += 1
+            psi = (-1) ** k * math.cos(mm * theta) - 2 * k
+            logits[i, j] = norms[i, j] * (lam * cos[i, j] + psi) / (1 + lam)
+    return s * logits
+
+
 # ---------------------------------------------------------------------------------------------- the heads
 
 
@@ -100,8 +120,21 @@ def soft_triple(**kw: Any) -> mll.SoftTriple:
     return mll.SoftTriple(D, C, 3, margin=0.05, tau=0.5, pooling_temperature=0.2, **kw)
 
 
-#: name -> constructor (dense head); every one's loss() adds ``head.regularizer()``
-ZOO: dict[str, Callable[..., torch.nn.Module]] = {"AdaMSoftmax": adam, "SoftTriple": soft_triple}
+def large_margin(**kw: Any) -> mll.LargeMarginSoftmax:
+    return mll.LargeMarginSoftmax(D, C, margin=3.0, lambda_=0.5, scale=1.5, **kw)
+
+
+#: name -> constructor (dense head)
+ZOO: dict[str, Callable[..., torch.nn.Module]] = {
+    "AdaMSoftmax": adam,
+    "SoftTriple": soft_triple,
+    "LargeMarginSoftmax": large_margin,
+}
+
+
+def regularizer(head: torch.nn.Module) -> Any:
+    """What the head's loss() adds to the cross-entropy (0 when nothing)."""
+    return head.regularizer() if hasattr(head, "regularizer") else 0.0
 
 
 def batch(n: int = 4, dtype: torch.dtype = torch.float64, soft: bool = False, seed: int = 0) -> tuple[Any, Any]:
@@ -114,7 +147,7 @@ def batch(n: int = 4, dtype: torch.dtype = torch.float64, soft: bool = False, se
 
 def full_loss(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The dense path's objective: cross-entropy of the logits plus the head's regulariser."""
-    return F.cross_entropy(head(x, y), y) + head.regularizer()
+    return F.cross_entropy(head(x, y), y) + regularizer(head)
 
 
 # ---------------------------------------------------------------------------------------------- AdaM-Softmax
@@ -382,6 +415,106 @@ def test_soft_triple_bad_arguments_name_themselves() -> None:
         MF.soft_triple_distinct_centers(torch.zeros(8, D), 2, max_distance=0)
 
 
+# ---------------------------------------------------------------------------------------------- L-Softmax
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize(("m", "lam"), [(1.0, 0.0), (2.0, 0.0), (4.0, 0.0), (3.0, 5.0), (2.5, 1.0)])
+def test_large_margin_matches_the_paper(soft, m, lam) -> None:
+    head = mll.LargeMarginSoftmax(D, C, margin=m, lambda_=lam, scale=1.5, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.mul_(torch.linspace(0.5, 3.0, C, dtype=torch.float64)[:, None])  # classes of different norms
+    x, y = batch(n=12, soft=soft)
+    t = _np(y) if soft else _onehot(_np(y).astype(int), C)
+    logits = ref_large_margin(_np(x), _np(head.weight), t, m, lam, 1.5)
+    np.testing.assert_allclose(_np(head(x, y)), logits, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(_np(MF.large_margin_logits(x, head.weight, y, m, lambda_=lam, scale=1.5)), logits,
+                               rtol=1e-11, atol=1e-11)  # fmt: skip
+    np.testing.assert_allclose(float(head.loss(x, y, chunk_size=2).detach()), _cross_entropy(logits, t).mean(),
+                               rtol=1e-11)  # fmt: skip
+
+
+def test_large_margin_gradients_are_the_references() -> None:
+    """Gradients through the norms too: against finite differences of the NumPy reference (central, float64)."""
+    head = mll.LargeMarginSoftmax(D, C, margin=3.0, lambda_=0.5, dtype=torch.float64)
+    x, y = batch(n=5)
+    t = _onehot(_np(y).astype(int), C)
+    xs = x.clone().requires_grad_(True)
+    gx, gw = torch.autograd.grad(head.loss(xs, y, chunk_size=2), [xs, head.weight])
+
+    def f(xv, wv):
+        return _cross_entropy(ref_large_margin(xv, wv, t, 3.0, 0.5, 1.0), t).mean()
+
+    xv, wv, h = _np(x), _np(head.weight), 1e-6
+    for grad, arr, which in ((gx, xv, 0), (gw, wv, 1)):
+        num = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[idx] += h
+            minus[idx] -= h
+            args_p = (plus, wv) if which == 0 else (xv, plus)
+            args_m = (minus, wv) if which == 0 else (xv, minus)
+            num[idx] = (f(*args_p) - f(*args_m)) / (2 * h)
+        np.testing.assert_allclose(_np(grad), num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_large_margin_against_pytorch_metric_learning(m) -> None:
+    """pml's LargeMarginSoftmaxLoss called directly on the same weights: loss and gradients (features, weights)."""
+    from pytorch_metric_learning.losses import LargeMarginSoftmaxLoss
+
+    head = mll.LargeMarginSoftmax(D, C, margin=float(m), scale=1.5, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.mul_(torch.linspace(0.5, 3.0, C, dtype=torch.float64)[:, None])
+    theirs_fn = LargeMarginSoftmaxLoss(C, D, margin=m, scale=1.5)
+    theirs_fn.W.data = head.weight.detach().T.clone()
+    x, y = batch(n=16)
+    xs = [x.clone().requires_grad_(True) for _ in range(3)]
+    theirs = theirs_fn(xs[0], y)
+    for ours, xo in ((head.loss(xs[1], y, chunk_size=2), xs[1]), (F.cross_entropy(head(xs[2], y), y), xs[2])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-11, atol=1e-11)
+        got = torch.autograd.grad(ours, [xo, head.weight])
+        want = torch.autograd.grad(theirs, [xs[0], theirs_fn.W], retain_graph=True)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got[1], want[1].T, rtol=1e-9, atol=1e-11)
+    head.eval()
+    torch.testing.assert_close(head(x), theirs_fn.get_logits(x), rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**16), m=st.floats(1.0, 6.0), bump=st.floats(0.05, 2.0))
+def test_large_margin_target_logit_falls_with_the_margin(seed, m, bump) -> None:
+    """ψ is non-increasing in m at every angle: a larger margin never raises the target logit."""
+    head = mll.LargeMarginSoftmax(D, C, margin=m, dtype=torch.float64)
+    x, y = batch(n=6, seed=seed)
+    low = head(x, y).gather(1, y[:, None])
+    head.margin = min(m + bump, 9.9)
+    high = head(x, y).gather(1, y[:, None])
+    assert (high <= low + 1e-12).all()
+
+
+def test_large_margin_has_no_sub_centers_and_names_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"LargeMarginSoftmax has one weight vector per class"):
+        mll.LargeMarginSoftmax(D, C, 2)
+    with pytest.raises(ValueError, match=r"L-Softmax margin must be in \[1, 10\), but got 0.5"):
+        mll.LargeMarginSoftmax(D, C, margin=0.5)
+    with pytest.raises(ValueError, match=r"SphereFace lambda_ must be a finite float >= 0"):
+        mll.LargeMarginSoftmax(D, C, lambda_=-1.0)
+
+
+def test_large_margin_zero_features_and_weights_are_finite() -> None:
+    head = mll.LargeMarginSoftmax(D, C, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight[1] = 0.0
+    x = torch.randn(3, D, dtype=torch.float64)
+    x[0] = 0.0
+    x.requires_grad_(True)
+    y = torch.tensor([0, 1, 2])
+    for loss in (head.loss(x, y), F.cross_entropy(head(x, y), y)):
+        gx, gw = torch.autograd.grad(loss, [x, head.weight])
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert head(x, y)[0].abs().max() == 0 and head(x, y)[:, 1].abs().max() == 0
+
+
 # ---------------------------------------------------------------------------------------------- every head here
 
 
@@ -410,7 +543,7 @@ def test_chunked_equals_dense(name, target, reduction) -> None:
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     got = head.loss(xs[0], given_, reduction=reduction, chunk_size=2)
     ce = F.cross_entropy(twin(xs[1], dense_y), dense_y, reduction="none")
-    rows = ce + twin.regularizer()
+    rows = ce + regularizer(twin)
     want = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.mean())
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     ps = [p for p in head.parameters() if p.requires_grad]
@@ -443,6 +576,8 @@ def test_eval_mode_needs_no_labels_and_changes_nothing(name) -> None:
 
 
 def eval_logits(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(head, mll.LargeMarginSoftmax):  # the margin-free logits it trains (documented)
+        return x @ head.weight.T * head.scale
     return MF.cosine_logits(x, head.weight, head.num_sub_centers, pooling=head.pooling,
                             pooling_temperature=head.pooling_temperature) * head.scale  # fmt: skip
 
@@ -513,7 +648,7 @@ def test_bf16_autocast_keeps_dtypes_and_is_near_float32(name) -> None:
     dtypes = {k: v.dtype for k, v in heads[1].state_dict().items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = heads[1].loss(xs[1], y)
-        dense = F.cross_entropy(heads[1](x, y).float(), y) + heads[1].regularizer()
+        dense = F.cross_entropy(heads[1](x, y).float(), y) + regularizer(heads[1])
     assert got.dtype == torch.float32 and torch.isfinite(got)
     torch.testing.assert_close(got, want.detach(), rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(dense, want.detach(), rtol=3e-2, atol=3e-2)
