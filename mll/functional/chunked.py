@@ -131,6 +131,7 @@ def margin_cross_entropy(
     chunk_size: Optional[int] = None,
     reduction: Reduction = "mean",
     temperature: float = UNSET,
+    normalized: bool = True,
 ) -> Tensor:
     r"""Cross-entropy of a margin head, computed over class chunks without the N×C logits.
 
@@ -163,6 +164,9 @@ def margin_cross_entropy(
         chunk_size (int, optional): classes per chunk; default ``2**18 // (N·K)`` on the CPU (1 MB of logits per
             chunk), ``2**22 // (N·K)`` on an accelerator.
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(*)``).
+        normalized (bool): True (every cosine head): features and weights are L2-normalised, the family sees
+            cosines; False: both are used as they are, the family sees the dot products x·w (L-Softmax:
+            ``margin=LARGE_MARGIN(‖x‖, ‖w‖, m, λ)``, see :func:`large_margin_logits`).
 
     Returns:
         Tensor: the loss, float32 for half-precision inputs.
@@ -180,7 +184,7 @@ def margin_cross_entropy(
     acc = acc_dtype(input.dtype)
     targets = _targets(target, lead, num_classes, acc)
     return chunked_loss(input, weight, targets, scale, margin_, num_sub_centers, pooling, pooling_temperature,
-                        chunk_size, reduction)  # fmt: skip
+                        chunk_size, reduction, normalized)  # fmt: skip
 
 
 def chunked_loss(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mll.functional._checks import _is_int, check_floating, check_num_sub_centers, check_positive, shape_str
-from mll.functional._kernel import acc_dtype, chunk_bounds, weight_eps
+from mll.functional._kernel import _double_backward, acc_dtype, chunk_bounds, weight_eps
 
 __all__ = ["soft_triple_distinct_centers", "soft_triple_regularizer"]
 
@@ -84,7 +84,7 @@ class _CenterDistances(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
-        if torch.is_grad_enabled():
+        if _double_backward():
             raise RuntimeError(
                 "the SoftTriple regulariser gives first derivatives only: backward with create_graph=True is not "
                 "supported"
