@@ -119,6 +119,10 @@ def pml(name: str, **kwargs: object) -> Factory:
             loss_fn = cls(num_classes=cfg.classes, embedding_size=cfg.features, temperature=1 / SCALE)
         elif name in ("ProxyNCALoss", "ProxyAnchorLoss"):  # their own scale arguments (softmax_scale, alpha)
             loss_fn = cls(num_classes=cfg.classes, embedding_size=cfg.features, **kwargs)
+        elif name == "SoftTripleLoss":  # its scale is la; the suite's K centres per class
+            loss_fn = cls(
+                num_classes=cfg.classes, embedding_size=cfg.features, centers_per_class=cfg.sub_centers, **kwargs
+            )
         elif name == "SubCenterArcFaceLoss":
             loss_fn = cls(
                 num_classes=cfg.classes, embedding_size=cfg.features, scale=SCALE, sub_centers=cfg.sub_centers, **kwargs
@@ -348,6 +352,11 @@ SUITES: dict[str, list[Case]] = {
         Case("NPCFace", "mll", ours("NPCFace", scale=SCALE)),
         Case("ArcNegFace", "mll", ours("ArcNegFace", scale=SCALE)),
         Case("CircleLoss", "mll", ours("CircleLoss", scale=SCALE)),
+        Case("AdaMSoftmax", "mll", ours("AdaMSoftmax", scale=SCALE)),
+        Case("SoftTriple", "mll", ours("SoftTriple", scale=SCALE)),
+        Case("SoftTriple", "pml 2.9", pml("SoftTripleLoss", la=SCALE), _has_pml),
+        Case("LargeMarginSoftmax (m=4)", "mll", ours("LargeMarginSoftmax", scale=SCALE)),
+        Case("LargeMarginSoftmax (m=4)", "pml 2.9", pml("LargeMarginSoftmaxLoss", margin=4), _has_pml),
         Case("ProxyNCAPlusPlus (s = 2/T = 18)", "mll", ours("ProxyNCAPlusPlus")),
         Case("ProxyNCAPlusPlus (s = 2/T = 18)", "pml 2.9", pml("ProxyNCALoss", softmax_scale=9.0), _has_pml),
         Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False)),

@@ -50,6 +50,9 @@ ZOO_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
     "NPCFace": lambda d, c: mll.NPCFace(d, c),
     "ArcNegFace": lambda d, c: mll.ArcNegFace(d, c),
     "CircleLoss": lambda d, c: mll.CircleLoss(d, c),
+    "AdaMSoftmax": lambda d, c: mll.AdaMSoftmax(d, c),
+    "SoftTriple": lambda d, c: mll.SoftTriple(d, c),
+    "LargeMarginSoftmax": lambda d, c: mll.LargeMarginSoftmax(d, c),
 }
 ALL_HEADS = {**HEADS, **ZOO_HEADS}
 
@@ -148,8 +151,8 @@ def train_one(name: str, split: Split, epochs: int, seed: int, dim: int, progres
         for batch in torch.randperm(len(split.y_train), generator=order).split(64):
             features = backbone(split.x_train[batch])
             labels = split.y_train[batch]
-            if isinstance(head, mll.ProxyAnchor):  # its loss is not a cross-entropy of logits
-                loss = head.loss(features, labels)
+            if name in ZOO_HEADS:  # the paper's objective: loss() adds the head's regulariser, if it has one
+                loss = head.loss(features, labels)  # type: ignore[operator]
             else:
                 logits = head(features) if isinstance(head, nn.Linear) else head(features, labels)
                 loss = F.cross_entropy(logits, labels)

@@ -19,6 +19,7 @@ Typical use::
 """
 
 from mll.functional._checks import value_checks
+from mll.functional.adaptive_margin import ADAPTIVE, adaptive_margin, adaptive_margin_regularizer
 from mll.functional.arcneg import ARC_NEG, arcneg_margin
 from mll.functional.chunked import margin_cross_entropy
 from mll.functional.circle import CIRCLE, CIRCLE_EXACT, circle_margin
@@ -34,6 +35,7 @@ from mll.functional.feature_norm import (
     mag_margin,
     magface_regularizer,
 )
+from mll.functional.large_margin import LARGE_MARGIN, large_margin_logits
 from mll.functional.margin import Margin, MarginFamily, MarginParameter, margin_logits
 from mll.functional.margin_values import dynamic_margins, elastic_margins
 from mll.functional.margins import (
@@ -63,10 +65,12 @@ from mll.functional.proxy import (
 )
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
+from mll.functional.soft_triple import soft_triple_distinct_centers, soft_triple_regularizer
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 
 __all__ = [
     "ADA",
+    "ADAPTIVE",
     "ARC",
     "ARC_EASY",
     "ARC_NEG",
@@ -75,6 +79,7 @@ __all__ = [
     "COMBINED",
     "COS",
     "CURRICULAR",
+    "LARGE_MARGIN",
     "MAG",
     "MAG_EASY",
     "MV_ARC",
@@ -96,6 +101,8 @@ __all__ = [
     "adacos_statistics",
     "adaface_statistics",
     "adaface_update",
+    "adaptive_margin",
+    "adaptive_margin_regularizer",
     "arc_margin",
     "arcneg_margin",
     "chunked_proxy_anchor_loss",
@@ -110,6 +117,7 @@ __all__ = [
     "dynamic_margins",
     "elastic_margins",
     "heuristic_scale",
+    "large_margin_logits",
     "mag_margin",
     "magface_regularizer",
     "margin_cross_entropy",
@@ -130,6 +138,8 @@ __all__ = [
     "shard_bounds",
     "sharded_margin_cross_entropy",
     "sharded_proxy_anchor_loss",
+    "soft_triple_distinct_centers",
+    "soft_triple_regularizer",
     "sphere_margin",
     "sub_center_counts",
     "sub_center_outliers",

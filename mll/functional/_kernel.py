@@ -72,6 +72,8 @@ class Spec:
     #: whose logits are small (see :func:`mll.functional.chunked.keeps_logits`); the forward fills ``kept``
     keep: bool = False
     kept: Optional[list[Any]] = None
+    #: False: the weight rows are used as they are, so that a chunk's "cosines" are the dot products x·w (L-Softmax)
+    normalize_weight: bool = True
     #: at the ``classes`` entries: the margin's slope ``(N, P)``; for a family's non-target part, each row's target
     #: cosine ``(N, 1)`` and its parameters at the target class (set by :func:`prepare`)
     slope: Optional[Tensor] = None
@@ -110,7 +112,9 @@ def pool(cos_k: Tensor, k: int, tau: Optional[float]) -> Tensor:
     return (torch.softmax(view / tau, dim=-1) * view).sum(-1)
 
 
-def target_cosines(x: Tensor, weight: Tensor, classes: Tensor, k: int, tau: Optional[float]) -> Tensor:
+def target_cosines(
+    x: Tensor, weight: Tensor, classes: Tensor, k: int, tau: Optional[float], normalize_weight: bool = True
+) -> Tensor:
     """Pooled cosines of each row with its ``classes (N, P)`` (clamped into the block), in the accumulation dtype.
 
     O(N·P·K·d): the entries the margin shapes, computed once before the chunk loop. An empty block gives zeros.
@@ -120,7 +124,8 @@ def target_cosines(x: Tensor, weight: Tensor, classes: Tensor, k: int, tau: Opti
     if width == 0:
         return torch.zeros(classes.shape, dtype=acc, device=x.device)
     rows = weight.detach().view(width, k, -1)[classes.clamp(0, width - 1)]  # (N, P, K, d)
-    cos_k = torch.einsum("nd,npkd->npk", x.detach().to(acc), normalize(rows).to(acc))
+    rows = normalize(rows) if normalize_weight else rows
+    cos_k = torch.einsum("nd,npkd->npk", x.detach().to(acc), rows.to(acc))
     return pool(cos_k.reshape(classes.shape[0], -1), k, tau) if k > 1 else cos_k.squeeze(-1)
 
 
@@ -162,10 +167,14 @@ class _Chunk:
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
         n, cols = x.shape[0], (stop - start) * k
         self.rows = weight[start * k : stop * k].detach()
-        norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
-        eps = weight_eps(weight.dtype)
-        self.inv = norms.clamp(min=eps).reciprocal_()
-        self.radial = norms > eps  # rows whose normalisation's backward projects out the radial part
+        if spec.normalize_weight:
+            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
+            eps = weight_eps(weight.dtype)
+            self.inv = norms.clamp(min=eps).reciprocal_()
+            self.radial = norms > eps  # rows whose normalisation's backward projects out the radial part
+        else:  # the rows as they are: no factor, no normalisation to chain through in backward
+            self.inv = torch.ones(self.rows.shape[0], dtype=acc, device=x.device)
+            self.radial = torch.zeros(self.rows.shape[0], dtype=torch.bool, device=x.device)
         raw = _gemm(x, self.rows, acc, None if buf is None else buf[: n * cols].view(n, cols))
         self.start, self.stop = start, stop
         self.slope: Optional[Tensor] = None  # dense soft targets: ∂ψ/∂cos per entry
@@ -204,7 +213,7 @@ def prepare(spec: Spec, x: Tensor, weight: Tensor, params: tuple[Tensor, ...]) -
     if targets.classes is None:
         return None
     width = weight.shape[0] // spec.num_sub_centers
-    cos = target_cosines(x, weight, targets.classes, spec.num_sub_centers, spec.tau)
+    cos = target_cosines(x, weight, targets.classes, spec.num_sub_centers, spec.tau, spec.normalize_weight)
     graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     with torch.set_grad_enabled(graph):
         at = [at_classes(p, targets.classes, width) for p in params]

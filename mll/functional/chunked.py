@@ -152,6 +152,7 @@ def margin_cross_entropy(
     chunk_size: Optional[int] = None,
     reduction: Reduction = "mean",
     temperature: float = UNSET,
+    normalized: bool = True,
 ) -> Tensor:
     r"""Cross-entropy of a margin head, computed over class chunks without the N×C logits.
 
@@ -184,6 +185,9 @@ def margin_cross_entropy(
         chunk_size (int, optional): classes per chunk; default ``2**18 // (N·K)`` on the CPU (1 MB of logits per
             chunk), ``2**22 // (N·K)`` on an accelerator.
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(*)``).
+        normalized (bool): True (every cosine head): features and weights are L2-normalised, the family sees
+            cosines; False: both are used as they are, the family sees the dot products x·w (L-Softmax:
+            ``margin=LARGE_MARGIN(‖x‖, ‖w‖, m, λ)``, see :func:`large_margin_logits`).
 
     Returns:
         Tensor: the loss, float32 for half-precision inputs.
@@ -201,7 +205,7 @@ def margin_cross_entropy(
     acc = acc_dtype(input.dtype)
     targets = _targets(target, lead, num_classes, acc)
     return chunked_loss(input, weight, targets, scale, margin_, num_sub_centers, pooling, pooling_temperature,
-                        chunk_size, reduction)  # fmt: skip
+                        chunk_size, reduction, normalized)  # fmt: skip
 
 
 def chunked_loss(
@@ -215,12 +219,14 @@ def chunked_loss(
     pooling_temperature: float,
     chunk_size: Optional[int],
     reduction: str,
+    normalized: bool = True,
 ) -> Tensor:
     """:func:`margin_cross_entropy` after its checks: ``targets`` in the kernel's form, or class indices (int64,
-    checked) or dense soft targets (checked) as a tensor."""
+    checked) or dense soft targets (checked) as a tensor. ``normalized=False``: the features and weights as they
+    are, so that the margin family sees the dot products x·w (L-Softmax)."""
     num_classes = weight.shape[0] // num_sub_centers
     lead = tuple(input.shape[:-1])
-    x = normalize(input).reshape(-1, input.shape[-1])
+    x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     n, acc = x.shape[0], acc_dtype(input.dtype)
     if isinstance(targets, Tensor):
         targets = _tensor_targets(targets, num_classes, acc)
@@ -236,7 +242,7 @@ def chunked_loss(
         tau = float(pooling_temperature) if pooling == "soft" and num_sub_centers > 1 else None
         plain = num_sub_centers == 1 and targets.dense is None and margin.family.negatives is None
         keep = keeps_logits(n, num_classes, num_sub_centers, plain, input.dtype, x.device)
-        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, keep=keep)
+        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, keep=keep, normalize_weight=normalized)
         value = prepare(spec, x, weight, params)
         losses, _ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
     losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)

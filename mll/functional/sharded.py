@@ -147,6 +147,7 @@ def sharded_margin_cross_entropy(
     feature_grad_scale: Optional[float] = None,
     group: Any = None,
     reduction: Reduction = "mean",
+    normalized: bool = True,
 ) -> Tensor:
     r"""Margin cross-entropy over C classes whose weights are split by class across the ranks of ``group``.
 
@@ -219,6 +220,9 @@ def sharded_margin_cross_entropy(
         feature_grad_scale (float, optional): multiplier of the features' gradient; None means the world size.
         group (ProcessGroup, optional): the ranks sharing the classes; the default group when None.
         reduction (str): ``"mean"``, ``"sum"`` or ``"none"``.
+        normalized (bool): True (every cosine head): features and weights are L2-normalised, the family sees
+            cosines; False: both are used as they are, the family sees the dot products x·w (L-Softmax, whose
+            margin reads the norms: :data:`mll.functional.LARGE_MARGIN`).
 
     Returns:
         Tensor: the loss (float32 for half-precision inputs).
@@ -226,6 +230,7 @@ def sharded_margin_cross_entropy(
     return _eager_sharded()(
         input, weight, target, class_start, num_classes, scale, margin, margin_type, easy_margin, num_sub_centers,
         pooling, pooling_temperature, sample_rate, generator, chunk_size, feature_grad_scale, group, reduction,
+        normalized,
     )  # fmt: skip
 
 
@@ -244,7 +249,7 @@ def _sharded(
     input: Tensor, weight: Tensor, target: Target, class_start: int, num_classes: int, scale: Scale, margin: Any,
     margin_type: Optional[str], easy_margin: bool, num_sub_centers: int, pooling: str, pooling_temperature: float,
     sample_rate: float, generator: Optional[torch.Generator], chunk_size: Optional[int],
-    feature_grad_scale: Optional[float], group: Any, reduction: str,
+    feature_grad_scale: Optional[float], group: Any, reduction: str, normalized: bool = True,
 ) -> Tensor:  # fmt: skip
     rank, world = rank_and_world(group)
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
@@ -272,7 +277,7 @@ def _sharded(
 
     # 2. gather the features, the targets and the per-sample margin parameters
     grad_scale = float(world) if feature_grad_scale is None else float(feature_grad_scale)
-    x = normalize(input).reshape(sizes[rank], d)
+    x = (normalize(input) if normalized else input).reshape(sizes[rank], d)
     if world > 1 or grad_scale != 1.0:
         x = GatherRows.apply(x, sizes, rank, group, grad_scale)
     p = max(r.entries for r in reports)
@@ -321,7 +326,8 @@ def _sharded(
     plain = k == 1 and margin_.family.negatives is None
     spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, chunk, tau,
                 reduce=lambda t, op: all_reduce(t, op, group, world),
-                keep=keeps_logits(total, width, k, plain, input.dtype, x.device))  # fmt: skip
+                keep=keeps_logits(total, width, k, plain, input.dtype, x.device),
+                normalize_weight=normalized)  # fmt: skip
     value = prepare(spec, x, w, tuple(params))
     if margin_.family.negatives is not None:  # each row's target cosine and parameters, from the rank that owns it
         owner = (classes[:, :1] >= 0) & (classes[:, :1] < width)

@@ -1,10 +1,12 @@
 """Modules: own the parameters and buffers, validate their arguments, call :mod:`mll.functional`."""
 
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.adaptive_margin import AdaMSoftmax
 from mll.nn.arcneg import ArcNegFace
 from mll.nn.circle import CircleLoss
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
+from mll.nn.large_margin import LargeMarginSoftmax
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.mv_softmax import MVSoftmax
@@ -14,6 +16,7 @@ from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
+    ShardedAdaMSoftmax,
     ShardedArcFace,
     ShardedArcNegFace,
     ShardedCircleLoss,
@@ -24,6 +27,7 @@ from mll.nn.sharded import (
     ShardedElasticArcFace,
     ShardedElasticCosFace,
     ShardedFixedAdaCos,
+    ShardedLargeMarginSoftmax,
     ShardedMagFace,
     ShardedMVSoftmax,
     ShardedNormalizedLinear,
@@ -32,14 +36,17 @@ from mll.nn.sharded import (
     ShardedProxyNCAPlusPlus,
     ShardedScaledNormalizedLinear,
     ShardedScaledNormalizedLinearSqrt,
+    ShardedSoftTriple,
     ShardedSphereFace,
     dense_state_dict,
 )
+from mll.nn.soft_triple import SoftTriple
 from mll.nn.sub_centers import SubCenterCleanup, clean_sub_centers, keep_dominant_sub_centers
 
 __all__ = [
     "AdaCos",
     "AdaFace",
+    "AdaMSoftmax",
     "ArcFace",
     "ArcNegFace",
     "CircleLoss",
@@ -50,6 +57,7 @@ __all__ = [
     "ElasticArcFace",
     "ElasticCosFace",
     "FixedAdaCos",
+    "LargeMarginSoftmax",
     "MVSoftmax",
     "MagFace",
     "NPCFace",
@@ -60,6 +68,7 @@ __all__ = [
     "ScaledNormalizedLinearSqrt",
     "ShardedAdaCos",
     "ShardedAdaFace",
+    "ShardedAdaMSoftmax",
     "ShardedArcFace",
     "ShardedArcNegFace",
     "ShardedCircleLoss",
@@ -70,6 +79,7 @@ __all__ = [
     "ShardedElasticArcFace",
     "ShardedElasticCosFace",
     "ShardedFixedAdaCos",
+    "ShardedLargeMarginSoftmax",
     "ShardedMVSoftmax",
     "ShardedMagFace",
     "ShardedNPCFace",
@@ -78,7 +88,9 @@ __all__ = [
     "ShardedProxyNCAPlusPlus",
     "ShardedScaledNormalizedLinear",
     "ShardedScaledNormalizedLinearSqrt",
+    "ShardedSoftTriple",
     "ShardedSphereFace",
+    "SoftTriple",
     "SphereFace",
     "SubCenterCleanup",
     "clean_sub_centers",

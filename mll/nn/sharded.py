@@ -38,18 +38,22 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional import _internal as I
+from mll.nn._regularized import reduce_rows, shared_class_term, sum_grad_over_ranks
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
+from mll.nn.adaptive_margin import AdaMSoftmax
 from mll.nn.arcneg import ArcNegFace
 from mll.nn.circle import CircleLoss
 from mll.nn.curricular import CurricularFace
 from mll.nn.feature_norm import AdaFace, MagFace
+from mll.nn.large_margin import LargeMarginSoftmax
 from mll.nn.linear import NormalizedLinear, ScaledNormalizedLinear, ScaledNormalizedLinearSqrt
 from mll.nn.margin import ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, SphereFace
 from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
 from mll.nn.npcface import NPCFace
 from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
+from mll.nn.soft_triple import SoftTriple
 
 __all__ = [
     "ShardedAdaCos", "ShardedAdaFace", "ShardedArcFace", "ShardedArcNegFace", "ShardedCircleLoss",
@@ -164,6 +168,66 @@ class ShardedMagFace(Sharded, MagFace):
             return ce + self.lambda_g * g
         total, count = I.own_share_sum(g, self.group)
         return ce + self.lambda_g * (total if reduction == "sum" else total / count.to(total.dtype))
+
+
+__all__ += ["ShardedAdaMSoftmax", "ShardedLargeMarginSoftmax", "ShardedSoftTriple"]  # the zoo's heads (issue #14)
+
+
+class ShardedAdaMSoftmax(Sharded, AdaMSoftmax):
+    """Class-sharded :class:`mll.nn.AdaMSoftmax` (see the module notes): every rank keeps all C margins; each rank's
+    loss differentiates its block's margins in the cross-entropy and its own samples' share of the regulariser, and
+    backward sums the margins' gradient over the ranks, so that every rank holds the full, exact gradient (and,
+    after the same optimizer step, the same margins)."""
+
+    dense = AdaMSoftmax
+
+    def step_margin(self, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
+        self.project_margins()
+        return MF.ADAPTIVE(sum_grad_over_ranks(self.margin, self.group))
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        ce = Sharded.loss_terms(self, input, labels, margin, "none", chunk_size)
+        # the margins of this step (their gradient summed over the ranks); in eval mode, wrapped here
+        m = margin.params[0] if margin.family is MF.ADAPTIVE else sum_grad_over_ranks(self.margin, self.group)
+        reg = MF.adaptive_margin_regularizer(m, lambda_=self.lambda_)  # type: ignore[arg-type]
+        return reduce_rows(ce + reg.to(ce.dtype), reduction, self.group)
+
+
+class ShardedSoftTriple(Sharded, SoftTriple):
+    """Class-sharded :class:`mll.nn.SoftTriple` (see the module notes): the centre regulariser is a sum over classes,
+    so each rank computes its block's part from its own rows and the ranks add the parts (one all-reduce); backward
+    gives each block's rows the gradient of the global objective (every rank's rows carry the term)."""
+
+    dense = SoftTriple
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        ce = Sharded.loss_terms(self, input, labels, margin, "none", chunk_size)
+        part = self.center_term(self.weight, self.out_features).to(ce.dtype)
+        term = shared_class_term(part, ce.numel(), self.group).reshape(ce.shape)
+        return reduce_rows(ce + term, reduction, self.group)
+
+
+class ShardedLargeMarginSoftmax(Sharded, LargeMarginSoftmax):
+    """Class-sharded :class:`mll.nn.LargeMarginSoftmax` (see the module notes): the sharded loss on the features and
+    the block's weights as they are (``normalized=False``); the feature norms travel with the features (their
+    gradient comes home), the block's weight norms stay on the rank. ``head(x)`` gives the block's ``scale·x·Wᵀ``."""
+
+    dense = LargeMarginSoftmax
+
+    def loss_terms(
+        self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
+    ) -> Tensor:
+        return MF.sharded_margin_cross_entropy(
+            input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
+            scale=self.logit_scale(), margin=self.block_margin(margin), num_sub_centers=1,
+            sample_rate=self.sample_rate if self.training else 1.0, generator=self.sampling_generator,
+            chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale, group=self.group,
+            reduction=reduction, normalized=False,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 class ShardedCurricularFace(Sharded, CurricularFace):

@@ -85,6 +85,12 @@ CONFIGS = [
     ("proxy-nca-pp-soft-pooling", "ProxyNCAPlusPlus", _f64(mll.ProxyNCAPlusPlus, 2, 0.2, pooling="soft"), 1.0),
     ("proxy-anchor", "ProxyAnchor", _f64(mll.ProxyAnchor, 1, 16.0, 0.2), 1.0),
     ("proxy-anchor-soft-pooling", "ProxyAnchor", _f64(mll.ProxyAnchor, 2, pooling="soft"), 1.0),
+    ("adam-per-class", "AdaMSoftmax", _f64(mll.AdaMSoftmax, 1, 6.0, margin=_per_class(0.1, 0.5), lambda_=2.0), 1.0),
+    ("adam-soft-pooling", "AdaMSoftmax", _f64(mll.AdaMSoftmax, 2, trainable_scale=True, pooling="soft"), 1.0),
+    ("soft-triple", "SoftTriple", _f64(mll.SoftTriple, 3, 6.0, margin=_per_class(0.0, 0.1), tau=0.5), 1.0),
+    ("soft-triple-max-pooling", "SoftTriple", _f64(mll.SoftTriple, 2, trainable_scale=True, pooling="max"), 1.0),
+    ("l-softmax-per-class", "LargeMarginSoftmax", _f64(mll.LargeMarginSoftmax, margin=_per_class(1.0, 4.0)), 2.0),
+    ("l-softmax-annealed", "LargeMarginSoftmax", _f64(mll.LargeMarginSoftmax, 1, 2.0, True, lambda_=3.0), 1.0),
 ]
 #: what each sharded form takes besides class indices
 TARGETS = {

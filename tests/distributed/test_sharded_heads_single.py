@@ -107,8 +107,10 @@ def test_heads_share_one_sharded_body() -> None:
     assert MF.sharded_margin_cross_entropy is mll.functional.sharded_margin_cross_entropy
     bodies = {getattr(mll, "Sharded" + name).loss_terms for name in DENSE_NAMES}
     # the shared one, MagFace's (adds its regulariser), DeepNCM's (updates its means), ProxyAnchor's (not a
-    # cross-entropy: sharded_proxy_anchor_loss)
-    assert len(bodies) == 4
+    # cross-entropy: sharded_proxy_anchor_loss), and one per zoo head that adds a regulariser or, L-Softmax, uses the
+    # features and weights un-normalised
+    zoo = {"AdaMSoftmax", "SoftTriple", "LargeMarginSoftmax"}
+    assert len(bodies) == 4 + len(zoo)
 
 
 def test_loss_under_inference_mode() -> None:

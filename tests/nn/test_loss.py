@@ -57,9 +57,16 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "NPCFace": lambda k, m=0.5, **kw: mll.NPCFace(D, C, k, scale=6.0, margin=m, **kw),
     "ArcNegFace": lambda k, m=0.5, **kw: mll.ArcNegFace(D, C, k, scale=6.0, margin=m, **kw),
     "CircleLoss": lambda k, m=0.25, **kw: mll.CircleLoss(D, C, k, scale=16.0, margin=m, **kw),
+    "AdaMSoftmax": lambda k, m=0.35, **kw: mll.AdaMSoftmax(D, C, k, scale=6.0, margin=m, lambda_=3.0, **kw),
+    "SoftTriple": lambda k, m=0.05, **kw: mll.SoftTriple(D, C, k, scale=8.0, margin=m, tau=0.5, **kw),
+    "LargeMarginSoftmax": lambda k, m=3.0, **kw: mll.LargeMarginSoftmax(
+        D, C, k, margin=m if isinstance(m, float) else 1 + 5 * m, lambda_=1.0, **kw
+    ),
 }
 #: heads whose training step takes class indices only
 HARD_ONLY = {"CurricularFace", "ProxyAnchor", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}
+#: heads whose loss() adds ``head.regularizer()`` (a per-class term) to the cross-entropy, in both modes
+REGULARISED = {"AdaMSoftmax", "SoftTriple"}
 MARGIN_FREE = {"NormalizedLinear", "ScaledNormalizedLinear", "ScaledNormalizedLinearSqrt", "FixedAdaCos", "AdaCos",
                "DeepNCM", "ProxyNCAPlusPlus", "ProxyAnchor"}  # fmt: skip
 
@@ -114,6 +121,8 @@ def dense_loss(head: nn.Module, name: str, x: torch.Tensor, target: torch.Tensor
     loss = F.cross_entropy(logits.reshape(-1, C), flat)
     if name == "MagFace":  # its documented extra term, in both modes
         loss = loss + head.lambda_g * head.regularizer(x)
+    if name in REGULARISED:
+        loss = loss + head.regularizer()
     return loss
 
 
@@ -165,6 +174,8 @@ def test_loss_equals_the_cross_entropy_of_the_logits(name, target, k, pooling, p
         assert outcome.startswith(f"n/a: {name} needs class indices"), outcome
     elif name == "DeepNCM" and k > 1:
         assert outcome == "n/a: DeepNCM has no sub-centers: a class mean is one vector", outcome
+    elif name == "LargeMarginSoftmax" and k > 1:
+        assert outcome.startswith("n/a: LargeMarginSoftmax has one weight vector per class"), outcome
     else:
         assert outcome == "yes", outcome
 
