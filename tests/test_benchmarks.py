@@ -36,11 +36,12 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_memory_probe_measures_a_step() -> None:
-    # first in this file: probe_memory expects a fresh process, and after a benchmark's main() has run here the
-    # heap can hold freed blocks of the step's size, resident already, which the step would reuse unseen
+    # in a fresh process, as the benchmarks measure: in this one, earlier tests leave freed blocks of the step's
+    # size resident in the heap, which the step would reuse unseen
     cfg = Config(batch=64, features=32, classes=20_000)
     index = next(i for i, case in enumerate(SUITES["int labels"]) if case.head == "ArcFace" and case.impl == "mll")
-    peak = run.probe_memory("int labels", index, cfg)
+    peak = run.measure_memory("int labels", index, cfg)
+    assert peak is not None
     assert peak >= 64 * 20_000 * 4 / 2**20  # at least the N×C float32 logits (4.9 MB) must show
 
 
