@@ -134,25 +134,6 @@ def _class_indices(target: Any, shape: torch.Size, name: str = "target") -> Tens
     return checked
 
 
-def _log1p_sum_exp(z: Tensor, mask: Tensor) -> Tensor:
-    """``log(1 + Σ_{i: mask_i} exp(z_i))`` down each column ``(N, W) -> (W,)``, without overflow; 0 for a column
-    with no entry. The shift ``max(0, max z)`` is detached: the value does not depend on it, and the gradient
-    ``exp(z_i)/(1 + Σ exp z)`` is exact. Masked-out entries are −inf before the exponential, so no 0·inf anywhere."""
-    if z.shape[0] == 0:
-        return z.sum(0)
-    masked = torch.where(mask, z, -math.inf)
-    top = masked.amax(0).clamp(min=0).detach()
-    return top + torch.log(torch.exp(-top) + torch.exp(masked - top).sum(0))
-
-
-def _class_terms(cosine: Tensor, positive: Tensor, alpha: float, delta: float) -> tuple[Tensor, Tensor]:
-    """Each class's positive and negative log-sums over the batch, ``(W,)`` each, from cosines ``(N, W)``."""
-    return (
-        _log1p_sum_exp(-alpha * (cosine - delta), positive),
-        _log1p_sum_exp(alpha * (cosine + delta), ~positive),
-    )
-
-
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -192,10 +173,38 @@ def proxy_anchor_from_cosines(cosine: Tensor, labels: Tensor, alpha: float, delt
     """:func:`proxy_anchor_loss` after its checks (``labels`` int64, shape ``cosine.shape[:-1]``)."""
     c = cosine.shape[-1]
     cos = cosine.reshape(-1, c).to(acc_dtype(cosine.dtype))
-    positive = labels.reshape(-1, 1) == torch.arange(c, device=cosine.device)
-    pos, neg = _class_terms(cos, positive, alpha, delta)
-    count = positive.any(0).sum().clamp(min=1).to(cos.dtype)
+    labels = labels.reshape(-1)
+    if cos.shape[0] == 0:  # an empty batch: 0 (no positive proxy, every negative sum empty), with a gradient
+        return (cos.sum() * 0).to(_out_dtype(cosine.dtype))
+    pos, neg, present = _label_class_terms(cos, labels, alpha, delta, every_label_inside=True)
+    count = present.sum().clamp(min=1)
     return (pos.sum() / count + neg.sum() / c).to(_out_dtype(cosine.dtype))
+
+
+def _label_class_terms(
+    cos: Tensor, labels: Tensor, alpha: float, delta: float, every_label_inside: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each class's positive and negative log-sums and whether it has a positive, ``(W,)`` each, from cosines
+    ``(N, W)`` and labels ``(N,)`` (a label outside ``[0, W)`` is a class elsewhere: a negative for every class here).
+
+    The positives are the N target entries only: their log-sums by scatter over the classes, O(N) — not a masked pass
+    over the N×W cosines. The negatives: every entry with the positives set to −inf and a row of zeros for the 1 in
+    log(1 + Σ eᶻ), one fused log-sum-exp down each column, forward and backward."""
+    w = cos.shape[1]
+    inside = (labels >= 0) & (labels < w)
+    col = labels.clamp(0, max(w - 1, 0))
+    at = col.unsqueeze(1)
+    z = torch.where(inside, -alpha * (cos.gather(1, at).squeeze(1) - delta), -math.inf)
+    top = z.new_zeros(w).scatter_reduce(0, col, z.detach(), "amax", include_self=True)  # max(0, max z) per class
+    pos = top + torch.log(torch.exp(-top) + z.new_zeros(w).index_add(0, col, torch.exp(z - top[col])))
+    negatives = alpha * (cos + delta)
+    if every_label_inside:  # the dense loss: a constant written at the positives, differentiable elsewhere
+        negatives = negatives.scatter(1, at, -math.inf)
+    else:  # a chunk (no autograd in the kernel's forward): a row of another chunk's class keeps its entry
+        negatives = negatives.scatter(1, at, torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at)))
+    neg = torch.logsumexp(torch.cat([negatives, negatives.new_zeros(1, w)]), dim=0)
+    present = cos.new_zeros(w).index_add(0, col, inside.to(cos.dtype)).clamp(max=1)
+    return pos, neg, present
 
 
 @dataclass
@@ -247,9 +256,9 @@ class _ProxyAnchorTerms(torch.autograd.Function):
         present = torch.zeros(width, dtype=acc, device=x.device)
         for start, stop in chunk_bounds(width, spec.chunk):
             chunk = _ChunkCosines(x, weight, k, spec.tau, start, stop)
-            positive = labels.unsqueeze(1) == torch.arange(start, stop, device=x.device)
-            pos[start:stop], neg[start:stop] = _class_terms(chunk.pooled, positive, spec.alpha, spec.delta)
-            present[start:stop] = positive.any(0).to(acc)
+            pos[start:stop], neg[start:stop], present[start:stop] = _label_class_terms(
+                chunk.pooled, labels - start, spec.alpha, spec.delta
+            )
         return torch.stack([pos.sum(), neg.sum(), present.sum()]), pos, neg
 
     @staticmethod
