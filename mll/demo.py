@@ -126,11 +126,13 @@ def class_weights(head: nn.Module) -> Tensor:
     return rows.detach()
 
 
-def angles(features: Tensor, weights: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Angles (degrees) between features and their class weight, and between features and the other classes."""
-    cos = (mll.functional.normalize(features) @ mll.functional.normalize(weights).T).clamp(-1, 1)
+def angles(features: Tensor, weights: Tensor, labels: Tensor, num_sub_centers: int = 1) -> tuple[Tensor, Tensor]:
+    """Angles (degrees) between features and their class weight, and between features and the other classes; with
+    K sub-centers per class (rows ``c*K + k``), the angle to a class is the one to its nearest sub-center."""
+    cos = mll.functional.normalize(features) @ mll.functional.normalize(weights).T
+    cos = cos.unflatten(-1, (-1, num_sub_centers)).amax(-1).clamp(-1, 1)
     theta = torch.rad2deg(torch.arccos(cos))
-    target = torch.arange(weights.shape[0]) == labels[:, None]
+    target = torch.arange(cos.shape[1]) == labels[:, None]
     return theta[target], theta[~target]
 
 
@@ -171,7 +173,9 @@ def train_one(name: str, split: Split, epochs: int, seed: int, dim: int, progres
         run.accuracy = run.accuracies[-1]
         run.recall_at_1 = recall_at_1(run.open_embedding, split.y_open)
         run.map_at_r = map_at_r(run.open_embedding, split.y_open)
-        run.target_angles, run.other_angles = angles(run.test_embedding, class_weights(head), split.y_test)
+        run.target_angles, run.other_angles = angles(
+            run.test_embedding, class_weights(head), split.y_test, getattr(head, "num_sub_centers", 1)
+        )
     return run
 
 

@@ -121,3 +121,13 @@ def test_the_table_is_written_when_plotting_fails(tmp_path, capsys, monkeypatch)
         "(RuntimeError: cannot open display (a second line))"
     ]
     assert f"wrote {tmp_path}/results.md\n" in captured.out
+
+
+def test_angles_take_the_nearest_sub_center() -> None:
+    from mll.demo import angles
+
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # 2 classes × 2 sub-centers
+    features = torch.tensor([[0.0, 2.0], [0.0, -3.0]])  # class 0's second sub-center, class 1's second
+    target, other = angles(features, weights, torch.tensor([0, 1]), num_sub_centers=2)
+    torch.testing.assert_close(target, torch.zeros(2))
+    torch.testing.assert_close(other, torch.full((2,), 90.0))

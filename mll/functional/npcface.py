@@ -107,10 +107,15 @@ def hard_mean(cosine: Tensor, target: Tensor, margin: MarginParam) -> Tensor:
     with torch.no_grad():
         c = cosine.detach().to(work_dtype(cosine.dtype))
         m = at_target(_param(margin, c.dtype, c.device), c.shape, target)
-        boundary = _boundary(gather_target(c, target), m).unsqueeze(-1)
-        hard = (c > boundary) & (torch.arange(c.shape[-1], device=c.device) != target.unsqueeze(-1))
-        total = torch.where(hard, c, 0.0).sum(-1, keepdim=True)
-        return total / hard.sum(-1, keepdim=True).clamp(min=1).to(total.dtype)
+        target_cos = gather_target(c, target)
+        boundary = _boundary(target_cos, m).unsqueeze(-1)
+        # every entry above the boundary, then the target's own entry taken out: two passes over the N×C cosines
+        # (a comparison and a masked sum) instead of a mask of the non-targets as well
+        above = c > boundary
+        own = (target_cos.unsqueeze(-1) > boundary).to(c.dtype)
+        total = torch.where(above, c, 0.0).sum(-1, keepdim=True) - own * target_cos.unsqueeze(-1)
+        count = above.sum(-1, keepdim=True).to(c.dtype) - own
+        return total / count.clamp(min=1)
 
 
 def npcface_statistics_chunked(

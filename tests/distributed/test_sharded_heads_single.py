@@ -139,3 +139,32 @@ def test_sharded_magface_with_a_norm_that_overflows() -> None:
     shard.loss(xs, y[1:]).backward()
     dense.loss(xd, y[1:]).backward()
     torch.testing.assert_close(xs.grad, 2.0 * xd.grad)  # feature_grad_scale applies to the regulariser's part too
+
+
+ONE_PER_HEAD = list({case.head: case for case in HARD}.values())
+
+
+@pytest.mark.parametrize("case", ONE_PER_HEAD, ids=[case.head for case in ONE_PER_HEAD])
+def test_sharded_loss_under_bf16_autocast_is_the_float32_loss(case) -> None:
+    """The sharded loss under CPU bf16 autocast: finite, parameters and gradients keep their dtypes, and within bf16's
+    precision of the same head's float32 loss (the kernel accumulates its softmax statistics in float32)."""
+    gen = {"generator": torch.Generator().manual_seed(3)} if "Elastic" in case.head else {}
+    shards = [getattr(mll, "Sharded" + case.head).from_dense(SH.dense_head(case).float(), **gen) for _ in range(2)]
+    data = SH.batch(case, 2, 0)
+    target = SH.target_of(case, data, slice(None))
+    kwargs = {}
+    if "Elastic" in case.head:  # the same margins for both
+        kwargs["margins"] = shards[0].sample_margins(data["x"].float(), SH.dense_target(case, data)).float()
+    xs = [data["x"].float().requires_grad_(True) for _ in shards]
+    want = shards[0].loss(xs[0], target, reduction=case.reduction, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = shards[1].loss(xs[1], target, reduction=case.reduction, **kwargs)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want.detach(), rtol=3e-2, atol=3e-2 * max(1.0, float(want.abs().max())))
+    got.sum().backward()
+    want.sum().backward()
+    assert xs[1].grad.dtype == torch.float32 and torch.isfinite(xs[1].grad).all()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0.1, atol=0.05 * float(xs[0].grad.abs().max()))
+    for p, q in zip(SH.trainable(shards[1]), SH.trainable(shards[0])):
+        assert p.dtype == q.dtype == torch.float32
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
