@@ -421,8 +421,12 @@ def sharded_proxy_anchor_loss(
         target (Tensor[*] of int): this rank's class indices, in ``[0, C)``.
         class_start (int): the block's first class.
         num_classes (int): ``C``, over all ranks.
-        alpha, delta, num_sub_centers, pooling, pooling_temperature, chunk_size: as
-            :func:`chunked_proxy_anchor_loss` (the same on every rank).
+        alpha (float): ``α``, as :func:`chunked_proxy_anchor_loss` (the same on every rank).
+        delta (float): ``δ``, likewise.
+        num_sub_centers (int): ``K``, likewise.
+        pooling (str): sub-center pooling, likewise.
+        pooling_temperature (float): soft pooling's γ, likewise.
+        chunk_size (int, optional): classes per chunk of the block, likewise.
         feature_grad_scale (float, optional): multiplier of the features' gradient; None means the world size.
         group (ProcessGroup, optional): the ranks sharing the classes; the default group when None.
 
