@@ -330,7 +330,7 @@ def test_soft_triple_against_the_authors_code() -> None:
 def test_soft_triple_against_pytorch_metric_learning(k) -> None:
     """pml's SoftTripleLoss is the classification part (it has no centre regulariser): equal to our loss without
     :meth:`regularizer`, in value and in the gradients of the features and the centres, on the same weights."""
-    from pytorch_metric_learning.losses import SoftTripleLoss
+    SoftTripleLoss = pytest.importorskip("pytorch_metric_learning.losses").SoftTripleLoss  # the bench extra
 
     head = mll.SoftTriple(D, C, k, dtype=torch.float64)
     theirs_fn = SoftTripleLoss(C, D, centers_per_class=k, la=20, gamma=0.1, margin=0.01)
@@ -461,7 +461,8 @@ def test_large_margin_gradients_are_the_references() -> None:
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_large_margin_against_pytorch_metric_learning(m) -> None:
     """pml's LargeMarginSoftmaxLoss called directly on the same weights: loss and gradients (features, weights)."""
-    from pytorch_metric_learning.losses import LargeMarginSoftmaxLoss
+    # pytorch-metric-learning comes with the bench extra
+    LargeMarginSoftmaxLoss = pytest.importorskip("pytorch_metric_learning.losses").LargeMarginSoftmaxLoss
 
     head = mll.LargeMarginSoftmax(D, C, margin=float(m), scale=1.5, dtype=torch.float64)
     with torch.no_grad():
