@@ -80,6 +80,12 @@ class Spec:
     target_cos: Optional[Tensor] = None
     row_params: tuple[Tensor, ...] = ()
 
+    @property
+    def plain(self) -> bool:
+        """The plain scaled cosine logits with target values written in: one sub-center, class indices (or few-hot
+        pairs), no non-target part — the chunk needs its logits only, not its cosines."""
+        return self.num_sub_centers == 1 and self.targets.dense is None and self.family.negatives is None
+
 
 def chunk_bounds(width: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk, width)) for start in range(0, width, chunk)]
@@ -182,7 +188,7 @@ class _Chunk:
         self.cos_k: Optional[Tensor] = None  # sub-center cosines (K > 1, for the pooling's backward)
         self.pooled: Optional[Tensor] = None  # pooled cosines (where the margin needs them)
         family, targets = spec.family, spec.targets
-        if k == 1 and targets.dense is None and family.negatives is None:
+        if spec.plain:
             self.z = raw.mul_(self.inv * s)  # the plain scaled cosines: one pass, in place
         else:
             self.cos_k = raw.mul_(self.inv)

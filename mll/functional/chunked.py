@@ -240,9 +240,8 @@ def chunked_loss(
     else:
         chunk = default_chunk_size(n, num_classes, num_sub_centers, x.device) if chunk_size is None else int(chunk_size)
         tau = float(pooling_temperature) if pooling == "soft" and num_sub_centers > 1 else None
-        plain = num_sub_centers == 1 and targets.dense is None and margin.family.negatives is None
-        keep = keeps_logits(n, num_classes, num_sub_centers, plain, input.dtype, x.device)
-        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, keep=keep, normalize_weight=normalized)
+        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, normalize_weight=normalized)
+        spec.keep = keeps_logits(n, num_classes, num_sub_centers, spec.plain, input.dtype, x.device)
         value = prepare(spec, x, weight, params)
         losses, _ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
     losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)

@@ -323,11 +323,9 @@ def _sharded(
     # 3. the chunk kernel, its row statistics all-reduced over the blocks
     chunk = default_chunk_size(total, max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
     tau = float(pooling_temperature) if pooling == "soft" and k > 1 else None
-    plain = k == 1 and margin_.family.negatives is None
     spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, chunk, tau,
-                reduce=lambda t, op: all_reduce(t, op, group, world),
-                keep=keeps_logits(total, width, k, plain, input.dtype, x.device),
-                normalize_weight=normalized)  # fmt: skip
+                reduce=lambda t, op: all_reduce(t, op, group, world), normalize_weight=normalized)  # fmt: skip
+    spec.keep = keeps_logits(total, width, k, spec.plain, input.dtype, x.device)
     value = prepare(spec, x, w, tuple(params))
     if margin_.family.negatives is not None:  # each row's target cosine and parameters, from the rank that owns it
         owner = (classes[:, :1] >= 0) & (classes[:, :1] < width)
