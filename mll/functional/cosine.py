@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mll.functional._checks import UNSET, check_features, check_positive, renamed
+from mll.functional._fold import fold_normalization_
+from mll.functional._target import _in_place_ok
 
 __all__ = ["cosine_logits", "normalize"]
 
@@ -113,7 +115,7 @@ class _FoldedCosine(torch.autograd.Function):
     Backward, with G = ∂L/∂cos · diag(inv): ∂L/∂x̂ = G W, and for each row (ŵ = w·inv, as
     :func:`torch.nn.functional.normalize`'s backward) ∂L/∂w = inv·(dŵ − ŵ(ŵ·dŵ)) = D − w·inv²·(w·D) with D = Gᵀx̂;
     where ‖w‖ ≤ ε the normalisation is w/ε and D alone. The backward is written in differentiable ops (double
-    backward, ``torch.func``); returns ``(cos, ‖w‖)`` so that the norms can be saved under ``torch.func`` transforms.
+    backward, ``torch.func``) and, for eager first derivatives, in place (:func:`fold_normalization_`); returns ``(cos, ‖w‖)`` so that the norms can be saved under ``torch.func`` transforms.
     """
 
     generate_vmap_rule = True
@@ -121,7 +123,10 @@ class _FoldedCosine(torch.autograd.Function):
     @staticmethod
     def forward(x_hat: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         norms = torch.linalg.vector_norm(weight, dim=-1)
-        return F.linear(x_hat, weight) * norms.clamp(min=_EPS).reciprocal(), norms
+        inv = norms.clamp(min=_EPS).reciprocal()
+        if _in_place_ok():  # the GEMM's fresh output, scaled where it lies
+            return F.linear(x_hat, weight).mul_(inv), norms
+        return F.linear(x_hat, weight) * inv, norms
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: tuple[Tensor, Tensor]) -> None:
@@ -138,6 +143,8 @@ class _FoldedCosine(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             d = g.transpose(-2, -1) @ x_hat
+            if _in_place_ok() and not torch.compiler.is_compiling():  # eager first derivatives: in place, by blocks
+                return grad_x, fold_normalization_(d, weight, inv, norms > _EPS)
             radial = torch.linalg.vecdot(weight, d)
             coef = torch.where(norms > _EPS, -radial * inv * inv, 0.0)
             grad_w = d + weight * coef.unsqueeze(-1)
