@@ -8,6 +8,8 @@ Gradients accumulate into buffers allocated once, so steady-state steps allocate
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -238,6 +240,33 @@ def zeroing_dense(name: str, **kwargs: object) -> Factory:
     return make
 
 
+def compiled_loss(name: str, **kwargs: object) -> Factory:
+    """``head.loss(x, y)`` with the compiled chunk kernel (``mll.functional.set_chunk_kernel("compiled")`` for the
+    step only); the first step, which compiles the kernel's bodies, is timed once here and printed."""
+    eager = chunked_loss(name, **kwargs)
+
+    def make(cfg: Config, data: Data) -> Step:
+        inner = eager(cfg, data)
+
+        def step() -> None:
+            before = mll.functional.chunk_kernel()
+            mll.functional.set_chunk_kernel("compiled")
+            try:
+                inner()
+            finally:
+                mll.functional.set_chunk_kernel(before)
+
+        start = time.perf_counter()
+        step()
+        data.x.grad = shared_weight(cfg, data).grad = None  # as the other cases leave them once built
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default")
+        print(f"compile: the first compiled loss() step of {name} at C={cfg.classes} took "
+              f"{time.perf_counter() - start:.1f} s (Inductor's cache: {cache})", flush=True)  # fmt: skip
+        return step
+
+    return make
+
+
 def chunked_loss(name: str, accumulate: bool = False, **kwargs: object) -> Factory:
     """``head.loss(x, y)`` (chunked) on the suite's weights: gradients set to None first, or, with ``accumulate``,
     added to the ``.grad`` already there (gradient accumulation: ``.grad`` is not None before backward)."""
@@ -339,6 +368,7 @@ SUITES: dict[str, list[Case]] = {
             step_bytes=dense_step_bytes,
         ),
         Case("ArcFace", "mll loss() (chunked)", chunked_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
+        Case("ArcFace", "mll loss(), compiled kernel", compiled_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
         Case(
             "ArcFace",
             "mll loss(), .grad exists (accumulating)",

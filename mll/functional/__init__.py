@@ -19,6 +19,7 @@ Typical use::
 """
 
 from mll.functional._checks import value_checks
+from mll.functional._compiled import chunk_kernel, set_chunk_kernel
 from mll.functional.adaptive_margin import ADAPTIVE, adaptive_margin, adaptive_margin_regularizer
 from mll.functional.arcneg import ARC_NEG, arcneg_margin
 from mll.functional.chunked import margin_cross_entropy
@@ -105,6 +106,7 @@ __all__ = [
     "adaptive_margin_regularizer",
     "arc_margin",
     "arcneg_margin",
+    "chunk_kernel",
     "chunked_proxy_anchor_loss",
     "circle_margin",
     "combined_margin",
@@ -135,6 +137,7 @@ __all__ = [
     "proxy_nca_logits",
     "proxy_nca_scale",
     "sample_classes",
+    "set_chunk_kernel",
     "shard_bounds",
     "sharded_margin_cross_entropy",
     "sharded_proxy_anchor_loss",

@@ -17,14 +17,17 @@ outside this kernel, and a family's non-target part can depend on the row's targ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mll.functional import _compiled
 from mll.functional._accumulate import accumulate_node, grad_to_accumulate_into
+from mll.functional._compiled import pool, pool_backward
+from mll.functional._fold import fold_normalization_
 from mll.functional.cosine import normalize
 from mll.functional.margin import MarginFamily
 
@@ -72,6 +75,8 @@ class Spec:
     #: whose logits are small (see :func:`mll.functional.chunked.keeps_logits`); the forward fills ``kept``
     keep: bool = False
     kept: Optional[list[Any]] = None
+    #: run the chunk's elementwise work compiled (``_compiled.py``); default: :func:`mll.functional.set_chunk_kernel`
+    compiled: bool = field(default_factory=lambda: _compiled.chunk_kernel() == "compiled")
     #: False: the weight rows are used as they are, so that a chunk's "cosines" are the dot products x·w (L-Softmax)
     normalize_weight: bool = True
     #: at the ``classes`` entries: the margin's slope ``(N, P)``; for a family's non-target part, each row's target
@@ -106,16 +111,6 @@ def at_classes(param: Tensor, classes: Tensor, width: int) -> Tensor:
     if param.dim() == 1:
         return param[index]
     return param.gather(1, index)
-
-
-def pool(cos_k: Tensor, k: int, tau: Optional[float]) -> Tensor:
-    """Pool ``(N, W·K)`` sub-center cosines to ``(N, W)``: max, or a softmax of temperature τ."""
-    if k == 1:
-        return cos_k
-    view = cos_k.view(*cos_k.shape[:-1], cos_k.shape[-1] // k, k)  # (explicit: an empty batch has no -1)
-    if tau is None:
-        return view.amax(-1)
-    return (torch.softmax(view / tau, dim=-1) * view).sum(-1)
 
 
 def target_cosines(
@@ -168,7 +163,7 @@ class _Chunk:
 
     def __init__(
         self, spec: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...],
-        s: Any, start: int, stop: int, buf: Optional[Tensor] = None,
+        s: Any, start: int, stop: int, buf: Optional[Tensor] = None, epilogue: bool = True,
     ) -> None:  # fmt: skip
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
         n, cols = x.shape[0], (stop - start) * k
@@ -188,6 +183,10 @@ class _Chunk:
         self.cos_k: Optional[Tensor] = None  # sub-center cosines (K > 1, for the pooling's backward)
         self.pooled: Optional[Tensor] = None  # pooled cosines (where the margin needs them)
         family, targets = spec.family, spec.targets
+        self.raw: Optional[Tensor] = None
+        if not epilogue:  # the compiled body shapes the logits (``_compiled.py``)
+            self.raw = raw
+            return
         if spec.plain:
             self.z = raw.mul_(self.inv * s)  # the plain scaled cosines: one pass, in place
         else:
@@ -264,6 +263,14 @@ class ChunkedCE(torch.autograd.Function):
         buf = chunk_buffer(n, spec, width, acc, x.device)
         kept: Optional[list[_Chunk]] = [] if spec.keep else None
         for start, stop in chunk_bounds(width, spec.chunk):
+            if spec.compiled:
+                chunk = _Chunk(spec, x, weight, None, params, s, start, stop, None if spec.keep else buf, False)
+                run_max, run_sum, term = _compiled_forward(spec, chunk, value_d, params, s, run_max, run_sum, acc)
+                if term is not None:
+                    target_term += term
+                if kept is not None:
+                    kept.append(chunk)
+                continue
             # kept logits live in their own chunk's tensors; recomputed ones in the shared buffer
             chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop, None if spec.keep else buf)
             z = chunk.z
@@ -341,7 +348,22 @@ class ChunkedCE(torch.autograd.Function):
         value_d = None if value is None else value.to(acc)
         buf = chunk_buffer(n, spec, width, acc, x.device)
         kept = spec.kept
+        # the compiled body serves every spec but dense soft targets whose margin parameters need a gradient
+        compiled = spec.compiled and (targets.dense is None or all(gp is None for gp in grad_params))
         for i, (start, stop) in enumerate(chunk_bounds(width, spec.chunk)):
+            if compiled:
+                if kept is not None:
+                    chunk = kept[i]
+                else:
+                    chunk = _Chunk(spec, x, weight, None, tuple(params), s, start, stop, buf, False)
+                dcos, part_s, part_value = _compiled_backward(spec, chunk, value_d, params, s, lse, g, acc,
+                                                             grad_s is not None, grad_value is not None)  # fmt: skip
+                if grad_s is not None and part_s is not None:
+                    grad_s += part_s
+                if grad_value is not None and part_value is not None:
+                    grad_value += part_value
+                _add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)
+                continue
             if kept is not None:  # the forward's logits, left as they are (a second backward reads them again)
                 chunk = kept[i]
                 dz = _into(buf, torch.sub, chunk.z, lse[:, None]).exp_()
@@ -375,6 +397,53 @@ class ChunkedCE(torch.autograd.Function):
             None,
             *grad_params,
         )
+
+
+def _chunk_targets(spec: Spec, chunk: _Chunk, acc: torch.dtype) -> tuple[Any, Any, Any]:
+    """The chunk's target entries for the compiled body: ``(cols, inside)`` ``(N, P)`` for class targets, or the
+    chunk's dense soft targets ``t``."""
+    targets = spec.targets
+    if targets.dense is not None:
+        return None, None, targets.dense[:, chunk.start : chunk.stop].to(acc)
+    assert targets.classes is not None
+    inside, cols = _inside(targets.classes, chunk.start, chunk.stop)
+    return cols, inside, None
+
+
+def _compiled_forward(
+    spec: Spec, chunk: _Chunk, value: Optional[Tensor], params: tuple[Tensor, ...], s: Any, run_max: Tensor,
+    run_sum: Tensor, acc: torch.dtype,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
+    """One chunk of the forward through the compiled body; with ``spec.keep`` the chunk keeps what backward needs."""
+    cols, inside, t = _chunk_targets(spec, chunk, acc)
+    out = _compiled.run(
+        "forward", _compiled.forward_body, chunk.raw, chunk.inv, s, run_max, run_sum, value, cols, inside, t,
+        spec.target_cos, spec.row_params, flat_params(params, chunk.start, chunk.stop), spec.family,
+        spec.num_sub_centers, spec.tau, spec.plain, spec.keep,
+    )  # fmt: skip
+    chunk.raw = None
+    if spec.keep:
+        chunk.z, chunk.cos_k, chunk.pooled, chunk.slope, chunk.neg_slope = out[3:]
+        chunk.t = t
+    return out[0], out[1], out[2]
+
+
+def _compiled_backward(
+    spec: Spec, chunk: _Chunk, value: Optional[Tensor], params: list[Tensor], s: Any, lse: Tensor, g: Tensor,
+    acc: torch.dtype, need_scale: bool, need_value: bool,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """One chunk of the backward through the compiled body: ``(dcos, grad_scale part, grad_value part)``."""
+    targets = spec.targets
+    cols, inside, t = _chunk_targets(spec, chunk, acc)
+    kept = None if chunk.raw is not None else (chunk.z, chunk.cos_k, chunk.pooled, chunk.slope, chunk.neg_slope)
+    weights = None if targets.weights is None else targets.weights.to(acc)
+    row_sum = None if targets.row_sum is None else targets.row_sum.to(acc)
+    out = _compiled.run(
+        "backward", _compiled.backward_body, chunk.raw, kept, chunk.inv, s, lse, g, value, cols, inside, weights,
+        row_sum, t, spec.target_cos, spec.row_params, flat_params(tuple(params), chunk.start, chunk.stop),
+        spec.slope, spec.family, spec.num_sub_centers, spec.tau, spec.plain, need_scale, need_value,
+    )  # fmt: skip
+    return out
 
 
 def _double_backward() -> bool:
@@ -441,15 +510,7 @@ def _sub_centers(dcos: Tensor, chunk: _Chunk, k: int, tau: Optional[float]) -> T
     if k == 1:
         return dcos
     assert chunk.cos_k is not None and chunk.pooled is not None
-    n, width = dcos.shape
-    view = chunk.cos_k.view(n, width, k)
-    if tau is None:  # max-pool: split among ties as amax does
-        winners = (view == chunk.pooled.unsqueeze(-1)).to(dcos.dtype)
-        dcos_k = (winners * (dcos / winners.sum(-1)).unsqueeze(-1)).view(n, width * k)
-    else:  # soft pooling S = Σ p_k c_k: ∂S/∂c_k = p_k·(1 + (c_k − S)/τ)
-        p_k = torch.softmax(view / tau, dim=-1)
-        dcos_k = (dcos.unsqueeze(-1) * p_k * (1 + (view - chunk.pooled.unsqueeze(-1)) / tau)).view(n, width * k)
-    return dcos_k.mul_(chunk.inv)
+    return pool_backward(dcos, chunk.cos_k, chunk.pooled, k, tau).mul_(chunk.inv)
 
 
 def _add_grads(
@@ -472,8 +533,7 @@ def _add_grads(
     dest = grad_w[chunk.start * k : chunk.stop * k]
     direct = fresh and dest.dtype == acc
     d = torch.mm(dcos.t(), xg, out=dest) if direct else dcos.t() @ xg
-    radial = torch.linalg.vecdot(rows, d)
-    d.addcmul_(rows, torch.where(chunk.radial, -radial * chunk.inv * chunk.inv, 0.0).unsqueeze(1))
+    fold_normalization_(d, rows, chunk.inv, chunk.radial)
     if not direct:
         dest += d.to(dest.dtype)
 

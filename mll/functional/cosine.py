@@ -115,7 +115,8 @@ class _FoldedCosine(torch.autograd.Function):
     Backward, with G = ∂L/∂cos · diag(inv): ∂L/∂x̂ = G W, and for each row (ŵ = w·inv, as
     :func:`torch.nn.functional.normalize`'s backward) ∂L/∂w = inv·(dŵ − ŵ(ŵ·dŵ)) = D − w·inv²·(w·D) with D = Gᵀx̂;
     where ‖w‖ ≤ ε the normalisation is w/ε and D alone. The backward is written in differentiable ops (double
-    backward, ``torch.func``) and, for eager first derivatives, in place (:func:`fold_normalization_`); returns ``(cos, ‖w‖)`` so that the norms can be saved under ``torch.func`` transforms.
+    backward, ``torch.func``) and, for eager first derivatives, in place (:func:`fold_normalization_`); returns
+    ``(cos, ‖w‖)`` so that the norms can be saved under ``torch.func`` transforms.
     """
 
     generate_vmap_rule = True
