@@ -181,6 +181,11 @@ _warned = False
 
 def _compile(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     if name not in _compiled:
+        # dynamo keeps its compiled variants per code object, at most ``recompile_limit`` (8 by default) before it
+        # falls back to eager for good: raised once, process-wide, to RECOMPILE_LIMIT (never lowered) — patching it
+        # around every call instead costs more than a chunk's fused loop on the CPU
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         _compiled[name] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _compiled[name]
 
@@ -191,8 +196,7 @@ def run(name: str, eager: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     global _warned
     if _mode == "compiled" and not torch.compiler.is_compiling():  # (traced by an outer compile: inlined there)
         try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return _compile(name, eager)(*args, **kwargs)
+            return _compile(name, eager)(*args, **kwargs)
         except Exception as error:
             if not _is_compile_failure(error):
                 raise

@@ -164,16 +164,20 @@ class _Chunk:
     def __init__(
         self, spec: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...],
         s: Any, start: int, stop: int, buf: Optional[Tensor] = None, epilogue: bool = True,
+        norms: Optional[Tensor] = None,
     ) -> None:  # fmt: skip
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
         n, cols = x.shape[0], (stop - start) * k
         self.rows = weight[start * k : stop * k].detach()
         if spec.normalize_weight:
-            norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
+            if norms is None:  # (backward passes the forward's, one C·K×d read fewer)
+                norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
+            self.norms = norms
             eps = weight_eps(weight.dtype)
             self.inv = norms.clamp(min=eps).reciprocal_()
             self.radial = norms > eps  # rows whose normalisation's backward projects out the radial part
         else:  # the rows as they are: no factor, no normalisation to chain through in backward
+            self.norms = None
             self.inv = torch.ones(self.rows.shape[0], dtype=acc, device=x.device)
             self.radial = torch.zeros(self.rows.shape[0], dtype=torch.bool, device=x.device)
         raw = _gemm(x, self.rows, acc, None if buf is None else buf[: n * cols].view(n, cols))
@@ -250,7 +254,7 @@ class ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(
         x: Tensor, weight: Tensor, scale: Any, value: Optional[Tensor], spec: Spec, *params: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n, k = x.shape[0], spec.num_sub_centers
         acc = acc_dtype(x.dtype)
         s = scale.detach().to(acc) if isinstance(scale, Tensor) else scale
@@ -262,9 +266,12 @@ class ChunkedCE(torch.autograd.Function):
         width = weight.shape[0] // k
         buf = chunk_buffer(n, spec, width, acc, x.device)
         kept: Optional[list[_Chunk]] = [] if spec.keep else None
+        # each row's norm, saved for a recomputing backward (C·K numbers; none without the normalisation)
+        norms = torch.empty(weight.shape[0] if spec.normalize_weight else 0, dtype=acc, device=x.device)
         for start, stop in chunk_bounds(width, spec.chunk):
             if spec.compiled:
                 chunk = _Chunk(spec, x, weight, None, params, s, start, stop, None if spec.keep else buf, False)
+                _record_norms(norms, chunk, k)
                 run_max, run_sum, term = _compiled_forward(spec, chunk, value_d, params, s, run_max, run_sum, acc)
                 if term is not None:
                     target_term += term
@@ -273,6 +280,7 @@ class ChunkedCE(torch.autograd.Function):
                 continue
             # kept logits live in their own chunk's tensors; recomputed ones in the shared buffer
             chunk = _Chunk(spec, x, weight, value_d, params, s, start, stop, None if spec.keep else buf)
+            _record_norms(norms, chunk, k)
             z = chunk.z
             if targets.dense is not None:
                 target_term += (chunk.t * z).sum(1)
@@ -299,30 +307,31 @@ class ChunkedCE(torch.autograd.Function):
         else:
             lse = run_max + torch.log(run_sum)
         losses = (lse if targets.row_sum is None else lse * targets.row_sum) - target_term
-        return losses, lse
+        return losses, lse, norms
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         x, weight, scale, value, spec, *params = inputs
-        _, lse = output
+        _, lse, norms = output
         ctx.spec, ctx.scale_is_tensor = spec, isinstance(scale, Tensor)
         ctx.scale = None if ctx.scale_is_tensor else scale
         ctx.value_dtype = None if value is None else value.dtype
         ctx.save_for_backward(
-            x, weight, lse, scale if ctx.scale_is_tensor else None, None if value is None else value.detach(), *params
-        )
-        ctx.mark_non_differentiable(lse)
+            x, weight, lse, norms, scale if ctx.scale_is_tensor else None, None if value is None else value.detach(),
+            *params,
+        )  # fmt: skip
+        ctx.mark_non_differentiable(lse, norms)
         ctx.accumulate = accumulate_node(weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _grad_lse: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad: Tensor, _grad_lse: Any, _grad_norms: Any) -> tuple[Any, ...]:
         if _double_backward():
             raise RuntimeError(
                 "the chunked margin cross-entropy gives first derivatives only: backward with create_graph=True "
                 "(double backward, gradient penalties) is not supported; use the dense path "
                 "F.cross_entropy(head(input, target), target)"
             )
-        x, weight, lse, scale_t, value, *params = ctx.saved_tensors
+        x, weight, lse, norms, scale_t, value, *params = ctx.saved_tensors
         spec: Spec = ctx.spec
         targets, k = spec.targets, spec.num_sub_centers
         acc = acc_dtype(x.dtype)
@@ -355,7 +364,8 @@ class ChunkedCE(torch.autograd.Function):
                 if kept is not None:
                     chunk = kept[i]
                 else:
-                    chunk = _Chunk(spec, x, weight, None, tuple(params), s, start, stop, buf, False)
+                    chunk = _Chunk(spec, x, weight, None, tuple(params), s, start, stop, buf, False,
+                                   _saved_norms(norms, start, stop, k))  # fmt: skip
                 dcos, part_s, part_value = _compiled_backward(spec, chunk, value_d, params, s, lse, g, acc,
                                                              grad_s is not None, grad_value is not None)  # fmt: skip
                 if grad_s is not None and part_s is not None:
@@ -368,7 +378,8 @@ class ChunkedCE(torch.autograd.Function):
                 chunk = kept[i]
                 dz = _into(buf, torch.sub, chunk.z, lse[:, None]).exp_()
             else:
-                chunk = _Chunk(spec, x, weight, value_d, tuple(params), s, start, stop, buf)
+                chunk = _Chunk(spec, x, weight, value_d, tuple(params), s, start, stop, buf,
+                               norms=_saved_norms(norms, start, stop, k))  # fmt: skip
                 # p = softmax; in place over the logits unless the scale's gradient still needs them
                 dz = torch.exp(chunk.z - lse[:, None]) if grad_s is not None else chunk.z.sub_(lse[:, None]).exp_()
             if targets.row_sum is not None:
@@ -397,6 +408,15 @@ class ChunkedCE(torch.autograd.Function):
             None,
             *grad_params,
         )
+
+
+def _record_norms(norms: Tensor, chunk: _Chunk, k: int) -> None:
+    if chunk.norms is not None:
+        norms[chunk.start * k : chunk.stop * k] = chunk.norms
+
+
+def _saved_norms(norms: Tensor, start: int, stop: int, k: int) -> Optional[Tensor]:
+    return norms[start * k : stop * k] if norms.numel() else None
 
 
 def _chunk_targets(spec: Spec, chunk: _Chunk, acc: torch.dtype) -> tuple[Any, Any, Any]:

@@ -243,7 +243,7 @@ def chunked_loss(
         spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, normalize_weight=normalized)
         spec.keep = keeps_logits(n, num_classes, num_sub_centers, spec.plain, input.dtype, x.device)
         value = prepare(spec, x, weight, params)
-        losses, _ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
+        losses, *_ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
     losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     if reduction == "none":
         return losses.reshape(lead)

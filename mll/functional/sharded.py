@@ -335,7 +335,7 @@ def _sharded(
             all_reduce(torch.where(owner, r, 0.0), "sum", group, world) if t.dim() == 1 else r
             for t, r in zip(params, spec.row_params)
         )
-    losses, _ = ChunkedCE.apply(x, w, scale, value, spec, *params)
+    losses, *_ = ChunkedCE.apply(x, w, scale, value, spec, *params)
     out = _Rows.apply(losses, sizes, rank, group, reduction)
     out = out.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     return out.reshape(lead) if reduction == "none" else out
