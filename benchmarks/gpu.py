@@ -15,7 +15,8 @@ autocast; backward):
 - the floor, ``F.cross_entropy(s * F.linear(F.normalize(x), F.normalize(W)), y)``;
 - the same floor through ``torch.compile`` (compile time, the first step less a steady step, reported apart);
 - ``mll.ArcFace`` and ``mll.CosFace`` + ``F.cross_entropy`` (dense), and their chunked ``head.loss(x, y)``
-  (default chunk size, and one GPU-sized chunk for ArcFace);
+  (default chunk size, one GPU-sized chunk for ArcFace, and ArcFace's with the compiled chunk kernel,
+  ``mll.functional.set_chunk_kernel("compiled")``, its compile time reported apart);
 - margin-free anchors on the normalised operands: Liger-Kernel's fused linear cross-entropy and Apple's Cut
   Cross-Entropy (its default gradient filtering), when installed.
 
@@ -181,6 +182,25 @@ def chunked(name: str, chunk_size: Optional[int] = None, **kwargs: object) -> Ca
     return make
 
 
+def compiled_kernel(name: str, **kwargs: object) -> Callable[[Problem], Step]:
+    """``head.loss`` with ``mll.functional.set_chunk_kernel("compiled")`` for the step (Inductor's Triton bodies)."""
+
+    def make(p: Problem) -> Step:
+        inner = chunked(name, **kwargs)(p)
+
+        def step() -> None:
+            before = mll.functional.chunk_kernel()
+            mll.functional.set_chunk_kernel("compiled")
+            try:
+                inner()
+            finally:
+                mll.functional.set_chunk_kernel(before)
+
+        return step
+
+    return make
+
+
 def _normalised_bf16(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """s·x̂ and Ŵ in bf16, as the floor's GEMM sees them under autocast."""
     return (SCALE * F.normalize(p.x)).to(torch.bfloat16), F.normalize(p.weight).to(torch.bfloat16)
@@ -223,6 +243,11 @@ CASES = [
     Case("CosFace dense + F.cross_entropy", dense("CosFace", scale=SCALE, margin=COS_MARGIN)),
     Case("ArcFace loss() (chunked, default chunk)", chunked("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
     Case("CosFace loss() (chunked, default chunk)", chunked("CosFace", scale=SCALE, margin=COS_MARGIN)),
+    Case(
+        "ArcFace loss(), compiled chunk kernel",
+        compiled_kernel("ArcFace", scale=SCALE, margin=ARC_MARGIN),
+        compiled=True,
+    ),
     Case(
         f"ArcFace loss(chunk_size={GPU_CHUNK})",
         chunked("ArcFace", chunk_size=GPU_CHUNK, scale=SCALE, margin=ARC_MARGIN),
