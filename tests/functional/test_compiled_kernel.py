@@ -100,6 +100,13 @@ def test_compiled_equals_eager_in_single_and_half_precision(dtype, kernel) -> No
     _compare(x, w, y, tol)
 
 
+def test_compiled_equals_eager_under_bf16_autocast(kernel) -> None:
+    """float32 inputs under CPU bf16 autocast: the chunk GEMMs in bf16, the bodies in float32, in both kernels."""
+    x, w, y, _ = _problem(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare(x, w, y, {"rtol": 1e-5, "atol": 1e-5})
+
+
 def test_a_compiler_failure_warns_once_and_runs_eagerly(kernel, monkeypatch) -> None:
     x, w, y, _ = _problem(torch.float64)
     expected = _run("eager", x, w, y)
