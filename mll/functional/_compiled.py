@@ -182,8 +182,8 @@ _warned = False
 def _compile(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     if name not in _compiled:
         # dynamo keeps its compiled variants per code object, at most ``recompile_limit`` (8 by default) before it
-        # falls back to eager for good: raised once, process-wide, to RECOMPILE_LIMIT (never lowered) — patching it
-        # around every call instead costs more than a chunk's fused loop on the CPU
+        # falls back to eager for good: raised once, process-wide, to RECOMPILE_LIMIT (never lowered), rather than
+        # patched around every chunk's call
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         _compiled[name] = torch.compile(fn, dynamic=False, fullgraph=True)
