@@ -240,22 +240,27 @@ def zeroing_dense(name: str, **kwargs: object) -> Factory:
     return make
 
 
+def with_chunk_kernel(kernel: str, step: Step) -> Step:
+    """``step`` run with ``mll.functional.set_chunk_kernel(kernel)``, the process's choice restored after it."""
+
+    def wrapped() -> None:
+        before = mll.functional.chunk_kernel()
+        mll.functional.set_chunk_kernel(kernel)
+        try:
+            step()
+        finally:
+            mll.functional.set_chunk_kernel(before)
+
+    return wrapped
+
+
 def compiled_loss(name: str, **kwargs: object) -> Factory:
     """``head.loss(x, y)`` with the compiled chunk kernel (``mll.functional.set_chunk_kernel("compiled")`` for the
     step only); the first step, which compiles the kernel's bodies, is timed once here and printed."""
     eager = chunked_loss(name, **kwargs)
 
     def make(cfg: Config, data: Data) -> Step:
-        inner = eager(cfg, data)
-
-        def step() -> None:
-            before = mll.functional.chunk_kernel()
-            mll.functional.set_chunk_kernel("compiled")
-            try:
-                inner()
-            finally:
-                mll.functional.set_chunk_kernel(before)
-
+        step = with_chunk_kernel("compiled", eager(cfg, data))
         start = time.perf_counter()
         step()
         data.x.grad = shared_weight(cfg, data).grad = None  # as the other cases leave them once built

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import mll
-from benchmarks.cases import ARC_MARGIN, COS_MARGIN, SCALE
+from benchmarks.cases import ARC_MARGIN, COS_MARGIN, SCALE, with_chunk_kernel
 
 GiB = 2**30
 #: the H200 this benchmark is prepared for (139 GiB usable), for a dry run without a device
@@ -186,17 +186,7 @@ def compiled_kernel(name: str, **kwargs: object) -> Callable[[Problem], Step]:
     """``head.loss`` with ``mll.functional.set_chunk_kernel("compiled")`` for the step (Inductor's Triton bodies)."""
 
     def make(p: Problem) -> Step:
-        inner = chunked(name, **kwargs)(p)
-
-        def step() -> None:
-            before = mll.functional.chunk_kernel()
-            mll.functional.set_chunk_kernel("compiled")
-            try:
-                inner()
-            finally:
-                mll.functional.set_chunk_kernel(before)
-
-        return step
+        return with_chunk_kernel("compiled", chunked(name, **kwargs)(p))
 
     return make
 

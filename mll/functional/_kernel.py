@@ -458,12 +458,11 @@ def _compiled_backward(
     kept = None if chunk.raw is not None else (chunk.z, chunk.cos_k, chunk.pooled, chunk.slope, chunk.neg_slope)
     weights = None if targets.weights is None else targets.weights.to(acc)
     row_sum = None if targets.row_sum is None else targets.row_sum.to(acc)
-    out = _compiled.run(
+    return _compiled.run(
         "backward", _compiled.backward_body, chunk.raw, kept, chunk.inv, s, lse, g, value, cols, inside, weights,
         row_sum, t, spec.target_cos, spec.row_params, flat_params(tuple(params), chunk.start, chunk.stop),
         spec.slope, spec.family, spec.num_sub_centers, spec.tau, spec.plain, need_scale, need_value,
     )  # fmt: skip
-    return out
 
 
 def _double_backward() -> bool:
