@@ -72,6 +72,11 @@ class AdaCos(Head):
         self.initial_scale = float(self.scale)
         self.reset_parameters()
 
+    def logit_scale(self) -> Tensor:
+        """This step's scale: a copy of the buffer, which the next training call updates in place while this call's
+        graph may still need the value (two views through the head before one backward)."""
+        return self.scale.clone()
+
     def reset_running_stats(self) -> None:
         """Set the scale back to its initial value."""
         with torch.no_grad():

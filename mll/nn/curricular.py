@@ -73,7 +73,7 @@ class CurricularFace(Head):
                 total, count = I.finite_sum_and_count(target)
             stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
             self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
-        return MF.CURRICULAR(self.margin, self.t)
+        return MF.CURRICULAR(self.margin, self.t.clone())  # this step's t: the next call updates the buffer
 
     @property
     def momentum(self) -> float:

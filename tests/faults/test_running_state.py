@@ -170,3 +170,47 @@ def test_curricular_face_refuses_soft_targets_before_moving_t() -> None:
         with pytest.raises(ValueError, match="CurricularFace needs class indices"):
             call()
         assert torch.equal(head.t, t)
+
+
+# ------------------------------------------------------------------------ two calls before one backward (two views)
+
+ALL_HEADS = sorted(
+    name
+    for name in mll.__all__
+    if isinstance(getattr(mll, name), type) and issubclass(getattr(mll, name), torch.nn.Module)
+)  # fmt: skip (sharded heads too: without a process group they hold every class, a world of one)
+PATHS: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "dense": lambda h, x, y: F.cross_entropy(h(x, y), y),
+    "loss": lambda h, x, y: h.loss(x, y),  # type: ignore[operator]
+}
+
+
+COMBINATIONS = [
+    *((name, paths) for name in ALL_HEADS if not name.startswith("Sharded")
+      for paths in (("dense", "dense"), ("dense", "loss"), ("loss", "loss"))),
+    *((name, ("loss", "loss")) for name in ALL_HEADS if name.startswith("Sharded")),  # their forward: block logits
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "paths"), COMBINATIONS, ids=[f"{n}-{'+'.join(p)}" for n, p in COMBINATIONS])
+def test_two_calls_before_one_backward(name, paths) -> None:
+    """Two views through the head, one backward (multi-crop training): each call's graph keeps the state it used,
+    although the second call updates the running state in place — the gradient is the sum of the two calls' taken
+    one at a time."""
+    torch.manual_seed(0)
+    head = getattr(mll, name)(D, C, dtype=torch.float64)
+    twin = copy.deepcopy(head)
+    x1, y1 = clean_batch(1)
+    x2, y2 = clean_batch(2)
+    x = torch.cat([x1, x2]).requires_grad_()
+    torch.manual_seed(1)  # ElasticFace's draws: the same for both orders
+    (PATHS[paths[0]](head, x[:8], y1) + PATHS[paths[1]](head, x[8:], y2)).backward()
+    x_twin = torch.cat([x1, x2]).requires_grad_()
+    torch.manual_seed(1)
+    PATHS[paths[0]](twin, x_twin[:8], y1).backward()  # one at a time: the second call after the first's backward
+    PATHS[paths[1]](twin, x_twin[8:], y2).backward()
+    torch.testing.assert_close(x.grad, x_twin.grad)
+    for mine, theirs in zip(head.parameters(), twin.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    for mine, theirs in zip(head.buffers(), twin.buffers()):
+        torch.testing.assert_close(mine, theirs)
