@@ -223,16 +223,19 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
 
     Returns the target, with integer class indices converted to int64 (``gather`` needs it).
     """
-    lead, num_classes = tuple(cosine_shape[:-1]), int(cosine_shape[-1])
-    expected = (
-        f"class indices of shape {shape_str(lead)} (an integer dtype) or soft targets of shape "
-        f"{shape_str(tuple(cosine_shape))} (a floating dtype)"
-    )
+    lead, num_classes = tuple(cosine_shape[:-1]), cosine_shape[-1]
+
+    def expected() -> str:  # built only to raise: under torch.compile the shapes may be symbolic
+        return (
+            f"class indices of shape {shape_str(lead)} (an integer dtype) or soft targets of shape "
+            f"{shape_str(tuple(cosine_shape))} (a floating dtype)"
+        )
+
     if not isinstance(target, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of {expected}, but got {type(target).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of {expected()}, but got {type(target).__name__}")
     if target.is_floating_point():
         if tuple(target.shape) != tuple(cosine_shape):
-            raise ValueError(f"{name} must be {expected}, but got a float tensor of shape {shape_str(target.shape)}")
+            raise ValueError(f"{name} must be {expected()}, but got a float tensor of shape {shape_str(target.shape)}")
         if values_checkable() and not bool((torch.isfinite(target) & (target >= 0)).all()):  # NaN and ±inf too
             raise ValueError(
                 f"soft {name} must be non-negative and finite (not NaN or inf), but got values from "
@@ -240,9 +243,9 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
             )
         return target
     if target.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be {expected}, but got dtype {target.dtype}")
+        raise TypeError(f"{name} must be {expected()}, but got dtype {target.dtype}")
     if tuple(target.shape) != lead:
-        raise ValueError(f"{name} must be {expected}, but got an integer tensor of shape {shape_str(target.shape)}")
+        raise ValueError(f"{name} must be {expected()}, but got an integer tensor of shape {shape_str(target.shape)}")
     if values_checkable() and target.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= num_classes:

@@ -235,6 +235,21 @@ def prepare(spec: Spec, x: Tensor, weight: Tensor, params: tuple[Tensor, ...]) -
     return value
 
 
+def chunked_ce(
+    x: Tensor, weight: Tensor, scale: Any, value: Optional[Tensor], spec: Spec, *params: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``ChunkedCE.apply``. When no gradient will be asked for, no chunk keeps its logits for a backward; and under
+    ``torch.compile`` the forward is then called alone: dynamo mis-traces ``apply`` of a Function with
+    ``setup_context`` when no input needs a gradient (a compiled ``loss()`` under ``torch.no_grad()``, or DeepNCM's,
+    whose means need none)."""
+    inputs = (x, weight, scale, value, *params)
+    if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)):
+        spec.keep = False
+        if torch.compiler.is_compiling():
+            return ChunkedCE.forward(x, weight, scale, value, spec, *params)
+    return ChunkedCE.apply(x, weight, scale, value, spec, *params)
+
+
 class ChunkedCE(torch.autograd.Function):
     """Per-row margin cross-entropy of a block of classes: ``forward(x̂, weight, scale, value, spec, *params)``.
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from mll.functional._checks import UNSET, _is_int, check_features, check_scale, check_target, renamed, shape_str
-from mll.functional._kernel import ChunkedCE, Spec, Targets, acc_dtype, prepare
+from mll.functional._kernel import Spec, Targets, acc_dtype, chunked_ce, prepare
 from mll.functional._target import Scale
 from mll.functional.cosine import Pooling, check_pooling, normalize
 from mll.functional.margin import Margin, MarginParam, _param
@@ -243,7 +243,7 @@ def chunked_loss(
         spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, normalize_weight=normalized)
         spec.keep = keeps_logits(n, num_classes, num_sub_centers, spec.plain, input.dtype, x.device)
         value = prepare(spec, x, weight, params)
-        losses, *_ = ChunkedCE.apply(x, weight, scale, value, spec, *params)
+        losses, *_ = chunked_ce(x, weight, scale, value, spec, *params)
     losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     if reduction == "none":
         return losses.reshape(lead)

@@ -138,7 +138,7 @@ def elastic_margins(
         raise TypeError(f"bounds must be a pair (low, high) of floats, but got {bounds!r}")
     low, high = float(bounds[0]), float(bounds[1])
     # an infinite bound makes the clip's top (high minus a few ulps) NaN, and every draw with it
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+    if not (-math.inf < low < high < math.inf):  # NaN fails every comparison (comparisons also trace symbolically)
         raise ValueError(f"bounds must be finite (low, high) with low < high, but got {bounds!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, but got {dtype!r}")
@@ -167,7 +167,10 @@ def elastic_margins(
     top = high - 4 * torch.finfo(dtype).eps * max(abs(high), 1.0)
     if top < low:
         raise ValueError(f"bounds must be more than a few {dtype} ulps of high apart, but got {bounds!r}")
-    noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if generator is None:  # (``generator=None`` passed explicitly selects an overload that needs concrete sizes:
+        noise = torch.randn(shape, dtype=dtype, device=device)  # symbolic batch sizes under torch.compile fail)
+    else:
+        noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     with torch.no_grad():
         mean = margin.detach().to(dtype) if isinstance(margin, Tensor) else float(margin)
         return (mean + std * noise).clamp(low, top)

@@ -27,7 +27,7 @@ from torch import Tensor
 from mll.functional._agreement import Report, agree, check_backward_agreement, check_locally, pad_pairs
 from mll.functional._checks import _is_int, check_generator, check_num_classes, check_sample_rate
 from mll.functional._distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
-from mll.functional._kernel import ChunkedCE, Spec, Targets, prepare
+from mll.functional._kernel import Spec, Targets, chunked_ce, prepare
 from mll.functional._target import Scale
 from mll.functional.chunked import (
     Reduction,
@@ -335,7 +335,7 @@ def _sharded(
             all_reduce(torch.where(owner, r, 0.0), "sum", group, world) if t.dim() == 1 else r
             for t, r in zip(params, spec.row_params)
         )
-    losses, *_ = ChunkedCE.apply(x, w, scale, value, spec, *params)
+    losses, *_ = chunked_ce(x, w, scale, value, spec, *params)
     out = _Rows.apply(losses, sizes, rank, group, reduction)
     out = out.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     return out.reshape(lead) if reduction == "none" else out
