@@ -240,6 +240,48 @@ def zeroing_dense(name: str, **kwargs: object) -> Factory:
     return make
 
 
+def _timed_first_step(step: Step, what: str, cfg: Config, data: Data, weight: torch.nn.Parameter) -> None:
+    """Run ``step`` once (the step that compiles), print how long it took, and leave the gradients as the other cases
+    leave them once built."""
+    start = time.perf_counter()
+    step()
+    data.x.grad = weight.grad = None
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default")
+    print(f"compile: the first step of {what} at C={cfg.classes} took {time.perf_counter() - start:.1f} s "
+          f"(Inductor's cache: {cache})", flush=True)  # fmt: skip
+
+
+def compiled_floor(cfg: Config, data: Data) -> Step:
+    """The floor's step under ``torch.compile`` (Inductor fuses its elementwise passes; the GEMMs stay ATen's)."""
+    w = shared_weight(cfg, data)
+    loss = torch.compile(lambda x, w, y: F.cross_entropy(SCALE * F.linear(F.normalize(x), F.normalize(w)), y))
+
+    def step() -> None:
+        data.x.grad = w.grad = None
+        loss(data.x, w, data.target).backward()
+
+    _timed_first_step(step, "the compiled floor", cfg, data, w)
+    return step
+
+
+def compiled_dense(name: str, **kwargs: object) -> Factory:
+    """``F.cross_entropy(head(x, y), y)`` under ``torch.compile(fullgraph=True)`` — the user's dense path when the
+    training step is compiled — gradients set to None first; the first step (compilation) is timed and printed."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = shared_head(name, cfg, data, **kwargs)
+        loss = torch.compile(lambda x, y: F.cross_entropy(head(x, y), y), fullgraph=True)
+
+        def step() -> None:
+            data.x.grad = head.weight.grad = None
+            loss(data.x, data.target).backward()
+
+        _timed_first_step(step, f"{name} + F.cross_entropy under torch.compile", cfg, data, head.weight)
+        return step
+
+    return make
+
+
 def with_chunk_kernel(kernel: str, step: Step) -> Step:
     """``step`` run with ``mll.functional.set_chunk_kernel(kernel)``, the process's choice restored after it."""
 
@@ -261,12 +303,7 @@ def compiled_loss(name: str, **kwargs: object) -> Factory:
 
     def make(cfg: Config, data: Data) -> Step:
         step = with_chunk_kernel("compiled", eager(cfg, data))
-        start = time.perf_counter()
-        step()
-        data.x.grad = shared_weight(cfg, data).grad = None  # as the other cases leave them once built
-        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default")
-        print(f"compile: the first compiled loss() step of {name} at C={cfg.classes} took "
-              f"{time.perf_counter() - start:.1f} s (Inductor's cache: {cache})", flush=True)  # fmt: skip
+        _timed_first_step(step, f"{name}.loss() with the compiled kernel", cfg, data, shared_weight(cfg, data))
         return step
 
     return make
@@ -380,6 +417,13 @@ SUITES: dict[str, list[Case]] = {
             zeroing_dense("ArcFace", scale=SCALE, margin=ARC_MARGIN),
             step_bytes=mll_dense_step_bytes,
         ),
+        Case(
+            "ArcFace",
+            "mll dense + F.cross_entropy, torch.compile",
+            compiled_dense("ArcFace", scale=SCALE, margin=ARC_MARGIN),
+            step_bytes=mll_dense_step_bytes,
+        ),
+        Case("floor", "floor, torch.compile", compiled_floor, step_bytes=dense_step_bytes),
         Case("ArcFace", "mll loss() (chunked)", chunked_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
         Case("ArcFace", "mll loss(), compiled kernel", compiled_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
         Case(

@@ -138,8 +138,13 @@ def test_limit_suite_shares_one_weight_and_accumulates_only_where_asked() -> Non
     steps[accumulating]()  # added to the .grad already there
     torch.testing.assert_close(weight.grad, 2 * once)
     steps["floor"]()
+    dense = weight.grad.clone()
+    steps["floor, torch.compile"]()  # the floor compiled: the same gradient
+    torch.testing.assert_close(weight.grad, dense)
     steps["mll dense + F.cross_entropy"]()
-    assert weight.grad.shape == weight.shape
+    dense = weight.grad.clone()
+    steps["mll dense + F.cross_entropy, torch.compile"]()  # ArcFace's dense step compiled: the same gradient
+    torch.testing.assert_close(weight.grad, dense)
 
 
 def test_gpu_largest_classes_doubles_by_memory_and_halves_by_time() -> None:
@@ -194,7 +199,12 @@ def test_a_step_that_would_not_fit_in_memory_is_skipped_not_run(monkeypatch: pyt
     monkeypatch.setattr(run, "available_memory", lambda: 1)
     results = run.time_suite("limit", Config(batch=8, features=16, classes=50), rounds=1, memory=False)
     skipped = {r.impl for r in results if r.note}
-    assert skipped == {"floor", "mll dense + F.cross_entropy"}
+    assert skipped == {
+        "floor",
+        "mll dense + F.cross_entropy",
+        "mll dense + F.cross_entropy, torch.compile",
+        "floor, torch.compile",
+    }
     assert all(r.times for r in results if not r.note)
     printed = run.table(results)
     assert "| floor | floor | skipped: a step needs ~0 GiB, 0 GiB available |" in printed
