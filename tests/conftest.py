@@ -42,6 +42,19 @@ def kernel_mode(request, monkeypatch) -> str:
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
+def exported_heads(*, sharded: bool) -> list[str]:
+    """The names of the head classes ``mll`` exports (``nn.Module`` subclasses), sorted: the class-sharded ones
+    too, or not."""
+    import mll
+
+    return sorted(
+        name
+        for name in mll.__all__
+        if isinstance(getattr(mll, name), type) and issubclass(getattr(mll, name), torch.nn.Module)
+        and (sharded or not name.startswith("Sharded"))
+    )  # fmt: skip
+
+
 _SPAWNED: dict[int, list[dict[str, Any]]] = {}
 
 

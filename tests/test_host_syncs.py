@@ -18,13 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mll
 from mll import functional as MF
+from tests.conftest import exported_heads
 
-HEADS = sorted(
-    name
-    for name in mll.__all__
-    if isinstance(getattr(mll, name), type) and issubclass(getattr(mll, name), torch.nn.Module)
-    and not name.startswith("Sharded")
-)  # fmt: skip
+HEADS = exported_heads(sharded=False)
 N, D, C = 8, 16, 50
 #: heads whose training step takes class indices only
 HARD_ONLY = {"CurricularFace", "ProxyAnchor", "MVSoftmax", "NPCFace", "ArcNegFace", "CircleLoss"}

@@ -11,6 +11,7 @@ import torch
 
 import mll
 from mll import functional as MF
+from tests.conftest import exported_heads
 from tests.distributed import sharded_heads as SH
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -19,9 +20,7 @@ HARD = [case for case in SH.HEAD_CASES if case.target == "hard"]  # one per conf
 
 
 def test_every_exported_head_has_a_sharded_form() -> None:
-    heads = {name for name in mll.__all__ if isinstance(getattr(mll, name), type) and not name.startswith("Sharded")}
-    heads -= {"SubCenterCleanup"}
-    heads = {name for name in heads if issubclass(getattr(mll, name), torch.nn.Module)}
+    heads = set(exported_heads(sharded=False))
     assert heads == set(DENSE_NAMES)
     for name in heads:
         sharded = getattr(mll, "Sharded" + name)

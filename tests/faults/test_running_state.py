@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import mll
+from tests.conftest import exported_heads
 
 D, C = 5, 6
 STATEFUL: dict[str, Callable[[], torch.nn.Module]] = {
@@ -174,11 +175,8 @@ def test_curricular_face_refuses_soft_targets_before_moving_t() -> None:
 
 # ------------------------------------------------------------------------ two calls before one backward (two views)
 
-ALL_HEADS = sorted(
-    name
-    for name in mll.__all__
-    if isinstance(getattr(mll, name), type) and issubclass(getattr(mll, name), torch.nn.Module)
-)  # fmt: skip (sharded heads too: without a process group they hold every class, a world of one)
+# sharded heads too: without a process group they hold every class, a world of one
+ALL_HEADS = exported_heads(sharded=True)
 PATHS: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "dense": lambda h, x, y: F.cross_entropy(h(x, y), y),
     "loss": lambda h, x, y: h.loss(x, y),  # type: ignore[operator]

@@ -14,13 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import mll
+from tests.conftest import exported_heads
 
-HEADS = sorted(
-    name
-    for name in mll.__all__
-    if isinstance(getattr(mll, name), type) and issubclass(getattr(mll, name), torch.nn.Module)
-    and not name.startswith("Sharded")
-)  # fmt: skip
+HEADS = exported_heads(sharded=False)
 D, C = 16, 40
 
 
