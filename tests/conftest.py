@@ -26,17 +26,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["kept", "recomputed"])
-def kernel_mode(request, monkeypatch) -> str:
-    """Run a test with the chunk kernel keeping its logits from forward to backward (the default for small
-    problems), and again with it recomputing them (the default from about 16 MB of logits)."""
-    from mll.functional import chunked
+@pytest.fixture(params=["kept", "recomputed", "row_tiles"])
+def kernel_mode(request) -> Any:
+    """Run a test on each exact path of the chunked loss: the chunk kernel keeping its logits from forward to
+    backward, the chunk kernel recomputing them, and the row tiles forming the gradient during the forward (three
+    rows per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a
+    gradient to build takes the cost model's path there)."""
+    from mll.functional import set_loss_path
 
-    if request.param == "recomputed":
-        monkeypatch.setattr(chunked, "KEEP_BYTES", 0)
-    else:
-        monkeypatch.setattr(chunked, "KEEP_BYTES", 1 << 40)
-    return request.param
+    path = {"kept": "keep", "recomputed": "recompute", "row_tiles": "row_tiles"}[request.param]
+    with set_loss_path(path, rows=3 if path == "row_tiles" else None):
+        yield request.param
 
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

@@ -41,8 +41,9 @@ from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_
 from mll.functional._engine.kernel import chunked_ce
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import Scale, acc_dtype
+from mll.functional._engine.plan import plan
 from mll.functional._engine.targets import Target, Targets, dense_to_pair, merge_duplicates, pad_pairs
-from mll.functional.chunked import Reduction, default_chunk_size, keeps_logits
+from mll.functional.chunked import Reduction, logits_buffers
 from mll.functional.margin import Margin, param_tensor
 from mll.functional.margins import resolve_margin
 
@@ -363,11 +364,11 @@ def _sharded(
             width = kept.numel()
 
     # 3. the chunk kernel, its row statistics all-reduced over the blocks
-    chunk = default_chunk_size(total, max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
     tau = float(pooling_temperature) if pooling == "soft" and k > 1 else None
-    spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, chunk, tau,
+    spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, 1, tau,
                 reduce=lambda t, op: all_reduce(t, op, group, world), normalize_weight=normalized)  # fmt: skip
-    spec.keep = keeps_logits(total, width, k, spec.plain, input.dtype, x.device)
+    choice = plan(total, max(width, 1), k, logits_buffers(spec), input.dtype, x.device, chunk=chunk_size)
+    spec.chunk, spec.keep = choice.chunk, choice.path == "keep"
     value = prepare(spec, x, w, tuple(params))
     if margin_.family.negatives is not None:  # each row's target cosine and parameters, from the rank that owns it
         owner = (classes[:, :1] >= 0) & (classes[:, :1] < width)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Optional
-from unittest import mock
 
 import torch
 from torch import nn
 
 import mll
-from mll.functional import chunked
+from mll import functional as MF
 
 D, C = 5, 9
 SPLITS = {"uneven": {2: (4, 3), 3: (4, 3, 2)}, "empty-rank": {2: (0, 5), 3: (4, 0, 3)}}
@@ -185,8 +184,7 @@ def run_heads(rank: int, world: int) -> dict[str, Any]:
             part = rows(data["split"], rank)
             x = data["x"][part].clone().requires_grad_(True)
             # the kernel keeps the (small) logits between forward and backward; every other step recomputes them
-            keep = chunked.KEEP_BYTES if step % 2 == 0 else 0
-            with mock.patch.object(chunked, "KEEP_BYTES", keep):
+            with MF.set_loss_path("keep" if step % 2 == 0 else "recompute"):
                 loss = shard.loss(x, target_of(case, data, part), reduction=case.reduction)
                 objective = loss.sum() if case.reduction == "none" else loss
                 grads = torch.autograd.grad(objective, [x, *trainable(shard)])

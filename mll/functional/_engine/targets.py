@@ -36,6 +36,11 @@ class Targets:
     dense: Optional[Tensor] = None
     row_sum: Optional[Tensor] = None
 
+    def rows(self, start: int, stop: int) -> Targets:
+        """The targets of rows ``[start, stop)``."""
+        return Targets(*(None if t is None else t[start:stop] for t in (self.classes, self.weights, self.dense,
+                                                                        self.row_sum)))  # fmt: skip
+
 
 def merge_duplicates(classes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """Few-hot targets ``(N, P)`` with each class at most once per row: a class listed twice (a mixup of two samples
