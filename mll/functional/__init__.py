@@ -67,7 +67,8 @@ from mll.functional.proxy import (
     sharded_proxy_anchor_loss,
 )
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
-from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
+from mll.functional.sharded import sharded_margin_cross_entropy
+from mll.functional.sharding import sample_classes, shard_bounds
 from mll.functional.soft_triple import soft_triple_distinct_centers, soft_triple_regularizer
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 

@@ -21,7 +21,9 @@ from mll import functional as MF
 
 D, C = 5, 9
 SPLITS = {"uneven": {2: (4, 3), 3: (4, 3, 2)}, "empty-rank": {2: (0, 5), 3: (4, 0, 3)}}
-STEPS = 2
+STEPS = 3
+#: the chunked loss's path per training step: every exact path of the sharded loss once
+PATHS = (("row_tiles", 2), ("keep", None), ("recompute", None))
 
 
 def _per_class(low: float, high: float) -> torch.Tensor:
@@ -183,8 +185,10 @@ def run_heads(rank: int, world: int) -> dict[str, Any]:
             data = batch(case, world, step)
             part = rows(data["split"], rank)
             x = data["x"][part].clone().requires_grad_(True)
-            # the kernel keeps the (small) logits between forward and backward; every other step recomputes them
-            with MF.set_loss_path("keep" if step % 2 == 0 else "recompute"):
+            # the row tiles (two rows each: collectives per tile, and a ragged last tile), the kept logits and the
+            # recomputed ones, a step each (eval: the cost model)
+            path, tile = PATHS[step] if step < STEPS else ("auto", None)
+            with MF.set_loss_path(path, rows=tile):
                 loss = shard.loss(x, target_of(case, data, part), reduction=case.reduction)
                 objective = loss.sum() if case.reduction == "none" else loss
                 grads = torch.autograd.grad(objective, [x, *trainable(shard)])

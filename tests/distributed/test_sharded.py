@@ -167,7 +167,7 @@ def positives(case: Case, data: dict[str, Any]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- in the workers
 
 
-def run_case(case: Case, rank: int, world: int, **overrides: Any) -> dict[str, Any]:
+def run_case(case: Case, rank: int, world: int, weight: float = 1.0, **overrides: Any) -> dict[str, Any]:
     data = make_data(case, world)
     rows = rows_of(data["split"], rank)
     start, stop = ranges_of(case, world)[rank]
@@ -184,7 +184,7 @@ def run_case(case: Case, rank: int, world: int, **overrides: Any) -> dict[str, A
     )  # fmt: skip
     kwargs.update(overrides)
     loss = MF.sharded_margin_cross_entropy(x, w, local_target(case, data, rows), **kwargs)
-    objective = (loss * data["upstream"][rows]).sum() if case.reduction == "none" else loss
+    objective = (loss * data["upstream"][rows]).sum() if case.reduction == "none" else loss * weight
     inputs = [x, w] + ([scale] if case.trainable_scale else [])
     grads = torch.autograd.grad(objective, inputs)
     result = {"loss": loss.detach(), "grad_x": grads[0], "grad_w": grads[1]}
@@ -376,12 +376,27 @@ def run_families(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def run_row_tiles(rank: int, world: int) -> dict[str, Any]:
+    """The scalar cases on the row tiles (two rows per tile: a collective pair per tile, ragged last tiles), with every
+    rank's upstream gradient 1 — and again with rank r's upstream r + 1, which the formed gradient cannot be a scaling
+    of: the tiles are walked again with each row weighted by its rank's upstream."""
+    out: dict[str, Any] = {}
+    for case in CASES:
+        if case.reduction == "none":
+            continue
+        with MF.set_loss_path("row_tiles", rows=2):
+            out[case.name] = run_case(case, rank, world)
+            out[case.name + "/weighted"] = run_case(case, rank, world, weight=float(rank + 1))
+    return out
+
+
 def _worker(rank: int, world: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=world)
     try:
         results = {
             "cases": {case.name: run_case(case, rank, world) for case in CASES},
+            "row_tiles": run_row_tiles(rank, world),
             "rate_one": check_rate_one_is_no_sampling(rank, world),
             "modules": run_modules(rank, world),
             "ddp": run_ddp(rank, world),
@@ -421,19 +436,44 @@ def dense_loss(case: Case, x, w, target, scale, kept: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_equals_the_dense_loss(spawned, world, case) -> None:
-    ranks = spawned(world)
+    check_against_the_dense_loss(case, world, [r["cases"][case.name] for r in spawned(world)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["same-upstream", "upstream-by-rank"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.reduction != "none"], ids=lambda c: c.name)
+def test_row_tiles_equal_the_dense_loss(spawned, world, case, weighted) -> None:
+    """The loss and its gradient formed in one pass over row tiles, with the ranks' collectives per tile: the dense
+    loss's numbers; with rank r's upstream gradient r + 1 each row's gradient is weighted by its rank's."""
+    got = [r["row_tiles"][case.name + ("/weighted" if weighted else "")] for r in spawned(world)]
+    check_against_the_dense_loss(case, world, got, rank_weights=[r + 1.0 for r in range(world)] if weighted else None)
+
+
+def check_against_the_dense_loss(
+    case: Case, world: int, got: list[dict[str, Any]], rank_weights: Optional[list[float]] = None
+) -> None:
+    """Every rank's loss, feature gradient, block gradient and scale gradient against the dense loss on the global
+    batch; ``rank_weights``: rank r backpropagated ``rank_weights[r]`` times its (scalar) loss."""
     data = make_data(case, world)
     x = data["x"].clone().requires_grad_(True)
     w = data["w"].clone().requires_grad_(True)
     scale: Any = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True) if case.trainable_scale else SCALE
-    got = [r["cases"][case.name] for r in ranks]
     kept = torch.arange(case.classes)
     if case.sample_rate < 1:
         kept = torch.cat([g["kept"] for g in got]).sort().values
         assert kept.numel() < case.classes, "the sample must leave classes out for this test to mean anything"
         assert torch.isin(positives(case, data), kept).all()
     dense = dense_loss(case, x, w, data["dense_target"], scale, kept)
-    objective = (dense * data["upstream"]).sum() if case.reduction == "none" else dense
+    if case.reduction == "none":
+        objective = (dense * data["upstream"]).sum()
+    elif rank_weights is None:
+        objective = dense
+    else:  # each rank's output stands for its own rows: its weight on its rows' share of the mean or sum
+        per_row = dense_loss(dataclasses.replace(case, reduction="none"), x, w, data["dense_target"], scale, kept)
+        weights = torch.cat([torch.full((data["split"][r],), rank_weights[r], dtype=torch.float64)
+                             for r in range(world)])  # fmt: skip
+        objective = (per_row * weights).sum() / (per_row.numel() if case.reduction == "mean" else 1)
     grads = torch.autograd.grad(objective, [x, w] + ([scale] if case.trainable_scale else []))
     feature_scale = world if case.feature_grad_scale is None else case.feature_grad_scale
     for rank, result in enumerate(got):

@@ -62,6 +62,8 @@ class Spec:
     slope: Optional[Tensor] = None
     target_cos: Optional[Tensor] = None
     row_params: tuple[Tensor, ...] = ()
+    #: the ranks of a class-sharded loss (``block.Ranks``), for the row tiles' backward
+    ranks: Any = None
 
     def rows(self, start: int, stop: int) -> Spec:
         """The spec of rows ``[start, stop)``: their targets, slopes and row parameters (a row tile's)."""
@@ -224,7 +226,7 @@ class Chunk(ChunkRows):
             else:
                 self.z = self.pooled * s
         assert targets.classes is not None and value is not None
-        for p in range(targets.classes.shape[1]):  # one entry per row at a time: no two writes collide
+        for p in range(targets.classes.shape[1] if stop > start else 0):  # one entry per row at a time
             inside, col = in_chunk(targets.classes[:, p : p + 1], start, stop)
             self.z.scatter_(1, col, torch.where(inside, value[:, p : p + 1] * s, self.z.gather(1, col)))
 

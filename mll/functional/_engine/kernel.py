@@ -358,7 +358,7 @@ def tile_softmax_grad(
         dz.sub_(chunk.t)
     else:
         assert targets.classes is not None
-        for p in range(targets.classes.shape[1]):
+        for p in range(targets.classes.shape[1] if width > 0 else 0):
             inside, col = in_chunk(targets.classes[:, p : p + 1], 0, width)
             w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(acc)
             dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(acc))

@@ -66,10 +66,15 @@ class RowTiledCE(torch.autograd.Function):
             )
         x, weight, scale_t, value, *params = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
-        if grads is None:  # a second backward of a retained graph: the first took the forward's gradients
-            scale = scale_t if scale_t is not None else ctx.scale
-            _, grads = tile_gradients(x, weight, scale, value, ctx.spec, ctx.rows, params, ctx.needs)
+        scale = scale_t if scale_t is not None else ctx.scale
+        upstream = None if ctx.spec.ranks is None else ctx.spec.ranks.row_upstream(grad)
         g = grad * ctx.factor
+        if upstream is not None:  # the ranks' upstream gradients differ: each row weighted by its rank's
+            del grads
+            _, grads = tile_gradients(x, weight, scale, value, ctx.spec, ctx.rows, params, ctx.needs, upstream)
+            g = g.new_tensor(ctx.factor)
+        elif grads is None:  # a second backward of a retained graph: the first took the forward's gradients
+            _, grads = tile_gradients(x, weight, scale, value, ctx.spec, ctx.rows, params, ctx.needs)
         out: list[Optional[Tensor]] = []
         for tensor, like in zip(grads, (x, weight, scale_t, value, *params)):
             if tensor is None:
@@ -84,10 +89,11 @@ class RowTiledCE(torch.autograd.Function):
 
 def tile_gradients(
     x: Tensor, weight: Tensor, scale: Any, value: Optional[Tensor], spec: Spec, rows: int,
-    params: tuple[Tensor, ...], needs: tuple[bool, ...],
+    params: tuple[Tensor, ...], needs: tuple[bool, ...], row_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, list[Optional[Tensor]]]:  # fmt: skip
-    """The per-row losses and, for an upstream gradient of 1 on each row, the gradients of ``(x, weight, scale,
-    value, *params)`` (None where ``needs`` says none), in the accumulation dtype."""
+    """The per-row losses and, for an upstream gradient of 1 on each row (``row_weights`` on row i, if given), the
+    gradients of ``(x, weight, scale, value, *params)`` (None where ``needs`` says none), in the accumulation
+    dtype."""
     n, k = x.shape[0], spec.num_sub_centers
     acc = acc_dtype(x.dtype)
     s = scale.detach().to(acc) if isinstance(scale, Tensor) else scale
@@ -107,15 +113,25 @@ def tile_gradients(
         vt = None if value_d is None else value_d[r0:r1]
         chunk = Chunk(tile, x.detach()[r0:r1], weight, vt, pt, s, 0, width, norms=norms)
         losses[r0:r1], dz = tile_softmax_grad(tile, chunk, vt, s, acc, keep_logits=grad_s is not None)
+        if row_weights is None:
+            gt, xg = torch.ones(r1 - r0, dtype=acc, device=x.device), x_acc[r0:r1]
+        else:
+            gt = row_weights[r0:r1].to(acc)
+            xg = x_acc[r0:r1] * gt[:, None]
+        if width == 0:  # an empty block (a rank without classes): its rows' statistics only, no gradient
+            if grad_x is not None:
+                grad_x[r0:r1].zero_()
+            continue
         if grad_s is not None:
-            grad_s += (dz * chunk.z).sum() / s
-        ones = torch.ones(r1 - r0, dtype=acc, device=x.device)
+            grad_s += ((dz * chunk.z).sum(1) * gt).sum() / s
         gv = None if grad_value is None else grad_value[r0:r1]
         gp = [None if g is None else row_slice(g, r0, r1) for g in grad_params]
-        dcos = chunk_dcos(tile, chunk, dz, s, ones, gv, list(pt), gp)
+        dcos = chunk_dcos(tile, chunk, dz, s, gt, gv, list(pt), gp)
         gx = None if grad_x is None else grad_x[r0:r1].zero_()
-        add_grads(dcos, x_acc[r0:r1], chunk, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
-    if grad_w is not None and norms is not None and n > 0:  # the rows' normalisation, once
+        add_grads(dcos, xg, chunk, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
+        if gx is not None and row_weights is not None:
+            gx.mul_(gt[:, None])
+    if grad_w is not None and norms is not None and n > 0 and width > 0:  # the rows' normalisation, once
         eps = weight_eps(weight.dtype)
         rows_acc = weight.detach() if weight.dtype == acc else weight.detach().to(acc)
         fold_normalization_(grad_w, rows_acc, norms.clamp(min=eps).reciprocal(), norms > eps)
