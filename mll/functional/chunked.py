@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mll.functional._engine.checks import (
@@ -30,8 +31,8 @@ from mll.functional._engine.numerics import Scale, acc_dtype
 from mll.functional._engine.plan import Plan, chunk_classes, plan
 from mll.functional._engine.row_tiles import row_tiled_ce
 from mll.functional._engine.targets import Target, Targets, kernel_targets, tensor_targets
-from mll.functional.cosine import Pooling
-from mll.functional.margin import Margin, MarginParam, param_tensor
+from mll.functional.cosine import Pooling, cosine_logits
+from mll.functional.margin import Margin, MarginParam, apply_margin, param_tensor
 from mll.functional.margins import resolve_margin
 
 __all__ = ["loss_plan", "margin_cross_entropy"]
@@ -51,14 +52,16 @@ def loss_plan(
     chunk_size: Optional[int] = None,
 ) -> Plan:  # fmt: skip
     """The path :func:`margin_cross_entropy` (and every head's ``loss()``) takes for a batch of ``batch`` rows over
-    ``num_classes`` classes — ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and memory budget
+    ``num_classes`` classes — ``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and
+    memory budget
     (see ``docs/chunked.md``: how the path is chosen). ``plain``: plain scaled cosine logits with class indices (no
     sub-centers, non-target part or dense soft targets, which hold four logits-sized buffers per chunk)."""
     check_chunk_size(chunk_size)
     check_reduction(reduction)
     scalar = reduction != "none" and requires_grad and torch.is_grad_enabled() and chunk_kernel() != "compiled"
     buffers = 1 if plain and num_sub_centers == 1 else 4
-    return plan(batch, num_classes, num_sub_centers, buffers, dtype, device, scalar_loss=scalar, chunk=chunk_size)
+    return plan(batch, num_classes, num_sub_centers, buffers, dtype, device, scalar_loss=scalar, chunk=chunk_size,
+                dense=True)  # fmt: skip
 
 
 def logits_buffers(spec: Spec) -> int:
@@ -181,17 +184,56 @@ def chunked_loss(
         spec = Spec(margin.family, targets, int(num_sub_centers), 1, tau, normalize_weight=normalized)
         choice = plan(n, num_classes, int(num_sub_centers), logits_buffers(spec), input.dtype, x.device,
                       scalar_loss=not spec.compiled and scalar_loss(reduction, input, weight, scale, params),
-                      chunk=chunk_size, held=accumulating_bytes(weight))  # fmt: skip
+                      chunk=chunk_size, held=accumulating_bytes(weight), dense=True)  # fmt: skip
+        if choice.path == "dense":
+            logits = _dense_logits(input, weight, targets, Margin(margin.family, params), scale, num_sub_centers,
+                                   pooling, pooling_temperature, normalized)  # fmt: skip
+            losses = F.cross_entropy(logits.to(acc), _dense_target(targets, num_classes, acc), reduction="none")
+            return _reduced(losses, input.dtype, lead, reduction)
         spec.chunk, spec.keep = choice.chunk, choice.path == "keep"
         value = prepare(spec, x, weight, params)
         if choice.path == "row_tiles":
             loss = row_tiled_ce(x, weight, scale, value, spec, choice.rows, reduction, n, *params)
             return loss.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
         losses, *_ = chunked_ce(x, weight, scale, value, spec, *params)
-    losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
+    return _reduced(losses, input.dtype, lead, reduction)
+
+
+def _reduced(losses: Tensor, dtype: torch.dtype, lead: tuple[int, ...], reduction: str) -> Tensor:
+    losses = losses.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     if reduction == "none":
         return losses.reshape(lead)
     return losses.sum() if reduction == "sum" else losses.mean()
+
+
+def _dense_logits(
+    input: Tensor, weight: Tensor, targets: Targets, margin: Margin, scale: Scale, num_sub_centers: int, pooling: str,
+    pooling_temperature: float, normalized: bool,
+) -> Tensor:  # fmt: skip
+    """The dense path's logits for the flattened rows: what a head's forward computes (the reference every path
+    equals)."""
+    flat = input.reshape(-1, input.shape[-1])
+    if normalized:
+        cos = cosine_logits(flat, weight, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature)  # type: ignore[arg-type]
+    else:
+        cos = F.linear(flat, weight)
+    return apply_margin(cos, _dense_target(targets, cos.shape[-1], None), margin, scale)
+
+
+def _dense_target(targets: Targets, num_classes: int, dtype: Optional[torch.dtype]) -> Tensor:
+    """Kernel-form targets as ``F.cross_entropy`` takes them: class indices ``(N,)`` or soft targets ``(N, C)`` (a
+    few-hot pair's entries added into their classes)."""
+    if targets.dense is not None:
+        return targets.dense if dtype is None else targets.dense.to(dtype)
+    assert targets.classes is not None
+    if targets.weights is None:
+        return targets.classes[:, 0]
+    inside = targets.classes >= 0
+    dense = torch.zeros(
+        targets.classes.shape[0], num_classes, dtype=targets.weights.dtype, device=targets.classes.device
+    )
+    dense.scatter_add_(1, targets.classes.clamp(min=0), torch.where(inside, targets.weights, 0.0))
+    return dense if dtype is None else dense.to(dtype)
 
 
 def accumulating_bytes(weight: Tensor) -> int:

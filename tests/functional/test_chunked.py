@@ -268,7 +268,11 @@ def _cost_model_checks() -> None:
     with MF.set_loss_path("keep"):
         assert MF.loss_plan(8192, 1_000_000).path == "keep"
     assert MF.loss_plan(4096, 100_000).path == "row_tiles"  # the settings are restored
-    with pytest.raises(ValueError, match="path must be one of 'auto', 'keep', 'row_tiles', 'recompute'"):
+    # a tiny single-process step: the dense logits (the kernel's Python would cost more); not with a chunk size
+    assert MF.loss_plan(64, 6).path == "dense"
+    assert MF.loss_plan(64, 6, chunk_size=2).path == "keep"
+    assert MF.loss_plan(128, 129).path == "keep"  # 2^14 + 128 logits
+    with pytest.raises(ValueError, match="path must be one of 'auto', 'dense', 'keep', 'row_tiles', 'recompute'"):
         MF.set_loss_path("fused")
     with pytest.raises(ValueError, match="budget must be None or a number of bytes >= 0, but got -1"):
         MF.set_memory_budget(-1)

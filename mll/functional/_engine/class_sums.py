@@ -27,7 +27,7 @@ from torch import Tensor
 from mll.functional._engine.accumulate import accumulate_node, grad_to_accumulate_into
 from mll.functional._engine.agreement import check_backward_agreement
 from mll.functional._engine.chunks import ChunkRows, add_grads, chunk_bounds, cosines, sub_center_grads
-from mll.functional._engine.numerics import acc_dtype, double_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward
 
 
 def class_log_sums(
@@ -67,7 +67,7 @@ class ClassSumsSpec:
     world: int = 1
 
 
-class ClassLogSums(torch.autograd.Function):
+class ClassLogSums(DirectApply, torch.autograd.Function):
     """A block of classes' ``(Σ positive log-sums, Σ negative log-sums, #classes with a positive)``:
     ``forward(x̂ (N, d), weight (B·K, d), labels (N,) block-local, spec)``. Labels outside ``[0, B)`` are samples of
     other blocks' classes: negatives for every class here."""

@@ -37,7 +37,7 @@ from mll.functional._engine.chunks import (
     saved_norms,
     sub_center_grads,
 )
-from mll.functional._engine.numerics import acc_dtype, double_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward
 
 
 def chunked_ce(
@@ -55,7 +55,7 @@ def chunked_ce(
     return ChunkedCE.apply(x, weight, scale, value, spec, *params)
 
 
-class ChunkedCE(torch.autograd.Function):
+class ChunkedCE(DirectApply, torch.autograd.Function):
     """Per-row margin cross-entropy of a block of classes: ``forward(x̂, weight, scale, value, spec, *params)``.
 
     ``x̂`` are normalised features ``(N, d)``, ``weight`` the block's raw rows ``(B·K, d)``, ``value`` the margin's

@@ -6,7 +6,9 @@ A margin cross-entropy over a block of C classes (K sub-centers each) for N rows
 - ``"keep"`` — the chunk kernel keeps every chunk's logits from forward to backward: three GEMMs, N·C·K logits held.
 - ``"row_tiles"`` — the loss and its gradient in one pass, a tile of rows at a time (``row_tiles.py``): three GEMMs,
   one tile's logits held; only when the loss ends the graph (``"mean"``/``"sum"``, a gradient asked for, eager).
-- ``"recompute"`` — the chunk kernel recomputes each chunk's logits in backward: four GEMMs, one chunk held.
+- ``"recompute"`` — the chunk kernel recomputes each chunk's logits in backward: four GEMMs, one chunk held;
+- ``"dense"`` — the dense logits and ``F.cross_entropy``, for a single-process step of at most :data:`DENSE_LOGITS`
+  logits and no chunk size given: there the Python of a kernel costs more than the few N×C passes it saves.
 
 The GEMMs are the cost of a large step, so three beat four wherever the memory allows; the budget is the working
 memory the loss may hold beyond its inputs and the gradients it returns. By default it is a quarter of one N×C·K
@@ -26,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-PATHS = ("auto", "keep", "row_tiles", "recompute")
+PATHS = ("auto", "dense", "keep", "row_tiles", "recompute")
 
 #: the chunk kernel's chunk: about this many logits per chunk (CPU 2^18, 1 MB of float32: a chunk's buffers stay in
 #: cache at small batches), but never fewer than :data:`MIN_CHUNK_CLASSES` classes
@@ -41,6 +43,8 @@ ACCELERATOR_MAX_BUDGET = 1 << 32
 #: the default budget as a fraction of one N×C·K logits buffer
 BUDGET_FRACTION = 0.25
 MIN_TILE_ROWS = 128
+#: a single-process step of at most this many logits takes the dense path (its fixed cost is the kernel's smaller)
+DENSE_LOGITS = 1 << 14
 
 _STATE: dict[str, Any] = {"budget": None, "path": "auto", "rows": None}
 
@@ -84,10 +88,11 @@ class set_memory_budget:
 
 
 class set_loss_path:
-    """Force the chunked loss's path — ``"keep"``, ``"row_tiles"``, ``"recompute"`` or ``"auto"`` (the cost model,
-    the default) — for the whole process; also a context manager. ``rows``: rows per tile of ``"row_tiles"`` (default:
-    as many as the budget holds). A forced ``"row_tiles"`` falls back to the cost model where it cannot run (a
-    per-row loss, no gradient to build, ``torch.compile``, ``torch.func``)."""
+    """Force the chunked loss's path — ``"dense"``, ``"keep"``, ``"row_tiles"``, ``"recompute"`` or ``"auto"`` (the
+    cost model, the default) — for the whole process; also a context manager. ``rows``: rows per tile of
+    ``"row_tiles"`` (default: as many as the budget holds). A forced ``"row_tiles"`` falls back to the cost model
+    where it cannot run (a per-row loss, no gradient to build, ``torch.compile``, ``torch.func``); a forced
+    ``"dense"`` to the chunk kernel in the sharded loss."""
 
     def __init__(self, path: str, rows: Optional[int] = None) -> None:
         if path not in PATHS:
@@ -123,7 +128,8 @@ def chunk_classes(rows: int, classes: int, sub_centers: int, device: Any = "cpu"
 
 @dataclass(frozen=True)
 class Plan:
-    """A chunked loss's path (``"keep"``, ``"row_tiles"`` or ``"recompute"``), its chunk (classes) and tile (rows)."""
+    """A chunked loss's path (``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"``), its chunk (classes) and
+    tile (rows)."""
 
     path: str
     chunk: int
@@ -133,24 +139,28 @@ class Plan:
 
 def plan(
     rows: int, classes: int, sub_centers: int, buffers: int, dtype: torch.dtype, device: Any = "cpu", *,
-    scalar_loss: bool = False, chunk: Optional[int] = None, held: int = 0,
+    scalar_loss: bool = False, chunk: Optional[int] = None, held: int = 0, dense: bool = False,
 ) -> Plan:  # fmt: skip
     """The path for N = ``rows`` rows and a block of ``classes`` classes with ``sub_centers`` each, whose chunks hold
     ``buffers`` logits-sized tensors (1 for plain scaled cosines; more with sub-centers, a non-target part or dense
     soft targets). ``scalar_loss``: the loss ends the graph (a ``"mean"``/``"sum"`` reduction with a gradient to
     build, eager) — only then can it take ``"row_tiles"``. ``chunk``: the caller's classes per chunk. ``held``: bytes
-    the row tiles would hold besides a tile (a weight gradient formed beside an existing ``.grad``)."""
+    the row tiles would hold besides a tile (a weight gradient formed beside an existing ``.grad``). ``dense``: the
+    caller can run the dense path (a single process)."""
     budget = memory_budget(rows, classes, sub_centers, dtype, device)
     per_row = max(1, classes * sub_centers * _bytes(dtype) * buffers)
+    given = chunk
     chunk = chunk_classes(rows, classes, sub_centers, device) if chunk is None else int(chunk)
     forced = _STATE["path"]
     tile = max(1, min(rows, _STATE["rows"] or max(0, budget - held) // per_row))
     if forced == "row_tiles" and scalar_loss:
         return Plan("row_tiles", chunk, tile, budget)
-    if forced in ("keep", "recompute"):
+    if forced in ("keep", "recompute") or (forced == "dense" and dense):
         return Plan(forced, chunk, rows, budget)
     if torch.compiler.is_compiling():  # a traced kernel cannot hand its chunks from forward to backward
         return Plan("recompute", chunk, rows, budget)
+    if dense and forced == "auto" and given is None and rows * classes * sub_centers <= DENSE_LOGITS:
+        return Plan("dense", chunk, rows, budget)
     if rows * per_row <= budget:
         return Plan("keep", chunk, rows, budget)
     if scalar_loss and forced != "recompute" and tile >= min(MIN_TILE_ROWS, rows):
