@@ -58,6 +58,8 @@ class RowTiledCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        # sharded: the ranks' upstream gradients, after every rank refused a double backward if any asked for one
+        upstream = None if ctx.spec.ranks is None else ctx.spec.ranks.row_upstream(grad)
         if double_backward():
             raise RuntimeError(
                 "the chunked margin cross-entropy gives first derivatives only: backward with create_graph=True "
@@ -67,7 +69,6 @@ class RowTiledCE(torch.autograd.Function):
         x, weight, scale_t, value, *params = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
         scale = scale_t if scale_t is not None else ctx.scale
-        upstream = None if ctx.spec.ranks is None else ctx.spec.ranks.row_upstream(grad)
         g = grad * ctx.factor
         if upstream is not None:  # the ranks' upstream gradients differ: each row weighted by its rank's
             del grads
