@@ -1,7 +1,9 @@
 """The margin protocol: a family is data that every path consumes — dense logits, chunked and sharded losses, the
 default scale — and a new family written by a user runs on all of them."""
 
+import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -174,6 +176,31 @@ def test_few_hot_pairs_equal_the_dense_soft_targets() -> None:
         got = torch.autograd.grad(pair, (x, w))
         for a, b in zip(got, torch.autograd.grad(want, (x, w))):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _module_level_family() -> MF.MarginFamily:
+    """A family made inside a function (no module-level name): it pickles by value (its functions are module-level)."""
+    return MF.MarginFamily("made-in-a-function", _shifted_cos, MINE.parameters)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in vars(MF).items() if isinstance(v, MF.MarginFamily)))
+def test_every_family_pickles_and_copies_to_itself(name) -> None:
+    """A family is a module-level constant that heads compare by identity (``family is NO_MARGIN``): pickling and
+    deep-copying give the same object, and a bound margin keeps its family and parameters."""
+    family = getattr(MF, name)
+    assert pickle.loads(pickle.dumps(family)) is family
+    assert copy.deepcopy(family) is family
+    params = tuple(p.low if math.isfinite(p.low) else 0.5 for p in family.parameters)
+    margin = family(*params)
+    again = pickle.loads(pickle.dumps(margin))
+    assert again.family is family and again.params == margin.params
+
+
+def test_a_users_family_pickles_by_name_or_by_value() -> None:
+    assert pickle.loads(pickle.dumps(MINE)) is MINE  # a module-level name in the module of its function
+    made = _module_level_family()
+    again = pickle.loads(pickle.dumps(made))
+    assert again is not made and again == made and again.value_and_slope is _shifted_cos
 
 
 def test_renamed_arguments_warn_and_still_work() -> None:
