@@ -178,6 +178,41 @@ def test_few_hot_pairs_equal_the_dense_soft_targets() -> None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_few_hot_pairs_without_entries_give_what_all_zero_targets_give() -> None:
+    """Pairs of shape (N, 0) pass the check: every row's target is empty, as an all-zero dense target (a loss of 0,
+    gradients of 0), on every reduction — not a crash inside."""
+    x, w, *_ = problem(6)
+    empty = (torch.zeros(6, 0, dtype=torch.int64), torch.zeros(6, 0, dtype=torch.float64))
+    for reduction in ("none", "mean", "sum"):
+        kwargs = {"scale": 4.0, "margin": MF.ARC(0.5), "num_sub_centers": 2, "reduction": reduction}
+        got = MF.margin_cross_entropy(x, w, empty, **kwargs)
+        want = MF.margin_cross_entropy(x, w, torch.zeros(6, 7, dtype=torch.float64), **kwargs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for a, b in zip(torch.autograd.grad(got.sum(), (x, w)), torch.autograd.grad(want.sum(), (x, w))):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_per_sample_gradients_of_the_chunked_loss_say_to_use_the_dense_path() -> None:
+    """``torch.func.jacrev`` (a vmap over the backward) of the chunked losses: our message, not a batching rule's."""
+    x, w, y, _ = problem(7, k=1)
+    x, w = x.detach(), w.detach()
+
+    def losses(weight):
+        return MF.margin_cross_entropy(x, weight, y, scale=3.0, margin=MF.ARC(0.5), reduction="none")
+
+    with pytest.raises(RuntimeError, match=r"chunked margin cross-entropy's backward does not run under .*jacrev"):
+        torch.func.jacrev(losses)(w)
+    with pytest.raises(RuntimeError, match=r"chunked Proxy-Anchor loss's backward does not run under .*jacrev"):
+        torch.func.jacrev(lambda weight: MF.chunked_proxy_anchor_loss(x, weight, y))(w)
+    # the dense path it points to gives them
+    dense = torch.func.jacrev(
+        lambda weight: F.cross_entropy(
+            MF.arc_margin(MF.cosine_logits(x, weight), y, 0.5, scale=3.0), y, reduction="none"
+        )
+    )(w)
+    assert dense.shape == (6, *w.shape)
+
+
 def _module_level_family() -> MF.MarginFamily:
     """A family made inside a function (no module-level name): it pickles by value (its functions are module-level)."""
     return MF.MarginFamily("made-in-a-function", _shifted_cos, MINE.parameters)
