@@ -39,6 +39,7 @@ from mll.functional._engine.checks import (
     is_int,
 )
 from mll.functional._engine.distributed import rank_and_world
+from mll.nn._state import keep_initial
 
 if TYPE_CHECKING:  # the mixin always comes before a head: type-check it as one
     from mll.nn._head import Head as _Base
@@ -80,11 +81,10 @@ class Sharded(_Base):
         self.sample_rate = float(sample_rate)
         self.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
         self.sampling_generator = generator
-        device = self.rows().device
         # saved with the weights: a checkpoint says which classes it holds
-        self.register_buffer(
-            "class_range", torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device=device)
-        )
+        block = torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device="cpu")
+        self.register_buffer("class_range", block.to(self.rows().device))
+        keep_initial(self, "class_range", block)
         self._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
 
     def rows(self) -> Tensor:
