@@ -19,6 +19,7 @@ ArcFace *is* an ArcFace — the same maths on a block — not an unrelated head 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -138,10 +139,11 @@ class Sharded(_Base):
             problem = error
         # everything the sharded loss's own agreement compares, before any statistic changes: a call that raises
         # changes no state, and no rank is left in a collective the others skip (train on one rank, eval on another)
-        shared = {
+        shared: dict[str, int | float] = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "num_sub_centers": self.num_sub_centers,
+            **self._agreed_options(),
             "training": int(self.training),
             "dtype": dtype_code(getattr(input, "dtype", None)),
             "soft": int(target is not None and soft_target(target)),
@@ -154,6 +156,22 @@ class Sharded(_Base):
         elif margin is None:
             margin = self.step_margin(input, target, None)
         return self.loss_terms(input, target, margin, reduction, chunk_size)
+
+    def _agreed_options(self) -> dict[str, float]:
+        """The constructor's numeric arguments, keyed as an error names them (a tensor or another object: nan): every
+        rank must build its head alike. A margin argument is compared before the default scale that follows it."""
+        head, options = type(self).__name__, self.options()
+        follows = getattr(self, "scale_is_default", False)
+        out: dict[str, float] = {}
+        for key in sorted(options, key=lambda k: k == "scale"):  # the scale last
+            value = options[key]
+            title = f"{head} {key}"
+            if follows and key == "scale":
+                title = f"{head}'s default scale (it follows the margin arguments)"
+            elif follows and ("margin" in key or key in ("m0", "m1", "m2", "m3")):
+                title += " (the default scale follows it)"
+            out[title] = float(value) if isinstance(value, (int, float)) else math.nan
+        return out
 
     def _loss_checks(self, input: Tensor, labels: Any, reduction: str, chunk_size: Optional[int]) -> Any:
         if not isinstance(labels, (tuple, list)):
