@@ -76,12 +76,15 @@ class Sharded(_Base):
         check_generator(generator)
         rank_and_world(group)  # a group without torch.distributed is an error here, not at the first step
         self.requested_range, self.group = class_range, group  # read by weight_rows, during the dense __init__
-        if "generator" in inspect.signature(self.dense).parameters:
-            kwargs["generator"] = generator  # ElasticFace: the margins' draws and the class sampling share it
+        draws = "generator" in inspect.signature(self.dense).parameters
+        if draws:
+            kwargs["generator"] = generator  # ElasticFace's margins, drawn alike on every rank
         super().__init__(*args, **kwargs)
         self.sample_rate = float(sample_rate)
         self.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
         self.sampling_generator = generator
+        if draws and self.sample_rate < 1:  # each rank samples its own block: a stream of its own
+            self.sampling_generator = own_stream(generator, self.rows().device, rank_and_world(group)[0])
         # saved with the weights: a checkpoint says which classes it holds
         block = torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device="cpu")
         self.register_buffer("class_range", block.to(self.rows().device))
@@ -240,6 +243,16 @@ class Sharded(_Base):
         block = block_state(head.state_dict(), shard.class_start, shard.class_stop, k, shard.get_buffer("class_range"))
         shard.load_state_dict(block)
         return shard
+
+
+def own_stream(generator: Optional[torch.Generator], device: torch.device, rank: int) -> torch.Generator:
+    """A generator of this rank's own, seeded from one draw of ``generator`` (the default one when None), which
+    every rank makes alike: the ranks' draws from ``generator`` stay in step."""
+    seed = int(
+        torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
+    )
+    device = torch.device("cpu") if device.type == "meta" else device
+    return torch.Generator(device=device).manual_seed(seed + rank)
 
 
 def soft_target(target: Any) -> bool:

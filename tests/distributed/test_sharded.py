@@ -396,6 +396,7 @@ def _worker(rank: int, world: int, path: str) -> None:
             "errors": run_errors(rank, world),
             "families": run_families(rank, world),
             "heads": sharded_heads.run_heads(rank, world),
+            "elastic_sampling": sharded_heads.run_elastic_sampling(rank, world),
             "head_faults": sharded_heads.run_faults(rank, world),
             "common_faults": test_common.run_faulty(rank, world),
             "sharded_proxy_anchor": sharded_proxy_anchor.run(rank, world),
@@ -611,6 +612,22 @@ def test_every_head_shards_exactly(spawned, world, case) -> None:
             torch.testing.assert_close(merged[key], value, **TOL, msg=lambda m, where=where: f"{where}: {m}")
     for got in ranks:
         assert f"class_range=[{got['range'][0]}, {got['range'][1]})" in got["repr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_sharded_elastic_face_draws_stay_in_step_with_class_sampling(spawned, world) -> None:
+    """Each rank samples its own block's classes (sample_rate < 1), yet the margins' generator is in the same state on
+    every rank after every step, and each step's margins are the rows of one draw over the global batch."""
+    got = [r["elastic_sampling"] for r in spawned(world)]
+    for step in range(sharded_heads.STEPS):
+        assert all(torch.equal(r["states"][step], got[0]["states"][step]) for r in got)
+        assert all(torch.equal(r["before"][step], got[0]["before"][step]) for r in got)
+        g = torch.Generator().set_state(got[0]["before"][step])
+        data = sharded_heads.batch(sharded_heads.HEAD_CASES[0], world, step)
+        dense = mll.ElasticArcFace(sharded_heads.D, 4 * sharded_heads.C, dtype=torch.float64, generator=g)
+        want = dense.sample_margins(data["x"], data["hard"] * 3)
+        torch.testing.assert_close(torch.cat([r["margins"][step] for r in got]), want, rtol=0, atol=0)
 
 
 @pytest.mark.slow
