@@ -128,8 +128,9 @@ class Head(nn.Module):
         return self.out_features * self.num_sub_centers
 
     def options(self) -> dict[str, Any]:
-        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head (its
-        hyper-parameters; the weights and running statistics are in the ``state_dict``)."""
+        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head: its
+        hyper-parameters, with the initial value of every tensor it keeps (the scale, per-class margins). The current
+        state — weights, a trained scale or margins, running statistics — is in the ``state_dict``."""
         options: dict[str, Any] = {
             "num_sub_centers": self.num_sub_centers,
             "pooling": self.pooling,

@@ -94,7 +94,8 @@ class DeepNCM(nn.Module):
         return self.out_features
 
     def options(self) -> dict[str, Any]:
-        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head."""
+        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head (the scale's
+        initial value; the means are in the ``state_dict``)."""
         return {"alpha": self.alpha, "scale": self.initial_values["scale"]}
 
     def reset_parameters(self) -> None:
