@@ -314,6 +314,14 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
         )
     eval_on_one = mll.ShardedArcFace(D, 7, class_range=(start, stop), dtype=torch.float64).train(rank != 1)
     attempts["one-in-eval-mode"] = lambda: eval_on_one.loss(x, good)
+    # heads built with different arguments: the argument is named, and the default scale that follows it
+    margin_on_one = mll.ShardedArcFace(D, 7, margin=0.3 if rank == 1 else 0.5, dtype=torch.float64)
+    attempts["head-margins-differ"] = lambda: margin_on_one.loss(x, good)
+    per_class = torch.linspace(0.2, 0.4 if rank == 1 else 0.6, 7, dtype=torch.float64)
+    per_class_on_one = mll.ShardedArcFace(D, 7, margin=per_class, dtype=torch.float64)
+    attempts["head-per-class-margins-differ"] = lambda: per_class_on_one.loss(x, good)
+    scale_on_one = mll.ShardedCosFace(D, 7, scale=30.0 if rank == 1 else 20.0, dtype=torch.float64)
+    attempts["head-scales-differ"] = lambda: scale_on_one.loss(x, good)
     attempts["one-bad-dtype"] = lambda: MF.sharded_margin_cross_entropy(
         x.float() if rank == 1 else x, w.float() if rank == 1 else w, good, **kwargs
     )
@@ -403,6 +411,7 @@ def _worker(rank: int, world: int, path: str) -> None:
             "errors": run_errors(rank, world),
             "families": run_families(rank, world),
             "heads": sharded_heads.run_heads(rank, world),
+            "elastic_sampling": sharded_heads.run_elastic_sampling(rank, world),
             "head_faults": sharded_heads.run_faults(rank, world),
             "common_faults": test_common.run_faulty(rank, world),
             "sharded_proxy_anchor": sharded_proxy_anchor.run(rank, world),
@@ -575,6 +584,17 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
             in errors["margins-differ"]
         )
         assert "must tile [0, 7) without gaps or overlaps" in errors["blocks-overlap"]
+        assert errors["head-margins-differ"].startswith(
+            "ValueError: ShardedArcFace margin (the default scale follows it) must be the same on every rank, but got "
+            f"{[0.5, 0.3, 0.5][:world]} (by rank)"
+        ), errors["head-margins-differ"]
+        assert errors["head-per-class-margins-differ"].startswith(
+            "ValueError: ShardedArcFace's default scale (it follows the margin arguments) must be the same on every "
+            "rank, but got ["
+        ), errors["head-per-class-margins-differ"]
+        assert errors["head-scales-differ"].startswith(
+            f"ValueError: ShardedCosFace scale must be the same on every rank, but got {[20.0, 30.0, 20.0][:world]}"
+        ), errors["head-scales-differ"]
         assert errors["after"] == ranks[0]["errors"]["after"] != "no error"
     # and the call after the errors is the single-process loss
     x, w, y = error_case_data(world)
@@ -632,6 +652,22 @@ def test_every_head_shards_exactly(spawned, world, case) -> None:
             torch.testing.assert_close(merged[key], value, **TOL, msg=lambda m, where=where: f"{where}: {m}")
     for got in ranks:
         assert f"class_range=[{got['range'][0]}, {got['range'][1]})" in got["repr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_sharded_elastic_face_draws_stay_in_step_with_class_sampling(spawned, world) -> None:
+    """Each rank samples its own block's classes (sample_rate < 1), yet the margins' generator is in the same state on
+    every rank after every step, and each step's margins are the rows of one draw over the global batch."""
+    got = [r["elastic_sampling"] for r in spawned(world)]
+    for step in range(sharded_heads.STEPS):
+        assert all(torch.equal(r["states"][step], got[0]["states"][step]) for r in got)
+        assert all(torch.equal(r["before"][step], got[0]["before"][step]) for r in got)
+        g = torch.Generator().set_state(got[0]["before"][step])
+        data = sharded_heads.batch(sharded_heads.HEAD_CASES[0], world, step)
+        dense = mll.ElasticArcFace(sharded_heads.D, 4 * sharded_heads.C, dtype=torch.float64, generator=g)
+        want = dense.sample_margins(data["x"], data["hard"] * 3)
+        torch.testing.assert_close(torch.cat([r["margins"][step] for r in got]), want, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -287,3 +287,16 @@ def test_a_second_backward_gives_the_same_gradients(kernel_mode) -> None:
     second = torch.autograd.grad(loss, [x, w])
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["CurricularFace", "NPCFace", "ArcFace"])
+def test_an_empty_batch_with_sub_centers_gives_empty_losses(name, kernel_mode) -> None:
+    """The target cosines of an empty batch pool over K sub-centers too (a reshape of zero rows crashed here)."""
+    head = getattr(mll, name)(8, 5, 2, dtype=torch.float64)
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.int64)
+    assert head.loss(x, y, reduction="none").shape == (0,)
+    loss = head.loss(x, y)
+    assert torch.isnan(loss)  # the mean of nothing, as F.cross_entropy's
+    loss.backward()
+    assert x.grad is not None and x.grad.shape == (0, 8)

@@ -121,7 +121,7 @@ def target_cosines(
     rows = weight.detach().view(width, k, -1)[classes.clamp(0, width - 1)]  # (N, P, K, d)
     rows = normalize(rows) if normalize_weight else rows
     cos_k = torch.einsum("nd,npkd->npk", x.detach().to(acc), rows.to(acc))
-    return pool(cos_k.reshape(classes.shape[0], -1), k, tau) if k > 1 else cos_k.squeeze(-1)
+    return pool(cos_k.flatten(1), k, tau) if k > 1 else cos_k.squeeze(-1)
 
 
 def in_chunk(classes: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,7 @@ from torch import Tensor
 from mll.functional._engine.accumulate import accumulate_node, grad_to_accumulate_into
 from mll.functional._engine.agreement import check_backward_agreement
 from mll.functional._engine.chunks import ChunkRows, add_grads, chunk_bounds, cosines, sub_center_grads
-from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
 
 
 def class_log_sums(
@@ -44,16 +44,29 @@ def class_log_sums(
     col = labels.clamp(0, max(w - 1, 0))
     at = col.unsqueeze(1)
     z = torch.where(inside, -alpha * (cos.gather(1, at).squeeze(1) - delta), -math.inf)
-    top = z.new_zeros(w).scatter_reduce(0, col, z.detach(), "amax", include_self=True)  # max(0, max z) per class
-    pos = top + torch.log(torch.exp(-top) + z.new_zeros(w).index_add(0, col, torch.exp(z - top[col])))
+    top = _per_class(z.detach(), col, w, "amax")  # max(0, max z) per class
+    pos = top + torch.log(torch.exp(-top) + _per_class(torch.exp(z - top[col]), col, w, "sum"))
     negatives = alpha * (cos + delta)
     if every_label_inside:  # the dense loss: a constant written at the positives, differentiable elsewhere
         negatives = negatives.scatter(1, at, -math.inf)
     else:  # a chunk (no autograd in the kernel's forward): a row of another chunk's class keeps its entry
         negatives = negatives.scatter(1, at, torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at)))
     neg = torch.logsumexp(torch.cat([negatives, negatives.new_zeros(1, w)]), dim=0)
-    present = cos.new_zeros(w).index_add(0, col, inside.to(cos.dtype)).clamp(max=1)
+    present = _per_class(inside.to(cos.dtype), col, w, "sum").clamp(max=1)
     return pos, neg, present
+
+
+def _per_class(values: Tensor, col: Tensor, w: int, reduce: str) -> Tensor:
+    """``values`` (N,) reduced into W classes by ``col``, starting from zeros (``"sum"`` or ``"amax"``). A single
+    class is a plain reduction: Inductor (torch 2.13) fails to generate code for a scatter into one element
+    (``new_zeros(1).index_add(0, i, z)``), which is every chunk of one class — C = 1025 with 1024-class chunks."""
+    if w == 1:
+        if reduce == "sum":
+            return values.sum().reshape(1)
+        return torch.cat([values.new_zeros(1), values]).amax(0, keepdim=True)
+    if reduce == "sum":
+        return values.new_zeros(w).index_add(0, col, values)
+    return values.new_zeros(w).scatter_reduce(0, col, values, "amax", include_self=True)
 
 
 @dataclass
@@ -110,6 +123,7 @@ class ClassLogSums(DirectApply, torch.autograd.Function):
                 "the chunked Proxy-Anchor loss gives first derivatives only: backward with create_graph=True "
                 "(double backward, gradient penalties) is not supported; use the dense proxy_anchor_loss"
             )
+        refuse_batched_backward("chunked Proxy-Anchor loss", "proxy_anchor_loss(cosine_logits(input, weight), target)")
         spec: ClassSumsSpec = ctx.spec
         if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
             check_backward_agreement(grad.device, spec.group, spec.world)

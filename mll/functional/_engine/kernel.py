@@ -37,7 +37,7 @@ from mll.functional._engine.chunks import (
     saved_norms,
     sub_center_grads,
 )
-from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
 
 
 def chunked_ce(
@@ -151,6 +151,7 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
                 "(double backward, gradient penalties) is not supported; use the dense path "
                 "F.cross_entropy(head(input, target), target)"
             )
+        refuse_batched_backward("chunked margin cross-entropy", "F.cross_entropy(head(input, target), target)")
         x, weight, lse, norms, scale_t, value, *params = ctx.saved_tensors
         spec: Spec = ctx.spec
         targets, k = spec.targets, spec.num_sub_centers

@@ -2,8 +2,9 @@
 
 - margin trigonometry in float32 for half-precision inputs (:func:`work_dtype`), softmax statistics in float32 or
   float64 (:func:`acc_dtype`), the normalisation's ε per dtype (:func:`weight_eps`);
-- whether a tensor the engine just allocated may be written in place (:func:`in_place_ok`), and whether a backward
-  is itself being differentiated (:func:`double_backward`);
+- whether a tensor the engine just allocated may be written in place (:func:`in_place_ok`), whether a backward
+  is itself being differentiated (:func:`double_backward`), and whether it runs batched
+  (:func:`refuse_batched_backward`);
 - :class:`DirectApply`: the engine's autograd Functions skip what ``Function.apply`` spends on binding default
   arguments in eager mode (an ``inspect.signature`` per call: half the cost of a small Function's apply).
 """
@@ -45,6 +46,20 @@ def in_place_ok() -> bool:
     part of the graph being recorded.
     """
     return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active())
+
+
+def refuse_batched_backward(loss: str, instead: str) -> None:
+    """Raise a clear error when a chunked loss's backward runs under ``torch.func.vmap`` — ``torch.func.jacrev`` or
+    a ``vmap`` over a ``vjp`` (per-sample gradients) — where its loop over chunks writes into buffers (``out=``),
+    which have no batching rule."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Vmap:
+        raise RuntimeError(
+            f"the {loss}'s backward does not run under torch.func.vmap (torch.func.jacrev, or vmap over a vjp: "
+            f"per-sample gradients); take them from the dense path instead: {instead}"
+        )
 
 
 def double_backward() -> bool:

@@ -9,6 +9,7 @@ become pairs of their non-zero entries there (:func:`dense_to_pair`) and every r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -59,9 +60,9 @@ def kernel_targets(target: Target, lead: tuple[int, ...], num_classes: int, acc:
     """The targets in the kernel's form: classes ``(N, P)`` (with weights for few-hot pairs), or dense ``(N, C)``."""
     if isinstance(target, (tuple, list)):
         classes, weights = check_pair(target, lead, num_classes)
-        p = classes.shape[-1]
-        weights = weights.reshape(-1, p).to(acc)
-        merged, merged_weights = merge_duplicates(classes.reshape(-1, p), weights)
+        n, p = math.prod(lead), classes.shape[-1]  # (the rows counted from lead: P may be 0, no entries)
+        weights = weights.reshape(n, p).to(acc)
+        merged, merged_weights = merge_duplicates(classes.reshape(n, p), weights)
         return Targets(classes=merged, weights=merged_weights, row_sum=weights.sum(1))
     checked = check_target(target, torch.Size((*lead, num_classes)))
     if checked.requires_grad:
