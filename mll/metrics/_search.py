@@ -26,6 +26,7 @@ __all__ = [
     "PAD_INDEX",
     "Progress",
     "normalized",
+    "order_ties",
     "plan_blocks",
     "search",
     "select_topk",
@@ -40,6 +41,8 @@ ACCELERATOR_BLOCK_BYTES = 1 << 30
 MIN_QUERY_BLOCK = 256
 #: bytes per query row per candidate: the running top-k, the block's, their concatenation and the metrics' temporaries
 CANDIDATE_BYTES = 64
+#: candidate bytes (scores and indices) gathered over blocks of queries before the per-query bookkeeping runs
+BATCH_BYTES = 16 << 20
 #: the index of padding candidates (score -inf): after every real index, so a real score wins a tie against it
 PAD_INDEX = 2**62
 
@@ -116,14 +119,33 @@ def select_topk(values: Tensor, indices: Optional[Tensor], k: int) -> tuple[Tens
     return kept, column
 
 
-def _merge(running: Optional[tuple[Tensor, Tensor]], values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def order_ties(values: Tensor, indices: Tensor, payload: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows already ordered by score, descending: equal scores put in index order (only the rows that have any);
+    ``payload`` (same shape, e.g. the neighbours' labels) follows. Returns ``(values, indices, payload)`` (``payload``
+    is ``indices`` when None)."""
+    payload = indices if payload is None else payload
+    if values.shape[1] < 2:
+        return values, indices, payload
+    tied = (values[:, 1:] == values[:, :-1]).any(1).nonzero().flatten()
+    if tied.numel():
+        values, indices, payload = values.clone(), indices.clone(), payload.clone()
+        values[tied], new_indices, order = sort_by_score_then_index(values[tied], indices[tied])
+        payload[tied] = payload[tied].gather(1, order)
+        indices[tied] = new_indices
+    return values, indices, payload
+
+
+def _merge(
+    running: Optional[tuple[Tensor, Tensor, bool]], values: Tensor, indices: Tensor, ordered: bool, k: int
+) -> tuple[Tensor, Tensor, bool]:
+    """The running top-k with a block's candidates merged in; the flag says whether it is ordered by score."""
     if running is None:
-        return values, indices
+        return values, indices, ordered
     values, indices = torch.cat([running[0], values], dim=1), torch.cat([running[1], indices], dim=1)
     if values.shape[1] <= k:
-        return values, indices
+        return values, indices, False
     values, column = select_topk(values, indices, k)
-    return values, indices.gather(1, column)
+    return values, indices.gather(1, column), True
 
 
 def search(
@@ -150,14 +172,17 @@ def search(
         self_shift (int, optional): query ``i`` never selects gallery column ``i + self_shift`` (its own row).
 
     Yields:
-        ``(q0, q1, values, indices)`` per block of queries: ``(q1 - q0, k)`` scores ordered by score, descending, then
-        index, ascending; past the gallery's size (or past the columns a query may select) the rows are padded with
-        ``(-inf, PAD_INDEX)``.
+        ``(q0, q1, values, indices)`` for consecutive runs of queries (several blocks, about :data:`BATCH_BYTES` of
+        candidates: the bookkeeping runs once per batch, not per block): ``(q1 - q0, k)`` scores ordered by score,
+        descending, then index, ascending; past the gallery's size (or past the columns a query may select) the
+        rows are padded with ``(-inf, PAD_INDEX)``.
     """
     buffer = torch.empty(query_block * reference_block, dtype=dtype, device=device) if m else None
+    pending: list[tuple[Tensor, Tensor]] = []
+    first = 0
     for q0 in range(0, n, query_block):
         q1 = min(n, q0 + query_block)
-        running: Optional[tuple[Tensor, Tensor]] = None
+        running: Optional[tuple[Tensor, Tensor, bool]] = None
         for r0 in range(0, m, reference_block):
             r1 = min(m, r0 + reference_block)
             assert buffer is not None
@@ -166,20 +191,25 @@ def search(
                 scores.diagonal(q0 + self_shift - r0).fill_(-math.inf)
             if r1 - r0 > k:
                 values, column = select_topk(scores, None, k)
-                indices = column + r0
+                running = _merge(running, values, column + r0, True, k)
             else:  # the block is a candidate set already (copied: the buffer is reused)
-                values = scores.clone()
                 indices = torch.arange(r0, r1, device=device).expand(q1 - q0, r1 - r0)
-            running = _merge(running, values, indices, k)
+                running = _merge(running, scores.clone(), indices, False, k)
         if running is None or running[0].shape[1] < k:
             width = 0 if running is None else running[0].shape[1]
             pad_values = torch.full((q1 - q0, k - width), -math.inf, dtype=dtype, device=device)
             pad_indices = torch.full((q1 - q0, k - width), PAD_INDEX, dtype=torch.int64, device=device)
-            running = _merge(running, pad_values, pad_indices, k)
-        values, indices, _ = sort_by_score_then_index(*running)
+            running = _merge(running, pad_values, pad_indices, False, k)
+        values, indices, ordered = running
+        if not ordered:  # a gallery of at most k columns: a full sort (small)
+            values, indices, _ = sort_by_score_then_index(values, indices)
+        pending.append((values, indices))
         if progress is not None:
             progress.update(q1 - q0)
-        yield q0, q1, values, indices
+        if (q1 - first) * k * 12 >= BATCH_BYTES or q1 == n:
+            values, indices, _ = order_ties(torch.cat([v for v, _ in pending]), torch.cat([i for _, i in pending]))
+            yield first, q1, values, indices
+            pending, first = [], q1
 
 
 class Progress:

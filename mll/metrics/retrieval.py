@@ -423,26 +423,31 @@ def _merge_ranks(values: Tensor, indices: Tensor, labels: Tensor, k: int, group:
     values, indices = D.all_gather_columns(values, group), D.all_gather_columns(indices, group)
     labels = D.all_gather_columns(labels, group)
     values, column = S.select_topk(values, indices, k)
-    _, _, order = S.sort_by_score_then_index(values, indices.gather(1, column))
-    return labels.gather(1, column.gather(1, order))
+    return S.order_ties(values, indices.gather(1, column), labels.gather(1, column))[2]
 
 
 def _block_sums(labels: Tensor, query_labels: Tensor, relevant: Tensor, depth: int, ks: tuple[int, ...]) -> Tensor:
-    """Each metric summed over the block's queries with R >= 1; ``labels`` (B, k): the neighbours' labels in order."""
+    """Each metric summed over the queries with R >= 1; ``labels`` (B, k): the neighbours' labels in order.
+
+    A handful of passes over the (B, k) candidates: hits_i = Σ_{j ≤ i} rel_j, then the running sum of
+    P(i)·rel_i = hits_i·rel_i / i, read at i = R (MAP@R) and i = K (MAP); R-precision is hits_R / R, the first
+    relevant position is the number of leading zeros of hits.
+    """
     rel = labels == query_labels[:, None]
-    counted = relevant > 0
-    r = relevant.clamp(min=1).to(torch.float64)
+    hits = rel.cumsum(1)
     rank = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64, device=rel.device)
-    precision = torch.where(rel, rel.cumsum(1) / rank, 0.0)  # P(i)·rel_i
-    within_r = rank <= relevant[:, None]
-    head = rel[:, :depth]
-    first = head.to(torch.int8).argmax(1)
+    running_ap = torch.where(rel, hits / rank, 0.0).cumsum(1)
+    counted = relevant > 0
+    r = relevant.clamp(min=1)
+    at_r = (r - 1).clamp(max=rel.shape[1] - 1)[:, None]
+    r = r.to(torch.float64)
+    leading_misses = (hits[:, :depth] == 0).sum(1)
     values = [
         rel[:, 0].to(torch.float64),
-        (rel & within_r).sum(1) / r,
-        (precision * within_r).sum(1) / r,
-        precision[:, :depth].sum(1) / r,
-        torch.where(head.any(1), 1.0 / (first + 1).to(torch.float64), 0.0),
-        *(rel[:, :k].any(1).to(torch.float64) for k in ks),
+        hits.gather(1, at_r)[:, 0] / r,
+        running_ap.gather(1, at_r)[:, 0] / r,
+        running_ap[:, depth - 1] / r,
+        torch.where(leading_misses < depth, 1.0 / (leading_misses + 1).to(torch.float64), 0.0),
+        *((hits[:, k - 1] > 0).to(torch.float64) for k in ks),
     ]
-    return torch.stack([torch.where(counted, v, 0.0).sum() for v in values])
+    return torch.where(counted, torch.stack(values), 0.0).sum(1)
