@@ -8,5 +8,23 @@ the numbers of one process. Definitions, correspondences and a worked example: `
 """
 
 from mll.metrics.retrieval import nearest_neighbors, retrieval_metrics, sharded_retrieval_metrics
+from mll.metrics.verification import (
+    FAR_TARGETS,
+    pair_cosines,
+    pair_verification_metrics,
+    plot_roc,
+    roc_curve,
+    verification_metrics,
+)
 
-__all__ = ["nearest_neighbors", "retrieval_metrics", "sharded_retrieval_metrics"]
+__all__ = [
+    "FAR_TARGETS",
+    "nearest_neighbors",
+    "pair_cosines",
+    "pair_verification_metrics",
+    "plot_roc",
+    "retrieval_metrics",
+    "roc_curve",
+    "sharded_retrieval_metrics",
+    "verification_metrics",
+]
