@@ -7,6 +7,7 @@ so no ``N×M`` similarity matrix is formed; a gallery spread over the ranks of a
 the numbers of one process. Definitions, correspondences and a worked example: ``docs/metrics.md``.
 """
 
+from mll.metrics.classification import classification_accuracy, head_accuracy
 from mll.metrics.retrieval import nearest_neighbors, retrieval_metrics, sharded_retrieval_metrics
 from mll.metrics.verification import (
     FAR_TARGETS,
@@ -19,6 +20,8 @@ from mll.metrics.verification import (
 
 __all__ = [
     "FAR_TARGETS",
+    "classification_accuracy",
+    "head_accuracy",
     "nearest_neighbors",
     "pair_cosines",
     "pair_verification_metrics",
