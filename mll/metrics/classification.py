@@ -153,8 +153,9 @@ def head_accuracy(
     elif isinstance(head, mll.LargeMarginSoftmax):
         options = {"weight": head.weight, "normalized": False, "scale": head.logit_scale()}
     elif all(hasattr(head, name) for name in ("weight", "num_sub_centers", "pooling", "logit_scale")):
+        logit_scale: Any = head.logit_scale  # a method of the cosine heads (nn.Module's typing says Tensor)
         options = {"weight": head.weight, "num_sub_centers": head.num_sub_centers, "pooling": head.pooling,
-                   "pooling_temperature": head.pooling_temperature, "scale": head.logit_scale()}  # fmt: skip
+                   "pooling_temperature": head.pooling_temperature, "scale": logit_scale()}  # fmt: skip
     else:
         raise TypeError(f"head_accuracy takes an mll head or an nn.Linear, but got {type(head).__name__}")
     rows = options["weight"].shape[0]
