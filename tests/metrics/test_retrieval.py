@@ -209,3 +209,25 @@ def test_reference_of_another_shape_and_the_progress_bar(capsys: pytest.CaptureF
 def test_bad_input_is_refused_with_a_clear_error(call, error, message) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.filterwarnings("ignore:no query has a reference of its label")
+@given(labelled_sets(exact=True), st.integers(1, 24))
+def test_the_faiss_backend_gives_the_torch_numbers_ties_included(case: dict, query_block: int) -> None:
+    pytest.importorskip("faiss")
+    assert_same(run(case, backend="faiss", query_block=query_block), run(case))
+
+
+def test_the_faiss_backend_without_faiss_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    with pytest.raises(ImportError, match=r"backend='faiss' needs faiss: pip install faiss-cpu"):
+        M.retrieval_metrics(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64), recall_at_k=(1,), backend="faiss")
