@@ -60,7 +60,7 @@ def check_embeddings(tensor: object, name: str, *, allow_empty: bool = False) ->
         )
     if tensor.dim() < 1 or tensor.shape[-1] < 1:
         raise ValueError(f"{name} must have shape (*, d) with d >= 1 features, but got shape {shape_str(tensor.shape)}")
-    flat = tensor.reshape(-1, tensor.shape[-1])
+    flat = tensor.detach().reshape(-1, tensor.shape[-1])  # metrics are read, never differentiated
     if flat.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {shape_str(tensor.shape)}): it needs at least one row")
     bad = ~torch.isfinite(flat).all(dim=1)

@@ -52,7 +52,8 @@ def classification_accuracy(
         labels (Tensor[*]): integer classes in ``[0, C)``.
         weight (Tensor[C*K, d]): class weights; row ``c*K + k`` is sub-center k of class c.
         num_sub_centers (int): K.
-        pooling, pooling_temperature: how sub-centers pool (see :func:`mll.functional.cosine_logits`).
+        pooling (str): how sub-centers pool, ``"max"`` or ``"soft"`` (see :func:`mll.functional.cosine_logits`).
+        pooling_temperature (float): γ of soft pooling.
         normalized (bool): cosines (True) or plain dot products (False: K must be 1).
         bias (Tensor[C], optional): added to dot products (``normalized=False``, as ``nn.Linear``).
         scale (float or 0-dim Tensor): the logits' factor (its sign matters, its size does not).
@@ -138,7 +139,12 @@ def head_accuracy(
 
     Args:
         head (nn.Module): an ``mll`` head, or an ``nn.Linear`` classifier.
-        input, labels, top_k, chunk_size, query_block, progress: as in :func:`classification_accuracy`.
+        input (Tensor[*, d]): features.
+        labels (Tensor[*]): integer classes.
+        top_k (sequence of int): as in :func:`classification_accuracy`.
+        chunk_size (int, optional): classes per chunk.
+        query_block (int, optional): samples per block.
+        progress (bool, optional): a tqdm bar (see :func:`mll.metrics.retrieval_metrics`).
 
     Returns:
         dict of floats: ``accuracy_at_{k}`` for each k.

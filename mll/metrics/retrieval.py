@@ -88,8 +88,9 @@ def retrieval_metrics(
             a query can see.
         backend (str): ``"torch"`` (exact, the default) or ``"faiss"`` (``faiss.IndexFlatIP`` on float32, where
             ``faiss`` is installed; its ties are resolved as the torch backend's).
-        query_block, reference_block (int, optional): the score block's rows and columns (default: from the memory
-            budget, a whole reference row when it fits).
+        query_block (int, optional): the score block's rows (default: from the memory budget).
+        reference_block (int, optional): the score block's columns (default: a whole reference row when it fits the
+            budget).
         progress (bool, optional): a tqdm bar over the queries; None shows one only once the search has lasted two
             seconds (and only where tqdm is installed).
 
@@ -129,9 +130,16 @@ def sharded_retrieval_metrics(
     :func:`retrieval_metrics`.
 
     Args:
+        query (Tensor[*, d]): the queries, the same on every rank; or, without ``reference``, this rank's block of
+            the set.
+        query_labels (Tensor[*]): their labels.
+        reference (Tensor[*, d], optional): this rank's block of the reference (it may be empty).
+        reference_labels (Tensor[*], optional): its labels.
         group: the process group (None: the default group).
-        query, query_labels, reference, reference_labels, recall_at_k, query_block, reference_block, progress: as in
-            :func:`retrieval_metrics` (the progress bar shows on rank 0).
+        recall_at_k (sequence of int): as in :func:`retrieval_metrics`.
+        query_block (int, optional): as in :func:`retrieval_metrics`.
+        reference_block (int, optional): as in :func:`retrieval_metrics`.
+        progress (bool, optional): as in :func:`retrieval_metrics`, on rank 0.
 
     Returns:
         the dict of :func:`retrieval_metrics`, on every rank.
@@ -224,7 +232,9 @@ def nearest_neighbors(
         reference (Tensor[M, d], optional): the gallery (any leading shape, flattened); None: each query searches
             the other queries, never itself.
         k (int): neighbours per query, at most the number of references a query can see.
-        query_block, reference_block, progress: as in :func:`retrieval_metrics`.
+        query_block (int, optional): as in :func:`retrieval_metrics`.
+        reference_block (int, optional): as in :func:`retrieval_metrics`.
+        progress (bool, optional): as in :func:`retrieval_metrics`.
 
     Returns:
         ``(similarities, indices)``, each of shape ``(*, k)``: float64 for float64 inputs, else float32; int64 indices

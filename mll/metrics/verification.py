@@ -177,7 +177,8 @@ def pair_cosines(first: Tensor, second: Tensor, pairs: Optional[Tensor] = None) 
     """Cosine similarity of pairs of embeddings, over blocks of pairs.
 
     Args:
-        first (Tensor[*, d]), second (Tensor[*, d]): embeddings (any leading shape, flattened).
+        first (Tensor[*, d]): embeddings (any leading shape, flattened).
+        second (Tensor[*, d]): embeddings.
         pairs (Tensor[P, 2], optional): integer rows ``(i, j)``: the pair ``first[i]``, ``second[j]``; None: row
             ``i`` of ``first`` with row ``i`` of ``second`` (they must have as many rows). InsightFace's LFW
             layout, alternating rows of one tensor ``e``, is ``pair_cosines(e[0::2], e[1::2])``.
@@ -233,7 +234,8 @@ def plot_roc(scores: Tensor, same: Tensor, *, ax: Any = None, label: Optional[st
     legend; needs matplotlib.
 
     Args:
-        scores, same: as in :func:`roc_curve`.
+        scores (Tensor[*]): pair similarities.
+        same (Tensor[*]): True for genuine pairs.
         ax (matplotlib Axes, optional): where to draw (default: a new figure's).
         label (str, optional): the curve's name in the legend.
 
