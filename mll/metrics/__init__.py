@@ -8,7 +8,8 @@ the numbers of one process. Definitions, correspondences and a worked example: `
 """
 
 from mll.metrics.classification import classification_accuracy, head_accuracy
-from mll.metrics.retrieval import nearest_neighbors, retrieval_metrics, sharded_retrieval_metrics
+from mll.metrics.retrieval import nearest_neighbors, retrieval_metrics
+from mll.metrics.sharded import sharded_retrieval_metrics
 from mll.metrics.verification import (
     FAR_TARGETS,
     pair_cosines,
