@@ -149,14 +149,14 @@ def head_accuracy(
     Returns:
         dict of floats: ``accuracy_at_{k}`` for each k.
     """
-    import mll
+    from mll import nn as heads
 
     options: dict[str, Any]
     if isinstance(head, nn.Linear):
         options = {"weight": head.weight, "normalized": False, "bias": head.bias}
-    elif isinstance(head, mll.DeepNCM):
+    elif isinstance(head, heads.DeepNCM):
         options = {"weight": head.means, "scale": head.scale}
-    elif isinstance(head, mll.LargeMarginSoftmax):
+    elif isinstance(head, heads.LargeMarginSoftmax):
         options = {"weight": head.weight, "normalized": False, "scale": head.logit_scale()}
     elif all(hasattr(head, name) for name in ("weight", "num_sub_centers", "pooling", "logit_scale")):
         logit_scale: Any = head.logit_scale  # a method of the cosine heads (nn.Module's typing says Tensor)
