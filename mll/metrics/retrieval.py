@@ -72,7 +72,8 @@ def retrieval_metrics(
 
     The same numbers as pytorch-metric-learning's ``AccuracyCalculator(k="max_bin_count")`` with cosine
     similarity, without its ``N×M`` similarity matrix: the references are walked in blocks with a running top-K,
-    so memory is one block of scores (256 MiB on a CPU, 1 GiB on an accelerator) plus ``N`` numbers per metric.
+    so memory is one block of scores (256 MiB on a CPU, 1 GiB on an accelerator), the normalised embeddings and
+    about 16 MB of candidates at a time.
     Ties between equal similarities go to the lower reference index (pml's order at a tie is ``torch.topk``'s,
     which is unspecified; see ``docs/metrics.md``).
 
