@@ -116,7 +116,10 @@ def nearest_neighbors(
     reference_block: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
-    """The k most cosine-similar references of every query, exactly, walking the references in blocks.
+    r"""The k most cosine-similar references of every query, exactly, walking the references in blocks.
+
+    .. math:: \mathrm{nn}_k(q) = \text{the first } k \text{ of the } j \text{ sorted by }
+              \big(-\langle \hat q, \hat r_j \rangle,\ j\big)
 
     Ordered by similarity, descending, and equal similarities by reference index, ascending (a stable descending
     sort of each row of the similarity matrix, which is never formed).

@@ -68,7 +68,12 @@ def _check_pairs(scores: object, same: object) -> tuple[Tensor, Tensor]:
 
 
 def roc_curve(scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The ROC of pair scores (accepted when ``score >= threshold``), as scikit-learn's ``roc_curve`` returns it.
+    r"""The ROC of pair scores (accepted when ``score >= threshold``), as scikit-learn's ``roc_curve`` returns it.
+
+    .. math:: \mathrm{TPR}(t) = \frac{\lvert\{p \in G : s_p \ge t\}\rvert}{\lvert G \rvert},\quad
+              \mathrm{FPR}(t) = \frac{\lvert\{p \in I : s_p \ge t\}\rvert}{\lvert I \rvert}
+
+    with G the genuine pairs and I the impostor pairs.
 
     One point per distinct score, from the highest, with the points on a straight line between their neighbours
     dropped (``drop_intermediate=True``) and ``(0, 0)`` at threshold ``inf`` first — the curve InsightFace reads its
@@ -174,7 +179,9 @@ def _equal_error_rate(fpr: Tensor, tpr: Tensor) -> float:
 
 
 def pair_cosines(first: Tensor, second: Tensor, pairs: Optional[Tensor] = None) -> Tensor:
-    """Cosine similarity of pairs of embeddings, over blocks of pairs.
+    r"""Cosine similarity of pairs of embeddings, over blocks of pairs.
+
+    .. math:: s_p = \langle \hat a_{i_p}, \hat b_{j_p} \rangle, \quad \hat x = x / \max(\lVert x \rVert, 10^{-12})
 
     Args:
         first (Tensor[*, d]): embeddings (any leading shape, flattened).
