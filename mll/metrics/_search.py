@@ -160,6 +160,7 @@ def search(
     device: torch.device,
     self_shift: Optional[int] = None,
     progress: Optional[Progress] = None,
+    buffered: bool = True,
 ) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """The top k of every query row over ``m`` gallery columns, block by block.
 
@@ -170,6 +171,7 @@ def search(
         n, m: queries and gallery columns (``m`` may be 0: every candidate is padding).
         k (int): candidates per query (``>= 1``).
         self_shift (int, optional): query ``i`` never selects gallery column ``i + self_shift`` (its own row).
+        buffered (bool): offer ``score_block`` one reused buffer (False: it allocates its own, ``out`` is None).
 
     Yields:
         ``(q0, q1, values, indices)`` for consecutive runs of queries (several blocks, about :data:`BATCH_BYTES` of
@@ -177,7 +179,7 @@ def search(
         descending, then index, ascending; past the gallery's size (or past the columns a query may select) the
         rows are padded with ``(-inf, PAD_INDEX)``.
     """
-    buffer = torch.empty(query_block * reference_block, dtype=dtype, device=device) if m else None
+    buffer = torch.empty(query_block * reference_block, dtype=dtype, device=device) if m and buffered else None
     pending: list[tuple[Tensor, Tensor]] = []
     first = 0
     for q0 in range(0, n, query_block):
@@ -185,8 +187,8 @@ def search(
         running: Optional[tuple[Tensor, Tensor, bool]] = None
         for r0 in range(0, m, reference_block):
             r1 = min(m, r0 + reference_block)
-            assert buffer is not None
-            scores = score_block(q0, q1, r0, r1, buffer[: (q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0))
+            out = None if buffer is None else buffer[: (q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
+            scores = score_block(q0, q1, r0, r1, out)
             if self_shift is not None:
                 scores.diagonal(q0 + self_shift - r0).fill_(-math.inf)
             if r1 - r0 > k:

@@ -112,8 +112,10 @@ def classification_accuracy(
     bar = S.Progress(n, progress, "accuracy")
     try:
         with torch.no_grad():
-            for q0, q1, _, indices in S.search(scores, n, classes, kmax, query_block=bq, reference_block=bc,
-                                               dtype=dtype, device=x.device, progress=bar):  # fmt: skip
+            for q0, q1, _, indices in S.search(
+                scores, n, classes, kmax, query_block=bq, reference_block=bc, dtype=dtype, device=x.device,
+                progress=bar, buffered=not normalized,  # cosine_logits allocates its own block
+            ):  # fmt: skip
                 found = (indices == y[q0:q1, None]).cumsum(1)
                 hits += torch.stack([found[:, k - 1].sum() for k in ks])
     finally:
