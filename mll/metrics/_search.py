@@ -67,16 +67,16 @@ def block_budget(device: torch.device) -> int:
 def plan_blocks(
     n: int, m: int, k: int, elem_bytes: int, budget: int, query_block: Optional[int], reference_block: Optional[int]
 ) -> tuple[int, int]:
-    """Rows and columns of a score block: a whole gallery row when at least :data:`MIN_QUERY_BLOCK` such rows fit the
-    budget, else that many rows and as many columns as fit (never fewer than ``k + 1``)."""
+    """Rows and columns of a score block: a whole gallery row when the block's rows (``query_block``, else at least
+    :data:`MIN_QUERY_BLOCK`) of such rows fit the budget, else as many columns as fit (never fewer than ``k + 1``)."""
     m = max(m, 1)
     if reference_block is None:
+        rows = min(n, MIN_QUERY_BLOCK) if query_block is None else min(n, query_block)
         full_row = elem_bytes * m + CANDIDATE_BYTES * (k + 1)
-        rows = budget // full_row
-        if query_block is not None or rows >= min(n, MIN_QUERY_BLOCK):
+        if budget // full_row >= rows:
             reference_block = m
         else:
-            per_row = budget // min(n, MIN_QUERY_BLOCK) - CANDIDATE_BYTES * (k + 1)
+            per_row = budget // rows - CANDIDATE_BYTES * (k + 1)
             reference_block = min(m, max(k + 1, per_row // elem_bytes))
     if query_block is None:
         row = elem_bytes * reference_block + CANDIDATE_BYTES * (k + 1)
