@@ -71,6 +71,7 @@ def sharded_retrieval_metrics(
     def check() -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], tuple[int, ...]]:
         q = C.check_embeddings(query, "query", allow_empty=reference is None)
         ql = C.check_labels(query_labels, "query_labels", query.shape[:-1], "query")
+        C.check_same_device(("query", q), ("query_labels", ql))
         r = rl = None
         if reference is not None or reference_labels is not None:
             r, rl = _check_reference(q, reference, reference_labels, allow_empty=True)
@@ -104,22 +105,20 @@ def sharded_retrieval_metrics(
 
     q, ql, r, rl, ks = D.agree(check, summary, mismatch, "sharded_retrieval_metrics", device, group)
     dtype = S.similarity_dtype(q, r)
+    block = q if r is None else r  # this rank's block of the reference
+    sizes = [int(size) for size in D.all_gather_columns(torch.tensor([[block.shape[0]]], device=device), group)[0]]
+    if sum(sizes) == 0:
+        what = "the set" if r is None else "the reference"
+        raise ValueError(f"sharded_retrieval_metrics: {what} is empty on every rank")
+    start = sum(sizes[:rank])
     if r is None:  # one set spread over the ranks: every rank searches all of it with its block as the reference
-        everyone, sizes = D.all_gather_rows(S.normalized(q, dtype), group)
+        everyone, _ = D.all_gather_rows(S.normalized(q, dtype), group)
         labels, _ = D.all_gather_rows(ql, group)
-        start = sum(sizes[:rank])
-        problem = _Problem(
-            everyone, labels, everyone[start : start + sizes[rank]], ql, start, sum(sizes), -start, max(sizes)
-        )
+        mine = everyone[start : start + sizes[rank]]
+        problem = _Problem(everyone, labels, mine, ql, start, sum(sizes), -start, max(sizes))
     else:
         assert rl is not None
-        sizes_tensor = torch.tensor([r.shape[0]], device=device)
-        sizes = [int(s) for s in D.all_gather_columns(sizes_tensor[None], group)[0]]
-        problem = _Problem(
-            S.normalized(q, dtype), ql, S.normalized(r, dtype), rl, sum(sizes[:rank]), sum(sizes), None, max(sizes)
-        )
-    if problem.total == 0:
-        raise ValueError("sharded_retrieval_metrics: the reference is empty on every rank")
+        problem = _Problem(S.normalized(q, dtype), ql, S.normalized(r, dtype), rl, start, sum(sizes), None, max(sizes))
     return _metrics(problem, ks, "torch", query_block, reference_block, progress if rank == 0 else False, group)
 
 

@@ -97,6 +97,8 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
             q + (rank == 0), ql, r, rl, recall_at_k=(1,)),
         "other-recall-on-last-rank": lambda: M.sharded_retrieval_metrics(
             q, ql, r, rl, recall_at_k=(1, 2) if rank == world - 1 else (1,)),
+        "empty-everywhere": lambda: M.sharded_retrieval_metrics(
+            torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), recall_at_k=(1,)),
         "reference-only-on-rank-0": lambda: M.sharded_retrieval_metrics(
             q, ql, r if rank == 0 else None, rl if rank == 0 else None, recall_at_k=(1,)),
     }  # fmt: skip
@@ -168,3 +170,6 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world: int) -> None
         assert "the ranks passed different queries" in errors[rank]["other-queries-on-rank-0"]
         assert "the ranks disagree on the options (recall_at_k" in errors[rank]["other-recall-on-last-rank"]
         assert "the ranks disagree on whether a reference is given" in errors[rank]["reference-only-on-rank-0"]
+        assert errors[rank]["empty-everywhere"] == (
+            "ValueError: sharded_retrieval_metrics: the set is empty on every rank"
+        )
