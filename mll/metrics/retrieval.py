@@ -62,6 +62,7 @@ def retrieval_metrics(
     reference: Optional[Tensor] = None,
     reference_labels: Optional[Tensor] = None,
     *,
+    reference_includes_query: bool = False,
     recall_at_k: Sequence[int] = (1, 2, 4, 8),
     backend: Backend = "torch",
     query_block: Optional[int] = None,
@@ -85,6 +86,8 @@ def retrieval_metrics(
         query_labels (Tensor[*]): integer class labels, one per query.
         reference (Tensor[*, d], optional): the gallery; None: each query searches the other queries (never itself).
         reference_labels (Tensor[*], optional): the gallery's labels, given with ``reference``.
+        reference_includes_query (bool): the first N rows of ``reference`` are the N queries (and the first N
+            labels theirs), as pml's ``ref_includes_query``: query i never retrieves reference i.
         recall_at_k (sequence of int): the k of the ``recall_at_{k}`` keys; each at most the number of references
             a query can see.
         backend (str): ``"torch"`` (exact, the default) or ``"faiss"`` (``faiss.IndexFlatIP`` on float32, where
@@ -102,6 +105,10 @@ def retrieval_metrics(
     problem = _local_problem(
         query, query_labels, reference, reference_labels, recall_at_k, backend, query_block, reference_block
     )
+    if reference_includes_query:
+        check_query_prefix(problem.query, problem.query_labels, problem.reference, problem.reference_labels, 0,
+                           reference is None)  # fmt: skip
+        problem.self_shift = 0
     return _metrics(
         problem, C.check_ks(recall_at_k, "recall_at_k"), backend, query_block, reference_block, progress, group=None
     )
@@ -157,6 +164,27 @@ def nearest_neighbors(
     for q0, q1, v, i in _search(problem, k, "torch", query_block, reference_block, progress, "neighbours"):
         values[q0:q1], indices[q0:q1] = v, i
     return values.reshape(*query.shape[:-1], k), indices.reshape(*query.shape[:-1], k)
+
+
+def check_query_prefix(
+    qn: Tensor, ql: Tensor, rn: Tensor, rl: Tensor, start: int, self_search: bool, total: Optional[int] = None
+) -> None:
+    """``reference_includes_query``: reference rows ``[start, start + len(rn))`` that fall among the first N (the
+    queries) must hold the queries and their labels (normalised embeddings to float rounding, labels exactly)."""
+    if self_search:
+        raise ValueError("reference_includes_query=True needs a reference (without one, each query already "
+                         "searches the other queries, never itself)")  # fmt: skip
+    n, total = qn.shape[0], rn.shape[0] if total is None else total
+    if total < n:
+        raise ValueError(f"reference_includes_query=True: the reference has {total} rows, fewer than the {n} queries")
+    stop = min(n, start + rn.shape[0])
+    if stop > start:
+        mine, theirs = slice(0, stop - start), slice(start, stop)
+        if not (torch.equal(rl[mine], ql[theirs]) and torch.allclose(rn[mine], qn[theirs], rtol=1e-5, atol=1e-6)):
+            raise ValueError(
+                f"reference_includes_query=True: the first {n} rows of reference (and of reference_labels) must be "
+                "the queries (and their labels), as pml's ref_includes_query"
+            )
 
 
 def _check_reference(

@@ -11,7 +11,7 @@ from torch import Tensor
 from mll.metrics import _checks as C
 from mll.metrics import _distributed as D
 from mll.metrics import _search as S
-from mll.metrics.retrieval import _check_reference, _metrics, _Problem, retrieval_metrics
+from mll.metrics.retrieval import _check_reference, _metrics, _Problem, check_query_prefix, retrieval_metrics
 
 __all__ = ["sharded_retrieval_metrics"]
 
@@ -22,6 +22,7 @@ def sharded_retrieval_metrics(
     reference: Optional[Tensor] = None,
     reference_labels: Optional[Tensor] = None,
     *,
+    reference_includes_query: bool = False,
     group: Any = None,
     recall_at_k: Sequence[int] = (1, 2, 4, 8),
     query_block: Optional[int] = None,
@@ -45,6 +46,8 @@ def sharded_retrieval_metrics(
         query_labels (Tensor[*]): their labels.
         reference (Tensor[*, d], optional): this rank's block of the reference (it may be empty).
         reference_labels (Tensor[*], optional): its labels.
+        reference_includes_query (bool): the first N rows of the whole reference (the ranks' blocks in rank order)
+            are the queries, as in :func:`retrieval_metrics`.
         group: the process group (None: the default group).
         recall_at_k (sequence of int): as in :func:`retrieval_metrics`.
         query_block (int, optional): as in :func:`retrieval_metrics`.
@@ -61,6 +64,7 @@ def sharded_retrieval_metrics(
             query_labels,
             reference,
             reference_labels,
+            reference_includes_query=reference_includes_query,
             recall_at_k=recall_at_k,
             query_block=query_block,
             reference_block=reference_block,
@@ -81,7 +85,7 @@ def sharded_retrieval_metrics(
 
     def summary(checked: tuple[Any, ...]) -> list[int]:
         q, ql, r, _, ks = checked
-        options = _options_code(ks, query_block, reference_block)
+        options = _options_code(ks, query_block, reference_block, int(reference_includes_query))
         digest = [_digest(q), int(ql.sum()), int((ql * torch.arange(len(ql), device=ql.device)).sum())]
         return [q.shape[1], r is None, q.shape[0], _dtype_code(q, r), options, *(digest if r is not None else [])]
 
@@ -91,7 +95,7 @@ def sharded_retrieval_metrics(
             "whether a reference is given",
             "",
             "the dtype",
-            "the options (recall_at_k, query_block, reference_block)",
+            "the options (recall_at_k, query_block, reference_block, reference_includes_query)",
         ]
         for column, name in enumerate(names):
             if name and (table[:, column] != table[0, column]).any():
@@ -119,6 +123,13 @@ def sharded_retrieval_metrics(
     else:
         assert rl is not None
         problem = _Problem(S.normalized(q, dtype), ql, S.normalized(r, dtype), rl, start, sum(sizes), None, max(sizes))
+    if reference_includes_query:
+        D.agree(
+            lambda: check_query_prefix(problem.query, problem.query_labels, problem.reference,
+                                       problem.reference_labels, start, r is None, sum(sizes)),
+            lambda _: [], lambda _: None, "sharded_retrieval_metrics", device, group,
+        )  # fmt: skip
+        problem.self_shift = -start
     return _metrics(problem, ks, "torch", query_block, reference_block, progress if rank == 0 else False, group)
 
 

@@ -26,30 +26,31 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def ranking(query: Tensor, reference: Tensor | None) -> list[list[int]]:
-    """Each query's references in order: cosine descending, equal cosines by index ascending; itself left out in a
-    self-search."""
+def ranking(query: Tensor, reference: Tensor | None, includes_query: bool = False) -> list[list[int]]:
+    """Each query's references in order: cosine descending, equal cosines by index ascending; query i leaves out
+    reference i in a self-search (``reference`` None) or when the reference includes the queries first."""
     q = _unit(query.double().numpy())
     r = q if reference is None else _unit(reference.double().numpy())
+    skip_own = reference is None or includes_query
     out = []
     for i in range(q.shape[0]):
         sims = [float(np.dot(q[i], r[j])) for j in range(r.shape[0])]
         order = sorted(range(r.shape[0]), key=lambda j: (-sims[j], j))
-        out.append([j for j in order if reference is not None or j != i])
+        out.append([j for j in order if not (skip_own and j == i)])
     return out
 
 
 def retrieval_reference(
     query: Tensor, query_labels: Tensor, reference: Tensor | None = None, reference_labels: Tensor | None = None,
-    ks: tuple[int, ...] = (1,),
+    ks: tuple[int, ...] = (1,), includes_query: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """pml's definitions (``k="max_bin_count"``), one query at a time."""
     ql = query_labels.reshape(-1).tolist()
     rl = ql if reference_labels is None else reference_labels.reshape(-1).tolist()
     q = query.reshape(-1, query.shape[-1])
     r = None if reference is None else reference.reshape(-1, reference.shape[-1])
-    orders = ranking(q, r)
-    self_search = reference is None
+    orders = ranking(q, r, includes_query)
+    self_search = reference is None or includes_query
     relevant = [sum(1 for label in rl if label == ql[i]) - self_search for i in range(len(ql))]
     depth = max(relevant)
     names = ["precision_at_1", "r_precision", "mean_average_precision_at_r", "mean_average_precision",

@@ -42,22 +42,28 @@ def labelled_sets(draw: st.DrawFn, exact: bool = True) -> dict:
 
     q, ql = embed(n), torch.randint(classes, (n,), generator=g)
     r, rl = (None, None) if self_search else (embed(m), torch.randint(classes, (m,), generator=g))
-    visible = m - self_search
+    includes = not self_search and draw(st.booleans())  # pml's ref_includes_query: the queries come first
+    if includes:
+        assert r is not None and rl is not None
+        r, rl = torch.cat([q, r]), torch.cat([ql, rl])
+        m += n
+    visible = m - (self_search or includes)
     if visible < 1:  # a self-search of one sample: nothing to rank
-        r, rl = embed(1), torch.randint(classes, (1,), generator=g)
+        r, rl, includes = embed(1), torch.randint(classes, (1,), generator=g), False
         visible = 1
     ks = tuple(sorted(set(draw(st.lists(st.integers(1, visible), min_size=1, max_size=3)))))
-    return {"query": q, "query_labels": ql, "reference": r, "reference_labels": rl, "ks": ks}
+    return {"query": q, "query_labels": ql, "reference": r, "reference_labels": rl, "ks": ks, "includes": includes}
 
 
 def run(case: dict, **options) -> dict[str, float]:
     return M.retrieval_metrics(case["query"], case["query_labels"], case["reference"], case["reference_labels"],
-                               recall_at_k=case["ks"], **options)  # fmt: skip
+                               reference_includes_query=case["includes"], recall_at_k=case["ks"],
+                               **options)  # fmt: skip
 
 
 def reference_of(case: dict) -> dict[str, float]:
     return retrieval_reference(case["query"], case["query_labels"], case["reference"], case["reference_labels"],
-                               case["ks"])  # fmt: skip
+                               case["ks"], case["includes"])  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore:no query has a reference of its label")
@@ -201,6 +207,15 @@ def test_reference_of_another_shape_and_the_progress_bar(capsys: pytest.CaptureF
          ValueError, "backend must be 'torch' or 'faiss', but got 'annoy'"),
         (lambda: M.retrieval_metrics(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), query_block=0),
          ValueError, "query_block must be None or an integer >= 1, but got 0"),
+        (lambda: M.retrieval_metrics(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64),
+                                     reference_includes_query=True), ValueError,
+         "reference_includes_query=True needs a reference"),
+        (lambda: M.retrieval_metrics(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64), torch.randn(2, 4),
+                                     torch.zeros(2, dtype=torch.int64), reference_includes_query=True), ValueError,
+         "the reference has 2 rows, fewer than the 3 queries"),
+        (lambda: M.retrieval_metrics(torch.ones(3, 4), torch.zeros(3, dtype=torch.int64), torch.ones(5, 4),
+                                     torch.tensor([0, 0, 1, 0, 0]), reference_includes_query=True), ValueError,
+         r"the first 3 rows of reference \(and of reference_labels\) must be the queries"),
         (lambda: M.nearest_neighbors(torch.randn(3, 4), torch.randn(2, 4), 3), ValueError,
          "k must be at most 2, the references each query can see, but got 3"),
         (lambda: M.nearest_neighbors(torch.randn(3, 4), None, 0), ValueError, "k must be an integer >= 1, but got 0"),

@@ -73,24 +73,26 @@ def test_equals_pml_on_a_realistic_embedding(self_search: bool) -> None:
     st.integers(2, 40),
     st.integers(1, 40),
     st.integers(1, 8),
-    st.booleans(),
+    st.sampled_from(["self", "reference", "reference including the queries"]),
     st.sampled_from([1, 4, 16]),
 )
 def test_equals_pml_with_ties_when_pml_breaks_them_by_index(
-    seed: int, n: int, m: int, classes: int, self_search: bool, d: int
+    seed: int, n: int, m: int, classes: int, layout: str, d: int
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     q, ql = exact_embeddings(n, d, g), torch.randint(classes, (n,), generator=g)
-    if self_search:
-        r = rl = None
-    else:
+    r = rl = None
+    if layout != "self":
         r, rl = exact_embeddings(m, d, g), torch.randint(classes, (m,), generator=g)
-    mine = M.retrieval_metrics(q, ql, r, rl, recall_at_k=(1,))
+    includes = layout == "reference including the queries"
+    if includes:
+        assert r is not None and rl is not None
+        r, rl = torch.cat([q, r]), torch.cat([ql, rl])
+    mine = M.retrieval_metrics(q, ql, r, rl, reference_includes_query=includes, recall_at_k=(1,))
+    theirs = calculator(stable_knn).get_accuracy(q, ql, r, rl, ref_includes_query=includes)
     if math.isnan(mine["precision_at_1"]):  # no query has a relevant reference: pml returns NaN too (and warns)
-        theirs = calculator(stable_knn).get_accuracy(q, ql, r, rl)
         assert all(math.isnan(theirs[key]) for key in KEYS)
         return
-    theirs = calculator(stable_knn).get_accuracy(q, ql, r, rl)
     diff = differences(mine, theirs)
     assert max(diff.values()) < 1e-6, (diff, mine, theirs)
     assert mine["recall_at_1"] == mine["precision_at_1"]
