@@ -34,6 +34,7 @@ class Case:
     classes: int = 4
     query_block: int | None = None
     reference_block: int | None = None
+    includes_query: bool = False  # the reference's first rows (spread over the first blocks) are the queries
     seed: int = 0
 
 
@@ -41,6 +42,8 @@ CASES = [
     Case("reference-blocks-one-empty"),
     Case("reference-small-blocks", query_block=3, reference_block=4, seed=1),
     Case("reference-gaussian", exact=False, seed=2),
+    Case("reference-includes-the-queries", includes_query=True, seed=7),
+    Case("reference-includes-the-queries-small-blocks", includes_query=True, query_block=4, reference_block=5, seed=8),
     Case("self-search", self_search=True, seed=3),
     Case("self-search-small-blocks", self_search=True, query_block=2, reference_block=3, seed=4),
     Case("self-search-one-class", self_search=True, classes=1, seed=5),
@@ -58,9 +61,11 @@ def data(case: Case, world: int) -> dict[str, Any]:
 
     total = sum(sizes)
     reference, labels = embed(total), torch.randint(case.classes, (total,), generator=g)
+    query, query_labels = embed(case.queries), torch.randint(case.classes, (case.queries,), generator=g)
+    if case.includes_query:  # the first 17 of 22 rows: they span both blocks of world 2, and an empty one of world 3
+        reference[: case.queries], labels[: case.queries] = query, query_labels
     blocks = list(torch.split(reference, list(sizes)))
     label_blocks = list(torch.split(labels, list(sizes)))
-    query, query_labels = embed(case.queries), torch.randint(case.classes, (case.queries,), generator=g)
     return {"query": query, "query_labels": query_labels, "reference": reference, "reference_labels": labels,
             "blocks": blocks, "label_blocks": label_blocks}  # fmt: skip
 
@@ -75,7 +80,7 @@ def run_case(case: Case, rank: int, world: int) -> dict[str, float]:
     if case.self_search:
         return M.sharded_retrieval_metrics(d["blocks"][rank], d["label_blocks"][rank], **options)
     return M.sharded_retrieval_metrics(d["query"], d["query_labels"], d["blocks"][rank], d["label_blocks"][rank],
-                                       **options)  # fmt: skip
+                                       reference_includes_query=case.includes_query, **options)  # fmt: skip
 
 
 def single_process(case: Case, world: int) -> dict[str, float]:
@@ -83,13 +88,14 @@ def single_process(case: Case, world: int) -> dict[str, float]:
     if case.self_search:
         return M.retrieval_metrics(d["reference"], d["reference_labels"], recall_at_k=ks(case))
     return M.retrieval_metrics(d["query"], d["query_labels"], d["reference"], d["reference_labels"],
-                               recall_at_k=ks(case))  # fmt: skip
+                               reference_includes_query=case.includes_query, recall_at_k=ks(case))  # fmt: skip
 
 
 def run_errors(rank: int, world: int) -> dict[str, str]:
     """Each fault on one rank: every rank's error message (or 'no error')."""
-    q, ql = torch.randn(6, 4), torch.randint(0, 2, (6,))
-    r, rl = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    g = torch.Generator().manual_seed(5)  # the same queries on every rank (and each rank the same block)
+    q, ql = torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g)
+    r, rl = torch.randn(5, 4, generator=g), torch.randint(0, 2, (5,), generator=g)
     faults = {
         "nan-on-rank-1": lambda: M.sharded_retrieval_metrics(
             q, ql, torch.full((5, 4), float("nan")) if rank == 1 else r, rl, recall_at_k=(1,)),
@@ -97,6 +103,9 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
             q + (rank == 0), ql, r, rl, recall_at_k=(1,)),
         "other-recall-on-last-rank": lambda: M.sharded_retrieval_metrics(
             q, ql, r, rl, recall_at_k=(1, 2) if rank == world - 1 else (1,)),
+        "prefix-differs-on-rank-0": lambda: M.sharded_retrieval_metrics(
+            q, ql, -q if rank == 0 else r, ql if rank == 0 else rl, reference_includes_query=True, recall_at_k=(1,)),
+        "no-fault": lambda: M.sharded_retrieval_metrics(q, ql, r, rl, recall_at_k=(1,)),
         "empty-everywhere": lambda: M.sharded_retrieval_metrics(
             torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), recall_at_k=(1,)),
         "reference-only-on-rank-0": lambda: M.sharded_retrieval_metrics(
@@ -105,8 +114,7 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
     out = {}
     for name, call in faults.items():
         try:
-            call()
-            out[name] = "no error"
+            out[name] = f"no error: {call()}"
         except (ValueError, TypeError) as error:
             out[name] = f"{type(error).__name__}: {error}"
     return out
@@ -170,6 +178,11 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world: int) -> None
         assert "the ranks passed different queries" in errors[rank]["other-queries-on-rank-0"]
         assert "the ranks disagree on the options (recall_at_k" in errors[rank]["other-recall-on-last-rank"]
         assert "the ranks disagree on whether a reference is given" in errors[rank]["reference-only-on-rank-0"]
+        want = ("ValueError: reference_includes_query=True: the first 6 rows of reference (and of reference_labels) "
+                "must be the queries" if rank == 0 else "ValueError: sharded_retrieval_metrics: rank(s) [0] of the "
+                "group refused their inputs (see the error there)")  # fmt: skip
+        assert errors[rank]["prefix-differs-on-rank-0"].startswith(want)
+        assert errors[rank]["no-fault"].startswith("no error: {'precision_at_1'")  # the control case runs
         assert errors[rank]["empty-everywhere"] == (
             "ValueError: sharded_retrieval_metrics: the set is empty on every rank"
         )
