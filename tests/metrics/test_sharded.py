@@ -8,15 +8,14 @@ One spawn per world size runs every case; each rank saves what it got, and the t
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mll import metrics as M
+from tests.conftest import run_world
 from tests.metrics.reference import exact_embeddings
 
 pytestmark = pytest.mark.slow
@@ -136,17 +135,11 @@ _RESULTS: dict[int, list[dict[str, Any]]] = {}
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory: pytest.TempPathFactory):
+    """``spawned(world)``: every rank's results of this module's one run per world size."""
+
     def results(world: int) -> list[dict[str, Any]]:
         if world not in _RESULTS:
-            path = tmp_path_factory.mktemp(f"metrics-world{world}")
-            context = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False)
-            start = time.monotonic()
-            while not context.join(timeout=1):
-                if time.monotonic() - start > 300:  # a rank left waiting in a collective fails, never stalls CI
-                    for process in context.processes:
-                        process.kill()
-                    pytest.fail(f"world {world}: a rank hung")
-            _RESULTS[world] = [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+            _RESULTS[world] = run_world(_worker, world, tmp_path_factory.mktemp(f"metrics-world{world}"))
         return _RESULTS[world]
 
     return results
