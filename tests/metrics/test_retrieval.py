@@ -133,9 +133,11 @@ def test_one_class_and_self_exclusion() -> None:
     x = torch.randn(7, 3)
     got = M.retrieval_metrics(x, torch.zeros(7, dtype=torch.int64), recall_at_k=(1, 6))
     assert all(value == 1.0 for value in got.values())
-    twins = torch.ones(2, 3)  # two identical samples of two classes: each sees only the other, never itself
-    got = M.retrieval_metrics(twins, torch.tensor([4, 4]), recall_at_k=(1,))
-    assert got["precision_at_1"] == 1.0
+    # samples 0 and 1 identical (labels 4 and 5), sample 2 orthogonal (label 4): sample 0 would be its own nearest
+    # neighbour (a tie with sample 1, won by the lower index) if it could see itself; it sees sample 1 first
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    got = M.retrieval_metrics(x, torch.tensor([4, 5, 4]), recall_at_k=(1,))
+    assert got["precision_at_1"] == 0.5  # queries 0 (miss: sample 1) and 2 (hit: sample 0); 1 has no relevant
 
 
 def test_no_query_with_a_relevant_reference_gives_nan_and_a_warning() -> None:
