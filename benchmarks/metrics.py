@@ -12,8 +12,10 @@ setting of pml's ``AccuracyCalculator(k="max_bin_count")`` on a query set that i
 - ``mll``: :func:`mll.metrics.retrieval_metrics` — the same search plus the ties' rule and every metric.
 
 Time: both in one process, interleaved, ``--rounds`` each; the ratio is the floor's median over mll's (above 1:
-mll faster). Memory: each implementation once in a fresh process; the peak resident set above the resident set with
-the inputs made (``VmHWM`` reset through ``/proc/self/clear_refs``). Threads: torch's default (every core).
+mll faster), in wall-clock seconds and in the process's CPU seconds (steadier on a shared machine, where a busy
+neighbour stretches the wall clock of whichever run it overlaps). Memory: each implementation once in a fresh
+process; the peak resident set above the resident set with the inputs made (``VmHWM`` reset through
+``/proc/self/clear_refs``). Threads: torch's default (every core), or ``--threads``.
 Allocator: glibc with ``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (as the other benchmarks, so
 freed blocks are reused rather than returned to the OS) for the timing, or ``--allocator default``; the memory
 probes run with glibc's defaults.
@@ -94,13 +96,15 @@ def _vm_kb(field: str) -> int:
 
 
 def child_time(plan: Plan, impls: list[str]) -> dict[str, list[float]]:
+    """Wall-clock seconds of each run (``impl``) and the process's CPU seconds (``impl cpu``), interleaved."""
     x, labels = make_inputs(plan)
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    times: dict[str, list[float]] = {key: [] for impl in impls for key in (impl, f"{impl} cpu")}
     for _ in range(plan.rounds):
         for impl in impls:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run_impl(impl, x, labels)
             times[impl].append(time.perf_counter() - start)
+            times[f"{impl} cpu"].append(time.process_time() - cpu)
     return times
 
 
@@ -128,10 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed runs of each implementation")
     parser.add_argument("--faiss", action="store_true", help="also mll with backend='faiss'")
     parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     parser.add_argument("--child", choices=["time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--impls", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child:
         plan = Plan(**json.loads(args.plan))
         result = child_time(plan, args.impls) if args.child == "time" else child_memory(plan, args.impls[0])
@@ -154,21 +161,20 @@ def main(argv: list[str] | None = None) -> None:
           f"threads: {torch.get_num_threads()}; timing allocator: {allocator}; rounds: {plan.rounds}")  # fmt: skip
     del x, labels
     sys.stdout.flush()
-    spec = ["--plan", json.dumps(asdict(plan))]
+    spec = ["--plan", json.dumps(asdict(plan)), *(["--threads", str(args.threads)] if args.threads else [])]
     times = spawn(["--child", "time", *spec, "--impls", *impls], timing_env)
     memory = {impl: spawn(["--child", "memory", *spec, "--impls", impl], default_env) for impl in impls}
     assert isinstance(times, dict)
-    floor_median = statistics.median(times["floor"])
-    print(
-        "\n| implementation | median s | min s | speed × floor (floor's median / its median) | peak MiB above inputs |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    floor_median, floor_cpu = statistics.median(times["floor"]), statistics.median(times["floor cpu"])
+    print("\n| implementation | median s | min s | speed × floor (medians) | median CPU s | speed × floor (CPU) | "
+          "peak MiB above inputs |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     names = {"floor": "floor: topk over blocks of x̂ @ x̂ᵀ", "mll": "mll.metrics.retrieval_metrics",
              "faiss": "retrieval_metrics, backend='faiss'"}  # fmt: skip
     for impl in impls:
-        median = statistics.median(times[impl])
-        print(f"| {names[impl]} | {median:.2f} | {min(times[impl]):.2f} | {floor_median / median:.3f} | "
-              f"{memory[impl]:.0f} |")  # fmt: skip
+        median, cpu = statistics.median(times[impl]), statistics.median(times[f"{impl} cpu"])
+        print(f"| {names[impl]} | {median:.2f} | {min(times[impl]):.2f} | {floor_median / median:.3f} | {cpu:.2f} | "
+              f"{floor_cpu / cpu:.3f} | {memory[impl]:.0f} |")  # fmt: skip
     print(f"\ninputs: {plan.n * plan.d * 4 / 2**20:.1f} MiB of float32 embeddings and {plan.n * 8 / 2**20:.1f} MiB "
           "of int64 labels")  # fmt: skip
 

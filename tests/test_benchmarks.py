@@ -122,9 +122,10 @@ def test_metrics_quick_run_prints_its_table(in_process: None, capsys: pytest.Cap
     assert "N = M = 4000 (a self-search), d = 32, classes of 100, K = 99 neighbours" in out
     for name in ("floor: topk over blocks of x̂ @ x̂ᵀ | ", "mll.metrics.retrieval_metrics | "):
         row = next(line for line in out.splitlines() if line.startswith(f"| {name}"))
-        median, low, ratio, memory = (float(cell) for cell in row.split("|")[2:6])
-        assert 0 < low <= median and ratio > 0 and memory >= 0
+        median, low, ratio, cpu, cpu_ratio, memory = (float(cell) for cell in row.split("|")[2:8])
+        assert 0 < low <= median and ratio > 0 and cpu > 0 and cpu_ratio > 0 and memory >= 0
     assert "| 1.000 |" in out  # the floor's own row
+    assert "threads: 2" in out or f"threads: {torch.get_num_threads()}" in out
 
 
 @pytest.mark.slow
