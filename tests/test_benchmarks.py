@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import chunked, gpu, run, scale, sharded
+from benchmarks import chunked, gpu, metrics, run, scale, sharded
 from benchmarks.cases import SUITES, Config, make_data
 
 pytestmark = pytest.mark.slow  # runs the benchmark harness
@@ -114,6 +114,19 @@ def test_chunked_quick_run_prints_its_table(in_process: None, capsys: pytest.Cap
     for impl in chunked.IMPLEMENTATIONS:
         assert f"| 20000 | {impl} |" in out
     assert "failed" not in out  # a probe that failed prints its row too, with its error
+
+
+@pytest.mark.slow
+def test_metrics_quick_run_prints_its_table(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics.main(["--quick"])  # its children time the floor and mll together, and measure each one's memory
+    out = capsys.readouterr().out
+    assert "N = M = 4000 (a self-search), d = 32, classes of 100, K = 99 neighbours" in out
+    for name in ("floor: topk over blocks of x̂ @ x̂ᵀ | ", "mll.metrics.retrieval_metrics | "):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name}"))
+        median, low, ratio, cpu, cpu_ratio, memory = (float(cell) for cell in row.split("|")[2:8])
+        assert 0 < low <= median and ratio > 0 and cpu > 0 and cpu_ratio > 0 and memory >= 0
+    assert "| 1.000 |" in out  # the floor's own row
+    assert "threads: 2" in out or f"threads: {torch.get_num_threads()}" in out
 
 
 @pytest.mark.slow
