@@ -140,14 +140,17 @@ def pml(name: str, **kwargs: object) -> Factory:
     return make
 
 
-def proxy_anchor(chunked: bool, **kwargs: object) -> Factory:
+def proxy_anchor(chunked: bool, zeroing: bool = False, **kwargs: object) -> Factory:
     """A ProxyAnchor step: its chunked ``loss()``, or (``chunked=False``) the dense loss of its N×C cosines,
-    ``mll.functional.proxy_anchor_loss`` — it is not a cross-entropy of logits."""
+    ``mll.functional.proxy_anchor_loss`` — it is not a cross-entropy of logits. ``zeroing``: gradients set to None
+    first (else they accumulate)."""
 
     def make(cfg: Config, data: Data) -> Step:
         head = mll.ProxyAnchor(cfg.features, cfg.classes, cfg.sub_centers, **kwargs).train()
 
         def step() -> None:
+            if zeroing:
+                data.x.grad = head.weight.grad = None
             if chunked:
                 head.loss(data.x, data.y).backward()
             else:
@@ -543,8 +546,8 @@ SUITES: dict[str, list[Case]] = {
             step_bytes=mll_dense_step_bytes,
         ),
         Case("CurricularFace", "mll loss()", chunked_loss("CurricularFace", scale=SCALE)),
-        Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False), step_bytes=dense_step_bytes),
-        Case("ProxyAnchor", "mll loss()", proxy_anchor(chunked=True)),
+        Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False, zeroing=True), step_bytes=dense_step_bytes),
+        Case("ProxyAnchor", "mll loss()", proxy_anchor(chunked=True, zeroing=True)),
         Case(
             "ProxyAnchor",
             "pml 2.9",

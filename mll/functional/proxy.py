@@ -53,7 +53,7 @@ from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, Proxy
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import acc_dtype
-from mll.functional.chunked import default_chunk_size, scalar_loss
+from mll.functional.chunked import accumulating_bytes, default_chunk_size, scalar_loss
 
 __all__ = [
     "PROXY_ANCHOR_ALPHA",
@@ -232,7 +232,7 @@ def proxy_anchor_chunked(
     chunk = default_chunk_size(x.shape[0], num_classes, k, x.device) if chunk_size is None else int(chunk_size)
     spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk)
     labels = labels.reshape(-1)
-    if scalar_loss("mean", x, weight):  # the gradient formed during the forward: three GEMMs
+    if scalar_loss("mean", x, weight) and not accumulating_bytes(weight):  # the gradient formed in the forward
         count = present_classes(labels, num_classes)
         loss, _ = ProxyAnchorOnePass.apply(x, weight, labels, spec, 1.0 / count, 1.0 / num_classes)
         return loss.to(_out_dtype(input.dtype))
@@ -356,7 +356,7 @@ def _sharded(
     local_y = torch.where((y >= class_start) & (y < class_start + width), y - int(class_start), -1)
     chunk = default_chunk_size(sum(sizes), max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
     spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk, group, world)
-    if scalar_loss("mean", x, weight):  # the gradient formed during the forward: three GEMMs
+    if scalar_loss("mean", x, weight) and not accumulating_bytes(weight):  # the gradient formed in the forward
         count = present_classes(y, int(num_classes))  # |P⁺| of the global batch, the same on every rank
         part, stats = ProxyAnchorOnePass.apply(x, weight, local_y, spec, 1.0 / count, 1.0 / int(num_classes))
         total = all_reduce(stats.clone(), "sum", group, world)

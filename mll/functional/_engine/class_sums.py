@@ -175,7 +175,8 @@ class ProxyAnchorOnePass(torch.autograd.Function):
     """``forward(x̂, weight, labels, spec, w_pos, w_neg) -> (w_pos·Σ pos + w_neg·Σ neg, stats)``: a block's part of
     the Proxy-Anchor loss with its gradient formed during the forward, chunk by chunk — a chunk's column log-sums are
     exact within it, so ``∂ℓ/∂s`` needs nothing from later chunks once the weights (1/|P⁺| and 1/|P|) are known:
-    three GEMMs. ``stats`` as :class:`ClassLogSums`'s (no gradient). Backward scales the formed gradients."""
+    three GEMMs. ``stats`` as :class:`ClassLogSums`'s (no gradient). Backward scales the formed gradients. (Beside an
+    existing ``.grad`` the callers take :class:`ClassLogSums`, which adds its chunks into it: no C×d buffer.)"""
 
     @staticmethod
     def forward(
