@@ -43,6 +43,8 @@ Native heads: :func:`to_head` and :func:`from_head` convert a loss (its weights 
 :mod:`mll.nn` head that trains the same model and back; see the guide ``docs/from-pml.md``.
 """
 
+from mll.compat._pml_base import PMLLoss
+from mll.compat._pml_convert import from_head, to_head
 from mll.compat._pml_margin import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -59,10 +61,13 @@ __all__ = [
     "CosFaceLoss",
     "LargeMarginSoftmaxLoss",
     "NormalizedSoftmaxLoss",
+    "PMLLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",
     "SoftTripleLoss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
+    "from_head",
     "multiple_angle_margin",
+    "to_head",
 ]
