@@ -230,7 +230,9 @@ class PMLLoss(nn.Module):
             indices_tuple (tuple of Tensor, optional): a miner's output, ``(anchors, positives, negatives)`` or
                 ``(anchors1, positives, anchors2, negatives)``: each sample's loss is weighted by how often the tuple
                 names it, relative to the most named (pml's ``convert_to_weights``); None or all empty: weight 1.
-            ref_emb, ref_labels: refused, as by pml (these losses compare the batch with their own parameters).
+            ref_emb (Tensor, optional): refused, as by pml (these losses compare the batch with their own
+                parameters), unless it is ``embeddings`` itself with ``ref_labels`` being ``labels``.
+            ref_labels (Tensor, optional): see ``ref_emb``.
 
         Returns:
             Tensor: the loss in ``embeddings``' dtype, or what a pml reducer that does not reduce returns.

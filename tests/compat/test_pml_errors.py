@@ -188,3 +188,21 @@ def test_device_and_dtype_arguments_and_meta() -> None:
     loss = loss.to_empty(device="cpu")
     x, y = data(6, D, C, torch.float64)
     assert loss(x, y).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_copies_and_pickles_keep_the_loss(name: str) -> None:
+    """``copy.deepcopy`` and ``torch.save`` of the whole module (with a pml reducer and regularizer inside)."""
+    import copy
+
+    from pytorch_metric_learning import reducers, regularizers
+
+    reducer = None if name == "ProxyAnchorLoss" else reducers.SumReducer()
+    loss = getattr(M, name)(**SIZES, reducer=reducer, weight_regularizer=regularizers.LpRegularizer()).double()
+    x, y = data(8, D, C, torch.float64)
+    buffer = io.BytesIO()
+    torch.save(loss, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(loss), torch.load(buffer, weights_only=False)):
+        assert other(x, y).item() == loss(x, y).item()
+    assert list(loss.state_dict()) == [loss.parameter_name]
