@@ -12,14 +12,22 @@ their protocol.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossDict", "PMLLoss", "check_count", "check_real", "reduced"]
+from mll.compat._pml_inputs import (
+    check_labels,
+    class_names,
+    describe,
+    describe_distance,
+    is_pml_reducer,
+    miner_weights,
+)
+
+__all__ = ["LossDict", "PMLLoss", "reduced"]
 
 #: pml's loss dictionary: sub-loss name -> {"losses", "indices", "reduction_type"[, "divisor"]}
 LossDict = dict[str, dict[str, Any]]
@@ -27,60 +35,6 @@ LossDict = dict[str, dict[str, Any]]
 IndicesTuple = Union[tuple[Tensor, ...], list[Tensor]]
 #: pml's reducers that take the whole loss dictionary; every other reducer gets one sub-loss at a time
 _WHOLE_DICT_REDUCERS = ("MultipleReducers", "DoNothingReducer")
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-def check_real(
-    owner: str,
-    name: str,
-    value: object,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = True,
-    unit: str = "",
-) -> float:
-    """A Python or NumPy real within its range, as a float; the error names the loss, the argument and the range."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan  # type: ignore[arg-type]
-    inside = (number > low if low_open else number >= low) and (number < high if high_open else number <= high)
-    if not (ok and inside):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{owner} {name} must be a real number in {interval}{unit}, but got {value!r}")
-    return number
-
-
-def check_count(owner: str, name: str, value: object, low: int = 1) -> int:
-    """A Python or NumPy integer ``>= low``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner} {name} must be an integer >= {low}, but got {value!r}")
-    return int(value)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
-    if isinstance(value, type):
-        return f"the class {value.__name__} (not an instance)"
-    return type(value).__name__
-
-
-def describe_distance(distance: object) -> str:
-    """``LpDistance(normalize_embeddings=True, p=2, power=2)``: a pml distance by its class and settings."""
-    shown = ", ".join(
-        f"{k}={getattr(distance, k)!r}" for k in ("normalize_embeddings", "p", "power") if hasattr(distance, k)
-    )
-    return f"{type(distance).__name__}({shown})"
-
-
-def _is_pml_reducer(value: object) -> bool:
-    """pml's reducer protocol (its ``BaseReducer``): called as ``reducer(loss_dict, embeddings, labels)``."""
-    return hasattr(value, "reduce_the_loss") and hasattr(value, "unpack_loss_info")
-
-
-def _class_names(value: object) -> set[str]:
-    return {cls.__name__ for cls in type(value).__mro__}
 
 
 class PMLLoss(nn.Module):
@@ -129,13 +83,13 @@ class PMLLoss(nn.Module):
             if value is not None and (isinstance(value, type) or not callable(value)):
                 raise TypeError(
                     f"{owner} {name} must be None or a callable instance (e.g. pml's LpRegularizer(), or a function "
-                    f"of the weights), but got {_describe(value)}"
+                    f"of the weights), but got {describe(value)}"
                 )
         for name, factor in (("weight_reg_weight", weight_reg_weight), ("embedding_reg_weight", embedding_reg_weight)):
             if not (isinstance(factor, numbers.Real) and not isinstance(factor, bool)) and not (
                 isinstance(factor, Tensor) and factor.numel() == 1
             ):
-                raise TypeError(f"{owner} {name} must be a real number, but got {_describe(factor)}")
+                raise TypeError(f"{owner} {name} must be a real number, but got {describe(factor)}")
         if collect_stats:
             raise ValueError(
                 f"{owner} collect_stats must be None or False: mll.compat.pml keeps none of pml's recorded statistics "
@@ -169,7 +123,7 @@ class PMLLoss(nn.Module):
                     getattr(distance, "normalize_embeddings", None),
                 ) == (name, 2, power, normalize):
                     return normalize
-        got = describe_distance(distance) if not isinstance(distance, type) else _describe(distance)
+        got = describe_distance(distance) if not isinstance(distance, type) else describe(distance)
         raise ValueError(
             f"{owner} computes with pml's default distance only: distance must be None or pml's {accepted}, "
             f"but got {got}"
@@ -184,16 +138,16 @@ class PMLLoss(nn.Module):
         if isinstance(reducer, type) or not callable(reducer):
             raise TypeError(
                 f"{owner} reducer must be None, an instance of one of pml's reducers (e.g. MeanReducer()) or a "
-                f"callable that reduces a tensor of losses to a scalar, but got {_describe(reducer)}"
+                f"callable that reduces a tensor of losses to a scalar, but got {describe(reducer)}"
             )
         if self.only_reducers is not None:
-            if _is_pml_reducer(reducer) and _class_names(reducer) & set(self.only_reducers):
+            if is_pml_reducer(reducer) and class_names(reducer) & set(self.only_reducers):
                 return {}  # pml's default for this loss, which mll computes
             raise ValueError(
                 f"{owner} reducer must be None or pml's {' or '.join(self.only_reducers)}() (its default): mll's "
-                f"kernel for this loss returns the reduced loss, not per-element terms, but got {_describe(reducer)}"
+                f"kernel for this loss returns the reduced loss, not per-element terms, but got {describe(reducer)}"
             )
-        if not _is_pml_reducer(reducer) or _class_names(reducer) & set(_WHOLE_DICT_REDUCERS):
+        if not is_pml_reducer(reducer) or class_names(reducer) & set(_WHOLE_DICT_REDUCERS):
             return {None: reducer}
         return {name: copy.deepcopy(reducer) for name in self._sub_loss_names()}
 
@@ -241,7 +195,7 @@ class PMLLoss(nn.Module):
         if not isinstance(embeddings, Tensor) or not embeddings.is_floating_point():
             raise TypeError(
                 f"{owner} embeddings must be a floating-point tensor of shape (batch_size, "
-                f"{self.embedding_size}), but got {_describe(embeddings)}"
+                f"{self.embedding_size}), but got {describe(embeddings)}"
             )
         if labels is not None:
             labels = self._check_labels(embeddings, labels)
@@ -269,68 +223,10 @@ class PMLLoss(nn.Module):
         return self._reduce(loss_dict, embeddings, labels)
 
     def _check_labels(self, embeddings: Tensor, labels: Any) -> Tensor:
-        owner = type(self).__name__
-        if not isinstance(labels, Tensor) or labels.dtype not in _INDEX_DTYPES:
-            raise TypeError(
-                f"{owner} labels must be an integer tensor of class indices of shape (batch_size,), "
-                f"but got {_describe(labels)}"
-            )
-        if labels.shape[:1] != embeddings.shape[:1]:
-            raise ValueError(
-                f"{owner} needs one label per embedding: labels of shape ({embeddings.shape[0]},), "
-                f"but got {tuple(labels.shape)} for embeddings of shape {tuple(embeddings.shape)}"
-            )
-        if labels.dim() != 1:
-            raise ValueError(
-                f"{owner} labels must be a 1-D tensor of shape (batch_size,), but got {tuple(labels.shape)}"
-            )
-        if labels.numel() > 0:
-            low, high = (int(v) for v in torch.aminmax(labels))
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"{owner} labels must be class indices in [0, {self.num_classes}), but got values "
-                    f"from {low} to {high}"
-                )
-        return labels.to(embeddings.device)
+        return check_labels(type(self).__name__, embeddings, labels, self.num_classes)
 
     def _miner_weights(self, indices_tuple: Any, embeddings: Tensor) -> Optional[Tensor]:
-        """Each sample's weight: how often the tuple names it over the count of the most named (None: all 1)."""
-        if indices_tuple is None:
-            return None
-        owner, n = type(self).__name__, embeddings.shape[0]
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-            length = f" of length {len(indices_tuple)}" if isinstance(indices_tuple, (tuple, list)) else ""
-            raise ValueError(
-                f"{owner} indices_tuple must be a miner's tuple (anchors, positives, negatives) or "
-                f"(anchors1, positives, anchors2, negatives), but got {_describe(indices_tuple)}{length}"
-            )
-        for part in indices_tuple:
-            if not isinstance(part, Tensor) or part.dtype not in _INDEX_DTYPES or part.dim() != 1:
-                raise TypeError(
-                    f"{owner} indices_tuple must hold 1-D integer tensors of batch indices, but got {_describe(part)}"
-                )
-        if all(part.numel() == 0 for part in indices_tuple):
-            return None
-        every = torch.cat([part.to(embeddings.device, torch.int64) for part in indices_tuple])
-        low, high = (int(v) for v in torch.aminmax(every))
-        if low < 0 or high >= n:
-            raise ValueError(
-                f"{owner} indices_tuple must index the batch: values in [0, {n}), but got values from {low} to {high}"
-            )
-        # pml weighs every index of the tuple; with a reference set (ProxyNCA's proxies) the anchors only
-        named = (
-            ([indices_tuple[0]] if len(indices_tuple) == 3 else [indices_tuple[0], indices_tuple[2]])
-            if self.anchors_only
-            else list(indices_tuple)
-        )
-        index = torch.cat([part.to(embeddings.device, torch.int64) for part in named])
-        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-        weights = torch.zeros(n, dtype=dtype, device=embeddings.device)
-        if index.numel() == 0:  # (pml fails here: the maximum count of nothing)
-            return weights
-        unique, counts = torch.unique(index, return_counts=True)
-        weights[unique] = counts.to(dtype) / counts.max().to(dtype)
-        return weights
+        return miner_weights(type(self).__name__, indices_tuple, embeddings, self.anchors_only)
 
     def _cast(self, embeddings: Tensor) -> None:
         """pml's ``cast_types``: the parameter follows the embeddings' dtype and device (its ``.data`` is replaced,
@@ -347,7 +243,7 @@ class PMLLoss(nn.Module):
             return value
         raise ValueError(
             f"{type(self).__name__} {name} must return a scalar (a one-element tensor or a number), but "
-            f"returned {_describe(value)}"
+            f"returned {describe(value)}"
         )
 
     def _reduce(self, loss_dict: LossDict, embeddings: Tensor, labels: Tensor) -> Any:
@@ -356,7 +252,7 @@ class PMLLoss(nn.Module):
         the element losses; a pml reducer gets pml's dictionaries."""
         dtype = embeddings.dtype
         reducer = self._reducers.get(None)
-        if reducer is not None and _is_pml_reducer(reducer):  # a whole-dictionary pml reducer
+        if reducer is not None and is_pml_reducer(reducer):  # a whole-dictionary pml reducer
             return reducer(_in_dtype(loss_dict, dtype), embeddings, labels)
         parts = []
         for name, term in loss_dict.items():
@@ -377,7 +273,7 @@ class PMLLoss(nn.Module):
         if isinstance(value, Tensor) and value.numel() == 1:
             return value.reshape(())
         raise ValueError(
-            f"{type(self).__name__} reducer must reduce the losses to a scalar, but returned {_describe(value)}"
+            f"{type(self).__name__} reducer must reduce the losses to a scalar, but returned {describe(value)}"
         )
 
     # ---------------------------------------------------------------------------------------------- per loss

@@ -11,12 +11,11 @@ from torch import Tensor, nn
 
 from mll import nn as heads
 from mll.compat._pml_base import PMLLoss
+from mll.compat._pml_large_margin import LargeMarginSoftmaxLoss, SphereFaceLoss
 from mll.compat._pml_margin import (
     ArcFaceLoss,
     CosFaceLoss,
-    LargeMarginSoftmaxLoss,
     NormalizedSoftmaxLoss,
-    SphereFaceLoss,
     SubCenterArcFaceLoss,
 )
 from mll.compat._pml_proxy import ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss

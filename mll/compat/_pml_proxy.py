@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.compat._pml_base import LossDict, PMLLoss, check_count, check_real, reduced
+from mll.compat._pml_base import LossDict, PMLLoss, reduced
+from mll.compat._pml_inputs import check_count, check_real
 
 __all__ = ["ProxyAnchorLoss", "ProxyNCALoss", "SoftTripleLoss"]
 

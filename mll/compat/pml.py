@@ -45,14 +45,12 @@ Native heads: :func:`to_head` and :func:`from_head` convert a loss (its weights 
 
 from mll.compat._pml_base import PMLLoss
 from mll.compat._pml_convert import from_head, to_head
+from mll.compat._pml_large_margin import LargeMarginSoftmaxLoss, SphereFaceLoss, multiple_angle_margin
 from mll.compat._pml_margin import (
     ArcFaceLoss,
     CosFaceLoss,
-    LargeMarginSoftmaxLoss,
     NormalizedSoftmaxLoss,
-    SphereFaceLoss,
     SubCenterArcFaceLoss,
-    multiple_angle_margin,
 )
 from mll.compat._pml_proxy import ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
 
