@@ -38,6 +38,17 @@ def _options(name: str) -> st.SearchStrategy[dict[str, Any]]:
     }[name]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_equals_pml_at_its_defaults(name: str, dtype: torch.dtype) -> None:
+    """The quick tier's check: pml's default hyper-parameters, one batch (the property test below is slow)."""
+    x, y = data(16, 8, 6, dtype, seed=11)
+    ours, theirs = side_by_side(name, x, y, seed=11, kwargs={"num_classes": 6, "embedding_size": 8})
+    assert_same(ours, theirs, tolerance(dtype))
+    assert relative(ours.module.get_logits(x), theirs.module.get_logits(x)) <= tolerance(dtype)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @given(st.data())
 def test_equals_pml_on_the_same_weights(name: str, draw: st.DataObject) -> None:
@@ -148,6 +159,7 @@ def test_the_multiple_angle_slope_is_the_derivative_of_its_value() -> None:
         torch.testing.assert_close(psi, (-1) ** k * torch.cos(m * theta) - 2 * k, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.slow
 @given(st.integers(0, 2**16), st.sampled_from([75.0, 60.0, 90.0, 180.0]), DTYPES)
 def test_get_outliers_equals_pml(seed: int, threshold: float, dtype: torch.dtype) -> None:
     ours, theirs = pair("SubCenterArcFaceLoss", seed, num_classes=4, embedding_size=8, sub_centers=3)

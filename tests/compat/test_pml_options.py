@@ -17,6 +17,17 @@ from pytorch_metric_learning import distances, miners, reducers, regularizers  #
 from pytorch_metric_learning.utils import common_functions as c_f  # noqa: E402
 
 C, D, N = 5, 6, 24
+
+
+def _quick(values: list[str]) -> list[str]:
+    return values
+
+
+def _slow(values: list[str]) -> list[Any]:
+    """The rest of a matrix: in CI's full run, not in the quick tier (``-m "not slow"``)."""
+    return [pytest.param(value, marks=pytest.mark.slow) for value in values]
+
+
 SIZES = {"num_classes": C, "embedding_size": D}
 
 
@@ -31,7 +42,7 @@ MINERS = {
 }
 
 
-@pytest.mark.parametrize("miner", sorted(MINERS))
+@pytest.mark.parametrize("miner", [*_quick(["pairs", "triplets"]), pytest.param("batch hard", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", NAMES)
 def test_miner_tuples_weigh_the_samples_as_in_pml(name: str, miner: str) -> None:
     x, y = _batch()
@@ -68,7 +79,9 @@ def _regularizer(kind: str, name: str) -> Any:
     }[kind]()
 
 
-@pytest.mark.parametrize("kind", ["lp", "regular face", "center invariant", "zero mean", "sparse centers"])
+@pytest.mark.parametrize(
+    "kind", [*_quick(["regular face", "sparse centers"]), *_slow(["lp", "center invariant", "zero mean"])]
+)
 @pytest.mark.parametrize("name", NAMES)
 def test_pml_regularizer_objects(name: str, kind: str) -> None:
     """pml's regularizers are callables of the weights in pml's row layout; each, as weight and as embedding
@@ -120,7 +133,10 @@ REDUCERS = {
 }
 
 
-@pytest.mark.parametrize("reducer", sorted(REDUCERS))
+@pytest.mark.parametrize(
+    "reducer",
+    [*_quick(["threshold", "multiple"]), *_slow(["mean", "sum", "avg non zero", "class weighted", "per anchor"])],
+)
 @pytest.mark.parametrize("name", sorted(set(NAMES) - {"ProxyAnchorLoss"}))
 def test_pml_reducer_objects(name: str, reducer: str) -> None:
     """pml's reducers get the loss dictionaries pml builds (a copy per sub-loss with a regularizer)."""
