@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mll.compat.pml as M
+from mll import functional as MF
 from tests.compat.side_by_side import NAMES, assert_same, data, pair, relative, side_by_side, tolerance
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
@@ -59,16 +60,17 @@ def test_equals_pml_on_the_same_weights(name: str, draw: st.DataObject) -> None:
     options = {"num_classes": c, "embedding_size": d, **draw.draw(_options(name))}
     x, y = data(n, d, c, dtype, seed)
     ours, theirs = side_by_side(name, x, y, seed=seed, kwargs=options)
-    if dtype == torch.float32 and _ill_conditioned(ours.module, x, y):
-        ours.grad_x = ours.grad_w = theirs.grad_x = theirs.grad_w = None  # either sub-center's gradient is right
+    if _ill_conditioned(ours.module, x, y):
+        ours.grad_x = ours.grad_w = theirs.grad_x = theirs.grad_w = None
     assert_same(ours, theirs, tolerance(dtype))
     assert relative(ours.module.get_logits(x), theirs.module.get_logits(x)) <= tolerance(dtype)
 
 
 def _ill_conditioned(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Where float32 cannot pin the gradient down: a class's two most similar sub-centers within rounding of each
-    other (max pooling's gradient goes to either, by the last bit), or an ArcFace target within 0.8° of its weight
-    (its slope has sin θ in a denominator: 1 − cos² there carries a relative rounding of ε/(1 − cos²) > 1e-3)."""
+    """Where pml's gradient is not pinned down to the tolerance: an ArcFace target within 0.8° of its weight (pml
+    differentiates ``acos``, −1/√(1 − c·c), and 1 − c·c carries a relative rounding of ε/(1 − c²): up to 1e-9 in
+    float64, see ``test_arcface_near_its_weight_pml_s_slope_rounds_the_engine_s_is_exact``), or, in float32, a
+    class's two most similar sub-centers within rounding of each other (max pooling's gradient goes to either)."""
     if not hasattr(module, "sub_centers"):
         return False
     k = module.sub_centers
@@ -77,7 +79,7 @@ def _ill_conditioned(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
         x.shape[0], -1, k
     )
     top = cos.topk(min(k, 2), dim=2).values
-    tie = k > 1 and bool(((top[..., 0] - top[..., 1]) < 1e-5).any())
+    tie = k > 1 and x.dtype == torch.float32 and bool(((top[..., 0] - top[..., 1]) < 1e-5).any())
     target = top[torch.arange(x.shape[0]), y, 0]
     return tie or bool((1 - target.abs() < 1e-4).any())
 
@@ -124,6 +126,25 @@ def test_arcface_past_pi_minus_m_is_pml_s_fallback(margin: float) -> None:
     y = torch.zeros(40, dtype=torch.long)
     assert relative(ours(x, y), theirs(x, y)) <= 1e-12
     assert (angles > math.pi - m).any() == (margin > 0)
+
+
+@pytest.mark.parametrize("cos", [0.9999999613722278, 0.99999999, 0.9999999999])
+def test_arcface_near_its_weight_pml_s_slope_rounds_the_engine_s_is_exact(cos: float) -> None:
+    """Targets within 0.03° of their weight: ArcFace's slope ∂ψ/∂cos = cos m + cos θ·sin m /
+    sin θ against 50 digits (mpmath). pml's (autograd through its ``acos``) rounds 1 − c·c and is off by more than
+    1e-11 relative; the engine's, from (1 − c)(1 + c), is exact to 1e-15 — so the comparisons above leave such
+    targets' gradients out."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    degrees = 60.89219623944693
+    _, theirs = pair("ArcFaceLoss", num_classes=2, embedding_size=2, margin=degrees)
+    exact, m = mpmath.mpf(cos), mpmath.radians(mpmath.mpf(degrees))
+    slope = float(mpmath.cos(m) + exact * mpmath.sin(m) / mpmath.sqrt(1 - exact * exact))
+    c = torch.tensor([cos], dtype=torch.float64, requires_grad=True)
+    theirs.modify_cosine_of_target_classes(c).sum().backward()
+    _, ours = MF.ARC.value_and_slope(c.detach(), 1.0, torch.tensor(math.radians(degrees), dtype=torch.float64))
+    assert abs(ours.item() - slope) <= 1e-15 * abs(slope)
+    assert abs(c.grad.item() - slope) > 1e-11 * abs(slope)
 
 
 def test_large_margin_beyond_mll_s_native_range() -> None:
