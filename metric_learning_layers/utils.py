@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from mll.functional import heuristic_scale
-from mll.functional._checks import values_checkable
+from mll.functional._engine.checks import values_checkable
 
 __all__ = ["heuristic_scale", "one_hot"]
 

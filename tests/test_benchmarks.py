@@ -16,6 +16,8 @@ import torch
 from benchmarks import chunked, gpu, run, sharded
 from benchmarks.cases import SUITES, Config, make_data
 
+pytestmark = pytest.mark.slow  # runs the benchmark harness
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -209,3 +211,16 @@ def test_a_step_that_would_not_fit_in_memory_is_skipped_not_run(monkeypatch: pyt
     printed = run.table(results)
     assert "| floor | floor | skipped: a step needs ~0 GiB, 0 GiB available |" in printed
     assert "| 1.000 | — | 1.000 | — |" in printed  # the limit row: no floor, no ratio to it
+
+
+def test_the_zoo_benchmark_cases_run_a_step() -> None:
+    from benchmarks.cases import SUITES, Config, make_data
+
+    cfg = Config(batch=16, features=8, classes=50)
+    data = make_data(cfg)
+    cases = [case for case in SUITES["zoo"] if "Proxy" in case.head]
+    assert {case.impl for case in cases} >= {"mll", "mll dense", "mll loss() (chunked)"}
+    for case in cases:
+        if case.available():
+            case.factory(cfg, data)()
+            assert data.x.grad is not None and torch.isfinite(data.x.grad).all(), case

@@ -1,5 +1,6 @@
 """The demo in a tiny configuration: it runs, writes its files, and its table is sane."""
 
+import math
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ def test_metrics_on_a_known_embedding() -> None:
     assert demo.map_at_r(mixed, torch.tensor([0, 0, 0, 1])) == pytest.approx((0.5 + 0.5 + 0.25) / 3)
 
 
+@pytest.mark.slow
 def test_tiny_demo_run(tmp_path) -> None:
     heads = ["Linear (softmax)", "ArcFace", "CosFace", "DeepNCM"]
     runs = demo.main(["--epochs", "6", "--heads", *heads, "--out", str(tmp_path), "--quiet"])
@@ -131,3 +133,26 @@ def test_angles_take_the_nearest_sub_center() -> None:
     target, other = angles(features, weights, torch.tensor([0, 1]), num_sub_centers=2)
     torch.testing.assert_close(target, torch.zeros(2))
     torch.testing.assert_close(other, torch.full((2,), 90.0))
+
+
+def test_the_demo_trains_the_proxy_heads(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    from mll import demo
+
+    heads = ["ProxyNCAPlusPlus", "ProxyAnchor"]
+    runs = demo.main(["--epochs", "3", "--seeds", "1", "--heads", *heads, "--out", str(tmp_path), "--quiet",
+                      "--no-plots"])  # fmt: skip
+    assert [r.name for r in runs] == heads
+    for run in runs:
+        assert all(0.0 <= v <= 1.0 for v in (run.accuracy, run.recall_at_1, run.map_at_r)), run
+        assert all(math.isfinite(v) for v in run.losses), run
+
+
+def test_the_demos_all_is_the_default_set_and_the_zoo(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("sklearn")
+    from mll import demo
+
+    monkeypatch.setattr(demo, "train_one", lambda name, *args, **kwargs: demo.Run(name))
+    runs = demo.main(["--heads", "all", "--seeds", "1", "--out", str(tmp_path), "--quiet", "--no-plots"])
+    assert [r.name for r in runs] == [*demo.HEADS, *demo.ZOO_HEADS]
+    assert {"ProxyNCAPlusPlus", "ProxyAnchor"} <= set(demo.ZOO_HEADS)

@@ -75,10 +75,10 @@ def test_value_checks_is_a_switch_and_a_context_manager() -> None:
     with MF.value_checks(False):
         with MF.value_checks(True), pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
             MF.arc_margin(cos, bad, 0.5)
-        assert not mll.functional._checks.values_checkable()
-    assert mll.functional._checks.values_checkable()
+        assert not mll.functional._engine.checks.values_checkable()
+    assert mll.functional._engine.checks.values_checkable()
     switch = MF.value_checks(False)
-    assert not mll.functional._checks.values_checkable()
+    assert not mll.functional._engine.checks.values_checkable()
     switch.__exit__(None, None, None)
     with pytest.raises(TypeError, match=r"value_checks takes a bool, but got str"):
         MF.value_checks("off")

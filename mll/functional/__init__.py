@@ -18,13 +18,14 @@ Typical use::
     loss = MF.margin_cross_entropy(x, W, y, scale=s, margin=MF.ARC(0.5))  # its loss, without the N×C logits
 """
 
-from mll.functional._checks import value_checks
-from mll.functional._compiled import chunk_kernel, set_chunk_kernel
+from mll.functional._engine.checks import value_checks
+from mll.functional._engine.compiled import chunk_kernel, set_chunk_kernel
+from mll.functional._engine.normalization import normalize
 from mll.functional.adaptive_margin import ADAPTIVE, adaptive_margin, adaptive_margin_regularizer
 from mll.functional.arcneg import ARC_NEG, arcneg_margin
 from mll.functional.chunked import margin_cross_entropy
 from mll.functional.circle import CIRCLE, CIRCLE_EXACT, circle_margin
-from mll.functional.cosine import cosine_logits, normalize
+from mll.functional.cosine import cosine_logits
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
 from mll.functional.feature_norm import (
     ADA,

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
+from mll.functional._engine.checks import (
     check_cosine,
     check_floating,
     check_nonnegative,
@@ -29,7 +29,7 @@ from mll.functional._checks import (
     check_target,
     shape_str,
 )
-from mll.functional._target import Scale
+from mll.functional._engine.numerics import Scale
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin
 
 __all__ = ["ADAPTIVE", "adaptive_margin", "adaptive_margin_regularizer"]

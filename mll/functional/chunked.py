@@ -1,8 +1,9 @@
 """Margin cross-entropy over class chunks: the N×C logits never exist at once.
 
-The single-process front of the chunk kernel (``_kernel.py``): checks the arguments, flattens the samples, puts the
-targets in the kernel's form and reduces the per-sample losses. Peak extra memory is O(N·chunk·K + chunk·K·d)
-instead of the dense path's several N×C buffers and the normalised copy of W.
+The single-process front of the engine's chunk kernel (``_engine/kernel.py``): checks the arguments, flattens the
+samples, puts the targets in the kernel's form and reduces the per-sample losses. Peak extra memory is
+O(N·chunk·K + chunk·K·d) instead of the dense path's several N×C buffers and the normalised copy of W. It also holds
+the memory budget the fronts choose their chunks and the kernel's kept logits by.
 """
 
 from __future__ import annotations
@@ -12,18 +13,27 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from mll.functional._checks import UNSET, _is_int, check_features, check_scale, check_target, renamed, shape_str
-from mll.functional._kernel import Spec, Targets, acc_dtype, chunked_ce, prepare
-from mll.functional._target import Scale
-from mll.functional.cosine import Pooling, check_pooling, normalize
-from mll.functional.margin import Margin, MarginParam, _param
+from mll.functional._engine.checks import (
+    UNSET,
+    check_chunk_size,
+    check_features,
+    check_pooling,
+    check_reduction,
+    check_scale,
+    renamed,
+)
+from mll.functional._engine.chunks import Spec, prepare
+from mll.functional._engine.kernel import chunked_ce
+from mll.functional._engine.normalization import normalize
+from mll.functional._engine.numerics import Scale, acc_dtype
+from mll.functional._engine.targets import Target, Targets, kernel_targets, tensor_targets
+from mll.functional.cosine import Pooling
+from mll.functional.margin import Margin, MarginParam, param_tensor
 from mll.functional.margins import resolve_margin
 
 __all__ = ["margin_cross_entropy"]
 
 Reduction = Literal["mean", "sum", "none"]
-#: class indices ``(*)``, soft targets ``(*, C)``, or few-hot soft targets as a pair ``(classes, weights)``, ``(*, P)``
-Target = Union[Tensor, tuple[Tensor, Tensor]]
 
 #: the default chunk keeps one chunk's N×chunk·K float32 logits near this many elements, per device type. CPU: 1 MB,
 #: measured on a 2-core machine — a chunk's buffers stay in cache and a few percent of the dense path's memory from
@@ -62,79 +72,13 @@ def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, devic
     return max(1, min(num_classes, elements // max(1, batch * num_sub_centers)))
 
 
-def check_chunk_size(chunk_size: object) -> None:
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):  # type: ignore[operator]
-        raise ValueError(f"chunk_size must be None or an integer >= 1, but got {chunk_size!r}")
-
-
-def check_reduction(reduction: object) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', but got {reduction!r}")
-
-
 def flat_param(param: MarginParam, lead: tuple[int, ...], num_classes: int, dtype: torch.dtype, device: Any) -> Tensor:
     """A margin parameter that broadcasts to ``(*lead, C)``, on the flattened samples: 0-dim, ``(C,)``, ``(N, 1)``
     or ``(N, C)``."""
-    p = _param(param, dtype, device)
+    p = param_tensor(param, dtype, device)
     if p.dim() <= 1:
         return p
     return p.expand(*lead, p.shape[-1]).reshape(-1, p.shape[-1])
-
-
-def merge_duplicates(classes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Few-hot targets ``(N, P)`` with each class at most once per row: a class listed twice (a mixup of two samples
-    of one class) keeps its first entry with the summed weight; later copies get class −1 (no class) and weight 0."""
-    if classes.shape[-1] < 2:
-        return classes, weights
-    same = classes.unsqueeze(-1) == classes.unsqueeze(-2)  # (N, P, P)
-    p = classes.shape[-1]
-    earlier = torch.ones(p, p, dtype=torch.bool, device=classes.device).tril(-1)
-    duplicate = (same & earlier).any(-1)
-    summed = (same.to(weights.dtype) * weights.unsqueeze(-2)).sum(-1)
-    return torch.where(duplicate, -1, classes), torch.where(duplicate, 0.0, summed).to(weights.dtype)
-
-
-def check_pair(target: Any, lead: tuple[int, ...], num_classes: int) -> tuple[Tensor, Tensor]:
-    """A few-hot target ``(classes, weights)``: integer classes in ``[0, C)`` and finite non-negative floating weights,
-    both of shape ``(*, P)``."""
-    if len(target) != 2:
-        raise ValueError(
-            f"target as a sequence must be a pair (classes, weights), but got a {type(target).__name__} of length "
-            f"{len(target)}"
-        )
-    classes, weights = target
-    if (
-        not isinstance(classes, Tensor)
-        or classes.is_floating_point()
-        or classes.is_complex()
-        or classes.dtype == torch.bool
-    ):
-        raise TypeError(f"target's classes must be an integer tensor of shape (*, P), but got {_describe(classes)}")
-    if not isinstance(weights, Tensor) or not weights.is_floating_point():
-        raise TypeError(
-            f"target's weights must be a floating-point tensor of shape (*, P), but got {_describe(weights)}"
-        )
-    if classes.dim() != len(lead) + 1 or tuple(classes.shape[:-1]) != lead or weights.shape != classes.shape:
-        raise ValueError(
-            f"target's classes and weights must both have shape (*, P) with * = {shape_str(lead)}, "
-            f"but got {shape_str(classes.shape)} and {shape_str(weights.shape)}"
-        )
-    if weights.requires_grad:
-        raise ValueError("the chunked and sharded losses do not differentiate soft targets: detach the weights")
-    if classes.numel() > 0:
-        lo, hi = (int(v) for v in torch.aminmax(classes))
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"target's classes must be in [0, {num_classes}), but got values from {lo} to {hi}")
-        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
-            raise ValueError(
-                f"target's weights must be non-negative and finite, but got values from {float(weights.min()):g} "
-                f"to {float(weights.max()):g}"
-            )
-    return classes.long(), weights
-
-
-def _describe(value: object) -> str:
-    return f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def margin_cross_entropy(
@@ -203,7 +147,7 @@ def margin_cross_entropy(
     lead = tuple(input.shape[:-1])
     margin_.check((*lead, num_classes))
     acc = acc_dtype(input.dtype)
-    targets = _targets(target, lead, num_classes, acc)
+    targets = kernel_targets(target, lead, num_classes, acc)
     return chunked_loss(input, weight, targets, scale, margin_, num_sub_centers, pooling, pooling_temperature,
                         chunk_size, reduction, normalized)  # fmt: skip
 
@@ -229,7 +173,7 @@ def chunked_loss(
     x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     n, acc = x.shape[0], acc_dtype(input.dtype)
     if isinstance(targets, Tensor):
-        targets = _tensor_targets(targets, num_classes, acc)
+        targets = tensor_targets(targets, num_classes, acc)
     if margin.family.class_indices_only and (targets.weights is not None or targets.dense is not None):
         raise ValueError(
             f"{margin.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
@@ -248,27 +192,3 @@ def chunked_loss(
     if reduction == "none":
         return losses.reshape(lead)
     return losses.sum() if reduction == "sum" else losses.mean()
-
-
-def _targets(target: Target, lead: tuple[int, ...], num_classes: int, acc: torch.dtype) -> Targets:
-    """The targets in the kernel's form: classes ``(N, P)`` (with weights for few-hot pairs), or dense ``(N, C)``."""
-    if isinstance(target, (tuple, list)):
-        classes, weights = check_pair(target, lead, num_classes)
-        p = classes.shape[-1]
-        weights = weights.reshape(-1, p).to(acc)
-        merged, merged_weights = merge_duplicates(classes.reshape(-1, p), weights)
-        return Targets(classes=merged, weights=merged_weights, row_sum=weights.sum(1))
-    checked = check_target(target, torch.Size((*lead, num_classes)))
-    if checked.requires_grad:
-        raise ValueError(
-            "margin_cross_entropy does not differentiate soft targets: detach target, or use the dense path "
-            "F.cross_entropy(head(input, target), target)"
-        )
-    return _tensor_targets(checked, num_classes, acc)
-
-
-def _tensor_targets(target: Tensor, num_classes: int, acc: torch.dtype) -> Targets:
-    if not target.is_floating_point():
-        return Targets(classes=target.reshape(-1, 1))
-    dense = target.reshape(-1, num_classes)
-    return Targets(dense=dense, row_sum=dense.to(acc).sum(1))

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_cosine, check_scale, check_target, is_soft
-from mll.functional._target import Scale
+from mll.functional._engine.checks import check_cosine, check_scale, check_target, is_soft
+from mll.functional._engine.numerics import Scale
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin
 
 __all__ = ["CIRCLE", "CIRCLE_EXACT", "circle_margin"]

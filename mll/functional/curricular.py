@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
+from mll.functional._engine.checks import (
     UNSET,
     check_cosine,
     check_decay,
@@ -25,8 +25,9 @@ from mll.functional._checks import (
     shape_str,
     values_checkable,
 )
-from mll.functional._target import Scale, gather_target, work_dtype
-from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, _param, apply_margin
+from mll.functional._engine.dense import gather_target
+from mll.functional._engine.numerics import Scale, work_dtype
+from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin, param_tensor
 from mll.functional.margins import ARC_MARGIN_RANGE, _arc_value_and_slope
 
 __all__ = ["CURRICULAR", "curricular_margin", "curricular_statistics", "curricular_update"]
@@ -153,6 +154,6 @@ def curricular_update(
 def curricular_update_from_statistics(t: Tensor | float, total: Tensor, count: Tensor, decay: float) -> Tensor:
     """:func:`curricular_update` from (possibly all-reduced) sums; keeps ``t`` when ``count`` is 0."""
     with torch.no_grad():
-        old = _param(t, total.dtype, total.device).detach().reshape(())
+        old = param_tensor(t, total.dtype, total.device).detach().reshape(())
         new = decay * old + (1 - decay) * total / count.clamp(min=1)
         return torch.where(count > 0, new, old)

@@ -11,9 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
+from mll.functional._engine.checks import (
     UNSET,
-    _is_real,
     check_cosine,
     check_decay,
     check_floating,
@@ -21,11 +20,12 @@ from mll.functional._checks import (
     check_positive,
     check_scale,
     check_target,
+    is_real,
     renamed,
     shape_str,
     values_checkable,
 )
-from mll.functional._target import Scale, work_dtype
+from mll.functional._engine.numerics import Scale, work_dtype
 from mll.functional.margin import Margin, MarginFamily, MarginParam, MarginParameter, apply_margin
 from mll.functional.margins import ARC_MARGIN_RANGE, _angle, _arc_value_and_slope
 
@@ -65,7 +65,7 @@ def _check_statistic(value: object, name: str, *, nonnegative: bool = False) -> 
         if not values_checkable():
             return
         value = float(value)
-    if not _is_real(value) or not math.isfinite(value) or (nonnegative and value < 0):  # type: ignore[arg-type, operator]
+    if not is_real(value) or not math.isfinite(value) or (nonnegative and value < 0):  # type: ignore[arg-type, operator]
         bound = " and >= 0" if nonnegative else ""
         raise ValueError(f"{name} must be finite{bound}, but got {value!r}")
 

@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_cosine, check_features, check_lambda, check_scale, check_target
-from mll.functional._target import Scale
+from mll.functional._engine.checks import check_cosine, check_features, check_lambda, check_scale, check_target
+from mll.functional._engine.numerics import Scale
 from mll.functional.margin import Margin, MarginFamily, MarginParam, MarginParameter, apply_margin
 from mll.functional.margins import SPHERE_MARGIN_RANGE, _combined_target_logit, _sphere_value_and_slope
 

@@ -45,7 +45,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
+from mll.functional._engine.agreement import name_code
+from mll.functional._engine.checks import (
     check_cosine,
     check_margin_param,
     check_scale,
@@ -53,15 +54,14 @@ from mll.functional._checks import (
     is_soft,
     values_checkable,
 )
-from mll.functional._target import (
-    Scale,
-    _ScaledTargetReplace,
+from mll.functional._engine.dense import (
+    ScaledTargetReplace,
     gather_target,
     scaled_dense_replace,
     scaled_negatives_replace,
     scaled_target_replace,
-    work_dtype,
 )
+from mll.functional._engine.numerics import Scale, work_dtype
 
 __all__ = ["Margin", "MarginFamily", "MarginParameter", "margin_logits"]
 
@@ -130,6 +130,9 @@ class MarginFamily:
     class_indices_only: bool = False
     title: str = ""
 
+    def __post_init__(self) -> None:
+        name_code(self.name)  # so that the ranks' agreement names a family another rank used
+
     def __call__(self, *params: MarginParam) -> Margin:
         """Bind (and check) the parameters: ``ARC(0.5)``."""
         return Margin(self, tuple(params))
@@ -181,7 +184,7 @@ def _show(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
-def _param(value: MarginParam, dtype: torch.dtype, device: torch.device) -> Tensor:
+def param_tensor(value: MarginParam, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value.to(device=device, dtype=dtype)
     return torch.tensor(value, dtype=dtype, device=device)
@@ -214,7 +217,7 @@ def margin_logits(cosine: Tensor, target: Tensor, margin: Margin, *, scale: Scal
     margin by each entry's weight ``t``; few-hot ones (at most one entry in eight non-zero) run the same fused
     scatter on their non-zero entries in eager mode, others the dense N×C path. All paths agree for one-hot targets.
     Works under ``torch.func.vmap``/``grad`` and ``torch.compile(fullgraph=True)`` (first derivatives; see
-    ``mll/functional/_target.py``).
+    ``mll/functional/_engine/dense.py``).
 
     Args:
         cosine (Tensor[*, C]): cosines, e.g. from :func:`cosine_logits`.
@@ -242,7 +245,7 @@ def apply_margin(cosine: Tensor, target: Tensor, margin: Margin, scale: Scale) -
     """:func:`margin_logits` without argument checks (``target`` checked and int64 already)."""
     family = margin.family
     dtype = work_dtype(cosine.dtype)
-    ps = [_param(p, dtype, cosine.device) for p in margin.params]
+    ps = [param_tensor(p, dtype, cosine.device) for p in margin.params]
     fn = family.value_and_slope
     soft = is_soft(target)
     # the value needs a graph only for margins (MagFace) or soft targets that require grad: skipping autograd's
@@ -257,7 +260,7 @@ def apply_margin(cosine: Tensor, target: Tensor, margin: Margin, scale: Scale) -
             with torch.set_grad_enabled(graph):
                 at = [_at_entries(p, cosine.shape, index) for p in ps]
                 value, slope = fn(flat.detach()[0, index].to(dtype), target.reshape(-1)[index].to(dtype), *at)
-            out = _ScaledTargetReplace.apply(
+            out = ScaledTargetReplace.apply(
                 flat, index.unsqueeze(0), value.unsqueeze(0), slope.detach().unsqueeze(0), scale
             )
             return out.reshape(cosine.shape)

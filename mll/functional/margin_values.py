@@ -14,12 +14,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
-    _is_int,
-    _is_real,
+from mll.functional._engine.checks import (
     check_floating,
     check_nonnegative,
     check_positive,
+    is_int,
+    is_real,
     shape_str,
     values_checkable,
 )
@@ -36,13 +36,13 @@ def _is_bool(value: object) -> bool:
 
 def _check_size(size: object) -> tuple[int, ...]:
     """A shape as torch takes it: one integer or a sequence of them (Python or NumPy), each ``>= 0``."""
-    if _is_int(size):
+    if is_int(size):
         dims: tuple[object, ...] = (size,)
     elif isinstance(size, (str, bytes, Tensor)) or not isinstance(size, Sequence):
         raise TypeError(f"size must be an int or a sequence of ints (a shape), but got {type(size).__name__}")
     else:
         dims = tuple(size)
-    if not all(_is_int(d) for d in dims):
+    if not all(is_int(d) for d in dims):
         raise TypeError(f"size must be an int or a sequence of ints (a shape), but got {size!r}")
     if any(d < 0 for d in dims):  # type: ignore[operator]
         raise ValueError(f"size must have no negative entries, but got {size!r}")
@@ -134,7 +134,7 @@ def elastic_margins(
     """
     std = check_nonnegative(std, "ElasticFace std")
     shape = _check_size(size)
-    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(_is_real(v) for v in bounds)):
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(is_real(v) for v in bounds)):
         raise TypeError(f"bounds must be a pair (low, high) of floats, but got {bounds!r}")
     low, high = float(bounds[0]), float(bounds[1])
     # an infinite bound makes the clip's top (high minus a few ulps) NaN, and every draw with it
@@ -158,7 +158,7 @@ def elastic_margins(
                 f"ElasticFace margin (the mean) must lie in bounds [{low:g}, {high:.4g}), "
                 f"but got values from {lo:g} to {hi:g}"
             )
-    elif not _is_real(margin):
+    elif not is_real(margin):
         raise TypeError(f"margin must be a float or a tensor, but got {type(margin).__name__}")
     elif not low <= margin < high:
         raise ValueError(f"ElasticFace margin (the mean) must lie in bounds [{low:g}, {high:.4g}), but got {margin!r}")

@@ -4,7 +4,7 @@ Every margin runs through :func:`mll.functional.margin_logits`, which picks the 
 the same logits for one-hot targets:
 
 * **class indices** ``target: Tensor[*]`` (integers): the margin's trigonometry runs on the N target cosines
-  only and is written back in place (see ``_target.py``): O(N) extra work, no N×C one-hot, no N×C arccos;
+  only and is written back in place (see ``_engine/dense.py``): O(N) extra work, no N×C one-hot, no N×C arccos;
 * **soft targets** ``target: Tensor[*, C]`` (floats, e.g. mixup): the margin is interpolated per entry by its
   target weight ``t`` (``m·t`` for additive margins); few-hot targets take the same fused scatter as class
   indices on their non-zero entries (eager mode), others the dense N×C path.
@@ -21,13 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
-    check_cosine,
-    check_lambda,
-    check_scale,
-    check_target,
-)
-from mll.functional._target import Scale
+from mll.functional._engine.checks import check_cosine, check_lambda, check_scale, check_target
+from mll.functional._engine.numerics import Scale
 from mll.functional.margin import Margin, MarginFamily, MarginParam, MarginParameter, apply_margin
 
 __all__ = [
@@ -177,7 +172,7 @@ def arc_margin(
     With ``easy_margin=True`` the margin applies only where :math:`\cos\theta > 0` (not monotone at θ = π/2).
 
     The gradient is the exact derivative of the value above (no straight-through shortcut); first derivatives
-    only (see the module notes in ``mll/functional/_target.py``). A margin tensor that requires grad (MagFace's
+    only (see the module notes in ``mll/functional/_engine/dense.py``). A margin tensor that requires grad (MagFace's
     magnitude-dependent margin) gets its gradient too.
 
     Args:

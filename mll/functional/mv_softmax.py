@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from mll.functional._checks import check_cosine, check_scale, check_target, is_soft
-from mll.functional._target import Scale
+from mll.functional._engine.checks import check_cosine, check_scale, check_target, is_soft
+from mll.functional._engine.numerics import Scale
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope
 

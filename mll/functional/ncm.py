@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
+from mll.functional._engine.checks import (
     UNSET,
     check_decay,
     check_floating,
@@ -15,7 +15,7 @@ from mll.functional._checks import (
     renamed,
     shape_str,
 )
-from mll.functional._target import Scale
+from mll.functional._engine.numerics import Scale
 from mll.functional.cosine import cosine_logits
 
 __all__ = ["ncm_batch_statistics", "ncm_logits", "ncm_update", "ncm_update_from_statistics"]

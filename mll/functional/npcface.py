@@ -16,13 +16,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mll.functional._checks import _is_real, check_cosine, check_margin_param, check_scale, check_target, is_soft
-from mll.functional._distributed import all_gather_ints, all_reduce_sum, rank_and_world
-from mll.functional._kernel import acc_dtype, chunk_cosines, target_cosines
-from mll.functional._target import Scale, gather_target, work_dtype
+from mll.functional._engine.checks import check_cosine, check_margin_param, check_scale, check_target, is_real, is_soft
+from mll.functional._engine.chunks import chunk_cosines, target_cosines
+from mll.functional._engine.dense import gather_target
+from mll.functional._engine.distributed import all_gather_ints, all_reduce_sum, rank_and_world
+from mll.functional._engine.normalization import normalize
+from mll.functional._engine.numerics import Scale, acc_dtype, work_dtype
 from mll.functional.chunked import default_chunk_size
-from mll.functional.cosine import normalize
-from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, _param, apply_margin, at_target
+from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin, at_target, param_tensor
 from mll.functional.margins import ARC_MARGIN_RANGE, _arc_value_and_slope
 
 __all__ = ["NPC", "npcface_margin", "npcface_statistics", "npcface_statistics_chunked"]
@@ -106,7 +107,7 @@ def hard_mean(cosine: Tensor, target: Tensor, margin: MarginParam) -> Tensor:
     """:func:`npcface_statistics` without argument checks (``target``: checked int64 class indices)."""
     with torch.no_grad():
         c = cosine.detach().to(work_dtype(cosine.dtype))
-        m = at_target(_param(margin, c.dtype, c.device), c.shape, target)
+        m = at_target(param_tensor(margin, c.dtype, c.device), c.shape, target)
         target_cos = gather_target(c, target)
         boundary = _boundary(target_cos, m).unsqueeze(-1)
         # every entry above the boundary, then the target's own entry taken out: two passes over the N×C cosines
@@ -140,7 +141,7 @@ def hard_mean_chunked(input: Tensor, weight: Tensor, target: Tensor, margin: Mar
         x = normalize(input.detach()).reshape(-1, input.shape[-1])
         classes = target.reshape(-1)
         cos_y = target_cosines(x, weight, classes[:, None], k, tau)[:, 0]
-        m = _param(margin, cos_y.dtype, x.device)
+        m = param_tensor(margin, cos_y.dtype, x.device)
         m = at_target(m.reshape(-1, 1) if m.dim() > 1 else m, torch.Size((x.shape[0], shape[-1])), classes)
         chunk = default_chunk_size(x.shape[0], shape[-1], k, x.device) if chunk_size is None else int(chunk_size)
         total, count = _hard_sums(x, weight, classes, _boundary(cos_y, m), k, tau, chunk)
@@ -156,7 +157,7 @@ def npcface_sharded_statistics(
     Each rank takes the global batch (every rank's features, in rank order), the owner of each row's class gives its
     target cosine and margin (a sum over the ranks), each block adds its hard negatives' sums and counts, and the
     ranks add those: three all-reduces of N numbers besides the batch's all-gather."""
-    from mll.functional._block import gather_block_batch
+    from mll.functional._engine.block import gather_block_batch
 
     k = num_sub_centers
     width = weight.shape[0] // k
@@ -168,7 +169,7 @@ def npcface_sharded_statistics(
         owner = local >= 0
         acc = acc_dtype(x.dtype)
         cos_y = torch.where(owner, target_cosines(x, weight, local.clamp(min=0)[:, None], k, tau)[:, 0], 0.0)
-        m = _param(margin, acc, x.device)
+        m = param_tensor(margin, acc, x.device)
         if m.dim() == 1:  # per class (kept whole on every rank): the owner reads it at the row's class
             m = torch.where(owner, m[(local + class_start).clamp(0, num_classes - 1)], 0.0)
             cos_y, m = all_reduce_sum(torch.stack([cos_y, m]), group)
@@ -231,7 +232,7 @@ def npcface_margin(
 def check_npcface_options(m0: object, m1: object) -> None:
     """``m0`` and ``m1`` floats with ``0 <= m1 <= m0`` and ``m0 + m1 < π/2``: m' stays in ArcFace's range."""
     for name, value in (("m0", m0), ("m1", m1)):
-        if not _is_real(value) or not math.isfinite(value):  # type: ignore[arg-type]
+        if not is_real(value) or not math.isfinite(value):  # type: ignore[arg-type]
             raise ValueError(f"NPCFace {name} must be a finite float, but got {value!r}")
     if not (0 <= m1 <= m0 and m0 + m1 < math.pi / 2):  # type: ignore[operator]
         raise ValueError(

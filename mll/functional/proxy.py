@@ -31,42 +31,29 @@ with s the cosine, P the C proxies and P⁺ those with a positive in the batch. 
 
 from __future__ import annotations
 
-import math
-import types
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from mll.functional._accumulate import accumulate_node, grad_to_accumulate_into
-from mll.functional._agreement import Report, agree, check_backward_agreement
-from mll.functional._checks import (
-    _is_int,
+from mll.functional._engine.agreement import Report, agree, check_block
+from mll.functional._engine.checks import (
+    check_chunk_size,
     check_cosine,
-    check_feature_grad_scale,
     check_features,
     check_nonnegative,
-    check_num_classes,
-    check_num_sub_centers,
+    check_pooling,
     check_positive,
     check_target,
+    is_int,
     is_soft,
     shape_str,
 )
-from mll.functional._distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
-from mll.functional._kernel import (
-    _add_grads,
-    _double_backward,
-    _gemm,
-    _sub_centers,
-    acc_dtype,
-    chunk_bounds,
-    pool,
-    weight_eps,
-)
-from mll.functional.chunked import check_chunk_size, default_chunk_size
-from mll.functional.cosine import check_pooling, normalize
+from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, class_log_sums
+from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
+from mll.functional._engine.normalization import normalize
+from mll.functional._engine.numerics import acc_dtype
+from mll.functional.chunked import default_chunk_size
 
 __all__ = [
     "PROXY_ANCHOR_ALPHA",
@@ -176,141 +163,9 @@ def proxy_anchor_from_cosines(cosine: Tensor, labels: Tensor, alpha: float, delt
     labels = labels.reshape(-1)
     if cos.shape[0] == 0:  # an empty batch: 0 (no positive proxy, every negative sum empty), with a gradient
         return (cos.sum() * 0).to(_out_dtype(cosine.dtype))
-    pos, neg, present = _label_class_terms(cos, labels, alpha, delta, every_label_inside=True)
+    pos, neg, present = class_log_sums(cos, labels, alpha, delta, every_label_inside=True)
     count = present.sum().clamp(min=1)
     return (pos.sum() / count + neg.sum() / c).to(_out_dtype(cosine.dtype))
-
-
-def _label_class_terms(
-    cos: Tensor, labels: Tensor, alpha: float, delta: float, every_label_inside: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Each class's positive and negative log-sums and whether it has a positive, ``(W,)`` each, from cosines
-    ``(N, W)`` and labels ``(N,)`` (a label outside ``[0, W)`` is a class elsewhere: a negative for every class here).
-
-    The positives are the N target entries only: their log-sums by scatter over the classes, O(N) — not a masked pass
-    over the N×W cosines. The negatives: every entry with the positives set to −inf and a row of zeros for the 1 in
-    log(1 + Σ eᶻ), one fused log-sum-exp down each column, forward and backward."""
-    w = cos.shape[1]
-    inside = (labels >= 0) & (labels < w)
-    col = labels.clamp(0, max(w - 1, 0))
-    at = col.unsqueeze(1)
-    z = torch.where(inside, -alpha * (cos.gather(1, at).squeeze(1) - delta), -math.inf)
-    top = z.new_zeros(w).scatter_reduce(0, col, z.detach(), "amax", include_self=True)  # max(0, max z) per class
-    pos = top + torch.log(torch.exp(-top) + z.new_zeros(w).index_add(0, col, torch.exp(z - top[col])))
-    negatives = alpha * (cos + delta)
-    if every_label_inside:  # the dense loss: a constant written at the positives, differentiable elsewhere
-        negatives = negatives.scatter(1, at, -math.inf)
-    else:  # a chunk (no autograd in the kernel's forward): a row of another chunk's class keeps its entry
-        negatives = negatives.scatter(1, at, torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at)))
-    neg = torch.logsumexp(torch.cat([negatives, negatives.new_zeros(1, w)]), dim=0)
-    present = cos.new_zeros(w).index_add(0, col, inside.to(cos.dtype)).clamp(max=1)
-    return pos, neg, present
-
-
-@dataclass
-class _Spec:
-    alpha: float
-    delta: float
-    num_sub_centers: int
-    tau: Optional[float]  # soft sub-center pooling temperature; None: max pooling
-    chunk: int
-    group: Any = None
-    world: int = 1
-
-
-class _ChunkCosines:
-    """One chunk's pooled cosines, in the accumulation dtype, and what the kernel's ``_sub_centers`` and
-    ``_add_grads`` need to chain their gradient through the pooling, the GEMM and the proxies' normalisation (the
-    rows as they are, scaled by ``inv = 1 / max(‖w‖, ε)``, as in the chunk kernel)."""
-
-    def __init__(self, x: Tensor, weight: Tensor, k: int, tau: Optional[float], start: int, stop: int) -> None:
-        acc = acc_dtype(x.dtype)
-        self.rows = weight[start * k : stop * k].detach()
-        norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
-        eps = weight_eps(weight.dtype)
-        self.inv = norms.clamp(min=eps).reciprocal_()
-        self.radial = norms > eps
-        self.cos_k = _gemm(x, self.rows, acc, None).mul_(self.inv)
-        self.pooled = pool(self.cos_k, k, tau)
-        self.start, self.stop = start, stop
-
-
-class _ProxyAnchorTerms(torch.autograd.Function):
-    """A block of classes' ``(Σ positive log-sums, Σ negative log-sums, #classes with a positive)``:
-    ``forward(x̂ (N, d), weight (B·K, d), labels (N,) block-local, spec)``. Labels outside ``[0, B)`` are samples of
-    other blocks' classes: negatives for every class here."""
-
-    @staticmethod
-    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
-        raise RuntimeError(
-            "the chunked Proxy-Anchor loss does not run under torch.func.vmap (a Python loop over class chunks); "
-            "vmap the dense proxy_anchor_loss(cosine_logits(input, weight), target) instead"
-        )
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, labels: Tensor, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
-        acc, k = acc_dtype(x.dtype), spec.num_sub_centers
-        width = weight.shape[0] // k
-        pos = torch.zeros(width, dtype=acc, device=x.device)
-        neg = torch.zeros(width, dtype=acc, device=x.device)
-        present = torch.zeros(width, dtype=acc, device=x.device)
-        for start, stop in chunk_bounds(width, spec.chunk):
-            chunk = _ChunkCosines(x, weight, k, spec.tau, start, stop)
-            pos[start:stop], neg[start:stop], present[start:stop] = _label_class_terms(
-                chunk.pooled, labels - start, spec.alpha, spec.delta
-            )
-        return torch.stack([pos.sum(), neg.sum(), present.sum()]), pos, neg
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, weight, labels, spec = inputs
-        _, pos, neg = output
-        ctx.spec = spec
-        ctx.save_for_backward(x, weight, labels, pos, neg)
-        ctx.mark_non_differentiable(pos, neg)
-        ctx.accumulate = accumulate_node(weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor, _pos: Any, _neg: Any) -> tuple[Any, ...]:
-        if _double_backward():
-            raise RuntimeError(
-                "the chunked Proxy-Anchor loss gives first derivatives only: backward with create_graph=True "
-                "(double backward, gradient penalties) is not supported; use the dense proxy_anchor_loss"
-            )
-        spec: _Spec = ctx.spec
-        if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
-            check_backward_agreement(grad.device, spec.group, spec.world)
-        x, weight, labels, pos, neg = ctx.saved_tensors
-        acc, k = acc_dtype(x.dtype), spec.num_sub_centers
-        alpha, delta = spec.alpha, spec.delta
-        g = grad.to(acc)
-        # ∂ℓ/∂s on positives: −α·g⁺·e^{a − pos}, a = −α(s − δ); on negatives: α·g⁻·e^{b − neg}, b = α(s + δ)
-        factor_pos, factor_neg = -alpha * g[0], alpha * g[1]
-        needs = ctx.needs_input_grad
-        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
-        xg = x.to(acc)  # (the features of the weight gradient's GEMM; g is already in the factors)
-        into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
-        grad_w = into
-        if needs[1] and into is None:
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
-        for start, stop in chunk_bounds(weight.shape[0] // k, spec.chunk):
-            chunk = _ChunkCosines(x, weight, k, spec.tau, start, stop)
-            s = chunk.pooled
-            positive = labels.unsqueeze(1) == torch.arange(start, stop, device=x.device)
-            # each exponent is at most its column's log-sum: the exponential is in [0, 1]
-            exponent = torch.where(
-                positive, -alpha * (s - delta) - pos[start:stop], alpha * (s + delta) - neg[start:stop]
-            )
-            dcos = torch.exp(exponent) * torch.where(positive, factor_pos, factor_neg)
-            # ∂ℓ/∂(sub-center cosines) divided by the rows' norms, as _add_grads takes it
-            dcos = dcos.mul_(chunk.inv) if k == 1 else _sub_centers(dcos, chunk, k, spec.tau)  # type: ignore[arg-type]
-            _add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)  # type: ignore[arg-type]
-        return (
-            None if grad_x is None else grad_x.to(x.dtype),
-            None if grad_w is None or into is not None else grad_w.to(weight.dtype),
-            None,
-            None,
-        )
 
 
 def chunked_proxy_anchor_loss(
@@ -375,8 +230,8 @@ def proxy_anchor_chunked(
     num_classes = weight.shape[0] // k
     x = normalize(input).reshape(-1, input.shape[-1])
     chunk = default_chunk_size(x.shape[0], num_classes, k, x.device) if chunk_size is None else int(chunk_size)
-    spec = _Spec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk)
-    stats, _, _ = _ProxyAnchorTerms.apply(x, weight, labels.reshape(-1), spec)
+    spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk)
+    stats, _, _ = ClassLogSums.apply(x, weight, labels.reshape(-1), spec)
     loss = stats[0] / stats[2].detach().clamp(min=1) + stats[1] / num_classes
     return loss.to(_out_dtype(input.dtype))
 
@@ -456,22 +311,12 @@ def _check_locally(
     """Every check of one rank's call, filling ``report`` with what must agree between the ranks."""
     alpha, delta = check_proxy_anchor_args(alpha, delta)
     # the report's margin slots carry the loss's name and (α, δ), compared across ranks like a margin's
-    report.set_margin(types.SimpleNamespace(family=types.SimpleNamespace(name="proxy_anchor"), params=(alpha, delta)))
+    report.set_margin("proxy_anchor", (alpha, delta))
     report.set_reduction("mean")
-    check_chunk_size(chunk_size)
-    if not _is_int(class_start) or class_start < 0:
-        raise ValueError(f"class_start must be an integer >= 0, but got {class_start!r}")
-    check_num_classes(num_classes, "num_classes")
-    check_num_sub_centers(num_sub_centers)
-    check_pooling(pooling, pooling_temperature)
-    check_feature_grad_scale(feature_grad_scale)
-    k = int(num_sub_centers)
-    report.num_classes, report.num_sub_centers, report.pooling = int(num_classes), k, (pooling == "soft")
-    check_features(input, weight, k)
-    report.in_features = input.shape[-1]
-    report.set_dtype(input.dtype)
-    report.class_start, report.class_stop = int(class_start), int(class_start) + weight.shape[0] // k
-    report.rows = math.prod(input.shape[:-1])
+    k, _ = check_block(
+        report, input, weight, class_start, num_classes, num_sub_centers, pooling, pooling_temperature, chunk_size,
+        feature_grad_scale,
+    )  # fmt: skip
     labels = _class_indices(target, torch.Size((*input.shape[:-1], int(num_classes))))
     report.entries = 1
     report.set_requires_grad(input, weight, 1.0)
@@ -493,7 +338,7 @@ def _sharded(
         )  # fmt: skip
     except (TypeError, ValueError) as error:
         problem = error
-    reports = agree(report, problem, device, group, world, num_classes if _is_int(num_classes) else 0)
+    reports = agree(report, problem, device, group, world, num_classes if is_int(num_classes) else 0)
     assert local is not None
     labels, alpha, delta, k = local
     sizes = [r.rows for r in reports]
@@ -505,8 +350,8 @@ def _sharded(
     y = all_gather_rows(labels.reshape(-1, 1), sizes, group).reshape(-1)
     local_y = torch.where((y >= class_start) & (y < class_start + width), y - int(class_start), -1)
     chunk = default_chunk_size(sum(sizes), max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
-    spec = _Spec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk, group, world)
-    stats, _, _ = _ProxyAnchorTerms.apply(x, weight, local_y, spec)
+    spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk, group, world)
+    stats, _, _ = ClassLogSums.apply(x, weight, local_y, spec)
     # the global sums' values, to the bit on every rank, with the gradient of this block's own sums
     total = all_reduce(stats.detach().clone(), "sum", group, world)
     own = total + (stats - stats.detach())

@@ -7,14 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
-    check_cosine,
-    check_num_classes,
-    check_scale,
-    check_target,
-    is_soft,
-)
-from mll.functional._target import work_dtype
+from mll.functional._engine.checks import check_cosine, check_num_classes, check_scale, check_target, is_soft
+from mll.functional._engine.numerics import work_dtype
 from mll.functional.margin import Margin
 from mll.functional.margins import COMBINED, FAMILIES, resolve_margin
 
@@ -135,9 +129,9 @@ def adacos_statistics_chunked(
     """:func:`adacos_statistics` of ``cosine_logits(input, weight, K)`` computed chunk by chunk (the same numbers,
     without the N×C cosines): an online log-sum-exp over the non-target logits (label-free: over all but the running
     best class), and the target angles from the same pass. ``target`` is checked already (int64 or soft)."""
-    from mll.functional._kernel import chunk_cosines
+    from mll.functional._engine.chunks import chunk_cosines
+    from mll.functional._engine.normalization import normalize
     from mll.functional.chunked import default_chunk_size
-    from mll.functional.cosine import normalize
 
     x = normalize(input.detach()).reshape(-1, input.shape[-1])
     n, k = x.shape[0], num_sub_centers

@@ -5,7 +5,7 @@ When the C·K×d class weights outgrow one device, rank r keeps only the rows of
 Single Machine", An et al., ICCVW 2021, https://arxiv.org/abs/2010.05222). One step:
 
 1. the ranks agree: each checks its own arguments and inputs, one all-gather exchanges a small report, and then
-   every rank raises the same error (naming the rank and the values) or every rank proceeds (``_agreement.py``);
+   every rank raises the same error (naming the rank and the values) or every rank proceeds (``_engine/agreement.py``);
 2. every rank's L2-normalised features and targets are all-gathered (N·d numbers and N·P targets, N the global
    batch, P = 1 for class indices);
 3. each rank runs the chunk kernel of :func:`mll.functional.margin_cross_entropy` on its block — the same code —
@@ -24,20 +24,27 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from mll.functional._agreement import Report, agree, check_backward_agreement, check_locally, pad_pairs
-from mll.functional._checks import _is_int, check_generator, check_num_classes, check_sample_rate
-from mll.functional._distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
-from mll.functional._kernel import Spec, Targets, chunked_ce, prepare
-from mll.functional._target import Scale
-from mll.functional.chunked import (
-    Reduction,
-    Target,
-    default_chunk_size,
-    keeps_logits,
-    merge_duplicates,
+from mll.functional._engine.agreement import Report, agree, check_block
+from mll.functional._engine.block import RankRows
+from mll.functional._engine.checks import (
+    check_generator,
+    check_num_classes,
+    check_pair,
+    check_reduction,
+    check_sample_rate,
+    check_scale,
+    check_target,
+    is_int,
 )
-from mll.functional.cosine import normalize
-from mll.functional.margin import Margin, _param
+from mll.functional._engine.chunks import Spec, prepare
+from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
+from mll.functional._engine.kernel import chunked_ce
+from mll.functional._engine.normalization import normalize
+from mll.functional._engine.numerics import Scale, acc_dtype
+from mll.functional._engine.targets import Target, Targets, dense_to_pair, merge_duplicates, pad_pairs
+from mll.functional.chunked import Reduction, default_chunk_size, keeps_logits
+from mll.functional.margin import Margin, param_tensor
+from mll.functional.margins import resolve_margin
 
 __all__ = ["sample_classes", "shard_bounds", "sharded_margin_cross_entropy"]
 
@@ -56,7 +63,7 @@ def shard_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
         list of (int, int): rank r holds classes ``start <= c < stop``.
     """
     check_num_classes(num_classes, "num_classes")
-    if not _is_int(world_size) or world_size < 1:
+    if not is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, but got {world_size!r}")
     base, extra = divmod(int(num_classes), int(world_size))
     bounds, start = [], 0
@@ -101,30 +108,65 @@ def sample_classes(positive: Tensor, sample_rate: float, *, generator: Optional[
     return score.topk(count, sorted=False).indices.sort().values
 
 
-class _Rows(torch.autograd.Function):
-    """The global per-row losses to what this rank returns: its own rows (``"none"``), or the sum/mean over the
-    global batch (identical on every rank). Backward gathers every rank's upstream gradient, so each block gets the
-    gradient of the sum over ranks of what each rank backpropagates — with the same ``loss.backward()`` on every
-    rank, the gradient of the loss itself."""
-
-    @staticmethod
-    def forward(ctx: Any, losses: Tensor, sizes: list[int], rank: int, group: Any, reduction: str) -> Tensor:
-        ctx.sizes, ctx.rank, ctx.group, ctx.reduction = sizes, rank, group, reduction
-        if reduction == "none":
-            offset = sum(sizes[:rank])
-            return losses[offset : offset + sizes[rank]].clone()
-        return losses.sum() if reduction == "sum" else losses.mean()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-        sizes, world = ctx.sizes, len(ctx.sizes)
-        check_backward_agreement(grad.device, ctx.group, world)  # no rank left waiting on a double backward
-        total = sum(sizes)
-        if ctx.reduction == "none":
-            return all_gather_rows(grad.reshape(-1), sizes, ctx.group), None, None, None, None
-        per_rank = all_gather_rows(grad.reshape(1), [1] * world, ctx.group)
-        g = per_rank.repeat_interleave(torch.tensor(sizes, device=grad.device), output_size=total)
-        return (g / total if ctx.reduction == "mean" else g), None, None, None, None
+def _check_locally(
+    input: Any, weight: Any, target: Any, class_start: Any, num_classes: Any, scale: Any, margin: Any,
+    margin_type: Any, easy_margin: Any, num_sub_centers: Any, pooling: Any, pooling_temperature: Any, sample_rate: Any,
+    generator: Any, chunk_size: Any, feature_grad_scale: Any, reduction: Any, report: Report,
+) -> tuple[Margin, Optional[Tensor], Optional[tuple[Tensor, Tensor]], int, tuple[int, ...], torch.dtype]:  # fmt: skip
+    """Every check of one rank's call, filling ``report`` as it goes (what must agree between ranks)."""
+    check_scale(scale)
+    report.set_scale(scale)
+    margin_ = resolve_margin(margin, margin_type, easy_margin)
+    report.set_margin(margin_.family.name, margin_.params)
+    check_reduction(reduction)
+    report.set_reduction(reduction)
+    check_sample_rate(sample_rate)  # each rank samples its own block: rates need not agree
+    check_generator(generator)
+    k, lead = check_block(
+        report, input, weight, class_start, num_classes, num_sub_centers, pooling, pooling_temperature, chunk_size,
+        feature_grad_scale,
+    )  # fmt: skip
+    num_classes = int(num_classes)
+    width = weight.shape[0] // k
+    acc = acc_dtype(input.dtype)
+    shape = torch.Size((*lead, num_classes))
+    for spec, value in zip(margin_.family.parameters, margin_.params):
+        if isinstance(value, Tensor) and value.dim() == 1:  # per class: this block's classes
+            spec.check(value, margin_.family.label, (*lead, width) if width > 0 else None)
+            if value.shape[0] != width:
+                raise ValueError(
+                    f"{margin_.family.label} {spec.name} per class must have shape ({width},), one per class of this "
+                    f"rank's block, but got {tuple(value.shape)}"
+                )
+        elif isinstance(value, Tensor) and value.dim() > 1 and value.shape[-1] != 1:
+            raise ValueError(
+                f"{margin_.family.label} {spec.name} per entry (*, C) is not sharded: give it per class of the block "
+                "(B,) or per sample (*, 1)"
+            )
+        else:
+            spec.check(value, margin_.family.label, shape)
+    labels, pair = None, None
+    if isinstance(target, (tuple, list)):
+        pair = check_pair(target, lead, num_classes)
+    else:
+        checked = check_target(target, shape)
+        if not checked.is_floating_point():
+            labels = checked.reshape(-1)
+        else:
+            if checked.requires_grad:
+                raise ValueError("the sharded loss does not differentiate soft targets: detach target")
+            pair = dense_to_pair(checked.reshape(-1, num_classes))
+    if margin_.family.class_indices_only and labels is None:
+        raise ValueError(
+            f"{margin_.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
+        )
+    report.soft = labels is None
+    report.entries = 1 if pair is None else pair[0].shape[-1]
+    report.set_requires_grad(input, weight, scale)
+    if pair is not None:
+        p = pair[0].shape[-1]
+        pair = (pair[0].reshape(report.rows, p), pair[1].reshape(report.rows, p).to(acc))
+    return margin_, labels, pair, k, lead, acc
 
 
 def sharded_margin_cross_entropy(
@@ -258,14 +300,14 @@ def _sharded(
     problem: Optional[Exception] = None
     local: Any = None
     try:
-        local = check_locally(
+        local = _check_locally(
             input, weight, target, class_start, num_classes, scale, margin, margin_type, easy_margin,
             num_sub_centers, pooling, pooling_temperature, sample_rate, generator, chunk_size, feature_grad_scale,
             reduction, report,
         )  # fmt: skip
     except (TypeError, ValueError) as error:
         problem = error
-    reports = agree(report, problem, device, group, world, num_classes if _is_int(num_classes) else 0)
+    reports = agree(report, problem, device, group, world, num_classes if is_int(num_classes) else 0)
     margin_, labels, pair, k, lead, acc = local
     sizes = [r.rows for r in reports]
     total, d, width = sum(sizes), input.shape[-1], weight.shape[0] // k
@@ -294,7 +336,7 @@ def _sharded(
     classes = torch.where(classes >= 0, classes - int(class_start), -1)  # block-local; outside [0, width): elsewhere
     params = []
     for value in margin_.params:
-        tensor = _param(value, acc, x.device)
+        tensor = param_tensor(value, acc, x.device)
         if tensor.dim() >= 1 and tensor.shape[-1] == 1 and tensor.dim() > 1:  # per sample: this rank's rows
             tensor = tensor.expand(*lead, 1).reshape(sizes[rank], 1)
             if world > 1 or (tensor.requires_grad and grad_scale != 1.0):
@@ -336,6 +378,6 @@ def _sharded(
             for t, r in zip(params, spec.row_params)
         )
     losses, *_ = chunked_ce(x, w, scale, value, spec, *params)
-    out = _Rows.apply(losses, sizes, rank, group, reduction)
+    out = RankRows.apply(losses, sizes, rank, group, reduction)
     out = out.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     return out.reshape(lead) if reduction == "none" else out

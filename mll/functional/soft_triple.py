@@ -27,8 +27,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mll.functional._checks import _is_int, check_floating, check_num_sub_centers, check_positive, shape_str
-from mll.functional._kernel import _double_backward, acc_dtype, chunk_bounds, weight_eps
+from mll.functional._engine.checks import check_floating, check_num_sub_centers, check_positive, is_int, shape_str
+from mll.functional._engine.chunks import chunk_bounds
+from mll.functional._engine.numerics import acc_dtype, weight_eps
+from mll.functional._engine.numerics import double_backward as _double_backward
 
 __all__ = ["soft_triple_distinct_centers", "soft_triple_regularizer"]
 
@@ -133,7 +135,7 @@ def soft_triple_regularizer(
     """
     weight, k = _check_weight(weight, num_sub_centers)
     eps = check_positive(eps, "eps")
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, but got {chunk_size!r}")
     chunk = max(1, CHUNK_ROWS // (k * k)) if chunk_size is None else int(chunk_size)
     return _CenterDistances.apply(weight, k, eps, chunk)

@@ -13,15 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from mll.functional._checks import (
-    _INDEX_DTYPES,
-    _is_real,
-    check_features,
-    check_target,
-    is_soft,
-    values_checkable,
-)
-from mll.functional.cosine import normalize
+from mll.functional._engine.checks import INDEX_DTYPES, check_features, check_target, is_real, is_soft, values_checkable
+from mll.functional._engine.normalization import normalize
 
 __all__ = ["dominant_sub_centers", "sub_center_counts", "sub_center_outliers"]
 
@@ -29,9 +22,9 @@ __all__ = ["dominant_sub_centers", "sub_center_counts", "sub_center_outliers"]
 _SHOWN = 8
 
 
-def _check_max_angle(max_angle: object) -> float:
+def check_max_angle(max_angle: object) -> float:
     """An angle in ``(0, π]`` radians (Python or NumPy real), returned as a float."""
-    if not _is_real(max_angle):
+    if not is_real(max_angle):
         raise TypeError(f"max_angle must be a float in (0, π] radians, but got {type(max_angle).__name__}")
     angle = float(max_angle)  # type: ignore[arg-type]
     if not 0 < angle <= math.pi:  # NaN fails too
@@ -45,12 +38,12 @@ def _check_max_angle(max_angle: object) -> float:
     return angle
 
 
-def _check_dominant(dominant: object, num_classes: int, num_sub_centers: int) -> Tensor:
+def check_dominant(dominant: object, num_classes: int, num_sub_centers: int) -> Tensor:
     """One sub-center index in ``[0, K)`` per class, returned as int64 (``gather`` needs it)."""
     expected = f"a tensor of sub-center indices of shape ({num_classes},), one per class"
     if not isinstance(dominant, Tensor):
         raise TypeError(f"dominant must be {expected}, but got {type(dominant).__name__}")
-    if dominant.dtype not in _INDEX_DTYPES:
+    if dominant.dtype not in INDEX_DTYPES:
         raise TypeError(f"dominant must be {expected} (an integer dtype), but got dtype {dominant.dtype}")
     if tuple(dominant.shape) != (num_classes,):
         raise ValueError(
@@ -147,10 +140,10 @@ def sub_center_outliers(
     Returns:
         Tensor[*] of bool: True for samples to drop.
     """
-    threshold = math.cos(_check_max_angle(max_angle))
+    threshold = math.cos(check_max_angle(max_angle))
     check_features(input, weight, num_sub_centers)
     num_sub_centers = int(num_sub_centers)
-    dominant = _check_dominant(dominant, weight.shape[0] // num_sub_centers, num_sub_centers)
+    dominant = check_dominant(dominant, weight.shape[0] // num_sub_centers, num_sub_centers)
     cos = _target_sub_center_cosines(input, weight, target, num_sub_centers)
     picked = cos.gather(1, dominant[target.reshape(-1).long()].unsqueeze(1)).squeeze(1)
     return (picked < threshold).reshape(target.shape)

@@ -16,9 +16,24 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.agreement import agree_on_call
+from mll.functional._engine.checks import (
+    check_chunk_size,
+    check_features,
+    check_in_features,
+    check_num_classes,
+    check_num_sub_centers,
+    check_pooling,
+    check_reduction,
+    check_scale,
+    check_target,
+    is_soft,
+)
+from mll.functional.chunked import chunked_loss
+from mll.functional.margin import apply_margin
+from mll.nn._regularized import plus_regularizer
 
-__all__ = ["Head", "agreed", "register_margin", "register_scale", "statistics_dtype"]
+__all__ = ["Head", "agreed", "margin_repr", "register_margin", "register_scale", "statistics_dtype", "typical_margin"]
 
 T = TypeVar("T")
 
@@ -53,13 +68,18 @@ def register_scale(module: nn.Module, scale: float, trainable: bool, device: Any
     shape-(1,) scale loads into it."""
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable_scale must be a bool, but got {type(trainable).__name__}")
-    I.check_scale(scale)
+    check_scale(scale)
     value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
     if trainable:
         module.scale = nn.Parameter(value)
     else:
         module.register_buffer("scale", value)
     module._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
+
+
+def typical_margin(value: Any) -> float:
+    """A margin as one float (the mean of a per-class tensor): what a head's default scale is solved for."""
+    return float(value.detach().double().mean()) if isinstance(value, Tensor) else float(value)
 
 
 def margin_repr(value: object) -> str:
@@ -95,6 +115,15 @@ class Head(nn.Module):
     #: the process group whose ranks share the running statistics (None: the default group); the sharded forms set
     #: their own
     group: Any = None
+    #: the head's objective adds :meth:`regularizer` to every sample's cross-entropy in :meth:`loss` (AdaM-Softmax,
+    #: SoftTriple)
+    regularized = False
+    #: ``loss()`` in eval mode is the plain cross-entropy, which takes any target; False: the head's loss is the same
+    #: in both modes, its targets checked as in training (Proxy-Anchor)
+    plain_eval_loss = True
+    #: the head has a scale ``s`` (a buffer, or a parameter with ``trainable_scale``); without one, its logits are the
+    #: cosines times its own fixed factor, :meth:`logit_scale`
+    has_scale = True
 
     def __init__(
         self,
@@ -107,25 +136,24 @@ class Head(nn.Module):
         default_margin: Optional[MF.Margin] = None,
         pooling: str = "max",
         pooling_temperature: float = 0.1,
-        has_scale: bool = True,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        I.check_in_features(in_features)
-        I.check_num_classes(out_features)
-        I.check_num_sub_centers(num_sub_centers)
-        I.check_pooling(pooling, pooling_temperature)
+        check_in_features(in_features)
+        check_num_classes(out_features)
+        check_num_sub_centers(num_sub_centers)
+        check_pooling(pooling, pooling_temperature)
         if not isinstance(trainable_scale, bool):
             raise TypeError(f"trainable_scale must be a bool, but got {type(trainable_scale).__name__}")
         if scale is not None:
-            I.check_scale(scale)
+            check_scale(scale)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.num_sub_centers = int(num_sub_centers)
         self.pooling, self.pooling_temperature = pooling, float(pooling_temperature)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((self.weight_rows(), self.in_features), **factory))
-        if has_scale:
+        if self.has_scale:
             if scale is None:
                 scale = MF.heuristic_scale(self.out_features, default_margin or MF.NO_MARGIN())
             register_scale(self, scale, trainable_scale, device, dtype)
@@ -188,8 +216,8 @@ class Head(nn.Module):
                 f"{type(self).__name__} needs labels in training mode to apply its margin: call head(input, labels) "
                 "with class indices of shape (*) or soft targets of shape (*, C), or call head.eval() for inference"
             )
-        labels = I.check_target(labels, torch.Size(logits_shape), name="labels")
-        if not self.soft_targets and I.is_soft(labels):
+        labels = check_target(labels, torch.Size(logits_shape), name="labels")
+        if not self.soft_targets and is_soft(labels):
             raise ValueError(
                 f"{type(self).__name__} needs class indices (an integer tensor of shape (*)), not soft targets"
             )
@@ -208,7 +236,7 @@ class Head(nn.Module):
             margin = self.step_margin(input, labels, cosine)  # type: ignore[arg-type]
         if labels is None or margin.family is MF.NO_MARGIN:
             return cosine * self.logit_scale()
-        return I.apply_margin(cosine, labels, margin, self.logit_scale())
+        return apply_margin(cosine, labels, margin, self.logit_scale())
 
     def _cosine_and_labels(self, input: Tensor, labels: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         cosine = self.cosine(input)
@@ -231,7 +259,11 @@ class Head(nn.Module):
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
         """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` over class chunks, without the N×C
-        logits (see :func:`mll.functional.margin_cross_entropy`); running statistics update as in a forward."""
+        logits (see :func:`mll.functional.margin_cross_entropy`); running statistics update as in a forward.
+
+        A head with a regulariser (``regularized``: AdaM-Softmax, SoftTriple) adds ``regularizer()`` to every
+        sample's loss, in training and eval mode: ``"none"`` gives ``ce_i + reg``, ``"mean"`` ``mean(ce) + reg``,
+        ``"sum"`` ``sum(ce) + N·reg`` — the paper's objective."""
         return self.chunked_loss(input, labels, reduction, chunk_size)
 
     def chunked_loss(
@@ -250,26 +282,33 @@ class Head(nn.Module):
         return self.loss_terms(input, target, margin, reduction, chunk_size)
 
     def _loss_checks(self, input: Tensor, labels: Tensor, reduction: str, chunk_size: Optional[int]) -> Tensor:
-        I.check_features(input, self.weight, self.num_sub_centers)
-        I.check_reduction(reduction)
-        I.check_chunk_size(chunk_size)
+        check_features(input, self.weight, self.num_sub_centers)
+        self.check_loss_reduction(reduction)
+        check_chunk_size(chunk_size)
         shape = torch.Size((*input.shape[:-1], self.out_features))
         if labels is None:
-            raise ValueError(f"{type(self).__name__}.loss needs labels: class indices (*) or soft targets (*, C)")
-        if not self.training:
-            return I.check_target(labels, shape, name="labels")
+            kinds = "class indices (*) or soft targets (*, C)" if self.plain_eval_loss else "class indices of shape (*)"
+            raise ValueError(f"{type(self).__name__}.loss needs labels: {kinds}")
+        if not self.training and self.plain_eval_loss:
+            return check_target(labels, shape, name="labels")
         checked = self.check_labels(labels, shape)
         assert checked is not None
         return checked
 
+    def check_loss_reduction(self, reduction: str) -> None:
+        """``loss()``'s ``reduction``: ``"mean"``, ``"sum"`` or ``"none"``."""
+        check_reduction(reduction)
+
     def loss_terms(
         self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
     ) -> Tensor:
-        """The chunked cross-entropy with ``margin`` (heads with an extra term add it here)."""
-        return I.chunked_loss(
+        """The chunked cross-entropy with ``margin``, plus the regulariser of a ``regularized`` head (heads with
+        another objective replace this)."""
+        ce = chunked_loss(
             input, self.weight, labels, self.logit_scale(), margin, self.num_sub_centers, self.pooling,
             self.pooling_temperature, chunk_size, reduction,
         )  # fmt: skip
+        return plus_regularizer(ce, self, input, reduction) if self.regularized else ce
 
     def extra_repr(self) -> str:
         parts = [
@@ -293,14 +332,15 @@ class Head(nn.Module):
 
 def agreed(check: Callable[[], T], sizes: dict[str, int], device: torch.device, group: Any = None) -> T:
     """Run ``check``; under ``torch.distributed`` every rank then learns whether any rank's check failed and whether
-    ``sizes`` match, and all raise the same error or all go on (:func:`mll.functional._agreement.agree_on_call`)."""
+    ``sizes`` match, and all raise the same error or all go on
+    (:func:`mll.functional._engine.agreement.agree_on_call`)."""
     problem: Optional[Exception] = None
     result: Any = None
     try:
         result = check()
     except (TypeError, ValueError) as error:
         problem = error
-    I.agree_on_call(problem, sizes, device, group)
+    agree_on_call(problem, sizes, device, group)
     return result
 
 

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mll.functional import _internal as I
-from mll.functional._distributed import refuse_double_backward
+from mll.functional._engine.block import own_share_sum
+from mll.functional._engine.distributed import all_reduce_sum, rank_and_world, refuse_double_backward
 
 __all__ = ["per_sample_term", "reduce_rows", "shared_class_term", "sum_grad_over_ranks"]
 
@@ -31,12 +31,18 @@ def per_sample_term(term: Tensor, input: Tensor, reduction: str) -> Tensor:
     return term * (input.numel() // max(input.shape[-1], 1))
 
 
+def plus_regularizer(ce: Tensor, head: Any, input: Tensor, reduction: str) -> Tensor:
+    """A regularised head's loss (AdaM-Softmax, SoftTriple): its cross-entropy ``ce`` plus ``head.regularizer()`` as
+    part of every sample's loss (see :func:`per_sample_term`)."""
+    return ce + per_sample_term(head.regularizer().to(ce.dtype), input, reduction)
+
+
 def reduce_rows(rows: Tensor, reduction: str, group: Any) -> Tensor:
     """This rank's per-row losses reduced over the global batch (the same value on every rank), with the gradient
     of this rank's rows only — the sharded loss's contract for ``"mean"`` and ``"sum"``; the rows for ``"none"``."""
     if reduction == "none":
         return rows
-    total, count = I.own_share_sum(rows, group)
+    total, count = own_share_sum(rows, group)
     return total if reduction == "sum" else total / count.to(total.dtype)
 
 
@@ -51,7 +57,7 @@ class _SumGradOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None]:
         refuse_double_backward()
-        return I.all_reduce_sum(grad.clone(), group=ctx.group), None
+        return all_reduce_sum(grad.clone(), group=ctx.group), None
 
 
 def sum_grad_over_ranks(tensor: Tensor, group: Any = None) -> Tensor:
@@ -60,7 +66,7 @@ def sum_grad_over_ranks(tensor: Tensor, group: Any = None) -> Tensor:
     For a parameter every rank keeps whole while each rank's loss differentiates its own part of it (its block's
     margins, its own samples' terms): the sum is the full gradient, the same on every rank, so the replicas stay
     equal under the same optimizer step (what DDP does for a replicated parameter). Every rank must backward."""
-    if I.rank_and_world(group)[1] == 1 or not tensor.requires_grad:
+    if rank_and_world(group)[1] == 1 or not tensor.requires_grad:
         return tensor
     return _SumGradOverRanks.apply(tensor, group)
 
@@ -72,19 +78,19 @@ class _SharedClassTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, part: Tensor, rows: int, group: Any) -> Tensor:
         ctx.group = group
-        total = I.all_reduce_sum(part.detach().clone(), group=group)
+        total = all_reduce_sum(part.detach().clone(), group=group)
         return total.expand(rows).clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
         refuse_double_backward()
-        return I.all_reduce_sum(grad.sum().clone(), group=ctx.group), None, None
+        return all_reduce_sum(grad.sum().clone(), group=ctx.group), None, None
 
 
 def shared_class_term(part: Tensor, rows: int, group: Any = None) -> Tensor:
     """A per-class sum of which this rank holds the block's ``part`` (0-dim), as the term of each of its ``rows``
     rows ``(rows,)``: the value is the sum over every rank's block; the gradient of ``part`` is the global objective's
     (the upstream gradients of every rank's rows, summed). One all-reduce forward, one backward."""
-    if I.rank_and_world(group)[1] == 1:
+    if rank_and_world(group)[1] == 1:
         return part.expand(rows)
     return _SharedClassTerm.apply(part, rows, group)

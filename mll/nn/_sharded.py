@@ -27,7 +27,18 @@ import torch
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.agreement import agree_on_call, call_report, dtype_code
+from mll.functional._engine.checks import (
+    check_chunk_size,
+    check_feature_grad_scale,
+    check_features,
+    check_generator,
+    check_pair,
+    check_reduction,
+    check_sample_rate,
+    is_int,
+)
+from mll.functional._engine.distributed import rank_and_world
 
 if TYPE_CHECKING:  # the mixin always comes before a head: type-check it as one
     from mll.nn._head import Head as _Base
@@ -45,18 +56,23 @@ class Sharded(_Base):
 
     class_start: int
     class_stop: int
-    #: the single-process head this one shards
+    #: the single-process head this one shards: the class after ``Sharded`` in the bases
     dense: type[Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if Sharded in cls.__bases__ and "dense" not in vars(cls):
+            cls.dense = cls.__bases__[cls.__bases__.index(Sharded) + 1]
 
     def __init__(
         self, *args: Any, class_range: Optional[tuple[int, int]] = None, group: Any = None,
         sample_rate: float = 1.0, feature_grad_scale: Optional[float] = None,
         generator: Optional[torch.Generator] = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        I.check_sample_rate(sample_rate)
-        I.check_feature_grad_scale(feature_grad_scale)
-        I.check_generator(generator)
-        I.rank_and_world(group)  # a group without torch.distributed is an error here, not at the first step
+        check_sample_rate(sample_rate)
+        check_feature_grad_scale(feature_grad_scale)
+        check_generator(generator)
+        rank_and_world(group)  # a group without torch.distributed is an error here, not at the first step
         self.requested_range, self.group = class_range, group  # read by weight_rows, during the dense __init__
         if "generator" in inspect.signature(self.dense).parameters:
             kwargs["generator"] = generator  # ElasticFace: the margins' draws and the class sampling share it
@@ -79,12 +95,12 @@ class Sharded(_Base):
         """The block's rows: ``(class_stop − class_start)·K``; the block is resolved here, as the weight is made."""
         out_features, class_range = self.out_features, self.requested_range
         if class_range is None:
-            rank, world = I.rank_and_world(self.group)
+            rank, world = rank_and_world(self.group)
             class_range = MF.shard_bounds(out_features, world)[rank]
         elif not (
             isinstance(class_range, (tuple, list))
             and len(class_range) == 2
-            and all(I._is_int(v) for v in class_range)
+            and all(is_int(v) for v in class_range)
             and 0 <= class_range[0] <= class_range[1] <= out_features
         ):
             raise ValueError(
@@ -127,11 +143,11 @@ class Sharded(_Base):
             "out_features": self.out_features,
             "num_sub_centers": self.num_sub_centers,
             "training": int(self.training),
-            "dtype": I.dtype_code(getattr(input, "dtype", None)),
+            "dtype": dtype_code(getattr(input, "dtype", None)),
             "soft": int(target is not None and soft_target(target)),
-            **I.call_report(input, self.rows(), self.logit_scale(), reduction),
+            **call_report(input, self.rows(), self.logit_scale(), reduction),
         }
-        I.agree_on_call(problem, shared, self.rows().device, self.group, (self.class_start, self.class_stop),
+        agree_on_call(problem, shared, self.rows().device, self.group, (self.class_start, self.class_stop),
                         self.out_features)  # fmt: skip
         if not self.training:
             margin = MF.NO_MARGIN()
@@ -147,10 +163,10 @@ class Sharded(_Base):
             raise ValueError(
                 f"{name}.loss needs class indices (*) in training mode, not few-hot pairs (classes, weights)"
             )
-        I.check_features(input, self.rows(), self.num_sub_centers)
-        I.check_reduction(reduction)
-        I.check_chunk_size(chunk_size)
-        classes, weights = I.check_pair(labels, tuple(input.shape[:-1]), self.out_features)
+        check_features(input, self.rows(), self.num_sub_centers)
+        check_reduction(reduction)
+        check_chunk_size(chunk_size)
+        classes, weights = check_pair(labels, tuple(input.shape[:-1]), self.out_features)
         return classes, weights
 
     def loss_terms(

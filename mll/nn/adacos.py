@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.checks import check_scale
+from mll.functional._engine.distributed import all_gather_rows
+from mll.functional.scale import adacos_statistics_chunked
 from mll.nn._head import Head
 
 __all__ = ["AdaCos", "FixedAdaCos"]
@@ -63,7 +65,7 @@ class AdaCos(Head):
         min_scale: float = 0.5, pooling: str = "max", pooling_temperature: float = 0.1, device: Any = None,
         dtype: Any = None,
     ) -> None:  # fmt: skip
-        I.check_scale(min_scale, "min_scale")
+        check_scale(min_scale, "min_scale")
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
@@ -89,10 +91,10 @@ class AdaCos(Head):
                 log_b, theta = MF.adacos_statistics(cosine, labels, self.scale)
             else:
                 tau = self.pooling_temperature if self.pooling == "soft" and self.num_sub_centers > 1 else None
-                log_b, theta = I.adacos_statistics_chunked(
+                log_b, theta = adacos_statistics_chunked(
                     input, self.weight, labels, self.scale, num_sub_centers=self.num_sub_centers, tau=tau
                 )
-            log_b, theta = I.all_gather_rows(log_b, group=self.group), I.all_gather_rows(theta, group=self.group)
+            log_b, theta = all_gather_rows(log_b, group=self.group), all_gather_rows(theta, group=self.group)
             if log_b.numel() > 0:  # an empty (global) batch keeps the scale
                 new = MF.adacos_reduce(log_b, theta, min_scale=self.min_scale)
                 # rows with a non-finite feature are left out; with none left, the scale stays

@@ -8,11 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.checks import check_nonnegative, check_num_classes
 from mll.functional.adaptive_margin import ADAPTIVE_MARGIN_RANGE
-from mll.nn._head import Head, margin_repr
-from mll.nn._regularized import per_sample_term
-from mll.nn.margin import _typical
+from mll.nn._head import Head, margin_repr, typical_margin
 
 __all__ = ["AdaMSoftmax"]
 
@@ -28,8 +26,9 @@ class AdaMSoftmax(Head):
     The margins are the parameter ``margin`` of shape ``(C,)``, trained with the network (give it to the optimizer
     with the weights). At the start of every training step they are projected onto ``[0, 1]`` in place, outside
     autograd (on ``.data``, as the authors' code does), so that every step uses valid CosFace margins, with no host
-    read (see :meth:`project_margins`). Use :meth:`loss` (cross-entropy plus :meth:`regularizer`), or add
-    ``head.regularizer()`` to your own cross-entropy of ``head(x, y)``. The forward in eval mode returns
+    read (see :meth:`project_margins`). Use :meth:`loss` (cross-entropy plus :meth:`regularizer`, the paper's
+    objective; in eval mode the cross-entropy has no margin and the regulariser is still added: a validation loss),
+    or add ``head.regularizer()`` to your own cross-entropy of ``head(x, y)``. The forward in eval mode returns
     ``s·cos θ``.
 
     Args:
@@ -41,6 +40,8 @@ class AdaMSoftmax(Head):
         margin (nn.Parameter): ``(C,)``, the per-class margins.
     """
 
+    regularized = True
+
     margin: nn.Parameter
 
     def __init__(
@@ -50,7 +51,7 @@ class AdaMSoftmax(Head):
     ) -> None:  # fmt: skip
         spec = MF.ADAPTIVE.parameters[0]
         if isinstance(margin, Tensor):
-            I.check_num_classes(out_features)
+            check_num_classes(out_features)
             if tuple(margin.shape) != (int(out_features),):
                 raise ValueError(
                     f"AdaM-Softmax margin must be a float or a tensor of shape ({out_features},), one per class, "
@@ -59,10 +60,10 @@ class AdaMSoftmax(Head):
             spec.check(margin, "AdaM-Softmax", (int(out_features),))
         else:
             spec.check(margin, "AdaM-Softmax")
-        self.lambda_ = I.check_nonnegative(lambda_, "AdaM-Softmax lambda_")
+        self.lambda_ = check_nonnegative(lambda_, "AdaM-Softmax lambda_")
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(min(_typical(margin), 0.99)), pooling=pooling,
+            default_margin=MF.COS(min(typical_margin(margin), 0.99)), pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.initial_margin = margin.detach().clone() if isinstance(margin, Tensor) else float(margin)
@@ -93,21 +94,6 @@ class AdaMSoftmax(Head):
     def regularizer(self) -> Tensor:
         r""":math:`L_m = -\frac{\lambda}{C}\sum_j m_j` (λ included): what :meth:`loss` adds to the cross-entropy."""
         return MF.adaptive_margin_regularizer(self.margin, lambda_=self.lambda_)
-
-    def loss(
-        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
-    ) -> Tensor:
-        """Cross-entropy of ``self(input, labels)`` over class chunks (without the N×C logits) plus
-        :meth:`regularizer`, the paper's objective. The regulariser is part of every sample's loss: ``"none"`` gives
-        ``ce_i + L_m``, ``"mean"`` their mean (``mean(ce) + L_m``), ``"sum"`` their sum (``sum(ce) + N·L_m``). In
-        eval mode the cross-entropy has no margin; the regulariser is still added (a validation loss)."""
-        return self.chunked_loss(input, labels, reduction, chunk_size)
-
-    def loss_terms(
-        self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
-    ) -> Tensor:
-        ce = super().loss_terms(input, labels, margin, reduction, chunk_size)
-        return ce + per_sample_term(self.regularizer().to(ce.dtype), input, reduction)
 
     def head_options(self) -> dict[str, Any]:
         return {"margin": self.margin.detach().clone(), "lambda_": self.lambda_}

@@ -7,9 +7,9 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
-from mll.nn._head import Head, margin_repr, register_margin
-from mll.nn.margin import _typical
+from mll.functional._engine.checks import check_margin_param
+from mll.functional.arcneg import check_arcneg_sigma
+from mll.nn._head import Head, margin_repr, register_margin, typical_margin
 
 __all__ = ["ArcNegFace"]
 
@@ -38,13 +38,13 @@ class ArcNegFace(Head):
     ) -> None:  # fmt: skip
         family = MF.ARC_NEG
         m_spec, a_spec, s_spec = family.parameters
-        I.check_margin_param(margin, m_spec.low, m_spec.high, family.label, None)
+        check_margin_param(margin, m_spec.low, m_spec.high, family.label, None)
         a_spec.check(alpha, family.label)
         s_spec.check(sigma, family.label)
-        I.check_arcneg_sigma(sigma)
+        check_arcneg_sigma(sigma)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.ARC(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.ARC(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, m_spec, family.label, out_features, device, dtype)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional.circle import circle_family
 from mll.nn._head import Head, margin_repr, register_margin
 
 __all__ = ["CircleLoss"]
@@ -38,7 +38,7 @@ class CircleLoss(Head):
         trainable_scale: bool = False, margin: Any = 0.25, *, detach_weights: bool = True, pooling: str = "max",
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        family = I.circle_family(detach_weights)
+        family = circle_family(detach_weights)
         if scale is None:
             raise ValueError("CircleLoss has no default scale (its logits are not cosines): pass scale=, e.g. 256")
         super().__init__(

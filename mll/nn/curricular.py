@@ -8,9 +8,11 @@ import torch
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
-from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype
-from mll.nn.margin import _typical
+from mll.functional._engine.checks import UNSET, check_decay, renamed
+from mll.functional._engine.chunks import target_cosines
+from mll.functional._engine.distributed import all_reduce_sum
+from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
+from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype, typical_margin
 
 __all__ = ["CurricularFace"]
 
@@ -42,13 +44,13 @@ class CurricularFace(Head):
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
         trainable_scale: bool = False, margin: Any = 0.5, *, decay: float = 0.99, pooling: str = "max",
-        pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None, momentum: float = I.UNSET,
+        pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None, momentum: float = UNSET,
     ) -> None:  # fmt: skip
-        decay = I.renamed(decay, momentum, "momentum", "decay")
-        I.check_decay(decay)
+        decay = renamed(decay, momentum, "momentum", "decay")
+        check_decay(decay)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.ARC(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.ARC(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.CURRICULAR.parameters[0], "CurricularFace", out_features, device,
@@ -69,10 +71,10 @@ class CurricularFace(Head):
             else:
                 tau = self.pooling_temperature if self.pooling == "soft" and self.num_sub_centers > 1 else None
                 x = MF.normalize(input.detach()).reshape(-1, input.shape[-1])
-                target = I.target_cosines(x, self.weight, labels.reshape(-1, 1), self.num_sub_centers, tau)
-                total, count = I.finite_sum_and_count(target)
-            stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
-            self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
+                target = target_cosines(x, self.weight, labels.reshape(-1, 1), self.num_sub_centers, tau)
+                total, count = finite_sum_and_count(target)
+            stats = all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
+            self.t.copy_(curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
         return MF.CURRICULAR(self.margin, self.t.clone())  # this step's t: the next call updates the buffer
 
     @property

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
-from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype
-from mll.nn.margin import _typical
+from mll.functional._engine.checks import UNSET, check_decay, check_nonnegative, check_positive, renamed
+from mll.functional._engine.distributed import all_gather_rows
+from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
+from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype, typical_margin
 
 __all__ = ["AdaFace", "MagFace"]
 
@@ -48,14 +49,14 @@ class AdaFace(Head):
         self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
         trainable_scale: bool = False, margin: Any = 0.4, *, h: float = 0.333, decay: float = 0.99,
         pooling: str = "max", pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
-        momentum: float = I.UNSET,
+        momentum: float = UNSET,
     ) -> None:  # fmt: skip
-        decay = I.renamed(decay, momentum, "momentum", "decay")
-        self_h = I.check_positive(h, "AdaFace h")
-        I.check_decay(decay)
+        decay = renamed(decay, momentum, "momentum", "decay")
+        self_h = check_positive(h, "AdaFace h")
+        check_decay(decay)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(min(_typical(margin), 0.99)), pooling=pooling,
+            default_margin=MF.COS(min(typical_margin(margin), 0.99)), pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.ADA.parameters[0], "AdaFace", out_features, device, dtype)
@@ -73,11 +74,11 @@ class AdaFace(Head):
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         norms = input.detach().norm(dim=-1)
         with torch.no_grad():
-            batch = I.all_gather_rows(norms.reshape(-1), group=self.group)
+            batch = all_gather_rows(norms.reshape(-1), group=self.group)
             mean, std = MF.adaface_update(self.norm_mean, self.norm_std, batch, decay=self.decay)
             self.norm_mean.copy_(mean)
             self.norm_std.copy_(std)
-        return I.ada(self.margin, norms, self.norm_mean, self.norm_std, self.h)
+        return ada(self.margin, norms, self.norm_mean, self.norm_std, self.h)
 
     @property
     def momentum(self) -> float:
@@ -117,14 +118,14 @@ class MagFace(Head):
 
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None,
-        trainable_scale: bool = False, *, lower: float = I.MAGFACE_MAGNITUDES[0],
-        upper: float = I.MAGFACE_MAGNITUDES[1], margin_low: Any = I.MAGFACE_MARGINS[0],
-        margin_high: Any = I.MAGFACE_MARGINS[1], lambda_g: float = 35.0, easy_margin: bool = False,
+        trainable_scale: bool = False, *, lower: float = MAGFACE_MAGNITUDES[0],
+        upper: float = MAGFACE_MAGNITUDES[1], margin_low: Any = MAGFACE_MARGINS[0],
+        margin_high: Any = MAGFACE_MARGINS[1], lambda_g: float = 35.0, easy_margin: bool = False,
         pooling: str = "max", pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        I.check_magface_args(lower, upper, margin_low, margin_high, None)
-        lambda_g = I.check_nonnegative(lambda_g, "MagFace lambda_g")
-        middle = (_typical(margin_low) + _typical(margin_high)) / 2
+        check_magface_args(lower, upper, margin_low, margin_high, None)
+        lambda_g = check_nonnegative(lambda_g, "MagFace lambda_g")
+        middle = (typical_margin(margin_low) + typical_margin(margin_high)) / 2
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             default_margin=MF.ARC(middle), pooling=pooling, pooling_temperature=pooling_temperature,
@@ -138,7 +139,7 @@ class MagFace(Head):
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         norms = input.norm(dim=-1)  # with its gradient: the margin depends on the magnitude
-        return I.mag(norms, self.lower, self.upper, self.margin_low, self.margin_high, self.easy_margin)
+        return mag(norms, self.lower, self.upper, self.margin_low, self.margin_high, self.easy_margin)
 
     def regularizer(self, input: Tensor) -> Tensor:
         """Mean of :math:`g(a) = a / u_a^2 + 1/a` over the batch (not yet weighted by ``lambda_g``)."""

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.checks import check_features, check_lambda, check_num_sub_centers
+from mll.functional.chunked import chunked_loss
 from mll.functional.large_margin import large_margin
 from mll.nn._head import Head, margin_repr, register_margin
 
@@ -47,13 +48,13 @@ class LargeMarginSoftmax(Head):
         trainable_scale: bool = False, margin: Any = 4.0, *, lambda_: float = 0.0, pooling: str = "max",
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        I.check_num_sub_centers(num_sub_centers)
+        check_num_sub_centers(num_sub_centers)
         if int(num_sub_centers) != 1:
             raise ValueError(
                 "LargeMarginSoftmax has one weight vector per class (its logits are dot products x·w_j, not pooled "
                 f"cosines): num_sub_centers must be 1, but got {num_sub_centers!r}"
             )
-        I.check_lambda(lambda_)
+        check_lambda(lambda_)
         if not isinstance(margin, Tensor):
             MF.SPHERE.parameters[0].check(margin, "L-Softmax")
         super().__init__(
@@ -70,7 +71,7 @@ class LargeMarginSoftmax(Head):
     def cosine(self, input: Tensor) -> Tensor:
         """The logits before the margin and the scale: the dot products ``x·Wᵀ`` ``(*, C)`` (not cosines — this
         head's margin reads the norms; see :func:`mll.functional.large_margin_logits`)."""
-        I.check_features(input, self.weight, 1)
+        check_features(input, self.weight, 1)
         return F.linear(input, self.weight)
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
@@ -79,7 +80,7 @@ class LargeMarginSoftmax(Head):
     def loss_terms(
         self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
     ) -> Tensor:
-        return I.chunked_loss(
+        return chunked_loss(
             input, self.weight, labels, self.logit_scale(), margin, 1, self.pooling, self.pooling_temperature,
             chunk_size, reduction, normalized=False,
         )  # fmt: skip

@@ -40,6 +40,7 @@ class NormalizedLinear(Head):
     """
 
     needs_labels = False
+    has_scale = False
 
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, *, pooling: str = "max",
@@ -47,7 +48,7 @@ class NormalizedLinear(Head):
     ) -> None:  # fmt: skip
         super().__init__(
             in_features, out_features, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature,
-            has_scale=False, device=device, dtype=dtype,
+            device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 

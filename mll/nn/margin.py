@@ -17,16 +17,13 @@ import torch
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
-from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype
+from mll.functional._engine.checks import check_generator, check_lambda, check_margin_param, check_nonnegative
+from mll.functional.margin import at_target
+from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype, typical_margin
 
 __all__ = ["ArcFace", "CombinedMargin", "CosFace", "ElasticArcFace", "ElasticCosFace", "SphereFace"]
 
 MarginParam = Any  # float or Tensor
-
-
-def _typical(value: Any) -> float:
-    return float(value.detach().double().mean()) if isinstance(value, Tensor) else float(value)
 
 
 class CosFace(Head):
@@ -48,7 +45,7 @@ class CosFace(Head):
     ) -> None:  # fmt: skip
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.COS(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.COS.parameters[0], "CosFace", out_features, device, dtype)
@@ -85,7 +82,7 @@ class ArcFace(Head):
     ) -> None:  # fmt: skip
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.ARC(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.ARC(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.ARC.parameters[0], "ArcFace", out_features, device, dtype)
@@ -130,7 +127,7 @@ class CombinedMargin(Head):
                 spec.check(value, "combined")
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COMBINED(_typical(m1), _typical(m2), _typical(m3)), pooling=pooling,
+            default_margin=MF.COMBINED(typical_margin(m1), typical_margin(m2), typical_margin(m3)), pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         for name, value, spec in zip(("m1", "m2", "m3"), (m1, m2, m3), MF.COMBINED.parameters):
@@ -170,10 +167,10 @@ class SphereFace(Head):
         trainable_scale: bool = False, margin: MarginParam = 4.0, lambda_: float = 0.0, *, pooling: str = "max",
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        I.check_lambda(lambda_)
+        check_lambda(lambda_)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.SPHERE(_typical(margin), 0.0), pooling=pooling,
+            default_margin=MF.SPHERE(typical_margin(margin), 0.0), pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.SPHERE.parameters[0], "SphereFace", out_features, device, dtype)
@@ -198,7 +195,7 @@ class SphereFace(Head):
 
     @lambda_.setter
     def lambda_(self, value: float | Tensor) -> None:
-        I.check_lambda(value)
+        check_lambda(value)
         with torch.no_grad():
             self.annealing_lambda.fill_(value.detach().reshape(()) if isinstance(value, Tensor) else float(value))
 
@@ -221,12 +218,12 @@ class _Elastic(Head):
         margin = self.default_margin if margin is None else margin
         kind = type(self).__name__
         spec = self.family.parameters[0]
-        I.check_nonnegative(std, f"{kind} std")
-        I.check_generator(generator)
+        check_nonnegative(std, f"{kind} std")
+        check_generator(generator)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=self.family(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
-            device=device, dtype=dtype,
+            default_margin=self.family(typical_margin(margin)), pooling=pooling,
+            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, spec, kind, out_features, device, dtype)
         self.std, self.generator = float(std), generator
@@ -238,7 +235,7 @@ class _Elastic(Head):
         logits_shape = torch.Size((*input.shape[:-1], self.out_features))
         mean: MarginParam = self.margin
         if isinstance(mean, Tensor) and not labels.is_floating_point():
-            mean = I.at_target(mean, logits_shape, labels).unsqueeze(-1)  # each sample's class mean, (*, 1)
+            mean = at_target(mean, logits_shape, labels).unsqueeze(-1)  # each sample's class mean, (*, 1)
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         spec = self.family.parameters[0]
         return MF.elastic_margins(
@@ -263,7 +260,7 @@ class _Elastic(Head):
         """This step's margin family bound to ``margins`` given by the caller, checked."""
         spec = self.family.parameters[0]
         shape = (*input.shape[:-1], self.out_features)
-        I.check_margin_param(margins, spec.low, spec.high, type(self).__name__, shape, name="margins")
+        check_margin_param(margins, spec.low, spec.high, type(self).__name__, shape, name="margins")
         return self.family(margins)
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:

@@ -8,7 +8,18 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.checks import (
+    check_chunk_size,
+    check_decay,
+    check_features,
+    check_in_features,
+    check_num_classes,
+    check_reduction,
+    check_scale,
+    check_target,
+)
+from mll.functional._engine.distributed import all_reduce_sum
+from mll.functional.chunked import chunked_loss
 from mll.nn._head import agreed
 
 __all__ = ["DeepNCM"]
@@ -60,11 +71,11 @@ class DeepNCM(nn.Module):
         device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        I.check_in_features(in_features)
-        I.check_num_classes(out_features)
-        I.check_decay(alpha, "alpha")
+        check_in_features(in_features)
+        check_num_classes(out_features)
+        check_decay(alpha, "alpha")
         scale = MF.heuristic_scale(out_features) if scale is None else scale
-        I.check_scale(scale)
+        check_scale(scale)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.alpha = float(alpha)
         self.register_buffer("means", torch.zeros((self.weight_rows(), in_features), device=device, dtype=dtype))
@@ -109,7 +120,7 @@ class DeepNCM(nn.Module):
         else:
             labels = self._loss_checks(input, labels, reduction, chunk_size)
         means = self.means.clone() if self.training else self.means  # backward needs the means of the forward
-        loss = I.chunked_loss(
+        loss = chunked_loss(
             input, means.to(input.dtype), labels, self.scale, MF.NO_MARGIN(), 1, "max", 0.1, chunk_size, reduction
         )
         if self.training:
@@ -117,11 +128,11 @@ class DeepNCM(nn.Module):
         return loss
 
     def _loss_checks(self, input: Tensor, labels: Tensor, reduction: str, chunk_size: Optional[int]) -> Tensor:
-        I.check_features(input, self.means, 1, weight_name="means")
-        I.check_reduction(reduction)
-        I.check_chunk_size(chunk_size)
+        check_features(input, self.means, 1, weight_name="means")
+        check_reduction(reduction)
+        check_chunk_size(chunk_size)
         shape = torch.Size((*input.shape[:-1], self.out_features))
-        return self._check_labels(labels, shape) if self.training else I.check_target(labels, shape, name="labels")
+        return self._check_labels(labels, shape) if self.training else check_target(labels, shape, name="labels")
 
     def _check_labels(self, labels: Optional[Tensor], shape: torch.Size) -> Tensor:
         if labels is None:
@@ -129,13 +140,13 @@ class DeepNCM(nn.Module):
                 "DeepNCM needs labels in training mode to update its class means: call head(input, labels), "
                 "or call head.eval() for inference"
             )
-        return I.check_target(labels, shape, name="labels")
+        return check_target(labels, shape, name="labels")
 
     def _update(self, input: Tensor, labels: Tensor) -> None:
         with torch.no_grad():
             sums, counts = MF.ncm_batch_statistics(input.detach(), labels, self.out_features)
-            I.all_reduce_sum(sums, self.group)
-            I.all_reduce_sum(counts, self.group)
+            all_reduce_sum(sums, self.group)
+            all_reduce_sum(counts, self.group)
             self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
 
     def extra_repr(self) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional.npcface import check_npcface_options, hard_mean, hard_mean_chunked
 from mll.nn._head import Head, margin_repr, register_margin
 
 __all__ = ["NPCFace"]
@@ -42,7 +42,7 @@ class NPCFace(Head):
         a: float = 0.2, pooling: str = "max", pooling_temperature: float = 0.1, device: Any = None,
         dtype: Any = None,
     ) -> None:  # fmt: skip
-        I.check_npcface_options(m0, m1)
+        check_npcface_options(m0, m1)
         _, _, t_spec, a_spec = MF.NPC.parameters
         t_spec.check(t, "NPCFace")
         a_spec.check(a, "NPCFace")
@@ -57,10 +57,10 @@ class NPCFace(Head):
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         if cosine is not None:
-            mean = I.npcface_hard_mean(cosine, labels, self.margin)
+            mean = hard_mean(cosine, labels, self.margin)
         else:
             tau = self.pooling_temperature if self.pooling == "soft" and self.num_sub_centers > 1 else None
-            mean = I.npcface_hard_mean_chunked(input, self.weight, labels, self.margin, self.num_sub_centers, tau)
+            mean = hard_mean_chunked(input, self.weight, labels, self.margin, self.num_sub_centers, tau)
         return MF.NPC(self.margin, self.m0 + self.m1 * mean, self.t, self.a)
 
     def head_options(self) -> dict[str, Any]:

@@ -12,8 +12,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
-from mll.functional import proxy as _proxy
+from mll.functional.proxy import check_proxy_anchor_args, proxy_anchor_chunked
 from mll.nn._head import Head
 
 __all__ = ["ProxyAnchor", "ProxyNCAPlusPlus"]
@@ -60,6 +59,7 @@ class ProxyNCAPlusPlus(Head):
     """
 
     needs_labels = False
+    has_scale = False
 
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1,
@@ -70,7 +70,7 @@ class ProxyNCAPlusPlus(Head):
         self.softmax_temperature = float(softmax_temperature)
         super().__init__(
             in_features, out_features, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature,
-            has_scale=False, device=device, dtype=dtype,
+            device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -126,17 +126,19 @@ class ProxyAnchor(Head):
     """
 
     needs_labels = False
+    has_scale = False
     soft_targets = False
+    plain_eval_loss = False
 
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, alpha: float = MF.PROXY_ANCHOR_ALPHA,
         delta: float = MF.PROXY_ANCHOR_DELTA, *, pooling: str = "max", pooling_temperature: float = 0.1,
         device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        self.alpha, self.delta = _proxy.check_proxy_anchor_args(alpha, delta)
+        self.alpha, self.delta = check_proxy_anchor_args(alpha, delta)
         super().__init__(
             in_features, out_features, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature,
-            has_scale=False, device=device, dtype=dtype,
+            device=device, dtype=dtype,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -151,25 +153,17 @@ class ProxyAnchor(Head):
         ``"mean"``."""
         return self.chunked_loss(input, labels, reduction, chunk_size)
 
-    def _loss_checks(self, input: Tensor, labels: Tensor, reduction: str, chunk_size: Optional[int]) -> Tensor:
+    def check_loss_reduction(self, reduction: str) -> None:
         if reduction != "mean":
             raise ValueError(
                 f"{type(self).__name__}'s loss is one number for the batch (averages over the proxies, not over the "
                 f"samples): reduction must be 'mean', but got {reduction!r}"
             )
-        I.check_features(input, self.weight, self.num_sub_centers)
-        I.check_chunk_size(chunk_size)
-        if labels is None:
-            raise ValueError(f"{type(self).__name__}.loss needs labels: class indices of shape (*)")
-        shape = (*input.shape[:-1], self.out_features)
-        checked = self.check_labels(labels, shape)
-        assert checked is not None
-        return checked
 
     def loss_terms(
         self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
     ) -> Tensor:
-        return _proxy.proxy_anchor_chunked(
+        return proxy_anchor_chunked(
             input, self.weight, labels, self.alpha, self.delta, self.num_sub_centers, self.pooling,
             self.pooling_temperature, chunk_size,
         )  # fmt: skip

@@ -37,7 +37,18 @@ import torch
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.block import (
+    all_reduce_log_sum_exp,
+    block_soft_targets,
+    gather_block_batch,
+    own_share_sum,
+    pair_class_sums,
+)
+from mll.functional._engine.chunks import target_cosines
+from mll.functional._engine.distributed import all_reduce_sum, rank_and_world
+from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
+from mll.functional.npcface import npcface_sharded_statistics
+from mll.functional.scale import adacos_statistics_chunked
 from mll.nn._regularized import reduce_rows, shared_class_term, sum_grad_over_ranks
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
@@ -68,50 +79,34 @@ __all__ = [
 class ShardedNormalizedLinear(Sharded, NormalizedLinear):
     """Class-sharded :class:`mll.nn.NormalizedLinear` (see the module notes)."""
 
-    dense = NormalizedLinear
-
 
 class ShardedScaledNormalizedLinear(Sharded, ScaledNormalizedLinear):
     """Class-sharded :class:`mll.nn.ScaledNormalizedLinear` (see the module notes)."""
-
-    dense = ScaledNormalizedLinear
 
 
 class ShardedScaledNormalizedLinearSqrt(Sharded, ScaledNormalizedLinearSqrt):
     """Class-sharded :class:`mll.nn.ScaledNormalizedLinearSqrt` (see the module notes)."""
 
-    dense = ScaledNormalizedLinearSqrt
-
 
 class ShardedFixedAdaCos(Sharded, FixedAdaCos):
     """Class-sharded :class:`mll.nn.FixedAdaCos` (see the module notes)."""
-
-    dense = FixedAdaCos
 
 
 class ShardedCosFace(Sharded, CosFace):
     """Class-sharded :class:`mll.nn.CosFace` (see the module notes); per-class margins are kept whole on every
     rank and cut to the block at each step."""
 
-    dense = CosFace
-
 
 class ShardedArcFace(Sharded, ArcFace):
     """Class-sharded :class:`mll.nn.ArcFace`, InsightFace's Partial FC (see the module notes)."""
-
-    dense = ArcFace
 
 
 class ShardedCombinedMargin(Sharded, CombinedMargin):
     """Class-sharded :class:`mll.nn.CombinedMargin` (see the module notes)."""
 
-    dense = CombinedMargin
-
 
 class ShardedSphereFace(Sharded, SphereFace):
     """Class-sharded :class:`mll.nn.SphereFace` (see the module notes); anneal ``lambda_`` on every rank alike."""
-
-    dense = SphereFace
 
 
 def _elastic_step_margin(head: Any, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
@@ -130,14 +125,12 @@ class ShardedElasticArcFace(Sharded, ElasticArcFace):  # type: ignore[misc]  # f
     dense head's, which would repeat the same draws on every rank if all were seeded alike); per-class means take
     class indices (a per-sample, per-class draw is not sharded)."""
 
-    dense = ElasticArcFace
     step_margin = _elastic_step_margin
 
 
 class ShardedElasticCosFace(Sharded, ElasticCosFace):  # type: ignore[misc]
     """Class-sharded :class:`mll.nn.ElasticCosFace` (see :class:`ShardedElasticArcFace`)."""
 
-    dense = ElasticCosFace
     step_margin = _elastic_step_margin
 
 
@@ -145,28 +138,24 @@ class ShardedAdaFace(Sharded, AdaFace):
     """Class-sharded :class:`mll.nn.AdaFace` (see the module notes): the norm statistics are gathered over the
     group, so every rank holds the single-process values of the global batch."""
 
-    dense = AdaFace
-
 
 class ShardedMagFace(Sharded, MagFace):
     """Class-sharded :class:`mll.nn.MagFace` (see the module notes): ``loss()`` adds ``lambda_g`` times the mean of
     the magnitude regulariser over the global batch (each rank's samples get their own share of its gradient)."""
-
-    dense = MagFace
 
     def loss_terms(
         self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
     ) -> Tensor:
         ce = Sharded.loss_terms(self, input, labels, margin, reduction, chunk_size)
         a = input.norm(dim=-1)
-        world = I.rank_and_world(self.group)[1]
+        world = rank_and_world(self.group)[1]
         grad_scale = float(world) if self.feature_grad_scale is None else self.feature_grad_scale
         if a.requires_grad and grad_scale != 1.0:  # the features' gradient contract, as the cross-entropy's
             a.register_hook(lambda grad: grad * grad_scale)
         g = MF.magface_regularizer(a, lower=self.lower, upper=self.upper).to(ce.dtype)
         if reduction == "none":
             return ce + self.lambda_g * g
-        total, count = I.own_share_sum(g, self.group)
+        total, count = own_share_sum(g, self.group)
         return ce + self.lambda_g * (total if reduction == "sum" else total / count.to(total.dtype))
 
 
@@ -178,8 +167,6 @@ class ShardedAdaMSoftmax(Sharded, AdaMSoftmax):
     loss differentiates its block's margins in the cross-entropy and its own samples' share of the regulariser, and
     backward sums the margins' gradient over the ranks, so that every rank holds the full, exact gradient (and,
     after the same optimizer step, the same margins)."""
-
-    dense = AdaMSoftmax
 
     def step_margin(self, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
         self.project_margins()
@@ -200,8 +187,6 @@ class ShardedSoftTriple(Sharded, SoftTriple):
     so each rank computes its block's part from its own rows and the ranks add the parts (one all-reduce); backward
     gives each block's rows the gradient of the global objective (every rank's rows carry the term)."""
 
-    dense = SoftTriple
-
     def loss_terms(
         self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
     ) -> Tensor:
@@ -215,8 +200,6 @@ class ShardedLargeMarginSoftmax(Sharded, LargeMarginSoftmax):
     """Class-sharded :class:`mll.nn.LargeMarginSoftmax` (see the module notes): the sharded loss on the features and
     the block's weights as they are (``normalized=False``); the feature norms travel with the features (their
     gradient comes home), the block's weight norms stay on the rank. ``head(x)`` gives the block's ``scale·x·Wᵀ``."""
-
-    dense = LargeMarginSoftmax
 
     def loss_terms(
         self, input: Tensor, labels: Any, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
@@ -235,17 +218,15 @@ class ShardedCurricularFace(Sharded, CurricularFace):
     the global batch's samples whose class is in its block, the ranks add them, and ``t`` is updated from the
     global mean on every rank alike."""
 
-    dense = CurricularFace
-
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         with torch.no_grad():
-            x, classes, _ = I.gather_block_batch(input, labels, self.out_features, self.class_start, _width(self),
+            x, classes, _ = gather_block_batch(input, labels, self.out_features, self.class_start, _width(self),
                                                  self.group)  # fmt: skip
             local = classes[:, :1]
-            cos = I.target_cosines(MF.normalize(x), self.weight, local.clamp(min=0), self.num_sub_centers, _tau(self))
-            total, count = I.finite_sum_and_count(torch.where(local >= 0, cos, torch.nan))
-            stats = I.all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
-            self.t.copy_(I.curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
+            cos = target_cosines(MF.normalize(x), self.weight, local.clamp(min=0), self.num_sub_centers, _tau(self))
+            total, count = finite_sum_and_count(torch.where(local >= 0, cos, torch.nan))
+            stats = all_reduce_sum(torch.stack([total, count.to(total.dtype)]), self.group)
+            self.t.copy_(curricular_update_from_statistics(self.t, stats[0], stats[1], self.decay))
         return MF.CURRICULAR(self.margin, self.t.clone())  # this step's t: the next call updates the buffer
 
 
@@ -253,17 +234,13 @@ class ShardedMVSoftmax(Sharded, MVSoftmax):
     """Class-sharded :class:`mll.nn.MVSoftmax` (see the module notes): each row's target cosine comes from the rank
     that owns its class, so every rank raises the same mis-classified logits."""
 
-    dense = MVSoftmax
-
 
 class ShardedNPCFace(Sharded, NPCFace):
     """Class-sharded :class:`mll.nn.NPCFace` (see the module notes): each rank adds its block's hard negatives of
     the global batch's rows, the ranks sum them, and every row's positive margin is the single-process one."""
 
-    dense = NPCFace
-
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
-        mean = I.npcface_sharded_statistics(
+        mean = npcface_sharded_statistics(
             input, labels, self.weight, self.margin, num_classes=self.out_features, class_start=self.class_start,
             num_sub_centers=self.num_sub_centers, tau=_tau(self), group=self.group,
         )  # fmt: skip
@@ -274,14 +251,10 @@ class ShardedArcNegFace(Sharded, ArcNegFace):
     """Class-sharded :class:`mll.nn.ArcNegFace` (see the module notes): each row's target cosine comes from the rank
     that owns its class, so every rank re-weights its block's negatives as the dense head does."""
 
-    dense = ArcNegFace
-
 
 class ShardedCircleLoss(Sharded, CircleLoss):
     """Class-sharded :class:`mll.nn.CircleLoss` (see the module notes): its logits are elementwise, so each block
     shapes its own; the softmax over the blocks is the sharded loss's."""
-
-    dense = CircleLoss
 
 
 class ShardedAdaCos(Sharded, AdaCos):
@@ -290,20 +263,18 @@ class ShardedAdaCos(Sharded, AdaCos):
     updated from the global statistics on every rank alike (labels are required: the label-free form needs the
     predicted class over all blocks)."""
 
-    dense = AdaCos
-
     def step_margin(self, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
         with torch.no_grad():
             width = _width(self)
-            x, classes, weights = I.gather_block_batch(input, labels, self.out_features, self.class_start, width,
+            x, classes, weights = gather_block_batch(input, labels, self.out_features, self.class_start, width,
                                                        self.group)  # fmt: skip
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            target = I.block_soft_targets(classes, weights, width, dtype) if soft_target(labels) else classes[:, 0]
-            log_b, theta = I.adacos_statistics_chunked(
+            target = block_soft_targets(classes, weights, width, dtype) if soft_target(labels) else classes[:, 0]
+            log_b, theta = adacos_statistics_chunked(
                 x, self.weight, target, self.scale, num_sub_centers=self.num_sub_centers, tau=_tau(self)
             )
-            log_b = I.all_reduce_log_sum_exp(log_b, self.group)
-            theta = I.all_reduce_sum(theta, self.group)
+            log_b = all_reduce_log_sum_exp(log_b, self.group)
+            theta = all_reduce_sum(theta, self.group)
             if log_b.numel() > 0:  # an empty global batch keeps the scale
                 new = MF.adacos_reduce(log_b, theta, min_scale=self.min_scale)
                 self.scale.copy_(torch.where(torch.isnan(new), self.scale, new.to(self.scale.dtype)))
@@ -323,7 +294,6 @@ class ShardedDeepNCM(Sharded, DeepNCM):
     updates them from the global batch's samples of its classes after the loss, as the dense head does. No
     sub-centers, margin or trainable scale (as :class:`mll.nn.DeepNCM`)."""
 
-    dense = DeepNCM
     soft_targets = True
 
     def rows(self) -> Tensor:
@@ -357,9 +327,9 @@ class ShardedDeepNCM(Sharded, DeepNCM):
         if self.training:
             with torch.no_grad():
                 width = _width(self)
-                x, classes, weights = I.gather_block_batch(input, labels, self.out_features, self.class_start, width,
+                x, classes, weights = gather_block_batch(input, labels, self.out_features, self.class_start, width,
                                                            self.group)  # fmt: skip
-                sums, counts = I.pair_class_sums(x, classes, weights, width)
+                sums, counts = pair_class_sums(x, classes, weights, width)
                 self.means.copy_(MF.ncm_update_from_statistics(self.means, sums, counts, self.alpha))
         return loss
 
@@ -368,16 +338,12 @@ class ShardedProxyNCAPlusPlus(Sharded, ProxyNCAPlusPlus):
     """Class-sharded :class:`mll.nn.ProxyNCAPlusPlus` (see the module notes): its loss is a softmax cross-entropy
     over the proxies, which the sharded cross-entropy computes exactly."""
 
-    dense = ProxyNCAPlusPlus
-
 
 class ShardedProxyAnchor(Sharded, ProxyAnchor):
     """Class-sharded :class:`mll.nn.ProxyAnchor` (see the module notes): each rank gathers the global batch,
     computes its block's positive and negative log-sums and its count of classes with a positive, and the ranks add
     the three numbers (:func:`mll.functional.sharded_proxy_anchor_loss`). No class sampling: ``sample_rate`` must
     be 1 (the negative term averages over every proxy)."""
-
-    dense = ProxyAnchor
 
     def __init__(self, *args: Any, sample_rate: float = 1.0, **kwargs: Any) -> None:
         if sample_rate != 1.0:

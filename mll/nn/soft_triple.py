@@ -7,10 +7,8 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional import _internal as I
-from mll.nn._head import Head, margin_repr, register_margin
-from mll.nn._regularized import per_sample_term
-from mll.nn.margin import _typical
+from mll.functional._engine.checks import check_nonnegative
+from mll.nn._head import Head, margin_repr, register_margin, typical_margin
 
 __all__ = ["SoftTriple"]
 
@@ -42,6 +40,8 @@ class SoftTriple(Head):
         pooling_temperature (float): γ (0.1).
     """
 
+    regularized = True
+
     margin: Any
 
     def __init__(
@@ -49,12 +49,12 @@ class SoftTriple(Head):
         trainable_scale: bool = False, margin: Any = 0.01, *, tau: float = 0.2, pooling: str = "soft",
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        self_tau = I.check_nonnegative(tau, "SoftTriple tau")
+        self_tau = check_nonnegative(tau, "SoftTriple tau")
         if not isinstance(margin, Tensor):  # named as SoftTriple's before the default scale reads it
             MF.COS.parameters[0].check(margin, "SoftTriple")
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(_typical(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.COS(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.COS.parameters[0], "SoftTriple", out_features, device, dtype)
@@ -80,20 +80,6 @@ class SoftTriple(Head):
         """How many distinct centres each class keeps (``(C,)``, int64): see
         :func:`mll.functional.soft_triple_distinct_centers`."""
         return MF.soft_triple_distinct_centers(self.weight, self.num_sub_centers, max_distance=max_distance)[1]
-
-    def loss(
-        self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
-    ) -> Tensor:
-        """Cross-entropy of ``self(input, labels)`` over class chunks (without the N×C logits) plus
-        :meth:`regularizer`, in training and eval mode. The regulariser is part of every sample's loss: ``"none"``
-        gives ``ce_i + reg``, ``"mean"`` ``mean(ce) + reg``, ``"sum"`` ``sum(ce) + N·reg``."""
-        return self.chunked_loss(input, labels, reduction, chunk_size)
-
-    def loss_terms(
-        self, input: Tensor, labels: Tensor, margin: MF.Margin, reduction: str, chunk_size: Optional[int]
-    ) -> Tensor:
-        ce = super().loss_terms(input, labels, margin, reduction, chunk_size)
-        return ce + per_sample_term(self.regularizer().to(ce.dtype), input, reduction)
 
     def head_options(self) -> dict[str, Any]:
         return {"margin": self.margin, "tau": self.tau}

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional import _internal as I
+from mll.functional._engine.checks import INDEX_DTYPES, is_int, values_checkable
+from mll.functional.sub_centers import check_dominant, check_max_angle
 
 __all__ = ["SubCenterCleanup", "clean_sub_centers", "keep_dominant_sub_centers"]
 
@@ -19,7 +20,7 @@ def _sub_center_head(head: object) -> tuple[int, int, Tensor]:
     """``(K, C, weight)`` of a head with sub-centers, whose ``weight`` holds all ``C*K`` rows."""
     k, num_classes = getattr(head, "num_sub_centers", None), getattr(head, "out_features", None)
     weight = getattr(head, "weight", None)
-    if not (isinstance(head, nn.Module) and I._is_int(k) and I._is_int(num_classes) and isinstance(weight, Tensor)):
+    if not (isinstance(head, nn.Module) and is_int(k) and is_int(num_classes) and isinstance(weight, Tensor)):
         raise TypeError(
             "head must be a head of this library with num_sub_centers, out_features and a weight of shape "
             f"(out_features * num_sub_centers, d), but got {type(head).__name__}"
@@ -58,7 +59,7 @@ def keep_dominant_sub_centers(head: nn.Module, dominant: Tensor) -> nn.Module:
         nn.Module: the copy, with ``num_sub_centers = 1`` and ``weight`` of shape ``(C, d)``; ``head`` is untouched.
     """
     k, num_classes, old = _sub_center_head(head)
-    dominant = I._check_dominant(dominant, num_classes, k)
+    dominant = check_dominant(dominant, num_classes, k)
     clean = copy.deepcopy(head)
     rows = torch.arange(num_classes, device=dominant.device) * k + dominant
     with torch.no_grad():
@@ -87,13 +88,13 @@ def _check_features_and_labels(features: object, labels: object, weight: Tensor,
     n = features.shape[0]
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a tensor of class indices of shape ({n},), but got {type(labels).__name__}")
-    if labels.dtype not in I._INDEX_DTYPES:
+    if labels.dtype not in INDEX_DTYPES:
         raise TypeError(f"labels must be class indices of an integer dtype, but got {labels.dtype}")
     if tuple(labels.shape) != (n,):
         raise ValueError(f"labels must have shape ({n},), one per row of features, but got {tuple(labels.shape)}")
     if labels.device != features.device:
         raise ValueError(f"labels must be on the device of features ({features.device}), but are on {labels.device}")
-    if I.values_checkable() and n > 0:
+    if values_checkable() and n > 0:
         lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must be class indices in [0, {num_classes}), but got values from {lo} to {hi}")
@@ -130,8 +131,8 @@ def clean_sub_centers(
     k, num_classes, weight = _sub_center_head(head)
     weight = weight.detach()
     _check_features_and_labels(features, labels, weight, num_classes)
-    max_angle = I._check_max_angle(max_angle)
-    if not I._is_int(batch_size) or batch_size < 1:
+    max_angle = check_max_angle(max_angle)
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, but got {batch_size!r}")
     batch_size = int(batch_size)
     counts = torch.zeros(num_classes, k, dtype=torch.int64, device=weight.device)

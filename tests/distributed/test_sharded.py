@@ -21,7 +21,7 @@ from torch import nn
 
 import mll
 from mll import functional as MF
-from tests.distributed import sharded_heads, zoo_c
+from tests.distributed import sharded_heads, sharded_proxy_anchor
 from tests.nn import test_common
 
 D = 5
@@ -390,7 +390,7 @@ def _worker(rank: int, world: int, path: str) -> None:
             "heads": sharded_heads.run_heads(rank, world),
             "head_faults": sharded_heads.run_faults(rank, world),
             "common_faults": test_common.run_faulty(rank, world),
-            "zoo_c": zoo_c.run(rank, world),
+            "sharded_proxy_anchor": sharded_proxy_anchor.run(rank, world),
         }
         if world == test_common.WORLD:
             results["common_statistics"] = test_common.run_statistics(rank, world)

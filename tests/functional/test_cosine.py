@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mll import functional as MF
-from tests import reference as ref
+from tests import reference_papers as ref
 from tests.conftest import ALL_DTYPES
 
 

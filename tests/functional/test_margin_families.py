@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mll import functional as MF
 from mll.functional.feature_norm import _ada_value_and_slope
 from mll.functional.margins import _arc_value_and_slope, _combined_value_and_slope
-from tests import reference as ref
+from tests import reference_papers as ref
 from tests.conftest import ALL_DTYPES
 from tests.functional.test_margins import batches
 
@@ -364,6 +364,7 @@ def test_gradcheck(kind, soft, monkeypatch) -> None:
     assert torch.autograd.gradcheck(lambda c, s: fn(c, target, params, s), (cos, scale))
 
 
+@pytest.mark.slow
 def test_vmap_and_compile_equal_eager() -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 4, generator=g, dtype=torch.float64)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mll import functional as MF
 from mll.functional.margins import _arc_value, _arc_value_and_slope
-from tests import reference as ref
+from tests import reference_papers as ref
 from tests.conftest import ALL_DTYPES
 
 ARC_MARGINS = st.floats(0.0, 1.5)

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mll import functional as MF
-from tests import reference as ref
+from tests import reference_papers as ref
 
 
 @st.composite

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mll import functional as MF
-from tests import reference as ref
+from tests import reference_papers as ref
 
 
 def target_probability(scale: float, num_classes: int, target_logit: float) -> float:
@@ -151,3 +151,10 @@ def test_adacos_bad_input() -> None:
         MF.adacos_scale(torch.rand(2, 3), scale=-2.0)
     with pytest.raises(TypeError, match="cosine must have a floating-point dtype"):
         MF.adacos_scale(torch.ones(2, 3, dtype=torch.long), scale=2.0)
+
+
+def test_the_default_scale_solves_for_the_target_margin() -> None:
+    assert MF.heuristic_scale(1000, MF.MV_COS(0.35, 0.2)) == pytest.approx(MF.heuristic_scale(1000, MF.COS(0.35)))
+    assert MF.heuristic_scale(1000, MF.MV_ARC(0.5, 0.2)) == pytest.approx(MF.heuristic_scale(1000, MF.ARC(0.5)))
+    assert math.isfinite(MF.heuristic_scale(10, MF.MV_ARC_FIXED(0.5, 1.0)))
+    assert MF.heuristic_scale(1000, MF.NPC(0.5, 0.4, 1.1, 0.2)) == pytest.approx(MF.heuristic_scale(1000, MF.ARC(0.4)))

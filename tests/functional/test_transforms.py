@@ -1,5 +1,7 @@
 """The functional core under torch.func transforms and torch.compile."""
 
+from typing import Any, Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,6 +121,7 @@ _CLAIMED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _CLAIMED)
 def test_the_documented_functions_run_under_vmap_and_compile(name) -> None:
     g = torch.Generator().manual_seed(9)
@@ -132,3 +135,30 @@ def test_the_documented_functions_run_under_vmap_and_compile(name) -> None:
     torch.testing.assert_close(torch.func.vmap(fn)(cos, y, soft, x, norms), looped, rtol=1e-12, atol=1e-12)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(cos[0], y[0], soft[0], x[0], norms[0]), looped[0], rtol=1e-12, atol=1e-12)
+
+
+_TRANSFORMED: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
+    "mv-am-a": lambda c, y: MF.mv_margin(c, y, 0.35, t=0.2, scale=3.0),
+    "mv-arc-f": lambda c, y: MF.mv_margin(c, y, 0.5, t=0.2, margin_type="arc", adaptive=False, scale=3.0),
+    "npcface": lambda c, y: MF.npcface_margin(c, y, 0.5, scale=3.0),
+    "arcneg": lambda c, y: MF.arcneg_margin(c, y, 0.5, scale=3.0),
+    "circle": lambda c, y: MF.circle_margin(c, y, 0.25, scale=64.0),
+    "circle-exact": lambda c, y: MF.circle_margin(c, y, 0.25, detach_weights=False, scale=64.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _TRANSFORMED)
+def test_vmap_and_compile_equal_eager(name) -> None:
+    g = torch.Generator().manual_seed(9)
+    cos = torch.rand(2, 5, 6, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, 6, (2, 5), generator=g)
+    fn = _TRANSFORMED[name]
+    looped = torch.stack([fn(cos[i], y[i]) for i in range(2)])
+    torch.testing.assert_close(torch.func.vmap(fn)(cos, y), looped, rtol=1e-12, atol=1e-12)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(cos[0], y[0]), looped[0], rtol=1e-12, atol=1e-12)
+    grad = torch.func.grad(lambda c: F.cross_entropy(fn(c, y[0]), y[0]))(cos[0])
+    c = cos[0].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(F.cross_entropy(fn(c, y[0]), y[0]), c)
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import mll
 from tests.conftest import exported_heads
 
+pytestmark = pytest.mark.slow  # every test compiles (the quick tier leaves them out)
+
 HEADS = exported_heads(sharded=False)
 D, C = 16, 40
 

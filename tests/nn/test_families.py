@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mll
 from mll import functional as MF
-from tests import reference as ref
+from tests import reference_papers as ref
 
 D, C = 6, 5
 
@@ -280,6 +280,7 @@ def test_margin_tensors_move_to_the_cosines_device_and_dtype() -> None:
     torch.testing.assert_close(MF.arc_margin(cos, y, margins), MF.arc_margin(cos, y, margins.double()))
 
 
+@pytest.mark.slow
 def test_sphereface_lambda_is_a_saved_buffer_that_compiles_once() -> None:
     head = mll.SphereFace(D, C, lambda_=1000.0)
     head.lambda_ = 5.0
@@ -296,6 +297,7 @@ def test_sphereface_lambda_is_a_saved_buffer_that_compiles_once() -> None:
         torch.testing.assert_close(compiled(x, y), head(x, y))
 
 
+@pytest.mark.slow
 def test_elastic_margins_can_be_drawn_outside_a_compiled_step() -> None:
     head = mll.ElasticArcFace(D, C, generator=torch.Generator().manual_seed(0))
     x, y = torch.randn(4, D), torch.randint(0, C, (4,))

@@ -1,11 +1,13 @@
-"""What the sharded heads need to keep their running statistics exact: the global batch as one block sees it.
+"""The global batch as one rank's block of classes sees it: its statistics, and its losses back on their ranks.
 
 A sharded head's statistic (AdaCos's scale, CurricularFace's ``t``, DeepNCM's class means) is a function of the
 global batch — every rank's samples — and of all C classes, while a rank holds only its block. Each rank gathers
 the batch once (:func:`gather_block_batch`), computes its block's share and the ranks add the shares
 (:func:`all_reduce_log_sum_exp` for a log-sum-exp over the classes, a plain sum otherwise), so that every rank
-ends with the number a single process computes on the global batch with the full weights. No autograd here: the
-statistics are running state, updated under ``no_grad``.
+ends with the number a single process computes on the global batch with the full weights. No autograd there: the
+statistics are running state, updated under ``no_grad``. The sharded loss's per-row losses, the same global rows on
+every rank, go back to what each rank returns — its own rows, or their sum or mean — through :class:`RankRows`,
+whose backward gathers every rank's upstream gradient.
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mll.functional._agreement import dense_to_pair, pad_pairs
-from mll.functional._checks import is_soft
-from mll.functional._distributed import all_gather_ints, all_gather_rows, all_reduce, rank_and_world
+from mll.functional._engine.agreement import check_backward_agreement
+from mll.functional._engine.checks import is_soft
+from mll.functional._engine.distributed import all_gather_ints, all_gather_rows, all_reduce, rank_and_world
+from mll.functional._engine.targets import dense_to_pair, pad_pairs
 
-__all__ = ["all_reduce_log_sum_exp", "block_soft_targets", "gather_block_batch", "own_share_sum", "pair_class_sums"]
+__all__ = [
+    "RankRows",
+    "all_reduce_log_sum_exp",
+    "block_soft_targets",
+    "gather_block_batch",
+    "own_share_sum",
+    "pair_class_sums",
+]
 
 
 def gather_block_batch(
@@ -102,3 +112,29 @@ def own_share_sum(values: Tensor, group: Any) -> tuple[Tensor, Tensor]:
     totals = all_reduce(totals, "sum", group, world)
     # the global sum's value, to the bit on every rank, with the gradient of this rank's sum
     return totals[0].to(local.dtype) + (local - local.detach()), totals[1]
+
+
+class RankRows(torch.autograd.Function):
+    """The global per-row losses to what this rank returns: its own rows (``"none"``), or the sum/mean over the
+    global batch (identical on every rank). Backward gathers every rank's upstream gradient, so each block gets the
+    gradient of the sum over ranks of what each rank backpropagates — with the same ``loss.backward()`` on every
+    rank, the gradient of the loss itself."""
+
+    @staticmethod
+    def forward(ctx: Any, losses: Tensor, sizes: list[int], rank: int, group: Any, reduction: str) -> Tensor:
+        ctx.sizes, ctx.rank, ctx.group, ctx.reduction = sizes, rank, group, reduction
+        if reduction == "none":
+            offset = sum(sizes[:rank])
+            return losses[offset : offset + sizes[rank]].clone()
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        sizes, world = ctx.sizes, len(ctx.sizes)
+        check_backward_agreement(grad.device, ctx.group, world)  # no rank left waiting on a double backward
+        total = sum(sizes)
+        if ctx.reduction == "none":
+            return all_gather_rows(grad.reshape(-1), sizes, ctx.group), None, None, None, None
+        per_rank = all_gather_rows(grad.reshape(1), [1] * world, ctx.group)
+        g = per_rank.repeat_interleave(torch.tensor(sizes, device=grad.device), output_size=total)
+        return (g / total if ctx.reduction == "mean" else g), None, None, None, None

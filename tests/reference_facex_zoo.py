@@ -1,4 +1,4 @@
-"""Independent references for the zoo heads of helper "a" (MV-Softmax, NPCFace, ArcNegFace, Circle).
+"""Independent references for the heads FaceX-Zoo also implements (MV-Softmax, NPCFace, ArcNegFace, Circle loss).
 
 Two kinds, sharing no code with ``mll``:
 

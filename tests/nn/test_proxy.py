@@ -6,7 +6,6 @@ sharded ones in ``tests/distributed/sharded_heads.py``."""
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable
 
 import pytest
@@ -168,6 +167,7 @@ def test_autocast_keeps_dtypes_and_is_within_bf16_of_float32(name) -> None:
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0.1, atol=0.05 * float(xs[0].grad.abs().max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HEADS)
 def test_compile_and_func_grad(name) -> None:
     """The forward compiles with ``fullgraph=True``; ``loss()`` compiles and runs under ``torch.func.grad``."""
@@ -265,42 +265,3 @@ def test_proxy_anchor_training_step_reads_nothing_from_the_device() -> None:
         MF.proxy_anchor_loss(head.cosine(x), y).backward()
         head.loss(x, y).backward()
     assert sum(reads.count.values()) == 0
-
-
-# ---------------------------------------------------------------------------------------------- the demo
-
-
-def test_the_demo_trains_the_proxy_heads(tmp_path) -> None:
-    pytest.importorskip("sklearn")
-    from mll import demo
-
-    heads = ["ProxyNCAPlusPlus", "ProxyAnchor"]
-    runs = demo.main(["--epochs", "3", "--seeds", "1", "--heads", *heads, "--out", str(tmp_path), "--quiet",
-                      "--no-plots"])  # fmt: skip
-    assert [r.name for r in runs] == heads
-    for run in runs:
-        assert all(0.0 <= v <= 1.0 for v in (run.accuracy, run.recall_at_1, run.map_at_r)), run
-        assert all(math.isfinite(v) for v in run.losses), run
-
-
-def test_the_demos_all_is_the_default_set_and_the_zoo(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("sklearn")
-    from mll import demo
-
-    monkeypatch.setattr(demo, "train_one", lambda name, *args, **kwargs: demo.Run(name))
-    runs = demo.main(["--heads", "all", "--seeds", "1", "--out", str(tmp_path), "--quiet", "--no-plots"])
-    assert [r.name for r in runs] == [*demo.HEADS, *demo.ZOO_HEADS]
-    assert {"ProxyNCAPlusPlus", "ProxyAnchor"} <= set(demo.ZOO_HEADS)
-
-
-def test_the_zoo_benchmark_cases_run_a_step() -> None:
-    from benchmarks.cases import SUITES, Config, make_data
-
-    cfg = Config(batch=16, features=8, classes=50)
-    data = make_data(cfg)
-    cases = [case for case in SUITES["zoo"] if "Proxy" in case.head]
-    assert {case.impl for case in cases} >= {"mll", "mll dense", "mll loss() (chunked)"}
-    for case in cases:
-        if case.available():
-            case.factory(cfg, data)()
-            assert data.x.grad is not None and torch.isfinite(data.x.grad).all(), case

@@ -1,6 +1,6 @@
-"""The functional side of the zoo heads of part b: the ADAPTIVE and LARGE_MARGIN families and the SoftTriple
-regulariser — slopes against autograd, the identity without a margin, the chunked functional loss against the dense
-logits, ``torch.func`` and ``torch.compile``. The heads' tests are in ``tests/nn/test_zoo_b.py``."""
+"""The LARGE_MARGIN family (L-Softmax, Liu et al., ICML 2016; ``mll.functional.large_margin_logits``): its value and
+derivatives against autograd, the identity without a margin, the chunked loss against the dense logits, ``torch.func``
+and ``torch.compile``. The head's tests are in ``tests/nn/test_large_margin.py``."""
 
 from __future__ import annotations
 
@@ -87,45 +87,3 @@ def test_large_margin_logits_under_vmap_grad_and_compile() -> None:
     xr = x[0].clone().requires_grad_(True)
     (want,) = torch.autograd.grad(F.cross_entropy(f(xr, y[0]), y[0]), xr)
     torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
-
-
-def test_adaptive_margin_is_cosface_with_per_class_margins_and_their_gradient() -> None:
-    cos = torch.rand(6, C, dtype=torch.float64) * 2 - 1
-    y = torch.randint(0, C, (6,))
-    m = torch.linspace(0.0, 1.0, C, dtype=torch.float64).requires_grad_(True)
-    logits = MF.adaptive_margin(cos, y, m, scale=3.0)
-    onehot = F.one_hot(y, C).double()
-    torch.testing.assert_close(logits, 3.0 * (cos - m * onehot), rtol=0, atol=0)
-    (g,) = torch.autograd.grad(logits.sum(), m)
-    torch.testing.assert_close(g, -3.0 * onehot.sum(0))
-    with pytest.raises(ValueError, match=r"AdaM-Softmax margin must be in \[0, 1\]"):
-        MF.adaptive_margin(cos, y, torch.full((C,), 1.5, dtype=torch.float64))
-    torch.testing.assert_close(MF.adaptive_margin_regularizer(m, lambda_=10.0), -10.0 * m.mean())
-
-
-def test_adaptive_margin_under_vmap_and_compile() -> None:
-    cos = torch.rand(2, 4, C, dtype=torch.float64) * 2 - 1
-    y = torch.randint(0, C, (2, 4))
-    m = torch.linspace(0.1, 0.5, C, dtype=torch.float64)
-
-    def f(c, t):
-        return MF.adaptive_margin(c, t, m, scale=2.0)
-
-    looped = torch.stack([f(cos[i], y[i]) for i in range(2)])
-    torch.testing.assert_close(torch.func.vmap(f)(cos, y), looped)
-    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(cos[0], y[0]), looped[0])
-
-
-def test_soft_triple_regularizer_under_func_grad() -> None:
-    w = torch.randn(4 * 3, D, dtype=torch.float64)
-    g = torch.func.grad(lambda v: MF.soft_triple_regularizer(v, 3).sum())(w)
-    wr = w.clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(MF.soft_triple_regularizer(wr, 3).sum(), wr)
-    torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
-
-
-def test_soft_triple_regularizer_refuses_a_double_backward() -> None:
-    w = torch.randn(4 * 3, D, dtype=torch.float64, requires_grad=True)
-    r = MF.soft_triple_regularizer(w, 3).sum()
-    with pytest.raises(RuntimeError, match="first derivatives only"):
-        torch.autograd.grad(r, w, create_graph=True)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 _VALUE_CHECKS = [True]
@@ -99,28 +99,28 @@ def check_features(input: Tensor, weight: Tensor, num_sub_centers: int, *, weigh
         )
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     """Python and NumPy integers, not bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
     """Python and NumPy reals, not bools or tensors."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_num_sub_centers(num_sub_centers: object) -> None:
-    if not _is_int(num_sub_centers) or num_sub_centers < 1:  # type: ignore[operator]
+    if not is_int(num_sub_centers) or num_sub_centers < 1:  # type: ignore[operator]
         raise ValueError(f"num_sub_centers must be an integer >= 1, but got {num_sub_centers!r}")
 
 
 def check_num_classes(num_classes: object, name: str = "out_features") -> None:
-    if not _is_int(num_classes) or num_classes < 2:  # type: ignore[operator]
+    if not is_int(num_classes) or num_classes < 2:  # type: ignore[operator]
         raise ValueError(f"{name} must be an integer >= 2 (number of classes), but got {num_classes!r}")
 
 
 def check_in_features(in_features: object) -> None:
-    if not _is_int(in_features) or in_features < 1:  # type: ignore[operator]
+    if not is_int(in_features) or in_features < 1:  # type: ignore[operator]
         raise ValueError(f"in_features must be an integer >= 1, but got {in_features!r}")
 
 
@@ -136,7 +136,7 @@ def check_scale(scale: object, name: str = "scale") -> None:
             if bool(bad.any()):
                 raise ValueError(f"{name} must be positive and finite, but got {scale.detach().cpu().tolist()}")
         return
-    if not _is_real(scale):
+    if not is_real(scale):
         raise TypeError(f"{name} must be a positive float or a tensor, but got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):  # type: ignore[arg-type, operator]
         raise ValueError(f"{name} must be positive and finite, but got {scale!r}")
@@ -150,7 +150,7 @@ def check_margin(
     margin: object, low: float, high: float, kind: str, *, name: str = "margin", high_inclusive: bool = False
 ) -> None:
     """A Python (or NumPy) real in ``[low, high)`` (``[low, high]`` with ``high_inclusive``)."""
-    if not _is_real(margin):
+    if not is_real(margin):
         raise TypeError(f"{kind} {name} must be a float, but got {type(margin).__name__}")
     ok = low <= margin <= high if high_inclusive else low <= margin < high  # type: ignore[operator]
     if not (math.isfinite(margin) and ok):  # type: ignore[arg-type]
@@ -242,7 +242,7 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
                 f"{target.min().item():g} to {target.max().item():g}"
             )
         return target
-    if target.dtype not in _INDEX_DTYPES:
+    if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be {expected()}, but got dtype {target.dtype}")
     if tuple(target.shape) != lead:
         raise ValueError(f"{name} must be {expected()}, but got an integer tensor of shape {shape_str(target.shape)}")
@@ -255,21 +255,21 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
 
 def check_nonnegative(value: object, name: str) -> float:
     """A finite Python (or NumPy) real ``>= 0``, returned as a float."""
-    if not _is_real(value) or not (0 <= value < math.inf):  # type: ignore[operator]
+    if not is_real(value) or not (0 <= value < math.inf):  # type: ignore[operator]
         raise ValueError(f"{name} must be a finite float >= 0, but got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
 def check_positive(value: object, name: str) -> float:
     """A finite Python (or NumPy) real ``> 0``, returned as a float."""
-    if not _is_real(value) or not (0 < value < math.inf):  # type: ignore[operator]
+    if not is_real(value) or not (0 < value < math.inf):  # type: ignore[operator]
         raise ValueError(f"{name} must be a positive finite float, but got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 
 def check_decay(decay: object, name: str = "decay") -> None:
     """An EMA decay: the weight of the *old* value, a float in ``[0, 1)``."""
-    if not _is_real(decay) or not (0.0 <= decay < 1.0):  # type: ignore[operator]
+    if not is_real(decay) or not (0.0 <= decay < 1.0):  # type: ignore[operator]
         raise ValueError(f"{name} must be a float in [0, 1) (the weight of the old value), but got {decay!r}")
 
 
@@ -290,7 +290,7 @@ def renamed(value: object, old: object, old_name: str, new_name: str) -> Any:
 
 
 def check_sample_rate(sample_rate: object) -> None:
-    if not _is_real(sample_rate) or not (0.0 < sample_rate <= 1.0):  # type: ignore[operator]
+    if not is_real(sample_rate) or not (0.0 < sample_rate <= 1.0):  # type: ignore[operator]
         raise ValueError(f"sample_rate must be a float in (0, 1], but got {sample_rate!r}")
 
 
@@ -301,7 +301,7 @@ def check_generator(generator: object) -> None:
 
 def check_feature_grad_scale(feature_grad_scale: object) -> None:
     if feature_grad_scale is not None and not (
-        _is_real(feature_grad_scale) and math.isfinite(feature_grad_scale) and feature_grad_scale >= 0  # type: ignore[arg-type, operator]
+        is_real(feature_grad_scale) and math.isfinite(feature_grad_scale) and feature_grad_scale >= 0  # type: ignore[arg-type, operator]
     ):
         raise ValueError(f"feature_grad_scale must be None or a finite float >= 0, but got {feature_grad_scale!r}")
 
@@ -317,3 +317,62 @@ def check_lambda(lambda_: object) -> None:
             raise ValueError(f"SphereFace lambda_ must be finite and >= 0, but got {float(lambda_):g}")
         return
     check_nonnegative(lambda_, "SphereFace lambda_")
+
+
+def check_pooling(pooling: object, pooling_temperature: object) -> None:
+    if pooling not in ("max", "soft"):
+        raise ValueError(f"pooling must be 'max' or 'soft', but got {pooling!r}")
+    check_positive(pooling_temperature, "pooling_temperature")
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):  # type: ignore[operator]
+        raise ValueError(f"chunk_size must be None or an integer >= 1, but got {chunk_size!r}")
+
+
+def check_reduction(reduction: object) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', but got {reduction!r}")
+
+
+def check_pair(target: Any, lead: tuple[int, ...], num_classes: int) -> tuple[Tensor, Tensor]:
+    """A few-hot target ``(classes, weights)``: integer classes in ``[0, C)`` and finite non-negative floating weights,
+    both of shape ``(*, P)``."""
+    if len(target) != 2:
+        raise ValueError(
+            f"target as a sequence must be a pair (classes, weights), but got a {type(target).__name__} of length "
+            f"{len(target)}"
+        )
+    classes, weights = target
+    if (
+        not isinstance(classes, Tensor)
+        or classes.is_floating_point()
+        or classes.is_complex()
+        or classes.dtype == torch.bool
+    ):
+        raise TypeError(f"target's classes must be an integer tensor of shape (*, P), but got {_describe(classes)}")
+    if not isinstance(weights, Tensor) or not weights.is_floating_point():
+        raise TypeError(
+            f"target's weights must be a floating-point tensor of shape (*, P), but got {_describe(weights)}"
+        )
+    if classes.dim() != len(lead) + 1 or tuple(classes.shape[:-1]) != lead or weights.shape != classes.shape:
+        raise ValueError(
+            f"target's classes and weights must both have shape (*, P) with * = {shape_str(lead)}, "
+            f"but got {shape_str(classes.shape)} and {shape_str(weights.shape)}"
+        )
+    if weights.requires_grad:
+        raise ValueError("the chunked and sharded losses do not differentiate soft targets: detach the weights")
+    if classes.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(classes))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"target's classes must be in [0, {num_classes}), but got values from {lo} to {hi}")
+        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError(
+                f"target's weights must be non-negative and finite, but got values from {float(weights.min()):g} "
+                f"to {float(weights.max()):g}"
+            )
+    return classes.long(), weights
+
+
+def _describe(value: object) -> str:
+    return f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__

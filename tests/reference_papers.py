@@ -126,3 +126,71 @@ def soft_pool(cos_k: np.ndarray, gamma: float) -> np.ndarray:
     """SoftTriple Eq. 8: Σ_k softmax_k(c_k / γ) c_k over the last axis."""
     e = np.exp((cos_k - cos_k.max(-1, keepdims=True)) / gamma)
     return (e / e.sum(-1, keepdims=True) * cos_k).sum(-1)
+
+
+# ---------------------------------------------------------------- AdaM-Softmax, SoftTriple, L-Softmax (heads)
+
+
+def cross_entropy(logits: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy with (soft) targets ``t``, log-sum-exp by hand."""
+    top = logits.max(1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+    return lse * t.sum(1) - (t * logits).sum(1)
+
+
+def adam_softmax(x, w, margins, t, s, lam):
+    """AdaptiveFace: s(cos θ_j − m_j t_j) and the loss mean(CE) − λ/C Σ m_j."""
+    cos = normalize(x) @ normalize(w).T
+    logits = s * (cos - margins[None, :] * t)
+    return logits, cross_entropy(logits, t).mean() - lam * margins.mean()
+
+
+def soft_pool_by_class(cos_k: np.ndarray, k: int, gamma: float) -> np.ndarray:
+    """SoftTriple's relaxed similarity: Σ_k softmax_k(cos/γ)·cos over each class's K centres (a loop over classes)."""
+    n, ck = cos_k.shape
+    out = np.zeros((n, ck // k))
+    for c in range(ck // k):
+        block = cos_k[:, c * k : (c + 1) * k]
+        p = np.exp((block - block.max(1, keepdims=True)) / gamma)
+        out[:, c] = (p / p.sum(1, keepdims=True) * block).sum(1)
+    return out
+
+
+def center_regularizer(w: np.ndarray, k: int, eps: float = 1e-5) -> np.ndarray:
+    """Σ_{t<t'} sqrt(2 + ε − 2 ŵ_t·ŵ_t') per class, two loops."""
+    w = normalize(w)
+    out = np.zeros(w.shape[0] // k)
+    for c in range(len(out)):
+        for t in range(k):
+            for u in range(t + 1, k):
+                out[c] += math.sqrt(2 + eps - 2 * float(w[c * k + t] @ w[c * k + u]))
+    return out
+
+
+def soft_triple(x, w, t, k, lam, gamma, delta, tau):
+    """SoftTriple: λ(S' − δ t) and the loss mean(CE) + τ ΣR/(C K (K − 1))."""
+    s_prime = soft_pool_by_class(normalize(x) @ normalize(w).T, k, gamma)
+    logits = lam * (s_prime - delta * t)
+    c = s_prime.shape[1]
+    reg = tau * center_regularizer(w, k).sum() / (c * k * (k - 1)) if k > 1 else 0.0
+    return logits, cross_entropy(logits, t).mean() + reg
+
+
+def large_margin(x, w, t, m, lam, s):
+    """L-Softmax: ‖w_j‖‖x‖cos θ_j, and at a target ‖w_y‖‖x‖(λ cos θ + ψ(θ))/(1 + λ), ψ(θ) = (−1)^k cos(mθ) − 2k
+    on [kπ/m, (k+1)π/m] (k found by a loop); soft targets t give the margin 1 + (m − 1)t."""
+    norms = np.sqrt((x * x).sum(1))[:, None] * np.sqrt((w * w).sum(1))[None, :]
+    cos = np.clip((x @ w.T) / norms, -1, 1)
+    logits = norms * cos
+    for i in range(x.shape[0]):
+        for j in range(w.shape[0]):
+            if t[i, j] == 0:
+                continue
+            mm = 1 + (m - 1) * t[i, j]
+            theta = math.acos(cos[i, j])
+            k = 0
+            while theta > (k + 1) * math.pi / mm:
+                k += 1
+            psi = (-1) ** k * math.cos(mm * theta) - 2 * k
+            logits[i, j] = norms[i, j] * (lam * cos[i, j] + psi) / (1 + lam)
+    return s * logits

@@ -1,5 +1,5 @@
-"""Worker side of ``tests/distributed/test_zoo_c.py``: :func:`mll.functional.sharded_proxy_anchor_loss` on every
-rank of the shared gloo spawn (``tests/distributed/test_sharded.py::_worker``), and the global batches the test
+"""Worker side of ``tests/distributed/test_sharded_proxy_anchor.py``: :func:`mll.functional.sharded_proxy_anchor_loss`
+on every rank of the shared gloo spawn (``tests/distributed/test_sharded.py::_worker``), and the global batches the test
 recomputes the dense loss from."""
 
 from __future__ import annotations

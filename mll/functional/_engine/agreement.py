@@ -18,23 +18,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mll.functional._checks import (
-    _is_int,
+from mll.functional._engine.checks import (
+    check_chunk_size,
     check_feature_grad_scale,
     check_features,
-    check_generator,
     check_num_classes,
     check_num_sub_centers,
-    check_sample_rate,
-    check_scale,
-    check_target,
+    check_pooling,
+    is_int,
 )
-from mll.functional._distributed import all_gather_ints, bits_float, float_bits, rank_and_world
-from mll.functional._kernel import acc_dtype
-from mll.functional.chunked import check_chunk_size, check_pair, check_reduction
-from mll.functional.cosine import check_pooling
-from mll.functional.margin import Margin
-from mll.functional.margins import resolve_margin
+from mll.functional._engine.distributed import all_gather_ints, bits_float, float_bits, rank_and_world
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -69,10 +62,11 @@ class Report:
         value = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)  # type: ignore[arg-type]
         self.scale = float_bits(value)
 
-    def set_margin(self, margin: Any) -> None:
-        self.margin = zlib.crc32(margin.family.name.encode())
-        _NAMES[self.margin] = margin.family.name
-        for i, value in enumerate(margin.params[:_PARAM_SLOTS]):
+    def set_margin(self, name: str, params: tuple[Any, ...]) -> None:
+        """The margin family's (or loss's) name and its float parameters (tensors, per class or per sample, are not
+        compared)."""
+        self.margin = name_code(name)
+        for i, value in enumerate(params[:_PARAM_SLOTS]):
             self.margin_params[i] = _NOT_A_FLOAT if isinstance(value, Tensor) else float_bits(float(value))
 
     def set_reduction(self, reduction: str) -> None:
@@ -111,6 +105,14 @@ _NAMES: dict[int, str] = {}
 _FIRST_SHARED = "num_classes"
 
 
+def name_code(name: str) -> int:
+    """A margin family's (or loss's) name as the integer a report carries; remembered, so that a disagreement is
+    shown by name (every family registers its name when it is made, so another rank's name is known here too)."""
+    code = zlib.crc32(name.encode())
+    _NAMES[code] = name
+    return code
+
+
 def _show(name: str, value: Any) -> Any:
     """A report field in the user's terms."""
     if name == "dtype":
@@ -118,11 +120,6 @@ def _show(name: str, value: Any) -> Any:
     if name == "reduction":
         return _REDUCTIONS[value] if 0 <= value < len(_REDUCTIONS) else "?"
     if name == "margin":
-        if value not in _NAMES:
-            import mll.functional as MF
-
-            families = [v for v in vars(MF).values() if type(v).__name__ == "MarginFamily"]
-            _NAMES.update({zlib.crc32(f.name.encode()): f.name for f in families})
         return _NAMES.get(value, f"family #{value}")
     if name == "scale":
         return bits_float(value)
@@ -271,92 +268,26 @@ def check_backward_agreement(device: torch.device, group: Any, world: int) -> No
         )
 
 
-def check_locally(
-    input: Any, weight: Any, target: Any, class_start: Any, num_classes: Any, scale: Any, margin: Any,
-    margin_type: Any, easy_margin: Any, num_sub_centers: Any, pooling: Any, pooling_temperature: Any, sample_rate: Any,
-    generator: Any, chunk_size: Any, feature_grad_scale: Any, reduction: Any, report: Report,
-) -> tuple[Margin, Optional[Tensor], Optional[tuple[Tensor, Tensor]], int, tuple[int, ...], torch.dtype]:  # fmt: skip
-    """Every check of one rank's call, filling ``report`` as it goes (what must agree between ranks)."""
-    check_scale(scale)
-    report.set_scale(scale)
-    margin_ = resolve_margin(margin, margin_type, easy_margin)
-    report.set_margin(margin_)
-    check_reduction(reduction)
-    report.set_reduction(reduction)
-    check_sample_rate(sample_rate)  # each rank samples its own block: rates need not agree
+def check_block(
+    report: Report, input: Any, weight: Any, class_start: Any, num_classes: Any, num_sub_centers: Any, pooling: Any,
+    pooling_temperature: Any, chunk_size: Any, feature_grad_scale: Any,
+) -> tuple[int, tuple[int, ...]]:  # fmt: skip
+    """The checks every class-sharded call shares — its block of classes, the features and the weights, the chunking,
+    the pooling and the features' gradient scale — filling ``report`` with what must agree between the ranks.
+    Returns ``(K, the features' leading shape)``."""
     check_chunk_size(chunk_size)
-    if not _is_int(class_start) or class_start < 0:
+    if not is_int(class_start) or class_start < 0:
         raise ValueError(f"class_start must be an integer >= 0, but got {class_start!r}")
     check_num_classes(num_classes, "num_classes")
     check_num_sub_centers(num_sub_centers)
     check_pooling(pooling, pooling_temperature)
     check_feature_grad_scale(feature_grad_scale)
-    check_generator(generator)
-    k, num_classes, class_start = int(num_sub_centers), int(num_classes), int(class_start)
-    report.num_classes, report.num_sub_centers, report.pooling = num_classes, k, (pooling == "soft")
+    k = int(num_sub_centers)
+    report.num_classes, report.num_sub_centers, report.pooling = int(num_classes), k, (pooling == "soft")
     check_features(input, weight, k)
     report.in_features = input.shape[-1]
     report.set_dtype(input.dtype)
-    width = weight.shape[0] // k
-    report.class_start, report.class_stop = class_start, class_start + width
+    report.class_start, report.class_stop = int(class_start), int(class_start) + weight.shape[0] // k
     lead = tuple(input.shape[:-1])
     report.rows = math.prod(lead)
-    acc = acc_dtype(input.dtype)
-    shape = torch.Size((*lead, num_classes))
-    for spec, value in zip(margin_.family.parameters, margin_.params):
-        if isinstance(value, Tensor) and value.dim() == 1:  # per class: this block's classes
-            spec.check(value, margin_.family.label, (*lead, width) if width > 0 else None)
-            if value.shape[0] != width:
-                raise ValueError(
-                    f"{margin_.family.label} {spec.name} per class must have shape ({width},), one per class of this "
-                    f"rank's block, but got {tuple(value.shape)}"
-                )
-        elif isinstance(value, Tensor) and value.dim() > 1 and value.shape[-1] != 1:
-            raise ValueError(
-                f"{margin_.family.label} {spec.name} per entry (*, C) is not sharded: give it per class of the block "
-                "(B,) or per sample (*, 1)"
-            )
-        else:
-            spec.check(value, margin_.family.label, shape)
-    labels, pair = None, None
-    if isinstance(target, (tuple, list)):
-        pair = check_pair(target, lead, num_classes)
-    else:
-        checked = check_target(target, shape)
-        if not checked.is_floating_point():
-            labels = checked.reshape(-1)
-        else:
-            if checked.requires_grad:
-                raise ValueError("the sharded loss does not differentiate soft targets: detach target")
-            pair = dense_to_pair(checked.reshape(-1, num_classes))
-    if margin_.family.class_indices_only and labels is None:
-        raise ValueError(
-            f"{margin_.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
-        )
-    report.soft = labels is None
-    report.entries = 1 if pair is None else pair[0].shape[-1]
-    report.set_requires_grad(input, weight, scale)
-    if pair is not None:
-        p = pair[0].shape[-1]
-        pair = (pair[0].reshape(report.rows, p), pair[1].reshape(report.rows, p).to(acc))
-    return margin_, labels, pair, k, lead, acc
-
-
-def dense_to_pair(soft: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense soft targets ``(n, C)`` as their non-zero entries per row, ``(n, P)`` with P the most in any row."""
-    nonzero = soft != 0
-    p = int(nonzero.sum(1).max()) if soft.shape[0] > 0 else 0
-    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :p]
-    weights = soft.gather(1, order)
-    return torch.where(weights != 0, order, -1), weights
-
-
-def pad_pairs(classes: Tensor, weights: Tensor, p: int) -> tuple[Tensor, Tensor]:
-    """Pad ``(n, P_r)`` entries to ``(n, p)`` with class −1, weight 0 (every rank gathers the same width)."""
-    extra = p - classes.shape[1]
-    if extra <= 0:
-        return classes, weights
-    return (
-        torch.cat([classes, classes.new_full((classes.shape[0], extra), -1)], 1),
-        torch.cat([weights, weights.new_zeros((weights.shape[0], extra))], 1),
-    )
+    return k, lead

@@ -330,6 +330,7 @@ def test_proxy_anchor_large_alpha_matches_an_exact_log_sum_exp() -> None:
     torch.testing.assert_close(MF.proxy_anchor_loss(cos, y, alpha=alpha, delta=delta), want, **TOL)
 
 
+@pytest.mark.slow
 def test_proxy_anchor_under_vmap_grad_and_compile() -> None:
     g = torch.Generator().manual_seed(10)
     cos = torch.rand(2, N, C, generator=g, dtype=torch.float64) * 2 - 1

@@ -1,5 +1,5 @@
-"""The row normalisation's backward folded in place (``mll/functional/_fold.py``) and the dense cosines' two
-backward forms: in place for eager first derivatives, out of place (differentiable) otherwise."""
+"""The row normalisation's backward folded in place (``mll/functional/_engine/normalization.py``) and the dense
+cosines' two backward forms: in place for eager first derivatives, out of place (differentiable) otherwise."""
 
 import pytest
 import torch
@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mll import functional as MF
-from mll.functional import _fold
-from mll.functional._fold import fold_normalization_
+from mll.functional._engine import normalization
+from mll.functional._engine.normalization import fold_normalization_
 
 
 def _reference(d: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,12 +37,12 @@ def test_fold_matches_autograd_through_normalize(rows, width, block, zeros, seed
     eps = 1e-12
     norms = torch.linalg.vector_norm(w, dim=-1)
     inv = norms.clamp(min=eps).reciprocal()
-    old = _fold.BLOCK_ELEMENTS
-    _fold.BLOCK_ELEMENTS = block  # several blocks, a last partial one, blocks of one row
+    old = normalization.BLOCK_ELEMENTS
+    normalization.BLOCK_ELEMENTS = block  # several blocks, a last partial one, blocks of one row
     try:
         out = fold_normalization_(d.clone(), w, inv, norms > eps)
     finally:
-        _fold.BLOCK_ELEMENTS = old
+        normalization.BLOCK_ELEMENTS = old
     torch.testing.assert_close(out, _reference(d, w, eps), rtol=1e-12, atol=1e-12)
 
 
@@ -60,7 +60,7 @@ def test_dense_cosine_in_place_backward_equals_the_differentiable_one(dtype) -> 
     """Eager first derivatives take the in-place fold; ``create_graph=True`` the differentiable form: same numbers,
     including zero rows and more rows than one block."""
     g = torch.Generator().manual_seed(0)
-    rows = _fold.BLOCK_ELEMENTS // 16 + 37  # d = 16: more than one block
+    rows = normalization.BLOCK_ELEMENTS // 16 + 37  # d = 16: more than one block
     w = torch.randn(rows, 16, generator=g, dtype=dtype)
     w[3] = 0.0
     x = torch.randn(6, 16, generator=g, dtype=dtype)

@@ -1,11 +1,12 @@
 """The chunk kernel's body as functions of tensors, for ``torch.compile``: one fused loop per chunk.
 
-The eager kernel (``_kernel.py``) shapes a chunk's logits and folds them into the online log-sum-exp in a dozen
-elementwise ops, each a pass over the chunk and, on a GPU, a kernel launch. Here the same maths — the margin's
-non-target part, the sub-center pooling, the target entries, the running max and sum; and in backward the softmax,
-the targets, the margin's slopes and the pooling's backward — is written as two pure functions that Inductor
+The eager kernel (``kernel.py``, ``chunks.py``) shapes a chunk's logits and folds them into the online log-sum-exp
+in a dozen elementwise ops, each a pass over the chunk and, on a GPU, a kernel launch. Here the same maths — the
+margin's non-target part, the sub-center pooling, the target entries, the running max and sum; and in backward the
+softmax, the targets, the margin's slopes and the pooling's backward — is written as two pure functions that Inductor
 compiles into a few fused loops (C++ on the CPU, Triton on a GPU). The GEMMs, the weight rows' norms and the folded
-normalisation's backward stay eager (``_kernel.py``), so that the GEMMs run where the eager kernel runs them.
+normalisation's backward stay eager (``kernel.py``, ``chunks.py``), so that the GEMMs run where the eager kernel
+runs them.
 
 The eager kernel is the reference: the compiled one is tested against it (float64 to 1e-12, float32 and bfloat16
 within stated tolerances) for every spec the engine serves. It is used when :func:`set_chunk_kernel` says

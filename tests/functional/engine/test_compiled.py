@@ -1,5 +1,5 @@
-"""The compiled chunk kernel (``mll/functional/_compiled.py``, ``set_chunk_kernel("compiled")``) against the eager
-kernel, its reference: the loss and every gradient, for each kind of spec the engine serves, with the logits kept
+"""The compiled chunk kernel (``mll/functional/_engine/compiled.py``, ``set_chunk_kernel("compiled")``) against the
+eager kernel, its reference: the loss and every gradient, for each kind of spec the engine serves, with the logits kept
 and recomputed. Each variant compiles once (seconds on the CPU), so the matrix is small but covers every branch of
 the two bodies: plain scaled cosines, sub-centers (max and soft pooling), a non-target part (CurricularFace),
 dense and few-hot soft targets, a scale and a margin that need gradients, half precision and a sharded block."""
@@ -11,9 +11,9 @@ import torch
 import torch._inductor.exc
 
 from mll import functional as MF
-from mll.functional import _compiled
+from mll.functional._engine import compiled as _compiled
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]  # every test compiles a chunk body
 
 N, D, C = 12, 8, 40
 CHUNK = 16  # three chunks, the last narrower (two compiled shapes)

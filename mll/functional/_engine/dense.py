@@ -1,8 +1,8 @@
-"""The target-only fast path shared by every margin.
+"""The dense path's autograd: the scale and the margin's target entries written in one pass over the logits.
 
 A margin changes one logit per sample. Written with ``gather``/``scatter`` in plain autograd, that one change
 costs several extra passes over the N×C logits (a copy for the scatter, a zero-filled N×C gradient for the
-gather, an N×C sum of the two gradients). :class:`_ScaledTargetReplace` instead fuses the scale and the
+gather, an N×C sum of the two gradients). :class:`ScaledTargetReplace` instead fuses the scale and the
 replacement: forward is ``scale * cosine`` (which the floor pays anyway) plus an in-place write of N numbers,
 backward is ``scale * grad`` plus an in-place write of N numbers. The margin's derivative at the N target
 cosines comes in as ``slope``, computed analytically by each margin (and checked against autograd in the tests).
@@ -10,37 +10,22 @@ cosines comes in as ``slope``, computed analytically by each margin (and checked
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Scale = Union[float, Tensor]
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Margin trigonometry runs in float32 for half-precision inputs and in the input's dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _in_place_ok() -> bool:
-    """Whether a tensor this module just allocated may be written in place: yes in eager mode and under compile.
-
-    No under ``torch.func`` transforms, where in-place ops such as ``scatter_`` have no batching rule (a slow
-    per-sample fallback), and when grad mode is on (a backward with ``create_graph=True``), where the tensor is
-    part of the graph being recorded.
-    """
-    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active())
+from mll.functional._engine.numerics import Scale, in_place_ok
 
 
 def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """Write ``src`` into a tensor this module just allocated, in place where :func:`_in_place_ok`."""
-    if _in_place_ok():
+    """Write ``src`` into a tensor this module just allocated, in place where :func:`in_place_ok`."""
+    if in_place_ok():
         return fresh.scatter_(-1, index, src)
     return fresh.scatter(-1, index, src)
 
 
-class _ScaledTargetReplace(torch.autograd.Function):
+class ScaledTargetReplace(torch.autograd.Function):
     """``out = scale·cosine``, with ``out[..., y] = scale·value`` and ``∂out[..., y]/∂cosine[..., y] = scale·slope``.
 
     ``value`` must carry autograd only through quantities other than ``cosine`` (a margin tensor, say): the
@@ -108,7 +93,7 @@ def scaled_target_replace(cosine: Tensor, target: Tensor, value: Tensor, slope: 
         scale (float or Tensor): logit scale.
     """
     index = target.unsqueeze(-1)
-    return _ScaledTargetReplace.apply(cosine, index, value.unsqueeze(-1), slope.unsqueeze(-1), scale)
+    return ScaledTargetReplace.apply(cosine, index, value.unsqueeze(-1), slope.unsqueeze(-1), scale)
 
 
 def gather_target(cosine: Tensor, target: Tensor) -> Tensor:
@@ -116,7 +101,7 @@ def gather_target(cosine: Tensor, target: Tensor) -> Tensor:
     return cosine.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-class _ScaledDense(torch.autograd.Function):
+class ScaledDense(torch.autograd.Function):
     """``out = scale·value`` with ``∂out/∂cosine = scale·slope`` elementwise: the dense (soft-target) twin.
 
     The margin's value and slope are computed once without autograd; backward is one product. ``value`` may
@@ -147,7 +132,7 @@ class _ScaledDense(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_value = g.to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
-            in_place = _in_place_ok() and grad_value is None  # g is also grad_value's storage otherwise
+            in_place = in_place_ok() and grad_value is None  # g is also grad_value's storage otherwise
             grad_cosine = (g.mul_(slope) if in_place else g * slope).to(ctx.dtypes[0])
         if ctx.scale_needs_grad:
             grad_scale = (grad.to(value.dtype) * value).sum_to_size(scale_t.shape).to(scale_t.dtype)
@@ -156,10 +141,10 @@ class _ScaledDense(torch.autograd.Function):
 
 def scaled_dense_replace(cosine: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
     """``scale·value`` in ``cosine``'s dtype, differentiated with respect to ``cosine`` through ``slope``."""
-    return _ScaledDense.apply(cosine, value, slope, scale)
+    return ScaledDense.apply(cosine, value, slope, scale)
 
 
-class _ScaledNegativesReplace(torch.autograd.Function):
+class ScaledNegativesReplace(torch.autograd.Function):
     """``out = scale·neg_value`` with ``out[..., y] = scale·value``; ``∂out/∂cosine = scale·neg_slope`` off target and
     ``scale·slope`` at the target. The non-target values and slopes come in computed (no autograd); ``value`` may
     carry autograd through quantities other than ``cosine``. One N×C slope is kept for backward."""
@@ -207,6 +192,6 @@ def scaled_negatives_replace(
 ) -> Tensor:
     """``scale·neg_value`` with each sample's target logit replaced by ``scale·value`` (see the Function)."""
     index = target.unsqueeze(-1)
-    return _ScaledNegativesReplace.apply(
+    return ScaledNegativesReplace.apply(
         cosine, index, neg_value, neg_slope, value.unsqueeze(-1), slope.unsqueeze(-1), scale
     )

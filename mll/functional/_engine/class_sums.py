@@ -1,0 +1,147 @@
+r"""Losses whose terms sum over the batch per class, walked in chunks of classes: Proxy-Anchor's kernel.
+
+The chunk kernel (``kernel.py``) computes a softmax along each *row* (a sample over the classes). Proxy-Anchor's two
+terms run down each *column* instead — a proxy over the batch's samples of its class (positives) and all others
+(negatives):
+
+.. math:: \ell = \frac{1}{|P^+|} \sum_{p \in P^+} \log\Big(1 + \sum_{x \in X_p^+} e^{-\alpha(s(x, p) - \delta)}\Big)
+          + \frac{1}{|P|} \sum_{p \in P} \log\Big(1 + \sum_{x \in X_p^-} e^{\alpha(s(x, p) + \delta)}\Big)
+
+so a chunk's column terms are exact by themselves and the only global numbers are their totals and |P⁺|, which add
+over chunks (and over ranks). :func:`class_log_sums` computes a block of columns' log-sums from its cosines (the dense
+loss uses it on all C columns); :class:`ClassLogSums` walks the chunks of :mod:`chunks` with it, keeping the 2·C
+log-sums, and its backward recomputes each chunk's cosines, forms ∂ℓ/∂s = −α/|P⁺|·σ⁺ on positives and α/|P|·σ⁻ on
+negatives (σ an entry's share of its log-sum) and chains it through the pooling, the GEMM and the proxies'
+normalisation exactly as the row kernel does. Peak memory O(N·chunk), never N×C.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from mll.functional._engine.accumulate import accumulate_node, grad_to_accumulate_into
+from mll.functional._engine.agreement import check_backward_agreement
+from mll.functional._engine.chunks import add_grads, chunk_bounds, cosines, sub_center_grads
+from mll.functional._engine.numerics import acc_dtype, double_backward
+
+
+def class_log_sums(
+    cos: Tensor, labels: Tensor, alpha: float, delta: float, every_label_inside: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each class's positive and negative log-sums and whether it has a positive, ``(W,)`` each, from cosines
+    ``(N, W)`` and labels ``(N,)`` (a label outside ``[0, W)`` is a class elsewhere: a negative for every class here).
+
+    The positives are the N target entries only: their log-sums by scatter over the classes, O(N) — not a masked pass
+    over the N×W cosines. The negatives: every entry with the positives set to −inf and a row of zeros for the 1 in
+    log(1 + Σ eᶻ), one fused log-sum-exp down each column, forward and backward."""
+    w = cos.shape[1]
+    inside = (labels >= 0) & (labels < w)
+    col = labels.clamp(0, max(w - 1, 0))
+    at = col.unsqueeze(1)
+    z = torch.where(inside, -alpha * (cos.gather(1, at).squeeze(1) - delta), -math.inf)
+    top = z.new_zeros(w).scatter_reduce(0, col, z.detach(), "amax", include_self=True)  # max(0, max z) per class
+    pos = top + torch.log(torch.exp(-top) + z.new_zeros(w).index_add(0, col, torch.exp(z - top[col])))
+    negatives = alpha * (cos + delta)
+    if every_label_inside:  # the dense loss: a constant written at the positives, differentiable elsewhere
+        negatives = negatives.scatter(1, at, -math.inf)
+    else:  # a chunk (no autograd in the kernel's forward): a row of another chunk's class keeps its entry
+        negatives = negatives.scatter(1, at, torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at)))
+    neg = torch.logsumexp(torch.cat([negatives, negatives.new_zeros(1, w)]), dim=0)
+    present = cos.new_zeros(w).index_add(0, col, inside.to(cos.dtype)).clamp(max=1)
+    return pos, neg, present
+
+
+@dataclass
+class ClassSumsSpec:
+    alpha: float
+    delta: float
+    num_sub_centers: int
+    tau: Optional[float]  # soft sub-center pooling temperature; None: max pooling
+    chunk: int
+    group: Any = None
+    world: int = 1
+
+
+class ClassLogSums(torch.autograd.Function):
+    """A block of classes' ``(Σ positive log-sums, Σ negative log-sums, #classes with a positive)``:
+    ``forward(x̂ (N, d), weight (B·K, d), labels (N,) block-local, spec)``. Labels outside ``[0, B)`` are samples of
+    other blocks' classes: negatives for every class here."""
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
+        raise RuntimeError(
+            "the chunked Proxy-Anchor loss does not run under torch.func.vmap (a Python loop over class chunks); "
+            "vmap the dense proxy_anchor_loss(cosine_logits(input, weight), target) instead"
+        )
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, labels: Tensor, spec: ClassSumsSpec) -> tuple[Tensor, Tensor, Tensor]:
+        acc, k = acc_dtype(x.dtype), spec.num_sub_centers
+        width = weight.shape[0] // k
+        pos = torch.zeros(width, dtype=acc, device=x.device)
+        neg = torch.zeros(width, dtype=acc, device=x.device)
+        present = torch.zeros(width, dtype=acc, device=x.device)
+        for start, stop in chunk_bounds(width, spec.chunk):
+            chunk = cosines(x, weight, k, spec.tau, start, stop)
+            assert chunk.pooled is not None
+            pos[start:stop], neg[start:stop], present[start:stop] = class_log_sums(
+                chunk.pooled, labels - start, spec.alpha, spec.delta
+            )
+        return torch.stack([pos.sum(), neg.sum(), present.sum()]), pos, neg
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, labels, spec = inputs
+        _, pos, neg = output
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, labels, pos, neg)
+        ctx.mark_non_differentiable(pos, neg)
+        ctx.accumulate = accumulate_node(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _pos: Any, _neg: Any) -> tuple[Any, ...]:
+        if double_backward():
+            raise RuntimeError(
+                "the chunked Proxy-Anchor loss gives first derivatives only: backward with create_graph=True "
+                "(double backward, gradient penalties) is not supported; use the dense proxy_anchor_loss"
+            )
+        spec: ClassSumsSpec = ctx.spec
+        if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
+            check_backward_agreement(grad.device, spec.group, spec.world)
+        x, weight, labels, pos, neg = ctx.saved_tensors
+        acc, k = acc_dtype(x.dtype), spec.num_sub_centers
+        alpha, delta = spec.alpha, spec.delta
+        g = grad.to(acc)
+        # ∂ℓ/∂s on positives: −α·g⁺·e^{a − pos}, a = −α(s − δ); on negatives: α·g⁻·e^{b − neg}, b = α(s + δ)
+        factor_pos, factor_neg = -alpha * g[0], alpha * g[1]
+        needs = ctx.needs_input_grad
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
+        xg = x.to(acc)  # (the features of the weight gradient's GEMM; g is already in the factors)
+        into = grad_to_accumulate_into(ctx.accumulate, weight) if needs[1] else None
+        grad_w = into
+        if needs[1] and into is None:
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
+        for start, stop in chunk_bounds(weight.shape[0] // k, spec.chunk):
+            chunk = cosines(x, weight, k, spec.tau, start, stop)
+            s = chunk.pooled
+            assert s is not None
+            positive = labels.unsqueeze(1) == torch.arange(start, stop, device=x.device)
+            # each exponent is at most its column's log-sum: the exponential is in [0, 1]
+            exponent = torch.where(
+                positive, -alpha * (s - delta) - pos[start:stop], alpha * (s + delta) - neg[start:stop]
+            )
+            dcos = torch.exp(exponent) * torch.where(positive, factor_pos, factor_neg)
+            # ∂ℓ/∂(sub-center cosines) divided by the rows' norms, as _add_grads takes it
+            dcos = dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
+            add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)
+        return (
+            None if grad_x is None else grad_x.to(x.dtype),
+            None if grad_w is None or into is not None else grad_w.to(weight.dtype),
+            None,
+            None,
+        )
