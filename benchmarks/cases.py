@@ -329,6 +329,53 @@ def chunked_loss(name: str, accumulate: bool = False, **kwargs: object) -> Facto
     return make
 
 
+def linear_cross_entropy(chunked: bool) -> Factory:
+    """PyTorch's ``F.linear_cross_entropy`` on normalised operands, ``s·x̂`` against ``Ŵ`` (the margin-free anchor:
+    no margin, no sub-centers), with its reference path or (``chunked``) its chunked ``LinearCrossEntropyOptions()``,
+    on the suite's weights, gradients set to None first."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        w = shared_weight(cfg, data)
+        options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+
+        def step() -> None:
+            data.x.grad = w.grad = None
+            x_hat = SCALE * F.normalize(data.x)
+            F.linear_cross_entropy(x_hat, F.normalize(w), data.target, options=options).backward()
+
+        return step
+
+    return make
+
+
+def _has_linear_cross_entropy() -> bool:
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def zeroing_pml(name: str, **kwargs: object) -> Factory:
+    """A pytorch-metric-learning loss on the suite's weights (its ``W`` is (d, C): our rows, transposed), gradients
+    set to None first."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        losses = load_pml()
+        assert losses is not None
+        loss_fn = getattr(losses, name)(num_classes=cfg.classes, embedding_size=cfg.features, **kwargs)
+        params = dict(loss_fn.named_parameters())
+        key = "proxies" if "proxies" in params else "W"
+        weight = shared_weight(cfg, data)
+        with torch.no_grad():
+            params[key].copy_(weight.detach().t() if key == "W" else weight.detach())
+        mine = params[key]
+
+        def step() -> None:
+            data.x.grad = mine.grad = None
+            loss_fn(data.x, data.y).backward()
+
+        return step
+
+    return make
+
+
 @dataclass(frozen=True)
 class Case:
     head: str
@@ -449,6 +496,62 @@ SUITES: dict[str, list[Case]] = {
         Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False)),
         Case("ProxyAnchor", "mll loss() (chunked)", proxy_anchor(chunked=True)),
         Case("ProxyAnchor", "pml 2.9", pml("ProxyAnchorLoss", margin=0.1, alpha=32), _has_pml),
+    ],
+    # the batch sizes users train with (issue 22): N from 256 to 8192, C from 10^4 to 10^6
+    "batch": [
+        Case("floor", "floor", zeroing_floor, step_bytes=dense_step_bytes),
+        Case(
+            "(margin-free)",
+            "F.linear_cross_entropy",
+            linear_cross_entropy(False),
+            _has_linear_cross_entropy,
+            step_bytes=dense_step_bytes,
+        ),
+        Case("(margin-free)", "F.linear_cross_entropy, chunked", linear_cross_entropy(True), _has_linear_cross_entropy),
+        Case(
+            "ScaledNormalizedLinear",
+            "mll dense + F.cross_entropy",
+            zeroing_dense("ScaledNormalizedLinear", scale=SCALE),
+            step_bytes=mll_dense_step_bytes,
+        ),
+        Case("ScaledNormalizedLinear", "mll loss()", chunked_loss("ScaledNormalizedLinear", scale=SCALE)),
+        Case(
+            "ScaledNormalizedLinear",
+            "pml 2.9",
+            zeroing_pml("NormalizedSoftmaxLoss", temperature=1 / SCALE),
+            _has_pml,
+            step_bytes=dense_step_bytes,
+        ),
+        Case(
+            "ArcFace",
+            "mll dense + F.cross_entropy",
+            zeroing_dense("ArcFace", scale=SCALE, margin=ARC_MARGIN),
+            step_bytes=mll_dense_step_bytes,
+        ),
+        Case("ArcFace", "mll loss()", chunked_loss("ArcFace", scale=SCALE, margin=ARC_MARGIN)),
+        Case(
+            "ArcFace",
+            "pml 2.9",
+            zeroing_pml("ArcFaceLoss", scale=SCALE, margin=ARC_DEG),
+            _has_pml,
+            step_bytes=dense_step_bytes,
+        ),
+        Case(
+            "CurricularFace",
+            "mll dense + F.cross_entropy",
+            zeroing_dense("CurricularFace", scale=SCALE),
+            step_bytes=mll_dense_step_bytes,
+        ),
+        Case("CurricularFace", "mll loss()", chunked_loss("CurricularFace", scale=SCALE)),
+        Case("ProxyAnchor", "mll dense", proxy_anchor(chunked=False), step_bytes=dense_step_bytes),
+        Case("ProxyAnchor", "mll loss()", proxy_anchor(chunked=True)),
+        Case(
+            "ProxyAnchor",
+            "pml 2.9",
+            zeroing_pml("ProxyAnchorLoss", margin=0.1, alpha=32),
+            _has_pml,
+            step_bytes=dense_step_bytes,
+        ),
     ],
     "DeepNCM": [
         Case("ScaledNormalizedLinear (reference)", "mll", ours("ScaledNormalizedLinear", scale=SCALE)),

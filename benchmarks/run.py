@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick              # a smoke run: small shapes, few rounds, one thread
     python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
     python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
+    python -m benchmarks.run --suites batch       # N = 256…8192 × C = 10^4…10^6: floor, peers, dense and loss()
 
 Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by
 round in this one process with ``torch.utils.benchmark``; the median (and the minimum) per implementation, and
@@ -68,7 +69,10 @@ PLAN = {
     "margin families": ([1_000, 10_000, 100_000], 1, False),
     "limit": ([1_000, 10_000, 100_000, 1_000_000], 1, False),
     "zoo": ([10_000, 100_000], 1, False),
+    "batch": ([10_000, 100_000, 1_000_000], 1, False),
 }
+#: the batch sizes per suite (default: Config's, 256)
+BATCHES = {"batch": [256, 1024, 4096, 8192]}
 QUICK = Config(batch=32, features=64)
 QUICK_CLASSES = 500
 
@@ -235,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suites", nargs="*", default=list(PLAN), choices=list(PLAN))
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds per implementation (0: auto)")
     parser.add_argument("--classes", type=int, nargs="*", help="class counts for every suite (default: the plan's)")
+    parser.add_argument("--batches", type=int, nargs="*", help="batch sizes for every suite (default: the plan's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory probes")
     parser.add_argument(
         "--allocator",
@@ -284,12 +289,13 @@ def run_suites(args: argparse.Namespace) -> None:
     """Time the suites of ``args`` at their class counts and print a table for each."""
     for suite in args.suites:
         classes, sub_centers, soft = PLAN[suite]
-        for c in [QUICK_CLASSES] if args.quick else (args.classes or classes):
+        batches = [None] if args.quick else (args.batches or BATCHES.get(suite, [None]))
+        for n, c in [(n, c) for n in batches for c in ([QUICK_CLASSES] if args.quick else (args.classes or classes))]:
             base = QUICK if args.quick else Config()
-            cfg = replace(base, classes=c, sub_centers=sub_centers, soft=soft)
-            rows = c * sub_centers
-            rounds = args.rounds or (3 if args.quick or rows >= 1_000_000 else (9 if rows >= 100_000 else 25))
-            warmup = 1 if rows >= 1_000_000 else 2  # a step at 10^6 classes takes seconds
+            cfg = replace(base, classes=c, sub_centers=sub_centers, soft=soft, batch=n or base.batch)
+            work = cfg.batch * c * sub_centers  # logits per step: 256 × 10^6 takes seconds
+            rounds = args.rounds or (3 if args.quick or work >= 256 * 10**6 else (9 if work >= 256 * 10**5 else 25))
+            warmup = 1 if work >= 256 * 10**6 else 2
             results = time_suite(suite, cfg, rounds, not args.no_memory, warmup, args.allocator)
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"
             load = " / ".join(f"{x:.1f}" for x in os.getloadavg())

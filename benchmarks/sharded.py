@@ -2,6 +2,9 @@
 
     python -m benchmarks.sharded            # C = 10^6, d = 128, N = 256 (about 10 minutes on 2 cores)
     python -m benchmarks.sharded --quick    # a smoke run: C = 4000, worlds 1 and 2 (see below)
+    python -m benchmarks.sharded --floor --worlds 2 --batch 4096 --classes 100000 --features 512
+                                            # a global batch of 4096 on 2 ranks, each rank's step against the floor
+                                            # over its block (the same GEMMs: N_global × d against C/world × d)
 
 Every configuration runs as fresh processes (one per rank, joined through a ``file://`` store): world 1 with two
 threads, worlds 2 and 4 with one thread per rank. Each rank holds ``mll.ShardedArcFace``'s block of C/world
@@ -38,9 +41,11 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import mll
 from benchmarks.run import MEMORY_ENV, TIMING_ENV, _vm_kb
@@ -50,7 +55,15 @@ CONFIGS = ((1, 2), (2, 1), (4, 1))
 
 
 def worker(
-    rank: int, world: int, threads: int, classes: int, features: int, batch: int, steps: int, store: str
+    rank: int,
+    world: int,
+    threads: int,
+    classes: int,
+    features: int,
+    batch: int,
+    steps: int,
+    store: str,
+    floor: bool = False,
 ) -> dict:
     torch.set_num_threads(threads)
     if world > 1:
@@ -72,7 +85,8 @@ def worker(
         baseline = _vm_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
-        times = []
+        times, floor_times = [], []
+        block = floor_step(head, batch, features) if floor else None
         for _ in range(steps):
             x.grad = head.weight.grad = None
             if world > 1:
@@ -80,6 +94,10 @@ def worker(
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+            if block is not None:  # interleaved, in this process: the ratio is the rank's own
+                start = time.perf_counter()
+                block()
+                floor_times.append(time.perf_counter() - start)
         return {
             "rank": rank,
             "classes": head.class_stop - head.class_start,
@@ -88,6 +106,7 @@ def worker(
             "extra_mb": (_vm_kb("VmHWM") - baseline) / 1024,
             "peak_rss_mb": _vm_kb("VmHWM") / 1024,
             "times": times,
+            "floor_times": floor_times,
         }
     finally:
         if world > 1:
@@ -95,8 +114,32 @@ def worker(
             dist.destroy_process_group()
 
 
+def floor_step(head: torch.nn.Module, batch: int, features: int) -> Callable[[], None]:
+    """The floor over this rank's block: ``F.cross_entropy(s·F.linear(F.normalize(x), F.normalize(W_block)), y)`` for
+    the global batch of N features against the block's weights (labels within the block) — the GEMMs every rank's
+    share of the sharded step performs, without the collectives."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, features, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(head.weight.detach().clone())
+    y = torch.randint(0, w.shape[0], (batch,), generator=g)
+
+    def step() -> None:
+        x.grad = w.grad = None
+        F.cross_entropy(64.0 * F.linear(F.normalize(x), F.normalize(w)), y).backward()
+
+    step()
+    return step
+
+
 def launch(
-    world: int, threads: int, classes: int, features: int, batch: int, steps: int, memory: bool = False
+    world: int,
+    threads: int,
+    classes: int,
+    features: int,
+    batch: int,
+    steps: int,
+    memory: bool = False,
+    floor: bool = False,
 ) -> list[dict]:
     """One configuration in fresh processes; every rank's result."""
     env = {k: v for k, v in os.environ.items() if k not in TIMING_ENV}
@@ -104,7 +147,7 @@ def launch(
     env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as folder:
         store = os.path.join(folder, "store")
-        args = [str(v) for v in (world, threads, classes, features, batch, steps)]
+        args = [str(v) for v in (world, threads, classes, features, batch, steps, int(floor))]
         command = [sys.executable, "-m", "benchmarks.sharded", "--worker"]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         procs = [subprocess.Popen([*command, str(rank), *args, store], env=env, **pipes) for rank in range(world)]
@@ -118,14 +161,24 @@ def launch(
 
 
 def launch_configs(
-    configs: tuple[tuple[int, int], ...], classes: int, features: int, batch: int, steps: int, together: bool
+    configs: tuple[tuple[int, int], ...],
+    classes: int,
+    features: int,
+    batch: int,
+    steps: int,
+    together: bool,
+    floor: bool = False,
 ) -> dict[int, list[dict]]:
     """Every configuration's ranks' results, by world size: one configuration after the other, or, ``together``,
     all of them at once (a smoke run: their processes then compete for the cores and the times mean nothing)."""
     if not together:
-        return {world: launch(world, threads, classes, features, batch, steps) for world, threads in configs}
+        return {
+            world: launch(world, threads, classes, features, batch, steps, floor=floor) for world, threads in configs
+        }
     with ThreadPoolExecutor(len(configs)) as pool:
-        running = {w: pool.submit(launch, w, threads, classes, features, batch, steps) for w, threads in configs}
+        running = {
+            w: pool.submit(launch, w, threads, classes, features, batch, steps, False, floor) for w, threads in configs
+        }
         return {world: future.result() for world, future in running.items()}
 
 
@@ -158,13 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch N")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help="time each rank's floor over its block beside its step")
+    parser.add_argument("--worlds", type=int, nargs="*", help="world sizes (default 1, 2, 4)")
+    parser.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        rank, world, threads, classes, features, batch, steps = (int(v) for v in args.worker[:7])
-        print(json.dumps(worker(rank, world, threads, classes, features, batch, steps, args.worker[7])))
+        rank, world, threads, classes, features, batch, steps, floor = (int(v) for v in args.worker[:8])
+        print(json.dumps(worker(rank, world, threads, classes, features, batch, steps, args.worker[8], bool(floor))))
         return
     configs: tuple[tuple[int, int], ...] = CONFIGS
+    if args.worlds:
+        configs = tuple((w, 2 if w == 1 else 1) for w in args.worlds)
     if args.quick:  # each process pays seconds to import torch: few of them, all started at once, one thread each
         args.classes, args.steps, args.rounds = 4_000, 2, 1
         configs = tuple((world, 1) for world, _ in CONFIGS[:2])
@@ -176,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"allocator: {allocator}; {args.steps} timed steps per configuration, {args.rounds} rounds{together}")
     rounds: list[dict[int, list[dict]]] = []
     for index in range(args.rounds):
-        results = launch_configs(configs, c, d, n, args.steps, together=args.quick)
+        results = launch_configs(configs, c, d, n, args.steps, together=args.quick, floor=args.floor)
         rounds.append(results)
         times = ", ".join(f"world {w}: {min(r[0]['times']):.2f} s" for w, r in results.items())
         print(f"round {index + 1}: {times}", flush=True)
@@ -204,6 +261,19 @@ def main(argv: list[str] | None = None) -> None:
             f"| {extra:.1f} | {rss:.0f} | {best[world]:.2f} | {median:.2f} | {best[world] / best[1]:.3f} "
             f"| {statistics.median(ratios):.3f} |"
         )
+    if args.floor:
+        print(
+            "\neach rank's step against the floor over its block (global N × d against its C/world × d; medians of the"
+        )
+        print("interleaved steps of every round, in the rank's own process):\n")
+        print("| world | rank | classes | step s | floor over the block s | × floor |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for world, _ in configs:
+            for rank in range(world):
+                step = statistics.median(t for r in rounds for t in r[world][rank]["times"])
+                fl = statistics.median(t for r in rounds for t in r[world][rank]["floor_times"])
+                classes = rounds[-1][world][rank]["classes"]
+                print(f"| {world} | {rank} | {classes} | {step:.2f} | {fl:.2f} | {step / fl:.3f} |")
     print("\nper-step traffic per rank, on paper (bytes sent, ring algorithms):\n")
     names = " | ".join(traffic_bytes(2, n, d))
     print(f"| world | {names} | total KB | replicated head's gradient all-reduce MB |")

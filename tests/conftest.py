@@ -1,6 +1,7 @@
 import os
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -26,17 +27,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["kept", "recomputed"])
-def kernel_mode(request, monkeypatch) -> str:
-    """Run a test with the chunk kernel keeping its logits from forward to backward (the default for small
-    problems), and again with it recomputing them (the default from about 16 MB of logits)."""
-    from mll.functional import chunked
+@pytest.fixture(params=["kept", "recomputed", "row_tiles"])
+def kernel_mode(request) -> Any:
+    """Run a test on each exact path of the chunked loss: the chunk kernel keeping its logits from forward to
+    backward, the chunk kernel recomputing them, and the row tiles forming the gradient during the forward (three
+    rows per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a
+    gradient to build takes the cost model's path there)."""
+    from mll.functional import set_loss_path
 
-    if request.param == "recomputed":
-        monkeypatch.setattr(chunked, "KEEP_BYTES", 0)
-    else:
-        monkeypatch.setattr(chunked, "KEEP_BYTES", 1 << 40)
-    return request.param
+    path = {"kept": "keep", "recomputed": "recompute", "row_tiles": "row_tiles"}[request.param]
+    with set_loss_path(path, rows=3 if path == "row_tiles" else None):
+        yield request.param
 
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -58,6 +59,19 @@ def exported_heads(*, sharded: bool) -> list[str]:
 _SPAWNED: dict[int, list[dict[str, Any]]] = {}
 
 
+def run_world(worker: Callable[[int, int, str], None], world: int, path: Path) -> list[dict[str, Any]]:
+    """Run ``worker(rank, world, str(path))`` in ``world`` spawned processes and return what each rank saved to
+    ``path / f"rank{rank}.pt"``; a rank left waiting in a collective fails the test after 600 s, never stalls CI."""
+    context = mp.start_processes(worker, args=(world, str(path)), nprocs=world, join=False)
+    start = time.monotonic()
+    while not context.join(timeout=1):
+        if time.monotonic() - start > 600:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"world {world}: a rank hung")
+    return [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
 @pytest.fixture(scope="session")
 def spawned(tmp_path_factory):
     """``spawned(world)``: every rank's results of the one multi-process run per world size (gloo, CPU), shared by
@@ -67,15 +81,7 @@ def spawned(tmp_path_factory):
 
     def results(world: int) -> list[dict[str, Any]]:
         if world not in _SPAWNED:
-            path = tmp_path_factory.mktemp(f"world{world}")
-            context = mp.start_processes(_worker, args=(world, str(path)), nprocs=world, join=False)
-            start = time.monotonic()
-            while not context.join(timeout=1):
-                if time.monotonic() - start > 600:  # a rank left waiting in a collective fails, never stalls CI
-                    for process in context.processes:
-                        process.kill()
-                    pytest.fail(f"world {world}: a rank hung")
-            _SPAWNED[world] = [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+            _SPAWNED[world] = run_world(_worker, world, tmp_path_factory.mktemp(f"world{world}"))
         return _SPAWNED[world]
 
     return results

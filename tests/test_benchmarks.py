@@ -6,6 +6,7 @@ a real run — one per --allocator setting, per chunked probe, per sharded rank 
 """
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import chunked, gpu, run, sharded
+from benchmarks import chunked, gpu, metrics, run, scale, sharded
 from benchmarks.cases import SUITES, Config, make_data
 
 pytestmark = pytest.mark.slow  # runs the benchmark harness
@@ -116,12 +117,40 @@ def test_chunked_quick_run_prints_its_table(in_process: None, capsys: pytest.Cap
 
 
 @pytest.mark.slow
+def test_metrics_quick_run_prints_its_table(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics.main(["--quick"])  # its children time the floor and mll together, and measure each one's memory
+    out = capsys.readouterr().out
+    assert "N = M = 4000 (a self-search), d = 32, classes of 100, K = 99 neighbours" in out
+    for name in ("floor: topk over blocks of x̂ @ x̂ᵀ | ", "mll.metrics.retrieval_metrics | "):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name}"))
+        median, low, ratio, cpu, cpu_ratio, memory = (float(cell) for cell in row.split("|")[2:8])
+        assert 0 < low <= median and ratio > 0 and cpu > 0 and cpu_ratio > 0 and memory >= 0
+    assert "| 1.000 |" in out  # the floor's own row
+    assert "threads: 2" in out or f"threads: {torch.get_num_threads()}" in out
+
+
+@pytest.mark.slow
 def test_sharded_quick_run_prints_its_tables(in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
     sharded.main(["--quick"])  # a rank that fails raises, with its stderr
     out = capsys.readouterr().out
     for world, threads, classes in ((1, 1, 4000), (2, 1, 2000)):  # a quick run: one thread per rank
         assert f"| {world} | {threads} | {classes} |" in out
     assert "| 2 | 65536 | 1024 | 3072 | 65536 | 132 | 132.1 |" in out
+
+
+def test_sharded_floor_option_times_each_rank_beside_its_floor(in_process: None, capsys) -> None:
+    sharded.main(["--quick", "--floor", "--worlds", "2"])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| 2 \| ([01]) \| 2000 \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["0", "1"] and all(float(r[1]) > 0 for r in rows), out
+
+
+def test_the_ten_million_class_script_checks_its_loss_in_float64(in_process: None, capsys) -> None:
+    scale.main(["--quick"])  # C = 2·10^4 on 2 ranks
+    out = capsys.readouterr().out
+    found = re.search(r"float32 sharded vs float64 over all 20000 classes: max abs difference ([\d.e+-]+)", out)
+    assert found is not None and float(found.group(1)) < 1e-4, out
+    assert "| 3 |" in out and "peak RSS, all ranks together" in out
 
 
 def test_limit_suite_shares_one_weight_and_accumulates_only_where_asked() -> None:

@@ -38,3 +38,17 @@ def test_the_adding_a_head_example_runs_on_every_path() -> None:
     assert blocks[1].weight.shape == (8, 5) and "class_range=[3, 7)" in repr(blocks[1])
     merged = mll.nn.dense_state_dict([b.state_dict() for b in blocks])
     assert all(torch.equal(merged[k], v) for k, v in head.state_dict().items())
+
+
+def test_the_metrics_pages_worked_example_prints_what_the_page_shows(tmp_path, monkeypatch, capsys) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    page = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    example = page.split("## A worked example")[1].split("\n## ")[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", example, flags=re.S))
+    shown = "".join(re.findall(r"```text\n(.*?)```", example, flags=re.S))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/metrics.md", "exec"), {})
+    assert capsys.readouterr().out == shown
+    assert (tmp_path / "roc.png").stat().st_size > 0

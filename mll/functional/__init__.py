@@ -21,9 +21,10 @@ Typical use::
 from mll.functional._engine.checks import value_checks
 from mll.functional._engine.compiled import chunk_kernel, set_chunk_kernel
 from mll.functional._engine.normalization import normalize
+from mll.functional._engine.plan import Plan, set_loss_path, set_memory_budget
 from mll.functional.adaptive_margin import ADAPTIVE, adaptive_margin, adaptive_margin_regularizer
 from mll.functional.arcneg import ARC_NEG, arcneg_margin
-from mll.functional.chunked import margin_cross_entropy
+from mll.functional.chunked import loss_plan, margin_cross_entropy
 from mll.functional.circle import CIRCLE, CIRCLE_EXACT, circle_margin
 from mll.functional.cosine import cosine_logits
 from mll.functional.curricular import CURRICULAR, curricular_margin, curricular_statistics, curricular_update
@@ -66,7 +67,8 @@ from mll.functional.proxy import (
     sharded_proxy_anchor_loss,
 )
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
-from mll.functional.sharded import sample_classes, shard_bounds, sharded_margin_cross_entropy
+from mll.functional.sharded import sharded_margin_cross_entropy
+from mll.functional.sharding import sample_classes, shard_bounds
 from mll.functional.soft_triple import soft_triple_distinct_centers, soft_triple_regularizer
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 
@@ -97,6 +99,7 @@ __all__ = [
     "Margin",
     "MarginFamily",
     "MarginParameter",
+    "Plan",
     "ada_margin",
     "adacos_reduce",
     "adacos_scale",
@@ -121,6 +124,7 @@ __all__ = [
     "elastic_margins",
     "heuristic_scale",
     "large_margin_logits",
+    "loss_plan",
     "mag_margin",
     "magface_regularizer",
     "margin_cross_entropy",
@@ -139,6 +143,8 @@ __all__ = [
     "proxy_nca_scale",
     "sample_classes",
     "set_chunk_kernel",
+    "set_loss_path",
+    "set_memory_budget",
     "shard_bounds",
     "sharded_margin_cross_entropy",
     "sharded_proxy_anchor_loss",

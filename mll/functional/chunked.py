@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mll.functional._engine.checks import (
@@ -23,53 +24,50 @@ from mll.functional._engine.checks import (
     renamed,
 )
 from mll.functional._engine.chunks import Spec, prepare
+from mll.functional._engine.compiled import chunk_kernel
 from mll.functional._engine.kernel import chunked_ce
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import Scale, acc_dtype
+from mll.functional._engine.plan import Plan, chunk_classes, plan
+from mll.functional._engine.row_tiles import row_tiled_ce
 from mll.functional._engine.targets import Target, Targets, kernel_targets, tensor_targets
-from mll.functional.cosine import Pooling
-from mll.functional.margin import Margin, MarginParam, param_tensor
+from mll.functional.cosine import Pooling, cosine_logits
+from mll.functional.margin import Margin, MarginParam, apply_margin, param_tensor
 from mll.functional.margins import resolve_margin
 
-__all__ = ["margin_cross_entropy"]
+__all__ = ["loss_plan", "margin_cross_entropy"]
 
 Reduction = Literal["mean", "sum", "none"]
 
-#: the default chunk keeps one chunk's N×chunk·K float32 logits near this many elements, per device type. CPU: 1 MB,
-#: measured on a 2-core machine — a chunk's buffers stay in cache and a few percent of the dense path's memory from
-#: C = 10^5, and 1024 classes at N = 256 are still an efficient GEMM. Accelerators: 16 MB, chosen, not yet measured —
-#: a GPU needs larger GEMMs to fill its cores and pays a kernel launch per elementwise op of a chunk, and 2^22
-#: elements are still ≤ 5% of the dense path's logits from C = 10^5 at N ≥ 512 / K
-CHUNK_ELEMENTS = 1 << 18
-ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
-
-
-#: ``loss()`` keeps a block's logits from forward to backward — no recomputation, three GEMMs instead of four —
-#: while they take at most this many bytes (per device type): on the CPU 16 MB, i.e. up to C = 16384 classes at
-#: N = 256 (K = 1); from C = 10^5 at N = 256 the logits are recomputed and the memory stays O(N·chunk). On an
-#: accelerator 64 MB (chosen, not yet measured).
-KEEP_BYTES = 1 << 24
-ACCELERATOR_KEEP_BYTES = 1 << 26
-
-
-def keeps_logits(batch: int, num_classes: int, num_sub_centers: int, plain: bool, dtype: torch.dtype,
-                 device: Any = "cpu") -> bool:  # fmt: skip
-    """Whether the chunk kernel keeps a block's logits between forward and backward: their bytes — the N×C·K
-    logits in the accumulation dtype, four times that for a margin that keeps more per chunk (sub-centers, a
-    non-target part, dense soft targets) — within :data:`KEEP_BYTES` (accelerators :data:`ACCELERATOR_KEEP_BYTES`).
-    Never while ``torch.compile`` traces the kernel."""
-    if torch.compiler.is_compiling():  # a traced kernel cannot hand its chunks from forward to backward
-        return False
-    budget = KEEP_BYTES if torch.device(device).type == "cpu" else ACCELERATOR_KEEP_BYTES
-    per_logit = torch.finfo(acc_dtype(dtype)).bits // 8 * (1 if plain else 4)
-    return batch * num_classes * num_sub_centers * per_logit <= budget
-
 
 def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, device: Any = "cpu") -> int:
-    """Classes per chunk: ``E // (N·K)`` with E = 2**18 on the CPU (1 MB of float32 logits per chunk) and 2**22 on an
-    accelerator (CUDA and the others), at least 1, at most C."""
-    elements = CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
-    return max(1, min(num_classes, elements // max(1, batch * num_sub_centers)))
+    """Classes per chunk of the chunk kernel: about 2**18 logits on the CPU (2**22 on an accelerator), at least 512
+    classes, at least 1 and at most C (see ``docs/chunked.md``)."""
+    return chunk_classes(batch, num_classes, num_sub_centers, device)
+
+
+def loss_plan(
+    batch: int, num_classes: int, num_sub_centers: int = 1, *, dtype: torch.dtype = torch.float32,
+    device: Any = "cpu", reduction: Reduction = "mean", requires_grad: bool = True, plain: bool = True,
+    chunk_size: Optional[int] = None,
+) -> Plan:  # fmt: skip
+    """The path :func:`margin_cross_entropy` (and every head's ``loss()``) takes for a batch of ``batch`` rows over
+    ``num_classes`` classes — ``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and
+    memory budget
+    (see ``docs/chunked.md``: how the path is chosen). ``plain``: plain scaled cosine logits with class indices (no
+    sub-centers, non-target part or dense soft targets, which hold four logits-sized buffers per chunk)."""
+    check_chunk_size(chunk_size)
+    check_reduction(reduction)
+    scalar = reduction != "none" and requires_grad and torch.is_grad_enabled() and chunk_kernel() != "compiled"
+    buffers = 1 if plain and num_sub_centers == 1 else 4
+    return plan(batch, num_classes, num_sub_centers, buffers, dtype, device, scalar_loss=scalar, chunk=chunk_size,
+                dense=True)  # fmt: skip
+
+
+def logits_buffers(spec: Spec) -> int:
+    """How many logits-sized tensors a chunk of ``spec`` holds: 1 for plain scaled cosines, 4 with sub-centers, a
+    non-target part or dense soft targets (their cosines, pooled cosines and slopes)."""
+    return 1 if spec.plain else 4
 
 
 def flat_param(param: MarginParam, lead: tuple[int, ...], num_classes: int, dtype: torch.dtype, device: Any) -> Tensor:
@@ -182,13 +180,84 @@ def chunked_loss(
     if n == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
         losses = x.sum(-1).to(acc) + 0.0 * weight.sum()
     else:
-        chunk = default_chunk_size(n, num_classes, num_sub_centers, x.device) if chunk_size is None else int(chunk_size)
         tau = float(pooling_temperature) if pooling == "soft" and num_sub_centers > 1 else None
-        spec = Spec(margin.family, targets, int(num_sub_centers), chunk, tau, normalize_weight=normalized)
-        spec.keep = keeps_logits(n, num_classes, num_sub_centers, spec.plain, input.dtype, x.device)
+        spec = Spec(margin.family, targets, int(num_sub_centers), 1, tau, normalize_weight=normalized)
+        choice = plan(n, num_classes, int(num_sub_centers), logits_buffers(spec), input.dtype, x.device,
+                      scalar_loss=not spec.compiled and scalar_loss(reduction, input, weight, scale, params),
+                      chunk=chunk_size, held=accumulating_bytes(weight), dense=True)  # fmt: skip
+        if choice.path == "dense":
+            logits = _dense_logits(input, weight, targets, Margin(margin.family, params), scale, num_sub_centers,
+                                   pooling, pooling_temperature, normalized)  # fmt: skip
+            losses = F.cross_entropy(logits.to(acc), _dense_target(targets, num_classes, acc), reduction="none")
+            return _reduced(losses, input.dtype, lead, reduction)
+        spec.chunk, spec.keep = choice.chunk, choice.path == "keep"
         value = prepare(spec, x, weight, params)
+        if choice.path == "row_tiles":
+            loss = row_tiled_ce(x, weight, scale, value, spec, choice.rows, reduction, n, *params)
+            return loss.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
         losses, *_ = chunked_ce(x, weight, scale, value, spec, *params)
-    losses = losses.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
+    return _reduced(losses, input.dtype, lead, reduction)
+
+
+def _reduced(losses: Tensor, dtype: torch.dtype, lead: tuple[int, ...], reduction: str) -> Tensor:
+    losses = losses.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     if reduction == "none":
         return losses.reshape(lead)
     return losses.sum() if reduction == "sum" else losses.mean()
+
+
+def _dense_logits(
+    input: Tensor, weight: Tensor, targets: Targets, margin: Margin, scale: Scale, num_sub_centers: int, pooling: str,
+    pooling_temperature: float, normalized: bool,
+) -> Tensor:  # fmt: skip
+    """The dense path's logits for the flattened rows: what a head's forward computes (the reference every path
+    equals)."""
+    flat = input.reshape(-1, input.shape[-1])
+    if normalized:
+        cos = cosine_logits(flat, weight, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature)  # type: ignore[arg-type]
+    else:
+        cos = F.linear(flat, weight)
+    return apply_margin(cos, _dense_target(targets, cos.shape[-1], None), margin, scale)
+
+
+def _dense_target(targets: Targets, num_classes: int, dtype: Optional[torch.dtype]) -> Tensor:
+    """Kernel-form targets as ``F.cross_entropy`` takes them: class indices ``(N,)`` or soft targets ``(N, C)`` (a
+    few-hot pair's entries added into their classes)."""
+    if targets.dense is not None:
+        return targets.dense if dtype is None else targets.dense.to(dtype)
+    assert targets.classes is not None
+    if targets.weights is None:
+        return targets.classes[:, 0]
+    inside = targets.classes >= 0
+    dense = torch.zeros(
+        targets.classes.shape[0], num_classes, dtype=targets.weights.dtype, device=targets.classes.device
+    )
+    dense.scatter_add_(1, targets.classes.clamp(min=0), torch.where(inside, targets.weights, 0.0))
+    return dense if dtype is None else dense.to(dtype)
+
+
+def accumulating_bytes(weight: Tensor) -> int:
+    """The bytes of the weight gradient the row tiles form beside an existing ``.grad`` (autograd then adds it in);
+    the chunk kernel adds its chunks into ``.grad`` directly."""
+    grad = weight.grad if weight.is_leaf and weight.requires_grad else None
+    return 0 if grad is None else weight.numel() * (8 if weight.dtype == torch.float64 else 4)
+
+
+def scalar_loss(reduction: str, *inputs: Any) -> bool:
+    """Whether a loss ends the graph and can form its gradient during the forward: reduced to one number, a gradient
+    to build, in eager mode outside ``torch.func`` transforms."""
+    return (
+        reduction in ("mean", "sum")
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and any(isinstance(t, Tensor) and t.requires_grad for t in _flat(inputs))
+    )
+
+
+def _flat(items: Any) -> Any:
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            yield from _flat(item)
+        else:
+            yield item

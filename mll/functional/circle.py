@@ -8,6 +8,7 @@ elementwise pass on every path (see :class:`mll.functional.MarginFamily`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,27 +24,36 @@ __all__ = ["CIRCLE", "CIRCLE_EXACT", "circle_margin"]
 CIRCLE_MARGIN_RANGE = (0.0, 1.0)
 
 
-def _family(detach: bool) -> MarginFamily:
-    def target(cosine: Tensor, w: Tensor | float, margin: Tensor) -> Any:
+@dataclass(frozen=True)
+class _Weights:
+    """The target and non-target logits with the weights α detached or not: module-level and plain data, so that
+    the families pickle."""
+
+    detach: bool
+
+    def target(self, cosine: Tensor, w: Tensor | float, margin: Tensor) -> Any:
         alpha = (1 + margin - cosine).clamp(min=0)  # α_p = [O_p − s_p]_+, O_p = 1 + m
         value = alpha * (cosine - (1 - margin))  # Δ_p = 1 − m
-        if detach:
+        if self.detach:
             return value, alpha
         return value, torch.where(alpha > 0, 2 - 2 * cosine, 0.0)
 
-    def negatives(cosine: Tensor, target: Tensor, margin: Tensor) -> Any:
+    def negatives(self, cosine: Tensor, target: Tensor, margin: Tensor) -> Any:
         alpha = (cosine + margin).clamp(min=0)  # α_n = [s_n − O_n]_+, O_n = −m
         value = alpha * (cosine - margin)  # Δ_n = m
-        if detach:
+        if self.detach:
             return value, alpha
         return value, torch.where(alpha > 0, 2 * cosine, 0.0)
 
+
+def _family(detach: bool) -> MarginFamily:
+    weights = _Weights(detach)
     return MarginFamily(
         "circle" if detach else "circle_exact",
-        target,
+        weights.target,
         (MarginParameter("margin", *CIRCLE_MARGIN_RANGE),),
         target_logit=None,  # no default scale: the paper's γ is 256 for face recognition
-        negatives=negatives,
+        negatives=weights.negatives,
         class_indices_only=True,
         title="Circle loss",
     )

@@ -283,7 +283,7 @@ def check_magface_args(
     if isinstance(margin_low, Tensor) or isinstance(margin_high, Tensor):
         if not values_checkable():
             return
-        increasing = bool((torch.as_tensor(margin_low) <= torch.as_tensor(margin_high)).all())
+        increasing = bool((margin_low <= margin_high).all())  # type: ignore[union-attr]  # (a tensor)
     else:
         increasing = margin_low <= margin_high
     if not increasing:

@@ -93,7 +93,7 @@ def large_margin_logits(
         Tensor[*, C]: the logits, in the dtype of ``input @ weight.T``.
     """
     check_features(input, weight, 1)
-    check_lambda(lambda_)
+    check_lambda(lambda_, "L-Softmax lambda_")
     check_scale(scale)
     dots = torch.nn.functional.linear(input, weight)
     check_cosine(dots)

@@ -37,10 +37,12 @@ head" page)::
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -104,6 +106,19 @@ class MarginParameter:
         )  # fmt: skip
 
 
+def _global_name(family: MarginFamily, module: Optional[str]) -> Optional[str]:
+    namespace = vars(sys.modules[module]) if module in sys.modules else {}
+    return next((name for name, value in namespace.items() if value is family), None)
+
+
+def family_global(module: str, name: str) -> MarginFamily:
+    """The margin family ``name`` of ``module`` (how a pickled family is found again)."""
+    family = getattr(importlib.import_module(module), name)
+    if not isinstance(family, MarginFamily):
+        raise TypeError(f"{module}.{name} is not a MarginFamily, but a {type(family).__name__}")
+    return family
+
+
 def _shape(shape: Optional[Sequence[int]]) -> Optional[torch.Size]:
     return None if shape is None else torch.Size(shape)
 
@@ -153,6 +168,16 @@ class MarginFamily:
 
     def __repr__(self) -> str:
         return f"MarginFamily({self.name!r})"
+
+    def __reduce__(self) -> Any:
+        # a family is a module-level constant that heads compare by identity (``margin.family is NO_MARGIN``): it
+        # pickles (and deep-copies) as a reference to its name in the module of its ``value_and_slope``, as pickle
+        # does for functions; one that is no such global travels by value (its functions must then be module-level)
+        module = getattr(self.value_and_slope, "__module__", None)
+        name = _global_name(self, module)
+        if module is None or name is None:
+            return (MarginFamily, tuple(getattr(self, f.name) for f in fields(self)))
+        return (family_global, (module, name))
 
 
 @dataclass(frozen=True, repr=False)

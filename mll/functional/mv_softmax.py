@@ -10,7 +10,7 @@ sharded losses apply it chunk by chunk. No N×C one-hot, no N×C arccos.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,8 +22,6 @@ from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_valu
 
 __all__ = ["MV_ARC", "MV_ARC_FIXED", "MV_COS", "MV_COS_FIXED", "mv_margin"]
 
-TargetFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
 
 def _cos_target(cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
     value = cosine - margin
@@ -34,32 +32,44 @@ def _arc_target(cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
     return _arc_value_and_slope(cosine, margin, False)
 
 
-def _family(arc: bool, adaptive: bool) -> MarginFamily:
-    target_fn: TargetFn = _arc_target if arc else _cos_target
+@dataclass(frozen=True)
+class _Variant:
+    """One of the four variants' functions: module-level and plain data, so that the families pickle."""
 
-    def value_and_slope(cosine: Tensor, w: Tensor | float, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return target_fn(cosine, margin * w)
+    arc: bool
+    adaptive: bool
 
-    def negatives(cosine: Tensor, target: Tensor, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def target(self, cosine: Tensor, margin: Tensor) -> tuple[Tensor, Tensor]:
+        return _arc_target(cosine, margin) if self.arc else _cos_target(cosine, margin)
+
+    def value_and_slope(self, cosine: Tensor, w: Tensor | float, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.target(cosine, margin * w)
+
+    def negatives(self, cosine: Tensor, target: Tensor, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # I_k = 1 where ψ(θ_y) − cos θ_k < 0: the row's decision boundary (ArcFace's with its fix past π − m)
-        boundary, _ = target_fn(target, margin)
+        boundary, _ = self.target(target, margin)
         hard = cosine > boundary
         t = t.to(cosine.dtype)
-        if adaptive:  # h = e^{s t (cos θ_k + 1) I_k}: logit (t + 1) cos θ_k + t
+        if self.adaptive:  # h = e^{s t (cos θ_k + 1) I_k}: logit (t + 1) cos θ_k + t
             return torch.where(hard, (t + 1) * cosine + t, cosine), torch.where(hard, t + 1, 1.0)
         # fixed: h = e^{s t I_k}, logit cos θ_k + t
         return torch.where(hard, cosine + t, cosine), cosine.new_ones(()).expand(cosine.shape)
 
-    margin_range = ARC_MARGIN_RANGE if arc else COS_MARGIN_RANGE
-    base: Callable[[float, float], float] = (
-        (lambda th, m: math.cos(th + m)) if arc else (lambda th, m: math.cos(th) - m)
-    )
+    def target_logit(self, theta: float, m: float, t: float) -> float:
+        return math.cos(theta + m) if self.arc else math.cos(theta) - m
+
+
+def _family(arc: bool, adaptive: bool) -> MarginFamily:
+    variant = _Variant(arc, adaptive)
     return MarginFamily(
         f"mv_{'arc' if arc else 'cos'}{'' if adaptive else '_fixed'}",
-        value_and_slope,
-        (MarginParameter("margin", *margin_range), MarginParameter("t", 0.0, math.inf)),
-        target_logit=lambda th, m, t: base(th, m),
-        negatives=negatives,
+        variant.value_and_slope,
+        (
+            MarginParameter("margin", *(ARC_MARGIN_RANGE if arc else COS_MARGIN_RANGE)),
+            MarginParameter("t", 0.0, math.inf),
+        ),
+        target_logit=variant.target_logit,
+        negatives=variant.negatives,
         class_indices_only=True,
         title="MV-Softmax",
     )

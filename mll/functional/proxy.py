@@ -49,11 +49,11 @@ from mll.functional._engine.checks import (
     is_soft,
     shape_str,
 )
-from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, class_log_sums
+from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, ProxyAnchorOnePass, class_log_sums
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import acc_dtype
-from mll.functional.chunked import default_chunk_size
+from mll.functional.chunked import default_chunk_size, scalar_loss
 
 __all__ = [
     "PROXY_ANCHOR_ALPHA",
@@ -231,7 +231,12 @@ def proxy_anchor_chunked(
     x = normalize(input).reshape(-1, input.shape[-1])
     chunk = default_chunk_size(x.shape[0], num_classes, k, x.device) if chunk_size is None else int(chunk_size)
     spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk)
-    stats, _, _ = ClassLogSums.apply(x, weight, labels.reshape(-1), spec)
+    labels = labels.reshape(-1)
+    if scalar_loss("mean", x, weight):  # the gradient formed during the forward: three GEMMs
+        count = present_classes(labels, num_classes)
+        loss, _ = ProxyAnchorOnePass.apply(x, weight, labels, spec, 1.0 / count, 1.0 / num_classes)
+        return loss.to(_out_dtype(input.dtype))
+    stats, _, _ = ClassLogSums.apply(x, weight, labels, spec)
     loss = stats[0] / stats[2].detach().clamp(min=1) + stats[1] / num_classes
     return loss.to(_out_dtype(input.dtype))
 
@@ -351,9 +356,21 @@ def _sharded(
     local_y = torch.where((y >= class_start) & (y < class_start + width), y - int(class_start), -1)
     chunk = default_chunk_size(sum(sizes), max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
     spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk, group, world)
+    if scalar_loss("mean", x, weight):  # the gradient formed during the forward: three GEMMs
+        count = present_classes(y, int(num_classes))  # |P⁺| of the global batch, the same on every rank
+        part, stats = ProxyAnchorOnePass.apply(x, weight, local_y, spec, 1.0 / count, 1.0 / int(num_classes))
+        total = all_reduce(stats.clone(), "sum", group, world)
+        loss = total[0] / count + total[1] / int(num_classes) + (part - part.detach())
+        return loss.to(_out_dtype(input.dtype))
     stats, _, _ = ClassLogSums.apply(x, weight, local_y, spec)
     # the global sums' values, to the bit on every rank, with the gradient of this block's own sums
     total = all_reduce(stats.detach().clone(), "sum", group, world)
     own = total + (stats - stats.detach())
     loss = own[0] / total[2].clamp(min=1) + own[1] / int(num_classes)
     return loss.to(_out_dtype(input.dtype))
+
+
+def present_classes(labels: Tensor, num_classes: int) -> int:
+    """|P⁺|: how many classes of ``[0, C)`` have a sample among ``labels`` (at least 1; a host read)."""
+    inside = labels[(labels >= 0) & (labels < num_classes)]
+    return max(1, int(torch.unique(inside).numel()))

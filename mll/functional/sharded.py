@@ -19,16 +19,16 @@ Per step and rank the traffic is O(N·d + N·P), independent of C; see ``docs/sh
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from mll.functional._engine.agreement import Report, agree, check_block
-from mll.functional._engine.block import RankRows
+from mll.functional._engine.block import RankRows, Ranks
 from mll.functional._engine.checks import (
     check_generator,
-    check_num_classes,
     check_pair,
     check_reduction,
     check_sample_rate,
@@ -41,71 +41,15 @@ from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_
 from mll.functional._engine.kernel import chunked_ce
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import Scale, acc_dtype
+from mll.functional._engine.plan import Plan, plan
+from mll.functional._engine.row_tiles import row_tiled_ce
 from mll.functional._engine.targets import Target, Targets, dense_to_pair, merge_duplicates, pad_pairs
-from mll.functional.chunked import Reduction, default_chunk_size, keeps_logits
+from mll.functional.chunked import Reduction, logits_buffers, scalar_loss
 from mll.functional.margin import Margin, param_tensor
 from mll.functional.margins import resolve_margin
+from mll.functional.sharding import sample_classes
 
-__all__ = ["sample_classes", "shard_bounds", "sharded_margin_cross_entropy"]
-
-
-def shard_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous class blocks ``[(start, stop), …]``, one per rank, as even as possible.
-
-    The first ``C mod world`` ranks hold one class more than the others (the split of :func:`numpy.array_split`);
-    with fewer classes than ranks the last ``world − C`` blocks are empty, which the loss allows.
-
-    Args:
-        num_classes (int): ``C >= 2``.
-        world_size (int): number of ranks, ``>= 1``.
-
-    Returns:
-        list of (int, int): rank r holds classes ``start <= c < stop``.
-    """
-    check_num_classes(num_classes, "num_classes")
-    if not is_int(world_size) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, but got {world_size!r}")
-    base, extra = divmod(int(num_classes), int(world_size))
-    bounds, start = [], 0
-    for r in range(int(world_size)):
-        stop = start + base + (1 if r < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
-def sample_classes(positive: Tensor, sample_rate: float, *, generator: Optional[torch.Generator] = None) -> Tensor:
-    """One step's class sample of a block (Partial FC): every positive class plus uniformly random others.
-
-    ``max(#positives, round(sample_rate · width), 1)`` classes are kept, positives first: each class gets a uniform
-    random score in [0, 1), positives get 2, and the highest scores win (the scheme of the Partial FC paper). With
-    ``round(sample_rate · width) >= width`` every class is kept and no random number is drawn, so a rate of 1 is
-    exactly no sampling. Eager only: the number kept depends on the data (a host read).
-
-    Args:
-        positive (Tensor[width] of bool): the block's classes that are targets of some sample in the global batch.
-        sample_rate (float): fraction of the block to keep, in ``(0, 1]``.
-        generator (torch.Generator, optional): on ``positive``'s device; the default generator when None.
-
-    Returns:
-        Tensor[S] of int64: sorted block-local indices of the kept classes.
-    """
-    check_sample_rate(sample_rate)
-    if not isinstance(positive, Tensor) or positive.dtype != torch.bool or positive.dim() != 1:
-        got = (
-            f"dtype {positive.dtype}, shape {tuple(positive.shape)}"
-            if isinstance(positive, Tensor)
-            else type(positive).__name__
-        )
-        raise TypeError(f"positive must be a 1-dim bool tensor (one flag per class of the block), but got {got}")
-    check_generator(generator)
-    width = positive.numel()
-    count = max(1, round(sample_rate * width))
-    if count >= width:
-        return torch.arange(width, device=positive.device)
-    count = max(count, int(positive.sum()))
-    score = torch.rand(width, generator=generator, device=positive.device).masked_fill_(positive, 2.0)
-    return score.topk(count, sorted=False).indices.sort().values
+__all__ = ["sharded_margin_cross_entropy"]
 
 
 def _check_locally(
@@ -363,11 +307,11 @@ def _sharded(
             width = kept.numel()
 
     # 3. the chunk kernel, its row statistics all-reduced over the blocks
-    chunk = default_chunk_size(total, max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
     tau = float(pooling_temperature) if pooling == "soft" and k > 1 else None
-    spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, chunk, tau,
+    spec = Spec(margin_.family, Targets(classes=classes, weights=weights, row_sum=row_sum), k, 1, tau,
                 reduce=lambda t, op: all_reduce(t, op, group, world), normalize_weight=normalized)  # fmt: skip
-    spec.keep = keeps_logits(total, width, k, spec.plain, input.dtype, x.device)
+    choice = _agreed_plan(spec, total, width, input, w, scale, params, reduction, chunk_size, group, world)
+    spec.chunk, spec.keep = choice.chunk, choice.path == "keep"
     value = prepare(spec, x, w, tuple(params))
     if margin_.family.negatives is not None:  # each row's target cosine and parameters, from the rank that owns it
         owner = (classes[:, :1] >= 0) & (classes[:, :1] < width)
@@ -377,7 +321,30 @@ def _sharded(
             all_reduce(torch.where(owner, r, 0.0), "sum", group, world) if t.dim() == 1 else r
             for t, r in zip(params, spec.row_params)
         )
+    if choice.path == "row_tiles":  # the loss and its gradient in one pass, tile by tile (the same tiles everywhere)
+        spec.ranks = Ranks(rank, sizes, group)
+        out = row_tiled_ce(x, w, scale, value, spec, choice.rows, reduction, total, *params)
+        return out.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     losses, *_ = chunked_ce(x, w, scale, value, spec, *params)
     out = RankRows.apply(losses, sizes, rank, group, reduction)
     out = out.to(input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32)
     return out.reshape(lead) if reduction == "none" else out
+
+
+def _agreed_plan(
+    spec: Spec, total: int, width: int, input: Tensor, weight: Tensor, scale: Any, params: list[Tensor],
+    reduction: str, chunk_size: Optional[int], group: Any, world: int,
+) -> Plan:  # fmt: skip
+    """The cost model's path for this rank's block; the row tiles run collectives per tile, so every rank tiles alike
+    (the smallest tile of any rank) or none does (one small all-reduce)."""
+    buffers = logits_buffers(spec)
+    scalar = not spec.compiled and scalar_loss(reduction, input, weight, scale, params)
+    choice = plan(total, max(width, 1), spec.num_sub_centers, buffers, input.dtype, input.device, scalar_loss=scalar,
+                  chunk=chunk_size)  # fmt: skip
+    if not scalar:
+        return choice
+    mine = choice.rows if choice.path == "row_tiles" else 0
+    rows = -int(all_reduce(torch.tensor([-mine], device=input.device), "max", group, world)[0])
+    if rows > 0:
+        return replace(choice, path="row_tiles", rows=rows)
+    return plan(total, max(width, 1), spec.num_sub_centers, buffers, input.dtype, input.device, chunk=chunk_size)

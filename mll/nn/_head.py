@@ -32,60 +32,11 @@ from mll.functional._engine.checks import (
 from mll.functional.chunked import chunked_loss
 from mll.functional.margin import apply_margin
 from mll.nn._regularized import plus_regularizer
+from mll.nn._state import InitialValue, float_repr, register_scale, restore_initial_values
 
-__all__ = ["Head", "agreed", "margin_repr", "register_margin", "register_scale", "statistics_dtype", "typical_margin"]
+__all__ = ["Head", "agreed"]
 
 T = TypeVar("T")
-
-
-def statistics_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """Running statistics are kept in float64 for float64 heads, else float32 (an EMA stalls in half precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def register_margin(
-    module: nn.Module, name: str, value: object, parameter: MF.MarginParameter, title: str, num_classes: int,
-    device: Any = None, dtype: Any = None,
-) -> None:  # fmt: skip
-    """Store a margin hyper-parameter: a float as a plain attribute, a per-class tensor ``(C,)`` as a buffer (saved in
-    the state dict, moved by ``.to()``) on the head's device, float64 for float64 heads and float32 otherwise."""
-    if isinstance(value, Tensor):
-        if tuple(value.shape) != (num_classes,):
-            raise ValueError(
-                f"{title} {name} must be a float or a tensor of shape ({num_classes},), one per class, "
-                f"but got shape {tuple(value.shape)}"
-            )
-        parameter.check(value, title, (num_classes,))
-        stored = value.detach().to(device=device, dtype=statistics_dtype(dtype) if dtype is not None else None)
-        module.register_buffer(name, stored.clone())
-    else:
-        parameter.check(value, title)
-        setattr(module, name, float(value))  # type: ignore[arg-type]
-
-
-def register_scale(module: nn.Module, scale: float, trainable: bool, device: Any, dtype: Any) -> None:
-    """``module.scale``: a 0-dim Parameter when trainable, else a buffer (saved, moved, never optimised); 0.1.6's
-    shape-(1,) scale loads into it."""
-    if not isinstance(trainable, bool):
-        raise TypeError(f"trainable_scale must be a bool, but got {type(trainable).__name__}")
-    check_scale(scale)
-    value = torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
-    if trainable:
-        module.scale = nn.Parameter(value)
-    else:
-        module.register_buffer("scale", value)
-    module._register_load_state_dict_pre_hook(_upgrade_legacy_scale, with_module=True)
-
-
-def typical_margin(value: Any) -> float:
-    """A margin as one float (the mean of a per-class tensor): what a head's default scale is solved for."""
-    return float(value.detach().double().mean()) if isinstance(value, Tensor) else float(value)
-
-
-def margin_repr(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"per-class[{value.numel()}] in [{float(value.min()):.4g}, {float(value.max()):.4g}]"
-    return f"{value}"
 
 
 class Head(nn.Module):
@@ -93,8 +44,15 @@ class Head(nn.Module):
 
     Subclasses call ``super().__init__`` with the shared arguments and a ``default_margin`` (the margin the default
     scale is solved for, see :func:`mll.functional.heuristic_scale`), set their own hyper-parameters before it
-    (the default scale may read them), and override :meth:`step_margin` (and :meth:`reset_running_stats` when they
-    keep running statistics).
+    (the default scale may read them), register their tensors with their initial values (``mll/nn/_state.py``) and
+    override :meth:`step_margin` (and name their ``running_stats``).
+
+    **Re-initialisation**, one rule for every head: :meth:`reset_parameters` draws the class weights anew and sets
+    every other parameter and buffer — the scale (trained or adapted), per-class margins (AdaM-Softmax's learned
+    ones too), running statistics, annealed weights — back to the value it had when the head was built (kept in
+    ``initial_values``, outside the ``state_dict``). So it also fills a head built on the meta device after
+    ``to_empty()``: with the same seed, the state of a head built directly. :meth:`reset_running_stats` restores
+    only the running statistics (as ``nn.BatchNorm``'s does).
     """
 
     in_features: int
@@ -124,6 +82,10 @@ class Head(nn.Module):
     #: the head has a scale ``s`` (a buffer, or a parameter with ``trainable_scale``); without one, its logits are the
     #: cosines times its own fixed factor, :meth:`logit_scale`
     has_scale = True
+    #: the buffers that are running statistics (what :meth:`reset_running_stats` restores)
+    running_stats: tuple[str, ...] = ()
+    #: each parameter and buffer's value at construction, by name (not the weights: they are drawn)
+    initial_values: dict[str, InitialValue]
 
     def __init__(
         self,
@@ -140,6 +102,7 @@ class Head(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
+        self.initial_values = {}
         check_in_features(in_features)
         check_num_classes(out_features)
         check_num_sub_centers(num_sub_centers)
@@ -153,6 +116,8 @@ class Head(nn.Module):
         self.pooling, self.pooling_temperature = pooling, float(pooling_temperature)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((self.weight_rows(), self.in_features), **factory))
+        #: the scale was left to its default (solved for the head's margin)
+        self.scale_is_default = scale is None
         if self.has_scale:
             if scale is None:
                 scale = MF.heuristic_scale(self.out_features, default_margin or MF.NO_MARGIN())
@@ -163,8 +128,9 @@ class Head(nn.Module):
         return self.out_features * self.num_sub_centers
 
     def options(self) -> dict[str, Any]:
-        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head (its
-        hyper-parameters; the weights and running statistics are in the ``state_dict``)."""
+        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head: its
+        hyper-parameters, with the initial value of every tensor it keeps (the scale, per-class margins). The current
+        state — weights, a trained scale or margins, running statistics — is in the ``state_dict``."""
         options: dict[str, Any] = {
             "num_sub_centers": self.num_sub_centers,
             "pooling": self.pooling,
@@ -172,23 +138,31 @@ class Head(nn.Module):
         }
         scale = getattr(self, "scale", None)
         if isinstance(scale, Tensor):
-            options["scale"] = float(scale.detach())
+            options["scale"] = self.initial_values["scale"]
             if self.show_trainable:
                 options["trainable_scale"] = scale.requires_grad
         return {**options, **self.head_options()}
+
+    def initial(self, name: str) -> Any:
+        """A hyper-parameter as the constructor took it: the initial value of a tensor the head keeps (a per-class
+        margin, a learned one too), or the attribute itself (a float)."""
+        return self.initial_values.get(name, getattr(self, name))
 
     def head_options(self) -> dict[str, Any]:
         """The head's own constructor arguments (its margin's), for :meth:`options`."""
         return {}
 
     def reset_parameters(self) -> None:
+        """Draw the class weights anew and set every other parameter and buffer back to its initial value (see the
+        class notes)."""
         # Gaussian rows point in uniformly random directions on the sphere (a uniform box, as in nn.Linear's
         # init, favours its diagonals); the norm is irrelevant after normalisation.
         nn.init.normal_(self.weight)
-        self.reset_running_stats()
+        restore_initial_values(self)
 
     def reset_running_stats(self) -> None:
-        """Set the running statistics back to their initial values (none here)."""
+        """Set the running statistics (``running_stats``) back to their initial values."""
+        restore_initial_values(self, self.running_stats)
 
     def logit_scale(self) -> Tensor | float:
         """The factor between cosines and logits."""
@@ -318,7 +292,7 @@ class Head(nn.Module):
         ]
         scale = getattr(self, "scale", None)
         if isinstance(scale, Tensor):
-            parts.append(f"scale={float(scale.detach()):.4g}")
+            parts.append(f"scale={float_repr(scale, '.4g')}")
             if self.show_trainable:
                 parts.append(f"trainable_scale={scale.requires_grad}")
         if self.pooling != "max":
@@ -342,11 +316,3 @@ def agreed(check: Callable[[], T], sizes: dict[str, int], device: torch.device, 
         problem = error
     agree_on_call(problem, sizes, device, group)
     return result
-
-
-def _upgrade_legacy_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    # 0.1.6 stored the scale as a Parameter of shape (1,); ours is 0-dim.
-    key = prefix + "scale"
-    value = state_dict.get(key)
-    if isinstance(value, Tensor) and value.shape == (1,):
-        state_dict[key] = value.reshape(())

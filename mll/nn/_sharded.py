@@ -19,6 +19,7 @@ ArcFace *is* an ArcFace — the same maths on a block — not an unrelated head 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -39,6 +40,7 @@ from mll.functional._engine.checks import (
     is_int,
 )
 from mll.functional._engine.distributed import rank_and_world
+from mll.nn._state import keep_initial
 
 if TYPE_CHECKING:  # the mixin always comes before a head: type-check it as one
     from mll.nn._head import Head as _Base
@@ -74,17 +76,19 @@ class Sharded(_Base):
         check_generator(generator)
         rank_and_world(group)  # a group without torch.distributed is an error here, not at the first step
         self.requested_range, self.group = class_range, group  # read by weight_rows, during the dense __init__
-        if "generator" in inspect.signature(self.dense).parameters:
-            kwargs["generator"] = generator  # ElasticFace: the margins' draws and the class sampling share it
+        draws = "generator" in inspect.signature(self.dense).parameters
+        if draws:
+            kwargs["generator"] = generator  # ElasticFace's margins, drawn alike on every rank
         super().__init__(*args, **kwargs)
         self.sample_rate = float(sample_rate)
         self.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
         self.sampling_generator = generator
-        device = self.rows().device
+        if draws and self.sample_rate < 1:  # each rank samples its own block: a stream of its own
+            self.sampling_generator = own_stream(generator, self.rows().device, rank_and_world(group)[0])
         # saved with the weights: a checkpoint says which classes it holds
-        self.register_buffer(
-            "class_range", torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device=device)
-        )
+        block = torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device="cpu")
+        self.register_buffer("class_range", block.to(self.rows().device))
+        keep_initial(self, "class_range", block)
         self._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
 
     def rows(self) -> Tensor:
@@ -138,10 +142,11 @@ class Sharded(_Base):
             problem = error
         # everything the sharded loss's own agreement compares, before any statistic changes: a call that raises
         # changes no state, and no rank is left in a collective the others skip (train on one rank, eval on another)
-        shared = {
+        shared: dict[str, int | float] = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "num_sub_centers": self.num_sub_centers,
+            **self._agreed_options(),
             "training": int(self.training),
             "dtype": dtype_code(getattr(input, "dtype", None)),
             "soft": int(target is not None and soft_target(target)),
@@ -154,6 +159,22 @@ class Sharded(_Base):
         elif margin is None:
             margin = self.step_margin(input, target, None)
         return self.loss_terms(input, target, margin, reduction, chunk_size)
+
+    def _agreed_options(self) -> dict[str, float]:
+        """The constructor's numeric arguments, keyed as an error names them (a tensor or another object: nan): every
+        rank must build its head alike. A margin argument is compared before the default scale that follows it."""
+        head, options = type(self).__name__, self.options()
+        follows = getattr(self, "scale_is_default", False)
+        out: dict[str, float] = {}
+        for key in sorted(options, key=lambda k: k == "scale"):  # the scale last
+            value = options[key]
+            title = f"{head} {key}"
+            if follows and key == "scale":
+                title = f"{head}'s default scale (it follows the margin arguments)"
+            elif follows and ("margin" in key or key in ("m0", "m1", "m2", "m3")):
+                title += " (the default scale follows it)"
+            out[title] = float(value) if isinstance(value, (int, float)) else math.nan
+        return out
 
     def _loss_checks(self, input: Tensor, labels: Any, reduction: str, chunk_size: Optional[int]) -> Any:
         if not isinstance(labels, (tuple, list)):
@@ -222,6 +243,16 @@ class Sharded(_Base):
         block = block_state(head.state_dict(), shard.class_start, shard.class_stop, k, shard.get_buffer("class_range"))
         shard.load_state_dict(block)
         return shard
+
+
+def own_stream(generator: Optional[torch.Generator], device: torch.device, rank: int) -> torch.Generator:
+    """A generator of this rank's own, seeded from one draw of ``generator`` (the default one when None), which
+    every rank makes alike: the ranks' draws from ``generator`` stay in step."""
+    seed = int(
+        torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
+    )
+    device = torch.device("cpu") if device.type == "meta" else device
+    return torch.Generator(device=device).manual_seed(seed + rank)
 
 
 def soft_target(target: Any) -> bool:

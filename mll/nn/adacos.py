@@ -59,6 +59,7 @@ class AdaCos(Head):
     needs_labels = False
     show_trainable = False
     shares_statistics = True
+    running_stats = ("scale",)
 
     def __init__(
         self, in_features: int, out_features: int, num_sub_centers: int = 1, scale: Optional[float] = None, *,
@@ -71,18 +72,12 @@ class AdaCos(Head):
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         self.min_scale = float(min_scale)
-        self.initial_scale = float(self.scale)
         self.reset_parameters()
 
     def logit_scale(self) -> Tensor:
         """This step's scale: a copy of the buffer, which the next training call updates in place while this call's
         graph may still need the value (two views through the head before one backward)."""
         return self.scale.clone()
-
-    def reset_running_stats(self) -> None:
-        """Set the scale back to its initial value."""
-        with torch.no_grad():
-            self.scale.fill_(self.initial_scale)
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         # labels may be None here: AdaCos's label-free form takes the predicted class as the target
@@ -102,7 +97,7 @@ class AdaCos(Head):
         return MF.NO_MARGIN()
 
     def head_options(self) -> dict[str, Any]:
-        return {"scale": self.initial_scale, "min_scale": self.min_scale}
+        return {"min_scale": self.min_scale}
 
     def extra_options(self) -> list[str]:
         return [f"min_scale={self.min_scale}"]

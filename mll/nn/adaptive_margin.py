@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._engine.checks import check_nonnegative, check_num_classes
+from mll.functional._engine.checks import check_nonnegative
 from mll.functional.adaptive_margin import ADAPTIVE_MARGIN_RANGE
-from mll.nn._head import Head, margin_repr, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import keep_initial, margin_repr, typical_margin
 
 __all__ = ["AdaMSoftmax"]
 
@@ -49,36 +50,21 @@ class AdaMSoftmax(Head):
         trainable_scale: bool = False, margin: Any = 0.35, *, lambda_: float = 70.0, pooling: str = "max",
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        spec = MF.ADAPTIVE.parameters[0]
-        if isinstance(margin, Tensor):
-            check_num_classes(out_features)
-            if tuple(margin.shape) != (int(out_features),):
-                raise ValueError(
-                    f"AdaM-Softmax margin must be a float or a tensor of shape ({out_features},), one per class, "
-                    f"but got shape {tuple(margin.shape)}"
-                )
-            spec.check(margin, "AdaM-Softmax", (int(out_features),))
-        else:
-            spec.check(margin, "AdaM-Softmax")
+        typical = typical_margin(margin, MF.ADAPTIVE.parameters[0], "AdaM-Softmax", out_features)
         self.lambda_ = check_nonnegative(lambda_, "AdaM-Softmax lambda_")
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(min(typical_margin(margin), 0.99)), pooling=pooling,
-            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+            default_margin=MF.COS(min(typical, 0.99)), pooling=pooling, pooling_temperature=pooling_temperature,
+            device=device, dtype=dtype,
         )  # fmt: skip
-        self.initial_margin = margin.detach().clone() if isinstance(margin, Tensor) else float(margin)
         self.margin = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+        keep_initial(self, "margin", margin)  # a float, or a per-class tensor
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        margin = getattr(self, "margin", None)
-        if isinstance(margin, Tensor):
-            with torch.no_grad():
-                if isinstance(self.initial_margin, Tensor):
-                    margin.copy_(self.initial_margin)
-                else:
-                    margin.fill_(self.initial_margin)
+    @property
+    def initial_margin(self) -> float | Tensor:
+        """The margins' initial value (what :meth:`reset_parameters` restores)."""
+        return self.initial_values["margin"]
 
     def project_margins(self) -> None:
         """Clamp the margins onto ``[0, 1]`` in place, as the authors' code does before every step.
@@ -96,7 +82,7 @@ class AdaMSoftmax(Head):
         return MF.adaptive_margin_regularizer(self.margin, lambda_=self.lambda_)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin.detach().clone(), "lambda_": self.lambda_}
+        return {"margin": self.initial_values["margin"], "lambda_": self.lambda_}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin.detach())}", f"lambda_={self.lambda_}"]

@@ -7,9 +7,9 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional._engine.checks import check_margin_param
 from mll.functional.arcneg import check_arcneg_sigma
-from mll.nn._head import Head, margin_repr, register_margin, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import margin_repr, register_margin, typical_margin
 
 __all__ = ["ArcNegFace"]
 
@@ -38,13 +38,13 @@ class ArcNegFace(Head):
     ) -> None:  # fmt: skip
         family = MF.ARC_NEG
         m_spec, a_spec, s_spec = family.parameters
-        check_margin_param(margin, m_spec.low, m_spec.high, family.label, None)
+        typical = typical_margin(margin, m_spec, family.label, out_features)
         a_spec.check(alpha, family.label)
         s_spec.check(sigma, family.label)
         check_arcneg_sigma(sigma)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.ARC(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.ARC(typical), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, m_spec, family.label, out_features, device, dtype)
@@ -55,7 +55,7 @@ class ArcNegFace(Head):
         return MF.ARC_NEG(self.margin, self.alpha, self.sigma)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "alpha": self.alpha, "sigma": self.sigma}
+        return {"margin": self.initial("margin"), "alpha": self.alpha, "sigma": self.sigma}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"alpha={self.alpha}", f"sigma={self.sigma}"]

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional.circle import circle_family
-from mll.nn._head import Head, margin_repr, register_margin
+from mll.nn._head import Head
+from mll.nn._state import check_margin_arg, margin_repr, register_margin
 
 __all__ = ["CircleLoss"]
 
@@ -41,6 +42,7 @@ class CircleLoss(Head):
         family = circle_family(detach_weights)
         if scale is None:
             raise ValueError("CircleLoss has no default scale (its logits are not cosines): pass scale=, e.g. 256")
+        check_margin_arg(margin, family.parameters[0], family.label, out_features)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
@@ -53,7 +55,7 @@ class CircleLoss(Head):
         return self.family(self.margin)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "detach_weights": self.detach_weights}
+        return {"margin": self.initial("margin"), "detach_weights": self.detach_weights}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"detach_weights={self.detach_weights}"]

@@ -12,9 +12,12 @@ from mll.functional._engine.checks import UNSET, check_decay, renamed
 from mll.functional._engine.chunks import target_cosines
 from mll.functional._engine.distributed import all_reduce_sum
 from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
-from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import margin_repr, register_margin, register_state, statistics_dtype, typical_margin
 
 __all__ = ["CurricularFace"]
+
+_MARGIN = MF.CURRICULAR.parameters[0]
 
 
 class CurricularFace(Head):
@@ -38,6 +41,7 @@ class CurricularFace(Head):
 
     soft_targets = False
     shares_statistics = True
+    running_stats = ("t",)
     margin: Any
     t: Tensor
 
@@ -50,19 +54,13 @@ class CurricularFace(Head):
         check_decay(decay)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.ARC(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
-            device=device, dtype=dtype,
+            default_margin=MF.ARC(typical_margin(margin, _MARGIN, "CurricularFace", out_features)), pooling=pooling,
+            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        register_margin(self, "margin", margin, MF.CURRICULAR.parameters[0], "CurricularFace", out_features, device,
-                        dtype)  # fmt: skip
+        register_margin(self, "margin", margin, _MARGIN, "CurricularFace", out_features, device, dtype)
         self.decay = float(decay)
-        self.register_buffer("t", torch.zeros((), dtype=statistics_dtype(dtype), device=device))
+        register_state(self, "t", 0.0, statistics_dtype(dtype), device)
         self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Set ``t`` back to 0."""
-        with torch.no_grad():
-            self.t.zero_()
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         with torch.no_grad():
@@ -83,7 +81,7 @@ class CurricularFace(Head):
         return self.decay
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "decay": self.decay}
+        return {"margin": self.initial("margin"), "decay": self.decay}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"decay={self.decay}"]

@@ -15,9 +15,12 @@ from mll import functional as MF
 from mll.functional._engine.checks import UNSET, check_decay, check_nonnegative, check_positive, renamed
 from mll.functional._engine.distributed import all_gather_rows
 from mll.functional.feature_norm import MAGFACE_MAGNITUDES, MAGFACE_MARGINS, ada, check_magface_args, mag
-from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import margin_repr, register_margin, register_state, statistics_dtype, typical_margin
 
 __all__ = ["AdaFace", "MagFace"]
+
+_ADA_MARGIN = MF.ADA.parameters[0]
 
 
 class AdaFace(Head):
@@ -41,6 +44,7 @@ class AdaFace(Head):
     """
 
     shares_statistics = True
+    running_stats = ("norm_mean", "norm_std")
     margin: Any
     norm_mean: Tensor
     norm_std: Tensor
@@ -56,20 +60,15 @@ class AdaFace(Head):
         check_decay(decay)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(min(typical_margin(margin), 0.99)), pooling=pooling,
-            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+            default_margin=MF.COS(min(typical_margin(margin, _ADA_MARGIN, "AdaFace", out_features), 0.99)),
+            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        register_margin(self, "margin", margin, MF.ADA.parameters[0], "AdaFace", out_features, device, dtype)
+        register_margin(self, "margin", margin, _ADA_MARGIN, "AdaFace", out_features, device, dtype)
         self.h, self.decay = self_h, float(decay)
-        self.register_buffer("norm_mean", torch.empty((), dtype=statistics_dtype(dtype), device=device))
-        self.register_buffer("norm_std", torch.empty((), dtype=statistics_dtype(dtype), device=device))
+        # the paper's code starts the norm statistics at mean 20, standard deviation 100
+        register_state(self, "norm_mean", 20.0, statistics_dtype(dtype), device)
+        register_state(self, "norm_std", 100.0, statistics_dtype(dtype), device)
         self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Set the norm statistics back to their initial values (mean 20, std 100)."""
-        with torch.no_grad():
-            self.norm_mean.fill_(20.0)
-            self.norm_std.fill_(100.0)
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         norms = input.detach().norm(dim=-1)
@@ -86,7 +85,7 @@ class AdaFace(Head):
         return self.decay
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "h": self.h, "decay": self.decay}
+        return {"margin": self.initial("margin"), "h": self.h, "decay": self.decay}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"h={self.h}", f"decay={self.decay}"]
@@ -125,14 +124,18 @@ class MagFace(Head):
     ) -> None:  # fmt: skip
         check_magface_args(lower, upper, margin_low, margin_high, None)
         lambda_g = check_nonnegative(lambda_g, "MagFace lambda_g")
-        middle = (typical_margin(margin_low) + typical_margin(margin_high)) / 2
+        specs = {"margin_low": MF.MAG.parameters[3], "margin_high": MF.MAG.parameters[4]}
+        middle = (
+            typical_margin(margin_low, specs["margin_low"], "MagFace", out_features)
+            + typical_margin(margin_high, specs["margin_high"], "MagFace", out_features)
+        ) / 2
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             default_margin=MF.ARC(middle), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         for name, value in (("margin_low", margin_low), ("margin_high", margin_high)):
-            register_margin(self, name, value, MF.MAG.parameters[3], "MagFace", out_features, device, dtype)
+            register_margin(self, name, value, specs[name], "MagFace", out_features, device, dtype)
         self.lower, self.upper, self.lambda_g = float(lower), float(upper), lambda_g
         self.easy_margin = bool(easy_margin)
         self.reset_parameters()
@@ -163,7 +166,8 @@ class MagFace(Head):
 
     def head_options(self) -> dict[str, Any]:
         return {
-            "lower": self.lower, "upper": self.upper, "margin_low": self.margin_low, "margin_high": self.margin_high,
+            "lower": self.lower, "upper": self.upper, "margin_low": self.initial("margin_low"),
+            "margin_high": self.initial("margin_high"),
             "lambda_g": self.lambda_g, "easy_margin": self.easy_margin,
         }  # fmt: skip
 

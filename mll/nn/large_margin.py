@@ -11,7 +11,8 @@ from mll import functional as MF
 from mll.functional._engine.checks import check_features, check_lambda, check_num_sub_centers
 from mll.functional.chunked import chunked_loss
 from mll.functional.large_margin import large_margin
-from mll.nn._head import Head, margin_repr, register_margin
+from mll.nn._head import Head
+from mll.nn._state import float_repr, margin_repr, register_margin, register_state, typical_margin
 
 __all__ = ["LargeMarginSoftmax"]
 
@@ -54,18 +55,16 @@ class LargeMarginSoftmax(Head):
                 "LargeMarginSoftmax has one weight vector per class (its logits are dot products x·w_j, not pooled "
                 f"cosines): num_sub_centers must be 1, but got {num_sub_centers!r}"
             )
-        check_lambda(lambda_)
-        if not isinstance(margin, Tensor):
-            MF.SPHERE.parameters[0].check(margin, "L-Softmax")
+        check_lambda(lambda_, "L-Softmax lambda_")
+        spec = MF.LARGE_MARGIN.parameters[2]
         super().__init__(
             in_features, out_features, 1, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.SPHERE(float(margin.double().mean()) if isinstance(margin, Tensor) else margin, 0.0),
-            pooling=pooling, pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+            default_margin=MF.SPHERE(typical_margin(margin, spec, "L-Softmax", out_features), 0.0), pooling=pooling,
+            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        register_margin(self, "margin", margin, MF.LARGE_MARGIN.parameters[2], "L-Softmax", out_features, device,
-                        dtype)  # fmt: skip
-        lam = lambda_.detach() if isinstance(lambda_, Tensor) else float(lambda_)
-        self.register_buffer("lambda_", self.scale.new_tensor(lam, device=device))
+        register_margin(self, "margin", margin, spec, "L-Softmax", out_features, device, dtype)
+        lam = float(lambda_.detach().cpu()) if isinstance(lambda_, Tensor) else float(lambda_)
+        register_state(self, "lambda_", lam, self.scale.dtype, device)
         self.reset_parameters()
 
     def cosine(self, input: Tensor) -> Tensor:
@@ -86,7 +85,7 @@ class LargeMarginSoftmax(Head):
         )  # fmt: skip
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "lambda_": float(self.lambda_)}
+        return {"margin": self.initial("margin"), "lambda_": self.initial_values["lambda_"]}
 
     def extra_options(self) -> list[str]:
-        return [f"margin={margin_repr(self.margin)}", f"lambda_={float(self.lambda_):g}"]
+        return [f"margin={margin_repr(self.margin)}", f"lambda_={float_repr(self.lambda_)}"]

@@ -19,11 +19,13 @@ from torch import Tensor
 from mll import functional as MF
 from mll.functional._engine.checks import check_generator, check_lambda, check_margin_param, check_nonnegative
 from mll.functional.margin import at_target
-from mll.nn._head import Head, margin_repr, register_margin, statistics_dtype, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import float_repr, margin_repr, register_margin, register_state, statistics_dtype, typical_margin
 
 __all__ = ["ArcFace", "CombinedMargin", "CosFace", "ElasticArcFace", "ElasticCosFace", "SphereFace"]
 
 MarginParam = Any  # float or Tensor
+_COS_MARGIN, _ARC_MARGIN = MF.COS.parameters[0], MF.ARC.parameters[0]
 
 
 class CosFace(Head):
@@ -45,17 +47,17 @@ class CosFace(Head):
     ) -> None:  # fmt: skip
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
-            device=device, dtype=dtype,
+            default_margin=MF.COS(typical_margin(margin, _COS_MARGIN, "CosFace", out_features)), pooling=pooling,
+            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        register_margin(self, "margin", margin, MF.COS.parameters[0], "CosFace", out_features, device, dtype)
+        register_margin(self, "margin", margin, _COS_MARGIN, "CosFace", out_features, device, dtype)
         self.reset_parameters()
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return MF.COS(self.margin)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin}
+        return {"margin": self.initial("margin")}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}"]
@@ -82,10 +84,10 @@ class ArcFace(Head):
     ) -> None:  # fmt: skip
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.ARC(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
-            device=device, dtype=dtype,
+            default_margin=MF.ARC(typical_margin(margin, _ARC_MARGIN, "ArcFace", out_features)), pooling=pooling,
+            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        register_margin(self, "margin", margin, MF.ARC.parameters[0], "ArcFace", out_features, device, dtype)
+        register_margin(self, "margin", margin, _ARC_MARGIN, "ArcFace", out_features, device, dtype)
         self.easy_margin = bool(easy_margin)
         self.reset_parameters()
 
@@ -93,7 +95,7 @@ class ArcFace(Head):
         return (MF.ARC_EASY if self.easy_margin else MF.ARC)(self.margin)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "easy_margin": self.easy_margin}
+        return {"margin": self.initial("margin"), "easy_margin": self.easy_margin}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"easy_margin={self.easy_margin}"]
@@ -122,13 +124,13 @@ class CombinedMargin(Head):
         trainable_scale: bool = False, m1: MarginParam = 1.0, m2: MarginParam = 0.3, m3: MarginParam = 0.2, *,
         pooling: str = "max", pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
-        for value, spec in zip((m1, m2, m3), MF.COMBINED.parameters):
-            if not isinstance(value, Tensor):
-                spec.check(value, "combined")
+        typical = [
+            typical_margin(v, spec, "combined", out_features) for v, spec in zip((m1, m2, m3), MF.COMBINED.parameters)
+        ]
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COMBINED(typical_margin(m1), typical_margin(m2), typical_margin(m3)), pooling=pooling,
-            pooling_temperature=pooling_temperature, device=device, dtype=dtype,
+            default_margin=MF.COMBINED(*typical), pooling=pooling, pooling_temperature=pooling_temperature,
+            device=device, dtype=dtype,
         )  # fmt: skip
         for name, value, spec in zip(("m1", "m2", "m3"), (m1, m2, m3), MF.COMBINED.parameters):
             register_margin(self, name, value, spec, "combined", out_features, device, dtype)
@@ -138,7 +140,7 @@ class CombinedMargin(Head):
         return MF.COMBINED(self.m1, self.m2, self.m3)
 
     def head_options(self) -> dict[str, Any]:
-        return {"m1": self.m1, "m2": self.m2, "m3": self.m3}
+        return {n: self.initial(n) for n in ("m1", "m2", "m3")}
 
     def extra_options(self) -> list[str]:
         return [f"{n}={margin_repr(getattr(self, n))}" for n in ("m1", "m2", "m3")]
@@ -168,25 +170,25 @@ class SphereFace(Head):
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
         check_lambda(lambda_)
+        spec = MF.SPHERE.parameters[0]
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.SPHERE(typical_margin(margin), 0.0), pooling=pooling,
+            default_margin=MF.SPHERE(typical_margin(margin, spec, "SphereFace", out_features), 0.0), pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
-        register_margin(self, "margin", margin, MF.SPHERE.parameters[0], "SphereFace", out_features, device, dtype)
-        self.register_buffer(
-            "annealing_lambda", torch.tensor(float(lambda_), dtype=statistics_dtype(dtype), device=device)
-        )
+        register_margin(self, "margin", margin, spec, "SphereFace", out_features, device, dtype)
+        lam = float(lambda_.detach().cpu()) if isinstance(lambda_, Tensor) else float(lambda_)
+        register_state(self, "annealing_lambda", lam, statistics_dtype(dtype), device)
         self.reset_parameters()
 
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return MF.SPHERE(self.margin, self.annealing_lambda)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "lambda_": float(self.annealing_lambda)}
+        return {"margin": self.initial("margin"), "lambda_": self.initial_values["annealing_lambda"]}
 
     def extra_options(self) -> list[str]:
-        return [f"margin={margin_repr(self.margin)}", f"lambda_={float(self.annealing_lambda):g}"]
+        return [f"margin={margin_repr(self.margin)}", f"lambda_={float_repr(self.annealing_lambda)}"]
 
     @property
     def lambda_(self) -> Tensor:
@@ -222,7 +224,7 @@ class _Elastic(Head):
         check_generator(generator)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=self.family(typical_margin(margin)), pooling=pooling,
+            default_margin=self.family(typical_margin(margin, spec, kind, out_features)), pooling=pooling,
             pooling_temperature=pooling_temperature, device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, spec, kind, out_features, device, dtype)
@@ -267,7 +269,7 @@ class _Elastic(Head):
         return self.family(self.sample_margins(input, labels))
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "std": self.std, "generator": self.generator}
+        return {"margin": self.initial("margin"), "std": self.std, "generator": self.generator}
 
     def extra_options(self) -> list[str]:
         seeded = "" if self.generator is None else ", generator=<seeded>"

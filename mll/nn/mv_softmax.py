@@ -7,9 +7,9 @@ from typing import Any, Optional
 from torch import Tensor
 
 from mll import functional as MF
-from mll.functional._engine.checks import check_margin_param
 from mll.functional.mv_softmax import mv_family
-from mll.nn._head import Head, margin_repr, register_margin, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import check_margin_arg, margin_repr, register_margin, typical_margin
 
 __all__ = ["MVSoftmax"]
 
@@ -46,11 +46,12 @@ class MVSoftmax(Head):
         if margin is None:
             margin = 0.35 if margin_type == "cos" else 0.5
         m_spec, t_spec = family.parameters
-        check_margin_param(margin, m_spec.low, m_spec.high, family.label, None)  # before the default scale reads it
+        typical = typical_margin(margin, m_spec, family.label, out_features)  # before the default scale reads it
+        check_margin_arg(t, t_spec, family.label, out_features)
         base = MF.COS if margin_type == "cos" else MF.ARC
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=base(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=base(typical), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         self.family, self.margin_type, self.adaptive = family, margin_type, adaptive
@@ -62,7 +63,10 @@ class MVSoftmax(Head):
         return self.family(self.margin, self.t)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "t": self.t, "margin_type": self.margin_type, "adaptive": self.adaptive}
+        return {
+            "margin": self.initial("margin"), "t": self.initial("t"), "margin_type": self.margin_type,
+            "adaptive": self.adaptive,
+        }  # fmt: skip
 
     def extra_options(self) -> list[str]:
         return [

@@ -21,6 +21,7 @@ from mll.functional._engine.checks import (
 from mll.functional._engine.distributed import all_reduce_sum
 from mll.functional.chunked import chunked_loss
 from mll.nn._head import agreed
+from mll.nn._state import InitialValue, check_fits, float_repr, keep_initial, restore_initial_values
 
 __all__ = ["DeepNCM"]
 
@@ -62,6 +63,8 @@ class DeepNCM(nn.Module):
 
     means: Tensor
     scale: Tensor
+    #: each buffer's value at construction (see :class:`mll.nn._head.Head`'s re-initialisation rule)
+    initial_values: dict[str, InitialValue]
     num_sub_centers = 1
     #: the process group whose ranks share the class means (None: the default group)
     group: Any = None
@@ -76,25 +79,32 @@ class DeepNCM(nn.Module):
         check_decay(alpha, "alpha")
         scale = MF.heuristic_scale(out_features) if scale is None else scale
         check_scale(scale)
+        check_fits(float(scale), dtype or torch.get_default_dtype(), f"{type(self).__name__} scale")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.alpha = float(alpha)
-        self.register_buffer("means", torch.zeros((self.weight_rows(), in_features), device=device, dtype=dtype))
-        self.register_buffer(
-            "scale", torch.tensor(float(scale), dtype=dtype or torch.get_default_dtype(), device=device)
-        )
+        self.register_buffer("means", torch.empty((self.weight_rows(), in_features), device=device, dtype=dtype))
+        self.register_buffer("scale", torch.empty((), dtype=dtype or torch.get_default_dtype(), device=device))
+        keep_initial(self, "means", 0.0)  # a class never seen has logit 0
+        keep_initial(self, "scale", float(scale))
         self._register_load_state_dict_pre_hook(_upgrade_legacy_state, with_module=True)
+        self.reset_parameters()
 
     def weight_rows(self) -> int:
         """How many class means this module holds: ``C`` (a sharded form: its block's)."""
         return self.out_features
 
     def options(self) -> dict[str, Any]:
-        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head."""
-        return {"alpha": self.alpha, "scale": float(self.scale)}
+        """The constructor's arguments after ``in_features`` and ``out_features`` that rebuild this head (the scale's
+        initial value; the means are in the ``state_dict``)."""
+        return {"alpha": self.alpha, "scale": self.initial_values["scale"]}
+
+    def reset_parameters(self) -> None:
+        """Set the means and the scale back to their initial values (the re-initialisation rule of every head)."""
+        restore_initial_values(self)
 
     def reset_running_stats(self) -> None:
         """Forget every class mean."""
-        self.means.zero_()
+        restore_initial_values(self, ["means"])
 
     def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if not self.training:
@@ -152,7 +162,7 @@ class DeepNCM(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"alpha={self.alpha}, scale={float(self.scale):.4g}"
+            f"alpha={self.alpha}, scale={float_repr(self.scale, '.4g')}"
         )
 
 

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional.npcface import check_npcface_options, hard_mean, hard_mean_chunked
-from mll.nn._head import Head, margin_repr, register_margin
+from mll.nn._head import Head
+from mll.nn._state import check_margin_arg, margin_repr, register_margin
 
 __all__ = ["NPCFace"]
 
@@ -43,9 +44,11 @@ class NPCFace(Head):
         dtype: Any = None,
     ) -> None:  # fmt: skip
         check_npcface_options(m0, m1)
-        _, _, t_spec, a_spec = MF.NPC.parameters
-        t_spec.check(t, "NPCFace")
-        a_spec.check(a, "NPCFace")
+        for value, spec in zip((t, a), MF.NPC.parameters[2:]):
+            if isinstance(value, Tensor):  # one value for every row (a per-class t is not the paper's)
+                raise TypeError(f"NPCFace {spec.name} must be a float, but got a tensor of shape {tuple(value.shape)}")
+            spec.check(value, "NPCFace")
+        check_margin_arg(margin, MF.NPC.parameters[0], "NPCFace", out_features)
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
             default_margin=MF.ARC(float(m0)), pooling=pooling, pooling_temperature=pooling_temperature,
@@ -64,7 +67,7 @@ class NPCFace(Head):
         return MF.NPC(self.margin, self.m0 + self.m1 * mean, self.t, self.a)
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "m0": self.m0, "m1": self.m1, "t": self.t, "a": self.a}
+        return {"margin": self.initial("margin"), "m0": self.m0, "m1": self.m1, "t": self.t, "a": self.a}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"m0={self.m0}", f"m1={self.m1}", f"t={self.t}", f"a={self.a}"]

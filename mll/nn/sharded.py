@@ -31,6 +31,7 @@ Targets: class indices ``(*)``, soft targets ``(*, C)`` (their non-zero entries 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -45,8 +46,9 @@ from mll.functional._engine.block import (
     pair_class_sums,
 )
 from mll.functional._engine.chunks import target_cosines
-from mll.functional._engine.distributed import all_reduce_sum, rank_and_world
+from mll.functional._engine.distributed import all_gather_ints, all_reduce_sum, rank_and_world
 from mll.functional.curricular import curricular_update_from_statistics, finite_sum_and_count
+from mll.functional.margin import at_target
 from mll.functional.npcface import npcface_sharded_statistics
 from mll.functional.scale import adacos_statistics_chunked
 from mll.nn._regularized import reduce_rows, shared_class_term, sum_grad_over_ranks
@@ -110,7 +112,7 @@ class ShardedSphereFace(Sharded, SphereFace):
 
 
 def _elastic_step_margin(head: Any, input: Tensor, labels: Any, cosine: Optional[Tensor]) -> MF.Margin:
-    """ElasticFace's step (each rank draws its own samples' margins), refusing the one cell the sharded loss lacks."""
+    """ElasticFace's step, refusing the one cell the sharded loss lacks."""
     if isinstance(head.margin, Tensor) and soft_target(labels):
         raise ValueError(
             f"{type(head).__name__} with per-class margins takes class indices: with soft targets each sample "
@@ -119,19 +121,46 @@ def _elastic_step_margin(head: Any, input: Tensor, labels: Any, cosine: Optional
     return head.family(head.sample_margins(input, labels))
 
 
+def _global_sample_margins(head: Any, input: Tensor, labels: Any) -> Tensor:
+    """This rank's rows of one draw over the global batch (all ranks' rows in rank order): every rank draws as
+    many margins as the dense head would on the global batch, from its generator in the same state, and keeps its
+    own rows, so the margins are the dense head's on any number of ranks and the generators stay in step."""
+    rank, world = rank_and_world(head.group)
+    lead = tuple(input.shape[:-1])
+    n = math.prod(lead)
+    sizes = [row[0] for row in all_gather_ints([n], input.device, head.group, world)]
+    start, total = sum(sizes[:rank]), sum(sizes)
+    spec = head.family.parameters[0]
+    mean: Any = head.margin
+    if isinstance(mean, Tensor):  # each sample's class mean on this rank's rows; any valid mean elsewhere
+        mine = at_target(mean, torch.Size((*lead, head.out_features)), labels).reshape(n, 1)
+        mean = torch.full((total, 1), spec.low, dtype=mine.dtype, device=mine.device)
+        mean[start : start + n] = mine
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    draws = MF.elastic_margins(
+        mean, head.std, (total, 1), bounds=(spec.low, spec.high), generator=head.generator, dtype=dtype,
+        device=input.device,
+    )  # fmt: skip
+    return draws[start : start + n].reshape(*lead, 1)
+
+
 class ShardedElasticArcFace(Sharded, ElasticArcFace):  # type: ignore[misc]  # forward: no margins= (block logits)
-    """Class-sharded :class:`mll.nn.ElasticArcFace` (see the module notes). Each rank draws the margins of its own
-    samples from ``generator`` — seed it differently on every rank (``from_dense`` without ``generator=`` keeps the
-    dense head's, which would repeat the same draws on every rank if all were seeded alike); per-class means take
-    class indices (a per-sample, per-class draw is not sharded)."""
+    """Class-sharded :class:`mll.nn.ElasticArcFace` (see the module notes). The margins are drawn over the global
+    batch — every rank draws the dense head's number of margins from ``generator`` and keeps its own samples' — so
+    with a generator in the same state on every rank (seed it alike; ``from_dense`` keeps the dense head's) the loss
+    equals the dense head's for that generator state, on any number of ranks. Class sampling (``sample_rate < 1``)
+    draws from a generator of each rank's own, seeded from ``generator`` at construction, so that the margins'
+    generators stay in step. Per-class means take class indices (a per-sample, per-class draw is not sharded)."""
 
     step_margin = _elastic_step_margin
+    sample_margins = _global_sample_margins
 
 
 class ShardedElasticCosFace(Sharded, ElasticCosFace):  # type: ignore[misc]
     """Class-sharded :class:`mll.nn.ElasticCosFace` (see :class:`ShardedElasticArcFace`)."""
 
     step_margin = _elastic_step_margin
+    sample_margins = _global_sample_margins
 
 
 class ShardedAdaFace(Sharded, AdaFace):

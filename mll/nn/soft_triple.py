@@ -8,7 +8,8 @@ from torch import Tensor
 
 from mll import functional as MF
 from mll.functional._engine.checks import check_nonnegative
-from mll.nn._head import Head, margin_repr, register_margin, typical_margin
+from mll.nn._head import Head
+from mll.nn._state import margin_repr, register_margin, typical_margin
 
 __all__ = ["SoftTriple"]
 
@@ -50,11 +51,10 @@ class SoftTriple(Head):
         pooling_temperature: float = 0.1, device: Any = None, dtype: Any = None,
     ) -> None:  # fmt: skip
         self_tau = check_nonnegative(tau, "SoftTriple tau")
-        if not isinstance(margin, Tensor):  # named as SoftTriple's before the default scale reads it
-            MF.COS.parameters[0].check(margin, "SoftTriple")
+        typical = typical_margin(margin, MF.COS.parameters[0], "SoftTriple", out_features)  # named as SoftTriple's
         super().__init__(
             in_features, out_features, num_sub_centers, scale=scale, trainable_scale=trainable_scale,
-            default_margin=MF.COS(typical_margin(margin)), pooling=pooling, pooling_temperature=pooling_temperature,
+            default_margin=MF.COS(typical), pooling=pooling, pooling_temperature=pooling_temperature,
             device=device, dtype=dtype,
         )  # fmt: skip
         register_margin(self, "margin", margin, MF.COS.parameters[0], "SoftTriple", out_features, device, dtype)
@@ -82,7 +82,7 @@ class SoftTriple(Head):
         return MF.soft_triple_distinct_centers(self.weight, self.num_sub_centers, max_distance=max_distance)[1]
 
     def head_options(self) -> dict[str, Any]:
-        return {"margin": self.margin, "tau": self.tau}
+        return {"margin": self.initial("margin"), "tau": self.tau}
 
     def extra_options(self) -> list[str]:
         return [f"margin={margin_repr(self.margin)}", f"tau={self.tau}"]

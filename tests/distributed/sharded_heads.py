@@ -4,25 +4,26 @@ Each case builds a dense head (same seed on every rank and in the test), cuts ea
 and runs two training steps (running statistics must evolve as the dense head's do on the global batch) and one
 eval step on the rank's rows; the test runs the dense head on all rows and compares the losses, every rank's
 feature gradient, every block's weight gradient, the trainable scale's gradient and — through
-``dense_state_dict`` — the state after each step. Float64; ElasticFace's draws come from a generator per rank,
-which the reference replays.
+``dense_state_dict`` — the state after each step. Float64; ElasticFace's draws come from a generator in the same
+state on every rank and in the reference: the sharded head draws over the global batch and keeps its rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
-from unittest import mock
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 import mll
-from mll.functional import chunked
+from mll import functional as MF
 
 D, C = 5, 9
 SPLITS = {"uneven": {2: (4, 3), 3: (4, 3, 2)}, "empty-rank": {2: (0, 5), 3: (4, 0, 3)}}
-STEPS = 2
+STEPS = 3
+#: the chunked loss's path per training step: every exact path of the sharded loss once
+PATHS = (("row_tiles", 2), ("keep", None), ("recompute", None))
 
 
 def _per_class(low: float, high: float) -> torch.Tensor:
@@ -163,8 +164,9 @@ def dense_target(case: HeadCase, data: dict[str, Any]) -> Any:
     return data["hard"] if case.target == "hard" else data["soft"]
 
 
-def elastic_generators(world: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(100 + rank) for rank in range(world)]
+def elastic_generator() -> torch.Generator:
+    """ElasticFace's generator: seeded alike on every rank and in the reference."""
+    return torch.Generator().manual_seed(100)
 
 
 def trainable(head: nn.Module) -> list[torch.Tensor]:
@@ -176,7 +178,7 @@ def run_heads(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for case in HEAD_CASES:
         dense = dense_head(case)
-        extra = {"generator": elastic_generators(world)[rank]} if "Elastic" in case.head else {}
+        extra = {"generator": elastic_generator()} if "Elastic" in case.head else {}
         shard = getattr(mll, "Sharded" + case.head).from_dense(dense, feature_grad_scale=1.0, **extra)
         steps = []
         for step in range(STEPS + 1):
@@ -184,9 +186,10 @@ def run_heads(rank: int, world: int) -> dict[str, Any]:
             data = batch(case, world, step)
             part = rows(data["split"], rank)
             x = data["x"][part].clone().requires_grad_(True)
-            # the kernel keeps the (small) logits between forward and backward; every other step recomputes them
-            keep = chunked.KEEP_BYTES if step % 2 == 0 else 0
-            with mock.patch.object(chunked, "KEEP_BYTES", keep):
+            # the row tiles (two rows each: collectives per tile, and a ragged last tile), the kept logits and the
+            # recomputed ones, a step each (eval: the cost model)
+            path, tile = PATHS[step] if step < STEPS else ("auto", None)
+            with MF.set_loss_path(path, rows=tile):
                 loss = shard.loss(x, target_of(case, data, part), reduction=case.reduction)
                 objective = loss.sum() if case.reduction == "none" else loss
                 grads = torch.autograd.grad(objective, [x, *trainable(shard)])
@@ -198,23 +201,16 @@ def run_heads(rank: int, world: int) -> dict[str, Any]:
 
 
 def reference(case: HeadCase, world: int) -> list[dict[str, Any]]:
-    """The dense head on the global batch, step by step (ElasticFace's margins replayed from the ranks' draws)."""
+    """The dense head on the global batch, step by step (ElasticFace's margins from the ranks' generator state)."""
     dense = dense_head(case)
-    generators = elastic_generators(world)
+    if "Elastic" in case.head:
+        dense.generator = elastic_generator()
     steps = []
     for step in range(STEPS + 1):
         dense.train(step < STEPS)
         data = batch(case, world, step)
         x = data["x"].clone().requires_grad_(True)
-        kwargs: dict[str, Optional[torch.Tensor]] = {}
-        if "Elastic" in case.head and step < STEPS:
-            draws = []
-            for rank, g in enumerate(generators):
-                part = rows(data["split"], rank)
-                dense.generator = g
-                draws.append(dense.sample_margins(data["x"][part], dense_target(case, data)[part]))
-            kwargs["margins"] = torch.cat(draws)
-        loss = dense.loss(x, dense_target(case, data), reduction=case.reduction, **kwargs)
+        loss = dense.loss(x, dense_target(case, data), reduction=case.reduction)
         if case.head == "ProxyAnchor":  # the dense loss itself, from the N×C cosines
             loss = mll.functional.proxy_anchor_loss(dense.cosine(x), data["hard"], alpha=dense.alpha, delta=dense.delta)
         objective = loss.sum() if case.reduction == "none" else loss
@@ -222,6 +218,25 @@ def reference(case: HeadCase, world: int) -> list[dict[str, Any]]:
         state = {k: v.clone() for k, v in dense.state_dict().items()}
         steps.append({"loss": loss.detach(), "grads": grads, "state": state, "split": data["split"]})
     return steps
+
+
+def run_elastic_sampling(rank: int, world: int) -> dict[str, Any]:
+    """ElasticFace with class sampling: two training steps; the margins' generator before and after each (it must stay
+    in the same state on every rank although each rank samples its own block) and the margins of this rank's rows
+    drawn from the state before the step."""
+    torch.manual_seed(11)
+    dense = mll.ElasticArcFace(D, 4 * C, dtype=torch.float64)
+    shard = mll.ShardedElasticArcFace.from_dense(dense, generator=elastic_generator(), sample_rate=0.3)
+    before, states, margins = [], [], []
+    for step in range(STEPS):
+        data = batch(HEAD_CASES[0], world, step)
+        part = rows(data["split"], rank)
+        x, y = data["x"][part], data["hard"][part] * 3  # classes all over the 4·C
+        before.append(shard.generator.get_state())
+        margins.append(shard.sample_margins(x, y))
+        shard.loss(x, y)
+        states.append(shard.generator.get_state())
+    return {"before": before, "states": states, "margins": margins}
 
 
 # ---------------------------------------------------------------------------------------------- faults

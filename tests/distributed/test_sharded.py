@@ -167,7 +167,7 @@ def positives(case: Case, data: dict[str, Any]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- in the workers
 
 
-def run_case(case: Case, rank: int, world: int, **overrides: Any) -> dict[str, Any]:
+def run_case(case: Case, rank: int, world: int, weight: float = 1.0, **overrides: Any) -> dict[str, Any]:
     data = make_data(case, world)
     rows = rows_of(data["split"], rank)
     start, stop = ranges_of(case, world)[rank]
@@ -184,7 +184,7 @@ def run_case(case: Case, rank: int, world: int, **overrides: Any) -> dict[str, A
     )  # fmt: skip
     kwargs.update(overrides)
     loss = MF.sharded_margin_cross_entropy(x, w, local_target(case, data, rows), **kwargs)
-    objective = (loss * data["upstream"][rows]).sum() if case.reduction == "none" else loss
+    objective = (loss * data["upstream"][rows]).sum() if case.reduction == "none" else loss * weight
     inputs = [x, w] + ([scale] if case.trainable_scale else [])
     grads = torch.autograd.grad(objective, inputs)
     result = {"loss": loss.detach(), "grad_x": grads[0], "grad_w": grads[1]}
@@ -314,6 +314,14 @@ def run_errors(rank: int, world: int) -> dict[str, str]:
         )
     eval_on_one = mll.ShardedArcFace(D, 7, class_range=(start, stop), dtype=torch.float64).train(rank != 1)
     attempts["one-in-eval-mode"] = lambda: eval_on_one.loss(x, good)
+    # heads built with different arguments: the argument is named, and the default scale that follows it
+    margin_on_one = mll.ShardedArcFace(D, 7, margin=0.3 if rank == 1 else 0.5, dtype=torch.float64)
+    attempts["head-margins-differ"] = lambda: margin_on_one.loss(x, good)
+    per_class = torch.linspace(0.2, 0.4 if rank == 1 else 0.6, 7, dtype=torch.float64)
+    per_class_on_one = mll.ShardedArcFace(D, 7, margin=per_class, dtype=torch.float64)
+    attempts["head-per-class-margins-differ"] = lambda: per_class_on_one.loss(x, good)
+    scale_on_one = mll.ShardedCosFace(D, 7, scale=30.0 if rank == 1 else 20.0, dtype=torch.float64)
+    attempts["head-scales-differ"] = lambda: scale_on_one.loss(x, good)
     attempts["one-bad-dtype"] = lambda: MF.sharded_margin_cross_entropy(
         x.float() if rank == 1 else x, w.float() if rank == 1 else w, good, **kwargs
     )
@@ -376,18 +384,34 @@ def run_families(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def run_row_tiles(rank: int, world: int) -> dict[str, Any]:
+    """The scalar cases on the row tiles (two rows per tile: a collective pair per tile, ragged last tiles), with every
+    rank's upstream gradient 1 — and again with rank r's upstream r + 1, which the formed gradient cannot be a scaling
+    of: the tiles are walked again with each row weighted by its rank's upstream."""
+    out: dict[str, Any] = {}
+    for case in CASES:
+        if case.reduction == "none":
+            continue
+        with MF.set_loss_path("row_tiles", rows=2):
+            out[case.name] = run_case(case, rank, world)
+            out[case.name + "/weighted"] = run_case(case, rank, world, weight=float(rank + 1))
+    return out
+
+
 def _worker(rank: int, world: int, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/store", rank=rank, world_size=world)
     try:
         results = {
             "cases": {case.name: run_case(case, rank, world) for case in CASES},
+            "row_tiles": run_row_tiles(rank, world),
             "rate_one": check_rate_one_is_no_sampling(rank, world),
             "modules": run_modules(rank, world),
             "ddp": run_ddp(rank, world),
             "errors": run_errors(rank, world),
             "families": run_families(rank, world),
             "heads": sharded_heads.run_heads(rank, world),
+            "elastic_sampling": sharded_heads.run_elastic_sampling(rank, world),
             "head_faults": sharded_heads.run_faults(rank, world),
             "common_faults": test_common.run_faulty(rank, world),
             "sharded_proxy_anchor": sharded_proxy_anchor.run(rank, world),
@@ -421,19 +445,44 @@ def dense_loss(case: Case, x, w, target, scale, kept: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_equals_the_dense_loss(spawned, world, case) -> None:
-    ranks = spawned(world)
+    check_against_the_dense_loss(case, world, [r["cases"][case.name] for r in spawned(world)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["same-upstream", "upstream-by-rank"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.reduction != "none"], ids=lambda c: c.name)
+def test_row_tiles_equal_the_dense_loss(spawned, world, case, weighted) -> None:
+    """The loss and its gradient formed in one pass over row tiles, with the ranks' collectives per tile: the dense
+    loss's numbers; with rank r's upstream gradient r + 1 each row's gradient is weighted by its rank's."""
+    got = [r["row_tiles"][case.name + ("/weighted" if weighted else "")] for r in spawned(world)]
+    check_against_the_dense_loss(case, world, got, rank_weights=[r + 1.0 for r in range(world)] if weighted else None)
+
+
+def check_against_the_dense_loss(
+    case: Case, world: int, got: list[dict[str, Any]], rank_weights: Optional[list[float]] = None
+) -> None:
+    """Every rank's loss, feature gradient, block gradient and scale gradient against the dense loss on the global
+    batch; ``rank_weights``: rank r backpropagated ``rank_weights[r]`` times its (scalar) loss."""
     data = make_data(case, world)
     x = data["x"].clone().requires_grad_(True)
     w = data["w"].clone().requires_grad_(True)
     scale: Any = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True) if case.trainable_scale else SCALE
-    got = [r["cases"][case.name] for r in ranks]
     kept = torch.arange(case.classes)
     if case.sample_rate < 1:
         kept = torch.cat([g["kept"] for g in got]).sort().values
         assert kept.numel() < case.classes, "the sample must leave classes out for this test to mean anything"
         assert torch.isin(positives(case, data), kept).all()
     dense = dense_loss(case, x, w, data["dense_target"], scale, kept)
-    objective = (dense * data["upstream"]).sum() if case.reduction == "none" else dense
+    if case.reduction == "none":
+        objective = (dense * data["upstream"]).sum()
+    elif rank_weights is None:
+        objective = dense
+    else:  # each rank's output stands for its own rows: its weight on its rows' share of the mean or sum
+        per_row = dense_loss(dataclasses.replace(case, reduction="none"), x, w, data["dense_target"], scale, kept)
+        weights = torch.cat([torch.full((data["split"][r],), rank_weights[r], dtype=torch.float64)
+                             for r in range(world)])  # fmt: skip
+        objective = (per_row * weights).sum() / (per_row.numel() if case.reduction == "mean" else 1)
     grads = torch.autograd.grad(objective, [x, w] + ([scale] if case.trainable_scale else []))
     feature_scale = world if case.feature_grad_scale is None else case.feature_grad_scale
     for rank, result in enumerate(got):
@@ -535,6 +584,17 @@ def test_bad_input_on_one_rank_raises_on_every_rank(spawned, world) -> None:
             in errors["margins-differ"]
         )
         assert "must tile [0, 7) without gaps or overlaps" in errors["blocks-overlap"]
+        assert errors["head-margins-differ"].startswith(
+            "ValueError: ShardedArcFace margin (the default scale follows it) must be the same on every rank, but got "
+            f"{[0.5, 0.3, 0.5][:world]} (by rank)"
+        ), errors["head-margins-differ"]
+        assert errors["head-per-class-margins-differ"].startswith(
+            "ValueError: ShardedArcFace's default scale (it follows the margin arguments) must be the same on every "
+            "rank, but got ["
+        ), errors["head-per-class-margins-differ"]
+        assert errors["head-scales-differ"].startswith(
+            f"ValueError: ShardedCosFace scale must be the same on every rank, but got {[20.0, 30.0, 20.0][:world]}"
+        ), errors["head-scales-differ"]
         assert errors["after"] == ranks[0]["errors"]["after"] != "no error"
     # and the call after the errors is the single-process loss
     x, w, y = error_case_data(world)
@@ -592,6 +652,22 @@ def test_every_head_shards_exactly(spawned, world, case) -> None:
             torch.testing.assert_close(merged[key], value, **TOL, msg=lambda m, where=where: f"{where}: {m}")
     for got in ranks:
         assert f"class_range=[{got['range'][0]}, {got['range'][1]})" in got["repr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", WORLDS)
+def test_sharded_elastic_face_draws_stay_in_step_with_class_sampling(spawned, world) -> None:
+    """Each rank samples its own block's classes (sample_rate < 1), yet the margins' generator is in the same state on
+    every rank after every step, and each step's margins are the rows of one draw over the global batch."""
+    got = [r["elastic_sampling"] for r in spawned(world)]
+    for step in range(sharded_heads.STEPS):
+        assert all(torch.equal(r["states"][step], got[0]["states"][step]) for r in got)
+        assert all(torch.equal(r["before"][step], got[0]["before"][step]) for r in got)
+        g = torch.Generator().set_state(got[0]["before"][step])
+        data = sharded_heads.batch(sharded_heads.HEAD_CASES[0], world, step)
+        dense = mll.ElasticArcFace(sharded_heads.D, 4 * sharded_heads.C, dtype=torch.float64, generator=g)
+        want = dense.sample_margins(data["x"], data["hard"] * 3)
+        torch.testing.assert_close(torch.cat([r["margins"][step] for r in got]), want, rtol=0, atol=0)
 
 
 @pytest.mark.slow

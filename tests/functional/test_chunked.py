@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 import mll
 from mll import functional as MF
-from mll.functional import chunked
 
 # every test runs with the kernel keeping its logits and with it recomputing them
 pytestmark = pytest.mark.usefixtures("kernel_mode")
@@ -152,8 +151,11 @@ def test_soft_targets_that_require_grad_are_refused() -> None:
 
 
 def test_default_chunk_size() -> None:
+    # about 2^18 logits per chunk on the CPU, never fewer than 512 classes (narrower GEMMs run far below the
+    # machine's rate), never more than C
     assert MF.chunked.default_chunk_size(256, 1_000_000, 1) == 2**18 // 256 == 1024
-    assert MF.chunked.default_chunk_size(2**19, 10, 1) == 1
+    assert MF.chunked.default_chunk_size(4096, 1_000_000, 1) == 512
+    assert MF.chunked.default_chunk_size(2**19, 10, 1) == 10
     assert MF.chunked.default_chunk_size(4, 10, 1) == 10
     # per device type: accelerators get 16 times the CPU's chunk (larger GEMMs, fewer launches)
     assert MF.chunked.default_chunk_size(256, 1_000_000, 1, "cuda") == 2**22 // 256 == 16384
@@ -200,12 +202,14 @@ class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_an_existing_grad_is_accumulated_into_in_place() -> None:
+def test_an_existing_grad_is_accumulated_into_in_place(kernel_mode) -> None:
     """Gradient accumulation adds each chunk's weight gradient into .grad: no C×d buffer in the backward, the same
-    numbers as autograd's accumulation; torch.autograd.grad, backward(inputs=...) and hooks are left alone."""
+    numbers as autograd's accumulation; torch.autograd.grad, backward(inputs=...) and hooks are left alone. The row
+    tiles form the weight gradient in the forward (one C×d buffer, which autograd adds into .grad)."""
     torch.manual_seed(0)
-    head = mll.ArcFace(8, 2000, 2, dtype=torch.float64)
-    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 2000, (6,))
+    # more weight elements than the fold's scratch block (2^19), so that only C×d buffers are counted
+    head = mll.ArcFace(300, 2000, 2, dtype=torch.float64)
+    x, y = torch.randn(6, 300, dtype=torch.float64), torch.randint(0, 2000, (6,))
     head.loss(x, y, chunk_size=300).backward()
     once = head.weight.grad.clone()
     big = head.weight.numel()
@@ -215,7 +219,7 @@ def test_an_existing_grad_is_accumulated_into_in_place() -> None:
     assert len(fresh.seen) >= 1
     with _LargeAllocations(big) as accumulating:
         head.loss(x, y, chunk_size=300).backward()
-    assert accumulating.seen == []
+    assert len(accumulating.seen) == (1 if kernel_mode == "row_tiles" else 0), accumulating.seen
     torch.testing.assert_close(head.weight.grad, 2 * once, rtol=1e-12, atol=1e-12)
     (g,) = torch.autograd.grad(head.loss(x, y), [head.weight])
     torch.testing.assert_close(g, once, rtol=1e-12, atol=1e-12)
@@ -230,18 +234,48 @@ def test_an_existing_grad_is_accumulated_into_in_place() -> None:
     torch.testing.assert_close(head.weight.grad, 2.5 * once, rtol=1e-12, atol=1e-12)
 
 
-def test_logits_are_kept_within_the_budget_only(monkeypatch) -> None:
-    budget = 1 << 24  # 16 MB on the CPU, as documented
-    monkeypatch.setattr(chunked, "KEEP_BYTES", budget)  # (the kernel_mode fixture changed it)
-    keeps = chunked.keeps_logits
-    assert keeps(256, budget // (4 * 256), 1, True, torch.float32)
-    assert not keeps(256, budget // (4 * 256) + 1, 1, True, torch.float32)
-    assert not keeps(256, budget // (4 * 256), 1, True, torch.float64)  # 8 bytes per logit
-    assert keeps(256, budget // (16 * 256), 1, False, torch.bfloat16)  # float32 statistics, four buffers
-    assert not keeps(256, budget // (16 * 256) + 1, 1, False, torch.bfloat16)
-    assert not keeps(256, budget // (4 * 256), 2, True, torch.float32)  # K rows per class
-    assert not keeps(256, 100_000, 1, True, torch.float32)  # N = 256, C = 10^5: recomputed
-    assert keeps(256, 10_000, 1, True, torch.float32, "meta")  # an accelerator's budget is larger
+def test_the_cost_model_picks_three_gemms_where_the_budget_allows() -> None:
+    with MF.set_loss_path("auto"):  # the cost model itself, whatever path the kernel_mode fixture forced
+        _cost_model_checks()
+
+
+def _cost_model_checks() -> None:
+    # the automatic budget: a quarter of one N×C·K logits buffer, within [16 MB, 1 GB] on the CPU
+    assert MF.loss_plan(256, 10_000).budget == 1 << 24
+    assert MF.loss_plan(4096, 100_000).budget == 4096 * 100_000 * 4 // 4
+    assert MF.loss_plan(8192, 1_000_000).budget == 1 << 30
+    assert MF.loss_plan(256, 10_000, device="meta").budget == 1 << 26  # an accelerator's floor is larger
+    # all the logits within the budget: kept (three GEMMs)
+    assert MF.loss_plan(256, 16_384).path == "keep"
+    assert MF.loss_plan(256, 16_385).path != "keep"
+    assert MF.loss_plan(256, 8_192, dtype=torch.float64).path == "keep"
+    assert MF.loss_plan(256, 8_193, dtype=torch.float64).path != "keep"  # 8 bytes per logit
+    assert MF.loss_plan(256, 4_096, dtype=torch.bfloat16, plain=False).path == "keep"  # float32, four buffers
+    assert MF.loss_plan(256, 4_097, dtype=torch.bfloat16, plain=False).path != "keep"
+    # a scalar loss whose tile of >= 128 rows fits: row tiles (three GEMMs); else the logits are recomputed
+    plan = MF.loss_plan(4096, 100_000)
+    assert (plan.path, plan.rows) == ("row_tiles", 1024)
+    assert MF.loss_plan(4096, 100_000, reduction="none").path == "recompute"
+    assert MF.loss_plan(4096, 100_000, requires_grad=False).path == "recompute"
+    assert MF.loss_plan(256, 100_000).path == "recompute"  # a 64-row tile: skinny GEMMs
+    with MF.set_memory_budget(1 << 20):
+        assert MF.loss_plan(4096, 100_000).path == "recompute"
+    with MF.set_memory_budget(1 << 34):
+        assert MF.loss_plan(4096, 100_000).path == "keep"
+    with MF.set_loss_path("row_tiles", rows=5):
+        assert (MF.loss_plan(256, 100_000).path, MF.loss_plan(256, 100_000).rows) == ("row_tiles", 5)
+        assert MF.loss_plan(256, 100_000, reduction="none").path == "recompute"
+    with MF.set_loss_path("keep"):
+        assert MF.loss_plan(8192, 1_000_000).path == "keep"
+    assert MF.loss_plan(4096, 100_000).path == "row_tiles"  # the settings are restored
+    # a tiny single-process step: the dense logits (the kernel's Python would cost more); not with a chunk size
+    assert MF.loss_plan(64, 6).path == "dense"
+    assert MF.loss_plan(64, 6, chunk_size=2).path == "keep"
+    assert MF.loss_plan(128, 129).path == "keep"  # 2^14 + 128 logits
+    with pytest.raises(ValueError, match="path must be one of 'auto', 'dense', 'keep', 'row_tiles', 'recompute'"):
+        MF.set_loss_path("fused")
+    with pytest.raises(ValueError, match="budget must be None or a number of bytes >= 0, but got -1"):
+        MF.set_memory_budget(-1)
 
 
 def test_a_second_backward_gives_the_same_gradients(kernel_mode) -> None:
@@ -253,3 +287,16 @@ def test_a_second_backward_gives_the_same_gradients(kernel_mode) -> None:
     second = torch.autograd.grad(loss, [x, w])
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["CurricularFace", "NPCFace", "ArcFace"])
+def test_an_empty_batch_with_sub_centers_gives_empty_losses(name, kernel_mode) -> None:
+    """The target cosines of an empty batch pool over K sub-centers too (a reshape of zero rows crashed here)."""
+    head = getattr(mll, name)(8, 5, 2, dtype=torch.float64)
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.int64)
+    assert head.loss(x, y, reduction="none").shape == (0,)
+    loss = head.loss(x, y)
+    assert torch.isnan(loss)  # the mean of nothing, as F.cross_entropy's
+    loss.backward()
+    assert x.grad is not None and x.grad.shape == (0, 8)

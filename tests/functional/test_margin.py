@@ -1,7 +1,9 @@
 """The margin protocol: a family is data that every path consumes — dense logits, chunked and sharded losses, the
 default scale — and a new family written by a user runs on all of them."""
 
+import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -174,6 +176,66 @@ def test_few_hot_pairs_equal_the_dense_soft_targets() -> None:
         got = torch.autograd.grad(pair, (x, w))
         for a, b in zip(got, torch.autograd.grad(want, (x, w))):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_few_hot_pairs_without_entries_give_what_all_zero_targets_give() -> None:
+    """Pairs of shape (N, 0) pass the check: every row's target is empty, as an all-zero dense target (a loss of 0,
+    gradients of 0), on every reduction — not a crash inside."""
+    x, w, *_ = problem(6)
+    empty = (torch.zeros(6, 0, dtype=torch.int64), torch.zeros(6, 0, dtype=torch.float64))
+    for reduction in ("none", "mean", "sum"):
+        kwargs = {"scale": 4.0, "margin": MF.ARC(0.5), "num_sub_centers": 2, "reduction": reduction}
+        got = MF.margin_cross_entropy(x, w, empty, **kwargs)
+        want = MF.margin_cross_entropy(x, w, torch.zeros(6, 7, dtype=torch.float64), **kwargs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for a, b in zip(torch.autograd.grad(got.sum(), (x, w)), torch.autograd.grad(want.sum(), (x, w))):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_per_sample_gradients_of_the_chunked_loss_say_to_use_the_dense_path() -> None:
+    """``torch.func.jacrev`` (a vmap over the backward) of the chunked losses: our message, not a batching rule's."""
+    x, w, y, _ = problem(7, k=1)
+    x, w = x.detach(), w.detach()
+
+    def losses(weight):
+        return MF.margin_cross_entropy(x, weight, y, scale=3.0, margin=MF.ARC(0.5), reduction="none")
+
+    with pytest.raises(RuntimeError, match=r"chunked margin cross-entropy's backward does not run under .*jacrev"):
+        torch.func.jacrev(losses)(w)
+    with pytest.raises(RuntimeError, match=r"chunked Proxy-Anchor loss's backward does not run under .*jacrev"):
+        torch.func.jacrev(lambda weight: MF.chunked_proxy_anchor_loss(x, weight, y))(w)
+    # the dense path it points to gives them
+    dense = torch.func.jacrev(
+        lambda weight: F.cross_entropy(
+            MF.arc_margin(MF.cosine_logits(x, weight), y, 0.5, scale=3.0), y, reduction="none"
+        )
+    )(w)
+    assert dense.shape == (6, *w.shape)
+
+
+def _module_level_family() -> MF.MarginFamily:
+    """A family made inside a function (no module-level name): it pickles by value (its functions are module-level)."""
+    return MF.MarginFamily("made-in-a-function", _shifted_cos, MINE.parameters)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in vars(MF).items() if isinstance(v, MF.MarginFamily)))
+def test_every_family_pickles_and_copies_to_itself(name) -> None:
+    """A family is a module-level constant that heads compare by identity (``family is NO_MARGIN``): pickling and
+    deep-copying give the same object, and a bound margin keeps its family and parameters."""
+    family = getattr(MF, name)
+    assert pickle.loads(pickle.dumps(family)) is family
+    assert copy.deepcopy(family) is family
+    params = tuple(p.low if math.isfinite(p.low) else 0.5 for p in family.parameters)
+    margin = family(*params)
+    again = pickle.loads(pickle.dumps(margin))
+    assert again.family is family and again.params == margin.params
+
+
+def test_a_users_family_pickles_by_name_or_by_value() -> None:
+    assert pickle.loads(pickle.dumps(MINE)) is MINE  # a module-level name in the module of its function
+    made = _module_level_family()
+    again = pickle.loads(pickle.dumps(made))
+    assert again is not made and again == made and again.value_and_slope is _shifted_cos
 
 
 def test_renamed_arguments_warn_and_still_work() -> None:

@@ -1,7 +1,9 @@
 """The battery every head runs: module == functional, eval without labels, state, dtypes, transforms, errors."""
 
 import copy
+import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 import mll
 from mll import functional as MF
+from tests.conftest import exported_heads
 
 D, C, K = 6, 5, 3
 
@@ -411,8 +414,65 @@ def test_trainable_scale_is_a_parameter_with_a_gradient(name) -> None:
             r"alpha must be a float in \[0, 1\) \(the weight of the old value\), but got 1.0",
         ),
         (lambda: mll.FixedAdaCos(D, C, margin=0.2), TypeError, r"unexpected keyword argument 'margin'"),
+        # the head and the argument the user wrote, not a family the head is built on
+        (lambda: mll.LargeMarginSoftmax(D, C, lambda_=-1), ValueError, r"^L-Softmax lambda_ must be a finite float"),
+        (
+            lambda: mll.LargeMarginSoftmax(D, C, margin=torch.full((C,), 0.5)),
+            ValueError,
+            r"^L-Softmax margin must be in \[1, 10\), but got values from 0.5 to 0.5",
+        ),
+        (
+            lambda: mll.SoftTriple(D, C, margin=torch.full((C,), -0.1)),
+            ValueError,
+            r"^SoftTriple margin must be in \[0, 1\), but got values from -0.1",
+        ),
+        (
+            lambda: mll.CurricularFace(D, C, margin=torch.full((C,), 2.0)),
+            ValueError,
+            r"^CurricularFace margin must be in \[0, 1.571\)",
+        ),
+        (lambda: mll.AdaFace(D, C, margin=torch.full((C,), -0.1)), ValueError, r"^AdaFace margin must be in"),
+        (lambda: mll.ElasticCosFace(D, C, margin=torch.full((C,), 1.5)), ValueError, r"^ElasticCosFace margin must"),
+        (lambda: mll.MagFace(D, C, margin_high=torch.full((C,), 2.0)), ValueError, r"^MagFace margin_high must be"),
+        (lambda: mll.NPCFace(D, C, t=torch.ones(C)), TypeError, r"^NPCFace t must be a float, but got a tensor"),
+        # a scale its dtype cannot hold: refused, not stored as inf or 0
+        (
+            lambda: mll.ArcFace(D, C, scale=1e39),
+            ValueError,
+            r"^ArcFace scale must fit the head's dtype torch.float32 .*but got 1e\+39, which is inf",
+        ),
+        (lambda: mll.CosFace(D, C, scale=1e-50), ValueError, r"^CosFace scale must fit .*which is 0.0 in torch"),
+        (
+            lambda: mll.ScaledNormalizedLinear(D, C, scale=1e5, dtype=torch.float16),
+            ValueError,
+            r"^ScaledNormalizedLinear scale must fit the head's dtype torch.float16",
+        ),
+        (lambda: mll.DeepNCM(D, C, scale=1e39), ValueError, r"^DeepNCM scale must fit the head's dtype"),
+        (lambda: mll.ShardedArcFace(D, C, scale=1e39), ValueError, r"^ShardedArcFace scale must fit the head's dtype"),
     ],
 )
 def test_bad_constructor_arguments(make, error, match) -> None:
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize("name", [n for n in exported_heads(sharded=False) if n != "DeepNCM"])
+def test_bad_per_class_margins_are_named_as_the_head_names_them(name) -> None:
+    """Every margin argument given as a per-class tensor out of its range is refused by the head's own check (the
+    message is the one a float gets, with the head's name), before the default scale reads its mean."""
+    cls = getattr(mll, name)
+    special = {
+        "CombinedMargin": ("m1", "m2", "m3"),
+        "MagFace": ("margin_low", "margin_high"),
+        "MVSoftmax": ("margin", "t"),
+    }
+    args = special.get(name, ("margin",) if "margin" in inspect.signature(cls).parameters else ())
+    for arg in args:
+        try:
+            cls(D, C, **{arg: -1.0})
+        except ValueError as error:
+            float_message = str(error).split(", but got")[0]
+        else:
+            continue  # a parameter without a lower bound
+        with pytest.raises(ValueError, match="^" + re.escape(float_message) + ", but got values from -1"):
+            cls(D, C, **{arg: torch.full((C,), -1.0)})

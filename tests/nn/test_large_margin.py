@@ -97,7 +97,7 @@ def test_large_margin_has_no_sub_centers_and_names_bad_arguments() -> None:
         mll.LargeMarginSoftmax(D, C, 2)
     with pytest.raises(ValueError, match=r"L-Softmax margin must be in \[1, 10\), but got 0.5"):
         mll.LargeMarginSoftmax(D, C, margin=0.5)
-    with pytest.raises(ValueError, match=r"SphereFace lambda_ must be a finite float >= 0"):
+    with pytest.raises(ValueError, match=r"L-Softmax lambda_ must be a finite float >= 0"):
         mll.LargeMarginSoftmax(D, C, lambda_=-1.0)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -200,12 +201,13 @@ def _raise_everywhere(problem: Optional[Exception], failed: list[int], group: An
 
 
 def agree_on_call(
-    problem: Optional[Exception], shared: dict[str, int], device: torch.device, group: Any = None,
+    problem: Optional[Exception], shared: Mapping[str, int | float], device: torch.device, group: Any = None,
     block: Optional[tuple[int, int]] = None, num_classes: int = 0,
 ) -> None:  # fmt: skip
     """For a module whose step shares statistics across ranks (AdaCos, DeepNCM, CurricularFace, AdaFace, every
     sharded head): before its first collective, every rank says whether its checks passed and what must match
-    (``shared``: sizes, dtype, mode…; and, for a sharded head, its ``block`` of classes, which must tile
+    (``shared``: sizes, dtype, mode…, in order, an error names the first that differs by its key; a ``float`` value
+    travels as its bits and shows as a float; and, for a sharded head, its ``block`` of classes, which must tile
     ``[0, num_classes)``); then every rank raises the same error, or every rank goes on. One small all-gather per
     step; none in a world of one or while compiling (where ranks must match by construction: the collectives' own
     errors apply)."""
@@ -217,14 +219,15 @@ def agree_on_call(
             check_tiling([block], num_classes)
         return
     extra = [] if block is None else list(block)
-    rows = all_gather_ints([int(problem is not None), *shared.values(), *extra], device, group, world)
+    values = [float_bits(v) if isinstance(v, float) else int(v) for v in shared.values()]
+    rows = all_gather_ints([int(problem is not None), *values, *extra], device, group, world)
     failed = [r for r, row in enumerate(rows) if row[0]]
     if failed:
         _raise_everywhere(problem, failed, group, world)
     for i, name in enumerate(shared, start=1):
-        values = [row[i] for row in rows]
-        if any(v != values[0] for v in values):
-            shown = [_show(name, v) for v in values]
+        by_rank = [row[i] for row in rows]
+        if any(v != by_rank[0] for v in by_rank):
+            shown = [bits_float(v) if isinstance(shared[name], float) else _show(name, v) for v in by_rank]
             raise ValueError(f"{_TITLES.get(name, name)} must be the same on every rank, but got {shown} (by rank)")
     if block is not None:
         check_tiling([(row[-2], row[-1]) for row in rows], num_classes)

@@ -12,7 +12,8 @@ whose backward gathers every rank's upstream gradient.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from mll.functional._engine.targets import dense_to_pair, pad_pairs
 
 __all__ = [
     "RankRows",
+    "Ranks",
     "all_reduce_log_sum_exp",
     "block_soft_targets",
     "gather_block_batch",
@@ -138,3 +140,28 @@ class RankRows(torch.autograd.Function):
         per_rank = all_gather_rows(grad.reshape(1), [1] * world, ctx.group)
         g = per_rank.repeat_interleave(torch.tensor(sizes, device=grad.device), output_size=total)
         return (g / total if ctx.reduction == "mean" else g), None, None, None, None
+
+
+@dataclass
+class Ranks:
+    """The ranks that share a class-sharded loss: this rank, every rank's row count (the global rows are theirs in
+    rank order) and the group."""
+
+    rank: int
+    sizes: list[int]
+    group: Any
+
+    def reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """All-reduce in place (``op`` "max" or "sum")."""
+        return all_reduce(tensor, op, self.group, len(self.sizes))
+
+    def row_upstream(self, grad: Tensor) -> Optional[Tensor]:
+        """Each global row's upstream gradient, from every rank's upstream gradient of its scalar loss — the sharded
+        loss's contract: a rank's output stands for its own rows — or None when every rank's is the same. Refuses a
+        double backward on every rank first (no rank left waiting)."""
+        world = len(self.sizes)
+        check_backward_agreement(grad.device, self.group, world)
+        per_rank = all_gather_rows(grad.reshape(1), [1] * world, self.group)
+        if bool((per_rank == per_rank[0]).all()):
+            return None
+        return per_rank.repeat_interleave(torch.tensor(self.sizes, device=grad.device), output_size=sum(self.sizes))

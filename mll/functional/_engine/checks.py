@@ -306,17 +306,16 @@ def check_feature_grad_scale(feature_grad_scale: object) -> None:
         raise ValueError(f"feature_grad_scale must be None or a finite float >= 0, but got {feature_grad_scale!r}")
 
 
-def check_lambda(lambda_: object) -> None:
-    """SphereFace's λ: a finite float >= 0, or a one-element floating tensor (its value checked in eager mode)."""
+def check_lambda(lambda_: object, name: str = "SphereFace lambda_") -> None:
+    """An annealing weight λ (SphereFace's, L-Softmax's: ``name``): a finite float >= 0, or a one-element floating
+    tensor (its value checked in eager mode)."""
     if isinstance(lambda_, Tensor):
         if not lambda_.is_floating_point() or lambda_.numel() != 1:
-            raise ValueError(
-                f"SphereFace lambda_ must be a float or a one-element floating tensor, but got {lambda_!r}"
-            )
+            raise ValueError(f"{name} must be a float or a one-element floating tensor, but got {lambda_!r}")
         if values_checkable() and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
-            raise ValueError(f"SphereFace lambda_ must be finite and >= 0, but got {float(lambda_):g}")
+            raise ValueError(f"{name} must be finite and >= 0, but got {float(lambda_):g}")
         return
-    check_nonnegative(lambda_, "SphereFace lambda_")
+    check_nonnegative(lambda_, name)
 
 
 def check_pooling(pooling: object, pooling_temperature: object) -> None:

@@ -11,7 +11,7 @@ over these chunks. The margin at the target entries is computed once, before the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -62,12 +62,28 @@ class Spec:
     slope: Optional[Tensor] = None
     target_cos: Optional[Tensor] = None
     row_params: tuple[Tensor, ...] = ()
+    #: the ranks of a class-sharded loss (``block.Ranks``), for the row tiles' backward
+    ranks: Any = None
+
+    def rows(self, start: int, stop: int) -> Spec:
+        """The spec of rows ``[start, stop)``: their targets, slopes and row parameters (a row tile's)."""
+        return replace(
+            self, targets=self.targets.rows(start, stop), keep=False, kept=None, compiled=False,
+            slope=row_slice(self.slope, start, stop), target_cos=row_slice(self.target_cos, start, stop),
+            row_params=tuple(row_slice(p, start, stop) for p in self.row_params),
+        )  # fmt: skip
 
     @property
     def plain(self) -> bool:
         """The plain scaled cosine logits with target values written in: one sub-center, class indices (or few-hot
         pairs), no non-target part — the chunk needs its logits only, not its cosines."""
         return self.num_sub_centers == 1 and self.targets.dense is None and self.family.negatives is None
+
+
+def row_slice(tensor: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of a per-row tensor ``(N, …)``; a 0-dim or per-class ``(B,)`` tensor (or None) as it
+    is."""
+    return tensor if tensor is None or tensor.dim() < 2 else tensor[start:stop]
 
 
 def chunk_bounds(width: int, chunk: int) -> list[tuple[int, int]]:
@@ -105,7 +121,7 @@ def target_cosines(
     rows = weight.detach().view(width, k, -1)[classes.clamp(0, width - 1)]  # (N, P, K, d)
     rows = normalize(rows) if normalize_weight else rows
     cos_k = torch.einsum("nd,npkd->npk", x.detach().to(acc), rows.to(acc))
-    return pool(cos_k.reshape(classes.shape[0], -1), k, tau) if k > 1 else cos_k.squeeze(-1)
+    return pool(cos_k.flatten(1), k, tau) if k > 1 else cos_k.squeeze(-1)
 
 
 def in_chunk(classes: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
@@ -210,7 +226,7 @@ class Chunk(ChunkRows):
             else:
                 self.z = self.pooled * s
         assert targets.classes is not None and value is not None
-        for p in range(targets.classes.shape[1]):  # one entry per row at a time: no two writes collide
+        for p in range(targets.classes.shape[1] if stop > start else 0):  # one entry per row at a time
             inside, col = in_chunk(targets.classes[:, p : p + 1], start, stop)
             self.z.scatter_(1, col, torch.where(inside, value[:, p : p + 1] * s, self.z.gather(1, col)))
 
@@ -256,14 +272,15 @@ def sub_center_grads(dcos: Tensor, chunk: ChunkRows, k: int, tau: Optional[float
 
 def add_grads(
     dcos: Tensor, xg: Optional[Tensor], chunk: ChunkRows, k: int, tau: Optional[float], grad_x: Optional[Tensor],
-    grad_w: Optional[Tensor], fresh: bool,
+    grad_w: Optional[Tensor], fresh: bool, fold: bool = True,
 ) -> None:  # fmt: skip
     """The chunk's share of the feature gradient and its rows of the weight gradient, from ``dcos`` = ∂loss/∂cos
     divided by the rows' norms (``xg``: the features times the rows' upstream gradient).
 
     With ŵ = w·inv, inv = 1 / max(‖w‖, ε): the feature gradient is Σ_j ∂cos_j·ŵ_j = (dcos·inv) @ W — the raw rows,
     no normalised copy — and the row gradient is inv·(dŵ − ŵ (ŵ·dŵ)) = D − w·inv²·(w·D) with D = (dcos·inv)ᵀ @ xg
-    (where ‖w‖ ≤ ε the normalisation is w/ε and D alone is the gradient)."""
+    (where ‖w‖ ≤ ε the normalisation is w/ε and D alone is the gradient). ``fold=False``: D itself is written
+    (``fresh``) or added, in place; the caller folds the sum of several calls once (the fold is linear in D)."""
     acc = dcos.dtype
     rows = chunk.rows if chunk.rows.dtype == acc else chunk.rows.to(acc)
     if grad_x is not None:
@@ -272,6 +289,10 @@ def add_grads(
         return
     assert xg is not None
     dest = grad_w[chunk.start * k : chunk.stop * k]
+    if not fold:
+        assert dest.dtype == acc
+        torch.mm(dcos.t(), xg, out=dest) if fresh else dest.addmm_(dcos.t(), xg)
+        return
     direct = fresh and dest.dtype == acc
     d = torch.mm(dcos.t(), xg, out=dest) if direct else dcos.t() @ xg
     fold_normalization_(d, rows, chunk.inv, chunk.radial)

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from mll.functional._engine.accumulate import accumulate_node, grad_to_accumulate_into
 from mll.functional._engine.agreement import check_backward_agreement
-from mll.functional._engine.chunks import add_grads, chunk_bounds, cosines, sub_center_grads
-from mll.functional._engine.numerics import acc_dtype, double_backward
+from mll.functional._engine.chunks import ChunkRows, add_grads, chunk_bounds, cosines, sub_center_grads
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
 
 
 def class_log_sums(
@@ -44,16 +44,29 @@ def class_log_sums(
     col = labels.clamp(0, max(w - 1, 0))
     at = col.unsqueeze(1)
     z = torch.where(inside, -alpha * (cos.gather(1, at).squeeze(1) - delta), -math.inf)
-    top = z.new_zeros(w).scatter_reduce(0, col, z.detach(), "amax", include_self=True)  # max(0, max z) per class
-    pos = top + torch.log(torch.exp(-top) + z.new_zeros(w).index_add(0, col, torch.exp(z - top[col])))
+    top = _per_class(z.detach(), col, w, "amax")  # max(0, max z) per class
+    pos = top + torch.log(torch.exp(-top) + _per_class(torch.exp(z - top[col]), col, w, "sum"))
     negatives = alpha * (cos + delta)
     if every_label_inside:  # the dense loss: a constant written at the positives, differentiable elsewhere
         negatives = negatives.scatter(1, at, -math.inf)
     else:  # a chunk (no autograd in the kernel's forward): a row of another chunk's class keeps its entry
         negatives = negatives.scatter(1, at, torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at)))
     neg = torch.logsumexp(torch.cat([negatives, negatives.new_zeros(1, w)]), dim=0)
-    present = cos.new_zeros(w).index_add(0, col, inside.to(cos.dtype)).clamp(max=1)
+    present = _per_class(inside.to(cos.dtype), col, w, "sum").clamp(max=1)
     return pos, neg, present
+
+
+def _per_class(values: Tensor, col: Tensor, w: int, reduce: str) -> Tensor:
+    """``values`` (N,) reduced into W classes by ``col``, starting from zeros (``"sum"`` or ``"amax"``). A single
+    class is a plain reduction: Inductor (torch 2.13) fails to generate code for a scatter into one element
+    (``new_zeros(1).index_add(0, i, z)``), which is every chunk of one class — C = 1025 with 1024-class chunks."""
+    if w == 1:
+        if reduce == "sum":
+            return values.sum().reshape(1)
+        return torch.cat([values.new_zeros(1), values]).amax(0, keepdim=True)
+    if reduce == "sum":
+        return values.new_zeros(w).index_add(0, col, values)
+    return values.new_zeros(w).scatter_reduce(0, col, values, "amax", include_self=True)
 
 
 @dataclass
@@ -67,7 +80,7 @@ class ClassSumsSpec:
     world: int = 1
 
 
-class ClassLogSums(torch.autograd.Function):
+class ClassLogSums(DirectApply, torch.autograd.Function):
     """A block of classes' ``(Σ positive log-sums, Σ negative log-sums, #classes with a positive)``:
     ``forward(x̂ (N, d), weight (B·K, d), labels (N,) block-local, spec)``. Labels outside ``[0, B)`` are samples of
     other blocks' classes: negatives for every class here."""
@@ -110,12 +123,13 @@ class ClassLogSums(torch.autograd.Function):
                 "the chunked Proxy-Anchor loss gives first derivatives only: backward with create_graph=True "
                 "(double backward, gradient penalties) is not supported; use the dense proxy_anchor_loss"
             )
+        refuse_batched_backward("chunked Proxy-Anchor loss", "proxy_anchor_loss(cosine_logits(input, weight), target)")
         spec: ClassSumsSpec = ctx.spec
         if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
             check_backward_agreement(grad.device, spec.group, spec.world)
         x, weight, labels, pos, neg = ctx.saved_tensors
         acc, k = acc_dtype(x.dtype), spec.num_sub_centers
-        alpha, delta = spec.alpha, spec.delta
+        alpha = spec.alpha
         g = grad.to(acc)
         # ∂ℓ/∂s on positives: −α·g⁺·e^{a − pos}, a = −α(s − δ); on negatives: α·g⁻·e^{b − neg}, b = α(s + δ)
         factor_pos, factor_neg = -alpha * g[0], alpha * g[1]
@@ -128,16 +142,7 @@ class ClassLogSums(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
         for start, stop in chunk_bounds(weight.shape[0] // k, spec.chunk):
             chunk = cosines(x, weight, k, spec.tau, start, stop)
-            s = chunk.pooled
-            assert s is not None
-            positive = labels.unsqueeze(1) == torch.arange(start, stop, device=x.device)
-            # each exponent is at most its column's log-sum: the exponential is in [0, 1]
-            exponent = torch.where(
-                positive, -alpha * (s - delta) - pos[start:stop], alpha * (s + delta) - neg[start:stop]
-            )
-            dcos = torch.exp(exponent) * torch.where(positive, factor_pos, factor_neg)
-            # ∂ℓ/∂(sub-center cosines) divided by the rows' norms, as _add_grads takes it
-            dcos = dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
+            dcos = column_dcos(chunk, labels, spec, pos[start:stop], neg[start:stop], factor_pos, factor_neg)
             add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)
         return (
             None if grad_x is None else grad_x.to(x.dtype),
@@ -145,3 +150,84 @@ class ClassLogSums(torch.autograd.Function):
             None,
             None,
         )
+
+
+def column_dcos(
+    chunk: ChunkRows, labels: Tensor, spec: ClassSumsSpec, pos: Tensor, neg: Tensor, factor_pos: Any, factor_neg: Any
+) -> Tensor:
+    """A chunk's ∂ℓ/∂(sub-center cosines), divided by the rows' norms as :func:`chunks.add_grads` takes it, from its
+    columns' log-sums: ``factor_pos·e^{a − pos}`` on positives (a = −α(s − δ)) and ``factor_neg·e^{b − neg}`` on
+    negatives (b = α(s + δ)); each exponent is at most its column's log-sum, so each exponential is in [0, 1]."""
+    s = chunk.pooled
+    assert s is not None
+    alpha, delta, k = spec.alpha, spec.delta, spec.num_sub_centers
+    positive = labels.unsqueeze(1) == torch.arange(chunk.start, chunk.stop, device=labels.device)
+    exponent = torch.where(positive, -alpha * (s - delta) - pos, alpha * (s + delta) - neg)
+    # (torch.where of two Python floats would be float32)
+    on_pos, on_neg = (
+        torch.as_tensor(f, dtype=exponent.dtype, device=exponent.device) for f in (factor_pos, factor_neg)
+    )
+    dcos = torch.exp(exponent).mul_(torch.where(positive, on_pos, on_neg))
+    return dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
+
+
+class ProxyAnchorOnePass(torch.autograd.Function):
+    """``forward(x̂, weight, labels, spec, w_pos, w_neg) -> (w_pos·Σ pos + w_neg·Σ neg, stats)``: a block's part of
+    the Proxy-Anchor loss with its gradient formed during the forward, chunk by chunk — a chunk's column log-sums are
+    exact within it, so ``∂ℓ/∂s`` needs nothing from later chunks once the weights (1/|P⁺| and 1/|P|) are known:
+    three GEMMs. ``stats`` as :class:`ClassLogSums`'s (no gradient). Backward scales the formed gradients."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, spec: ClassSumsSpec, w_pos: float, w_neg: float
+    ) -> tuple[Tensor, Tensor]:
+        ctx.spec, ctx.weights, ctx.needs = spec, (w_pos, w_neg), ctx.needs_input_grad[:2]
+        part, stats, ctx.grads = one_pass(x, weight, labels, spec, w_pos, w_neg, ctx.needs)
+        ctx.save_for_backward(x, weight, labels)
+        ctx.mark_non_differentiable(stats)
+        return part, stats
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _stats: Any) -> tuple[Any, ...]:
+        if double_backward():
+            raise RuntimeError(
+                "the chunked Proxy-Anchor loss gives first derivatives only: backward with create_graph=True "
+                "(double backward, gradient penalties) is not supported; use the dense proxy_anchor_loss"
+            )
+        spec: ClassSumsSpec = ctx.spec
+        if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
+            check_backward_agreement(grad.device, spec.group, spec.world)
+        x, weight, labels = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward of a retained graph: the first took the forward's gradients
+            w_pos, w_neg = ctx.weights
+            _, _, grads = one_pass(x, weight, labels, spec, w_pos, w_neg, ctx.needs)
+        out: list[Optional[Tensor]] = []
+        for tensor, like in zip(grads, (x, weight)):
+            out.append(None if tensor is None else tensor.mul_(grad.to(tensor.dtype)).to(like.dtype))
+        del grads
+        return out[0], out[1], None, None, None, None
+
+
+def one_pass(
+    x: Tensor, weight: Tensor, labels: Tensor, spec: ClassSumsSpec, w_pos: float, w_neg: float,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor, Tensor, list[Optional[Tensor]]]:  # fmt: skip
+    """The block's ``w_pos·Σ pos + w_neg·Σ neg``, its ``(Σ pos, Σ neg, #present)`` and the gradients of ``x`` and
+    ``weight`` for an upstream gradient of 1 (None where ``needs`` says none), chunk by chunk."""
+    acc, k = acc_dtype(x.dtype), spec.num_sub_centers
+    width = weight.shape[0] // k
+    stats = torch.zeros(3, dtype=acc, device=x.device)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if needs[1] else None
+    xg = x.detach().to(acc)
+    factor_pos, factor_neg = -spec.alpha * w_pos, spec.alpha * w_neg
+    for start, stop in chunk_bounds(width, spec.chunk):
+        chunk = cosines(x, weight, k, spec.tau, start, stop)
+        assert chunk.pooled is not None
+        pos, neg, present = class_log_sums(chunk.pooled, labels - start, spec.alpha, spec.delta)
+        stats += torch.stack([pos.sum(), neg.sum(), present.sum()])
+        if grad_x is not None or grad_w is not None:
+            dcos = column_dcos(chunk, labels, spec, pos, neg, factor_pos, factor_neg)
+            add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=True)
+    return stats[0] * w_pos + stats[1] * w_neg, stats, [grad_x, grad_w]

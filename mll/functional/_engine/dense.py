@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mll.functional._engine.numerics import Scale, in_place_ok
+from mll.functional._engine.numerics import DirectApply, Scale, in_place_ok
 
 
 def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
@@ -25,7 +25,7 @@ def _scatter(fresh: Tensor, index: Tensor, src: Tensor) -> Tensor:
     return fresh.scatter(-1, index, src)
 
 
-class ScaledTargetReplace(torch.autograd.Function):
+class ScaledTargetReplace(DirectApply, torch.autograd.Function):
     """``out = scale·cosine``, with ``out[..., y] = scale·value`` and ``∂out[..., y]/∂cosine[..., y] = scale·slope``.
 
     ``value`` must carry autograd only through quantities other than ``cosine`` (a margin tensor, say): the
@@ -101,7 +101,7 @@ def gather_target(cosine: Tensor, target: Tensor) -> Tensor:
     return cosine.detach().gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-class ScaledDense(torch.autograd.Function):
+class ScaledDense(DirectApply, torch.autograd.Function):
     """``out = scale·value`` with ``∂out/∂cosine = scale·slope`` elementwise: the dense (soft-target) twin.
 
     The margin's value and slope are computed once without autograd; backward is one product. ``value`` may
@@ -144,7 +144,7 @@ def scaled_dense_replace(cosine: Tensor, value: Tensor, slope: Tensor, scale: Sc
     return ScaledDense.apply(cosine, value, slope, scale)
 
 
-class ScaledNegativesReplace(torch.autograd.Function):
+class ScaledNegativesReplace(DirectApply, torch.autograd.Function):
     """``out = scale·neg_value`` with ``out[..., y] = scale·value``; ``∂out/∂cosine = scale·neg_slope`` off target and
     ``scale·slope`` at the target. The non-target values and slopes come in computed (no autograd); ``value`` may
     carry autograd through quantities other than ``cosine``. One N×C slope is kept for backward."""

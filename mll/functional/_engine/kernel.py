@@ -37,7 +37,7 @@ from mll.functional._engine.chunks import (
     saved_norms,
     sub_center_grads,
 )
-from mll.functional._engine.numerics import acc_dtype, double_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
 
 
 def chunked_ce(
@@ -55,7 +55,7 @@ def chunked_ce(
     return ChunkedCE.apply(x, weight, scale, value, spec, *params)
 
 
-class ChunkedCE(torch.autograd.Function):
+class ChunkedCE(DirectApply, torch.autograd.Function):
     """Per-row margin cross-entropy of a block of classes: ``forward(x̂, weight, scale, value, spec, *params)``.
 
     ``x̂`` are normalised features ``(N, d)``, ``weight`` the block's raw rows ``(B·K, d)``, ``value`` the margin's
@@ -151,6 +151,7 @@ class ChunkedCE(torch.autograd.Function):
                 "(double backward, gradient penalties) is not supported; use the dense path "
                 "F.cross_entropy(head(input, target), target)"
             )
+        refuse_batched_backward("chunked margin cross-entropy", "F.cross_entropy(head(input, target), target)")
         x, weight, lse, norms, scale_t, value, *params = ctx.saved_tensors
         spec: Spec = ctx.spec
         targets, k = spec.targets, spec.num_sub_centers
@@ -214,7 +215,7 @@ class ChunkedCE(torch.autograd.Function):
                     dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(acc))
             if grad_s is not None:
                 grad_s += ((dz * chunk.z).sum(1) * g).sum() / s
-            dcos = _dcos(spec, chunk, dz, s, g, grad_value, params, grad_params)
+            dcos = chunk_dcos(spec, chunk, dz, s, g, grad_value, params, grad_params)
             add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)
         if grad_s is not None and spec.reduce is not None:  # the scale is shared by the blocks
             spec.reduce(grad_s, "sum")
@@ -276,7 +277,7 @@ def _compiled_backward(
     )  # fmt: skip
 
 
-def _dcos(
+def chunk_dcos(
     spec: Spec, chunk: Chunk, dz: Tensor, s: Any, g: Tensor, grad_value: Optional[Tensor], params: list[Tensor],
     grad_params: list[Optional[Tensor]],
 ) -> Tensor:  # fmt: skip
@@ -325,3 +326,41 @@ def _dcos(
             target = target * chunk.inv[col]
         dcos.scatter_(1, col, torch.where(inside, target, dcos.gather(1, col)))
     return sub_center_grads(dcos, chunk, k, spec.tau)
+
+
+def tile_softmax_grad(
+    spec: Spec, chunk: Chunk, value: Optional[Tensor], s: Any, acc: torch.dtype, keep_logits: bool
+) -> tuple[Tensor, Tensor]:
+    """A chunk that holds a row tile's logits over the whole block: its rows' losses and ∂loss/∂logit for an upstream
+    gradient of 1 (``softmax·Σt − t``), with the other blocks' softmax statistics under ``spec.reduce``. The
+    gradient overwrites the logits unless ``keep_logits`` (the scale's gradient still reads them)."""
+    z, targets = chunk.z, spec.targets
+    width = z.shape[1]
+    if targets.dense is not None:
+        term = (chunk.t * z).sum(1)
+    elif width > 0:
+        assert targets.classes is not None and value is not None
+        inside = (targets.classes >= 0) & (targets.classes < width)
+        w = 1.0 if targets.weights is None else targets.weights.to(acc)
+        term = torch.where(inside, value * s * w, 0.0).sum(1)
+    else:
+        term = z.new_zeros(z.shape[0])
+    top = z.amax(1) if width > 0 else z.new_full((z.shape[0],), -torch.inf)
+    if spec.reduce is not None:  # the row max over every block first, so that no block's exp overflows
+        top = spec.reduce(top, "max")
+    e = torch.exp(z - top[:, None]) if keep_logits else z.sub_(top[:, None]).exp_()
+    total = e.sum(1)
+    if spec.reduce is not None:
+        total, term = spec.reduce(torch.stack([total, term]), "sum")
+    lse = top + torch.log(total)
+    losses = (lse if targets.row_sum is None else lse * targets.row_sum) - term
+    dz = e.mul_((total.reciprocal() if targets.row_sum is None else targets.row_sum / total)[:, None])
+    if targets.dense is not None:
+        dz.sub_(chunk.t)
+    else:
+        assert targets.classes is not None
+        for p in range(targets.classes.shape[1] if width > 0 else 0):
+            inside, col = in_chunk(targets.classes[:, p : p + 1], 0, width)
+            w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(acc)
+            dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(acc))
+    return losses, dz

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mll.functional._engine.numerics import in_place_ok, weight_eps
+from mll.functional._engine.numerics import DirectApply, in_place_ok, weight_eps
 
 #: F.normalize's ε for float32 and float64
 EPS = 1e-12
@@ -92,7 +92,7 @@ def folded_cosines(x_hat: Tensor, weight: Tensor) -> Tensor:
     return cosine.reshape(*x_hat.shape[:-1], weight.shape[0])
 
 
-class FoldedCosine(torch.autograd.Function):
+class FoldedCosine(DirectApply, torch.autograd.Function):
     r"""``cos = (x̂ Wᵀ) · diag(1 / max(‖w_j‖, ε))``: the cosines with each row's normalisation folded into the GEMM's
     output columns, an N×C pass instead of a C×d normalised copy of W that autograd would keep for backward.
 

@@ -9,6 +9,7 @@ become pairs of their non-zero entries there (:func:`dense_to_pair`) and every r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -36,6 +37,11 @@ class Targets:
     dense: Optional[Tensor] = None
     row_sum: Optional[Tensor] = None
 
+    def rows(self, start: int, stop: int) -> Targets:
+        """The targets of rows ``[start, stop)``."""
+        return Targets(*(None if t is None else t[start:stop] for t in (self.classes, self.weights, self.dense,
+                                                                        self.row_sum)))  # fmt: skip
+
 
 def merge_duplicates(classes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """Few-hot targets ``(N, P)`` with each class at most once per row: a class listed twice (a mixup of two samples
@@ -54,9 +60,9 @@ def kernel_targets(target: Target, lead: tuple[int, ...], num_classes: int, acc:
     """The targets in the kernel's form: classes ``(N, P)`` (with weights for few-hot pairs), or dense ``(N, C)``."""
     if isinstance(target, (tuple, list)):
         classes, weights = check_pair(target, lead, num_classes)
-        p = classes.shape[-1]
-        weights = weights.reshape(-1, p).to(acc)
-        merged, merged_weights = merge_duplicates(classes.reshape(-1, p), weights)
+        n, p = math.prod(lead), classes.shape[-1]  # (the rows counted from lead: P may be 0, no entries)
+        weights = weights.reshape(n, p).to(acc)
+        merged, merged_weights = merge_duplicates(classes.reshape(n, p), weights)
         return Targets(classes=merged, weights=merged_weights, row_sum=weights.sum(1))
     checked = check_target(target, torch.Size((*lead, num_classes)))
     if checked.requires_grad:

@@ -1,0 +1,172 @@
+"""Which path a chunked loss takes, and how it tiles: a cost model over the step's shape and a memory budget.
+
+A margin cross-entropy over a block of C classes (K sub-centers each) for N rows of d features has three exact paths
+(the same numbers to rounding):
+
+- ``"keep"`` — the chunk kernel keeps every chunk's logits from forward to backward: three GEMMs, N·C·K logits held.
+- ``"row_tiles"`` — the loss and its gradient in one pass, a tile of rows at a time (``row_tiles.py``): three GEMMs,
+  one tile's logits held; only when the loss ends the graph (``"mean"``/``"sum"``, a gradient asked for, eager).
+- ``"recompute"`` — the chunk kernel recomputes each chunk's logits in backward: four GEMMs, one chunk held;
+- ``"dense"`` — the dense logits and ``F.cross_entropy``, for a single-process step of at most :data:`DENSE_LOGITS`
+  logits and no chunk size given: there the Python of a kernel costs more than the few N×C passes it saves.
+
+The GEMMs are the cost of a large step, so three beat four wherever the memory allows; the budget is the working
+memory the loss may hold beyond its inputs and the gradients it returns. By default it is a quarter of one N×C·K
+logits buffer (the dense path holds several: about 5% of its peak), at least :data:`MIN_BUDGET` and at most
+:data:`MAX_BUDGET` (per device type); :func:`set_memory_budget` (or ``MLL_MEMORY_BUDGET``, in bytes) sets it.
+Then: ``"keep"`` when all the logits fit; else ``"row_tiles"`` when a tile of at least :data:`MIN_TILE_ROWS` rows
+fits (smaller tiles make skinny GEMMs and more passes over W than the fourth GEMM costs); else ``"recompute"``, with
+chunks of at least :data:`MIN_CHUNK_CLASSES` classes (narrower GEMMs run far below the machine's rate).
+:func:`set_loss_path` forces a path (for measurements and tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+PATHS = ("auto", "dense", "keep", "row_tiles", "recompute")
+
+#: the chunk kernel's chunk: about this many logits per chunk (CPU 2^18, 1 MB of float32: a chunk's buffers stay in
+#: cache at small batches), but never fewer than :data:`MIN_CHUNK_CLASSES` classes
+CHUNK_ELEMENTS = 1 << 18
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_CLASSES = 512
+#: the default budget's bounds, per device type (CPU; accelerators: chosen, not yet measured)
+MIN_BUDGET = 1 << 24
+MAX_BUDGET = 1 << 30
+ACCELERATOR_MIN_BUDGET = 1 << 26
+ACCELERATOR_MAX_BUDGET = 1 << 32
+#: the default budget as a fraction of one N×C·K logits buffer
+BUDGET_FRACTION = 0.25
+MIN_TILE_ROWS = 128
+#: a single-process step of at most this many logits takes the dense path (its fixed cost is the kernel's smaller)
+DENSE_LOGITS = 1 << 14
+
+_STATE: dict[str, Any] = {"budget": None, "path": "auto", "rows": None}
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    factor = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    value = float(number) * factor
+    if not value >= 0 or value != value:
+        raise ValueError
+    return int(value)
+
+
+if os.environ.get("MLL_MEMORY_BUDGET"):
+    try:
+        _STATE["budget"] = _parse_bytes(os.environ["MLL_MEMORY_BUDGET"])
+    except ValueError:
+        raise ValueError(
+            f"MLL_MEMORY_BUDGET must be a number of bytes (e.g. 268435456 or 256MB), but got "
+            f"{os.environ['MLL_MEMORY_BUDGET']!r}"
+        ) from None
+
+
+class set_memory_budget:
+    """Set the working memory a chunked or sharded loss may hold (bytes; None: automatic), for the whole process;
+    also a context manager. See the module notes (``docs/chunked.md``: how the path is chosen)."""
+
+    def __init__(self, budget: Optional[int]) -> None:
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"budget must be None or a number of bytes >= 0, but got {budget!r}")
+        self.previous = _STATE["budget"]
+        _STATE["budget"] = budget
+
+    def __enter__(self) -> set_memory_budget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _STATE["budget"] = self.previous
+
+
+class set_loss_path:
+    """Force the chunked loss's path — ``"dense"``, ``"keep"``, ``"row_tiles"``, ``"recompute"`` or ``"auto"`` (the
+    cost model, the default) — for the whole process; also a context manager. ``rows``: rows per tile of
+    ``"row_tiles"`` (default: as many as the budget holds). A forced ``"row_tiles"`` falls back to the cost model
+    where it cannot run (a per-row loss, no gradient to build, ``torch.compile``, ``torch.func``); a forced
+    ``"dense"`` to the chunk kernel in the sharded loss."""
+
+    def __init__(self, path: str, rows: Optional[int] = None) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, but got {path!r}")
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"rows must be None or an integer >= 1, but got {rows!r}")
+        self.previous = (_STATE["path"], _STATE["rows"])
+        _STATE["path"], _STATE["rows"] = path, rows
+
+    def __enter__(self) -> set_loss_path:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _STATE["path"], _STATE["rows"] = self.previous
+
+
+def memory_budget(rows: int, classes: int, sub_centers: int, dtype: torch.dtype, device: Any = "cpu") -> int:
+    """The budget in bytes: the user's, or the automatic one for this shape (see the module notes)."""
+    if _STATE["budget"] is not None:
+        return int(_STATE["budget"])
+    cpu = torch.device(device).type == "cpu"
+    low, high = (MIN_BUDGET, MAX_BUDGET) if cpu else (ACCELERATOR_MIN_BUDGET, ACCELERATOR_MAX_BUDGET)
+    logits = rows * classes * sub_centers * _bytes(dtype)
+    return int(min(high, max(low, BUDGET_FRACTION * logits)))
+
+
+def chunk_classes(rows: int, classes: int, sub_centers: int, device: Any = "cpu") -> int:
+    """Classes per chunk of the chunk kernel: about :data:`CHUNK_ELEMENTS` logits (accelerators
+    :data:`ACCELERATOR_CHUNK_ELEMENTS`), at least :data:`MIN_CHUNK_CLASSES` classes, at least 1 and at most C."""
+    elements = CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, min(classes, max(MIN_CHUNK_CLASSES, elements // max(1, rows * sub_centers))))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A chunked loss's path (``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"``), its chunk (classes) and
+    tile (rows)."""
+
+    path: str
+    chunk: int
+    rows: int
+    budget: int
+
+
+def plan(
+    rows: int, classes: int, sub_centers: int, buffers: int, dtype: torch.dtype, device: Any = "cpu", *,
+    scalar_loss: bool = False, chunk: Optional[int] = None, held: int = 0, dense: bool = False,
+) -> Plan:  # fmt: skip
+    """The path for N = ``rows`` rows and a block of ``classes`` classes with ``sub_centers`` each, whose chunks hold
+    ``buffers`` logits-sized tensors (1 for plain scaled cosines; more with sub-centers, a non-target part or dense
+    soft targets). ``scalar_loss``: the loss ends the graph (a ``"mean"``/``"sum"`` reduction with a gradient to
+    build, eager) — only then can it take ``"row_tiles"``. ``chunk``: the caller's classes per chunk. ``held``: bytes
+    the row tiles would hold besides a tile (a weight gradient formed beside an existing ``.grad``). ``dense``: the
+    caller can run the dense path (a single process)."""
+    budget = memory_budget(rows, classes, sub_centers, dtype, device)
+    per_row = max(1, classes * sub_centers * _bytes(dtype) * buffers)
+    given = chunk
+    chunk = chunk_classes(rows, classes, sub_centers, device) if chunk is None else int(chunk)
+    forced = _STATE["path"]
+    tile = max(1, min(rows, _STATE["rows"] or max(0, budget - held) // per_row))
+    if forced == "row_tiles" and scalar_loss:
+        return Plan("row_tiles", chunk, tile, budget)
+    if forced in ("keep", "recompute") or (forced == "dense" and dense):
+        return Plan(forced, chunk, rows, budget)
+    if torch.compiler.is_compiling():  # a traced kernel cannot hand its chunks from forward to backward
+        return Plan("recompute", chunk, rows, budget)
+    if dense and forced == "auto" and given is None and rows * classes * sub_centers <= DENSE_LOGITS:
+        return Plan("dense", chunk, rows, budget)
+    if rows * per_row <= budget:
+        return Plan("keep", chunk, rows, budget)
+    if scalar_loss and forced != "recompute" and tile >= min(MIN_TILE_ROWS, rows):
+        return Plan("row_tiles", chunk, tile, budget)
+    return Plan("recompute", chunk, rows, budget)
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
