@@ -193,15 +193,17 @@ def test_few_hot_pairs_without_entries_give_what_all_zero_targets_give() -> None
 
 
 def test_per_sample_gradients_of_the_chunked_loss_say_to_use_the_dense_path() -> None:
-    """``torch.func.jacrev`` (a vmap over the backward) of the chunked losses: our message, not a batching rule's."""
+    """``torch.func.jacrev`` (a vmap over the backward) of the chunked losses: our message, not a batching rule's.
+    (A step small enough for the cost model's dense path gives them: the dense path's numbers.)"""
     x, w, y, _ = problem(7, k=1)
     x, w = x.detach(), w.detach()
 
-    def losses(weight):
-        return MF.margin_cross_entropy(x, weight, y, scale=3.0, margin=MF.ARC(0.5), reduction="none")
+    def losses(weight, chunk_size=None):
+        return MF.margin_cross_entropy(x, weight, y, scale=3.0, margin=MF.ARC(0.5), reduction="none",
+                                       chunk_size=chunk_size)  # fmt: skip
 
     with pytest.raises(RuntimeError, match=r"chunked margin cross-entropy's backward does not run under .*jacrev"):
-        torch.func.jacrev(losses)(w)
+        torch.func.jacrev(lambda weight: losses(weight, chunk_size=3))(w)
     with pytest.raises(RuntimeError, match=r"chunked Proxy-Anchor loss's backward does not run under .*jacrev"):
         torch.func.jacrev(lambda weight: MF.chunked_proxy_anchor_loss(x, weight, y))(w)
     # the dense path it points to gives them
@@ -211,6 +213,7 @@ def test_per_sample_gradients_of_the_chunked_loss_say_to_use_the_dense_path() ->
         )
     )(w)
     assert dense.shape == (6, *w.shape)
+    torch.testing.assert_close(torch.func.jacrev(losses)(w), dense, rtol=1e-12, atol=1e-12)  # tiny: dense
 
 
 def _module_level_family() -> MF.MarginFamily:
