@@ -23,6 +23,8 @@ LAYERS: dict[str, set[str]] = {
     "mll.nn": {"mll.functional", "mll.functional._engine"},
     # evaluation: public maths (cosine_logits) and the heads it evaluates, never the engine's private modules
     "mll.metrics": {"mll.nn", "mll.functional"},
+    # peers' APIs (mll.compat.pml): shells over the public maths and the heads, never the engine's private modules
+    "mll.compat": {"mll.nn", "mll.functional"},
     "mll": {"mll.metrics", "mll.nn", "mll.functional", "mll.functional._engine"},  # the package's face and the demo
 }
 MAX_LINES = 400
