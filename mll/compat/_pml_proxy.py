@@ -179,15 +179,9 @@ class SoftTripleLoss(PMLLoss):
     fc: nn.Parameter
 
     def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        centers_per_class: int = 10,
-        la: float = 20,
-        gamma: float = 0.1,
-        margin: float = 0.01,
-        **kwargs: Any,
-    ) -> None:
+        self, num_classes: int, embedding_size: int, centers_per_class: int = 10, la: float = 20, gamma: float = 0.1,
+        margin: float = 0.01, **kwargs: Any,
+    ) -> None:  # fmt: skip
         owner = type(self).__name__
         k = check_count(owner, "centers_per_class", centers_per_class)
         la = check_real(owner, "la", la, low=0.0, low_open=True)
