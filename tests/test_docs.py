@@ -52,3 +52,12 @@ def test_the_metrics_pages_worked_example_prints_what_the_page_shows(tmp_path, m
     exec(compile(code, "docs/metrics.md", "exec"), {})
     assert capsys.readouterr().out == shown
     assert (tmp_path / "roc.png").stat().st_size > 0
+
+
+def test_the_api_reference_lists_every_exported_head() -> None:
+    """docs/reference.md renders every head mll exports, sharded forms included (the next head cannot skip it)."""
+    from tests.conftest import exported_heads
+
+    text = (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+    listed = set(re.findall(r"^::: mll\.nn\.(\w+)$", text, flags=re.M))
+    assert [name for name in exported_heads(sharded=True) if name not in listed] == []

@@ -7,8 +7,10 @@ paper's loss, computed over class chunks without the N×C cosines.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from mll import functional as MF
@@ -145,6 +147,18 @@ class ProxyAnchor(Head):
     def logit_scale(self) -> float:
         """α: the loss's own factor of the cosines."""
         return self.alpha
+
+    def forward(self, input: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        # F.cross_entropy(head(x, y), y) would run, and be another loss (said in eager mode: dynamo cannot warn)
+        if labels is not None and self.training and not torch.compiler.is_compiling():
+            warnings.warn(
+                f"{type(self).__name__}(input, labels) returns α·cos θ and ignores the labels: Proxy-Anchor is not a "
+                "cross-entropy of these logits. Its loss is head.loss(input, labels) (or "
+                "mll.functional.proxy_anchor_loss(head.cosine(input), labels, ...))",
+                UserWarning,
+                stacklevel=2,
+            )
+        return super().forward(input, labels)
 
     def loss(
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None

@@ -253,3 +253,16 @@ def test_renamed_arguments_warn_and_still_work() -> None:
         warnings.simplefilter("error")  # the new names are silent
         MF.ncm_update(torch.zeros(7, 5, dtype=torch.float64), x.detach(), y, 0.9)
         MF.adaface_update(20.0, 100.0, x.detach().norm(dim=-1), decay=0.9)
+
+
+def test_an_angular_margin_out_of_range_says_radians_and_reads_degrees() -> None:
+    """pytorch-metric-learning takes its margins in degrees: 28.6 is 0.499 rad, and the error says so."""
+    with pytest.raises(ValueError, match=r"ArcFace margin must be in \[0, 1.571\), but got 28.6 \(in radians: did you "
+                       r"give degrees\? 28.6° = 0.499 rad\)$"):  # fmt: skip
+        MF.ARC(28.6)
+    with pytest.raises(ValueError, match=r"but got values from 0.1 to 30 \(in radians: did you give degrees\? 30° = "):
+        MF.arc_margin(torch.rand(3, 3), torch.tensor([0, 1, 2]), torch.tensor([0.1, 30.0, 0.2]))
+    with pytest.raises(ValueError, match=r"but got -0.1 \(in radians\)$"):
+        MF.ARC(-0.1)
+    with pytest.raises(ValueError, match=r"CosFace margin must be in \[0, 1\), but got 1.5$"):  # not an angle
+        MF.COS(1.5)

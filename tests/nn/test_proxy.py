@@ -6,6 +6,7 @@ sharded ones in ``tests/distributed/sharded_heads.py``."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -265,3 +266,18 @@ def test_proxy_anchor_training_step_reads_nothing_from_the_device() -> None:
         MF.proxy_anchor_loss(head.cosine(x), y).backward()
         head.loss(x, y).backward()
     assert sum(reads.count.values()) == 0
+
+
+def test_proxy_anchor_warns_where_its_logits_would_meet_a_cross_entropy() -> None:
+    """``F.cross_entropy(head(x, y), y)`` runs silently for ProxyAnchor but is not its loss: labels in training mode
+    warn and name ``head.loss``; no labels, or eval mode, do not."""
+    head = mll.ProxyAnchor(D, C)
+    x, y = torch.randn(4, D), torch.randint(0, C, (4,))
+    with pytest.warns(UserWarning, match=r"ProxyAnchor\(input, labels\) returns α·cos θ and ignores the labels: .*"
+                      r"head\.loss\(input, labels\)"):  # fmt: skip
+        logits = head(x, y)
+    torch.testing.assert_close(logits, head.alpha * mll.functional.cosine_logits(x, head.weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head(x)
+        head.eval()(x, y)

@@ -146,6 +146,20 @@ def _interval(low: float, high: float, high_inclusive: bool) -> str:
     return f"[{low:g}, {high:.4g}{']' if high_inclusive else ')'}"
 
 
+#: the upper end of every additive angular margin's range (ArcFace and its kin): a margin is in radians there
+ANGULAR_MARGIN_MAX = math.pi / 2
+
+
+def _units(high: float, value: float) -> str:
+    """What follows an angular margin's error: " (in radians)", or where the value reads as degrees (as
+    pytorch-metric-learning takes them) " (in radians: did you give degrees? 28.6° = 0.499 rad)"; else nothing."""
+    if high != ANGULAR_MARGIN_MAX:
+        return ""
+    if high <= value < 360 and math.isfinite(value):
+        return f" (in radians: did you give degrees? {value:g}° = {math.radians(value):.3g} rad)"
+    return " (in radians)"
+
+
 def check_margin(
     margin: object, low: float, high: float, kind: str, *, name: str = "margin", high_inclusive: bool = False
 ) -> None:
@@ -154,7 +168,8 @@ def check_margin(
         raise TypeError(f"{kind} {name} must be a float, but got {type(margin).__name__}")
     ok = low <= margin <= high if high_inclusive else low <= margin < high  # type: ignore[operator]
     if not (math.isfinite(margin) and ok):  # type: ignore[arg-type]
-        raise ValueError(f"{kind} {name} must be in {_interval(low, high, high_inclusive)}, but got {margin!r}")
+        units = _units(high, float(margin))  # type: ignore[arg-type]
+        raise ValueError(f"{kind} {name} must be in {_interval(low, high, high_inclusive)}, but got {margin!r}{units}")
 
 
 def check_margin_param(
@@ -200,7 +215,8 @@ def check_margin_param(
         ok = low <= lo and (hi <= high if high_inclusive else hi < high)
         if not (ok and math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(
-                f"{kind} {name} must be in {_interval(low, high, high_inclusive)}, but got values from {lo:g} to {hi:g}"
+                f"{kind} {name} must be in {_interval(low, high, high_inclusive)}, but got values from {lo:g} to "
+                f"{hi:g}{_units(high, hi)}"
             )
 
 
