@@ -52,6 +52,7 @@ from mll.functional.margin import at_target
 from mll.functional.npcface import npcface_sharded_statistics
 from mll.functional.scale import adacos_statistics_chunked
 from mll.nn._regularized import reduce_rows, shared_class_term, sum_grad_over_ranks
+from mll.nn._sampling import sampling_kwargs
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.adaptive_margin import AdaMSoftmax
@@ -235,8 +236,7 @@ class ShardedLargeMarginSoftmax(Sharded, LargeMarginSoftmax):
     ) -> Tensor:
         return MF.sharded_margin_cross_entropy(
             input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
-            scale=self.logit_scale(), margin=self.block_margin(margin), num_sub_centers=1,
-            sample_rate=self.sample_rate if self.training else 1.0, generator=self.sampling_generator,
+            scale=self.logit_scale(), margin=self.block_margin(margin), num_sub_centers=1, **sampling_kwargs(self),
             chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale, group=self.group,
             reduction=reduction, normalized=False,  # type: ignore[arg-type]
         )  # fmt: skip
@@ -349,9 +349,8 @@ class ShardedDeepNCM(Sharded, DeepNCM):
         means = self.means.clone() if self.training else self.means  # backward needs the means of the forward
         loss = MF.sharded_margin_cross_entropy(
             input, means.to(input.dtype), labels, class_start=self.class_start, num_classes=self.out_features,
-            scale=self.scale, sample_rate=self.sample_rate if self.training else 1.0,
-            generator=self.sampling_generator, chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale,
-            group=self.group, reduction=reduction,  # type: ignore[arg-type]
+            scale=self.scale, **sampling_kwargs(self), chunk_size=chunk_size,
+            feature_grad_scale=self.feature_grad_scale, group=self.group, reduction=reduction,  # type: ignore[arg-type]
         )  # fmt: skip
         if self.training:
             with torch.no_grad():
