@@ -210,7 +210,8 @@ class PartialFC_V2(nn.Module):
         group (ProcessGroup, optional): the ranks sharing the classes (keyword only; the default group when None).
         generator (torch.Generator, optional): seeds this rank's sampling stream (keyword only; InsightFace draws
             from the global generator, which a checkpoint does not hold).
-        device, dtype: of ``weight`` (keyword only).
+        device (torch.device, optional): of ``weight`` (keyword only).
+        dtype (torch.dtype, optional): of ``weight`` (keyword only).
     """
 
     _version = 2
