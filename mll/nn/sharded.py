@@ -9,7 +9,9 @@ arguments, plus
 - ``group`` (ProcessGroup, optional): the ranks sharing the classes (the default group when None);
 - ``sample_rate`` (float): Partial FC's fraction of each block kept per training step, in ``(0, 1]``;
 - ``feature_grad_scale`` (float, optional): multiplier of the features' gradient; None: the world size;
-- ``generator`` (torch.Generator, optional): for the class sampling (and ElasticFace's margin draws).
+- ``generator`` (torch.Generator, optional): for the class sampling (and ElasticFace's margin draws);
+- ``sampling`` (str): ``"block"`` (Partial FC's share of each block) or ``"class"`` (the same sample on any number
+  of ranks: a resume on another world size continues exactly), see ``mll/nn/_sampling.py``.
 
 Every rank of ``group`` builds the head with the same arguments and keeps the weights of its block (per-class
 margins and running statistics are small and kept whole on every rank). ``head.loss(features, labels)`` is the
@@ -22,8 +24,8 @@ checks are those of :func:`mll.functional.sharded_margin_cross_entropy`.
 With a data-parallel backbone, wrap the backbone, not the head, in ``DistributedDataParallel`` (DDP would average
 different blocks); by default the features get ``world_size`` times their gradient, which DDP's average turns into
 the exact gradient of the global-batch loss. ``from_dense(head)`` cuts this rank's block out of a single-process
-head; each rank's ``state_dict`` records its block in ``class_range``, and :func:`dense_state_dict` reassembles them
-for the dense head (to resume on another number of ranks, or to evaluate on one device).
+head; each rank's ``state_dict`` records its block in ``class_range`` (and its random state), and
+:func:`mll.nn.load_resharded` reads the ranks' files for any other number of ranks, or for the dense head.
 
 Targets: class indices ``(*)``, soft targets ``(*, C)`` (their non-zero entries travel), or few-hot pairs
 ``(classes, weights)`` of shape ``(*, P)`` each, for heads whose statistics do not read the labels.

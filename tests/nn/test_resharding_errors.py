@@ -4,6 +4,7 @@ disagree, a mismatched optimizer — refused with the reason, before anything is
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,26 @@ def test_a_checkpoint_that_does_not_say_its_classes_needs_blocks() -> None:
         mll.nn.load_resharded(_fresh(), [part, part])
     with pytest.raises(ValueError, match=r"blocks must give one \(start, stop\) per checkpoint: 2, but got 1"):
         mll.nn.load_resharded(_fresh(), [part, part], blocks=[(0, 4)])
+
+
+def test_the_sharded_pages_checkpoint_code_runs_and_keeps_every_option(tmp_path) -> None:
+    """docs/sharded.md, "Checkpoints": its blocks as written, in one process (one old rank); the heads they build
+    keep the sampling options they were given (the page's earlier snippet silently reset sample_rate to 1)."""
+    page = (Path(__file__).parents[2] / "docs" / "sharded.md").read_text()
+    section = page.split("## Checkpoints")[1].split("\n## ")[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(code) == 2
+    torch.manual_seed(0)
+    saved = mll.ShardedArcFace(512, 100, margin=0.5, sample_rate=0.1, sampling="class")
+    ns = {"torch": torch, "mll": mll, "folder": str(tmp_path), "rank": 0, "old_world": 1, "num_classes": 100,
+          "head": saved, "optimizer": torch.optim.SGD(saved.parameters(), lr=0.1, momentum=0.9)}  # fmt: skip
+    exec(compile(code[0], "docs/sharded.md", "exec"), ns)
+    head = ns["head"]
+    assert head is not saved and torch.equal(head.weight, saved.weight)
+    assert (head.sample_rate, head.sampling, head.sampling_seed) == (0.1, "class", saved.sampling_seed)
+    dense = mll.ArcFace(512, 100, margin=0.5)
+    cut = {**ns, "dense": dense}
+    exec(compile(code[1], "docs/sharded.md", "exec"), cut)
+    head = cut["head"]
+    assert (head.sample_rate, head.sampling, head.class_start, head.class_stop) == (0.1, "class", 0, 13)
+    assert torch.equal(head.weight, dense.weight[:13])
