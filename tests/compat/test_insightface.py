@@ -315,3 +315,18 @@ def test_a_world_of_one_needs_no_process_group_and_eval_mode_changes_nothing() -
     train = module(x, y)
     assert torch.equal(module.eval()(x, y), train)  # as InsightFace's: the loss with its margin in either mode
     assert mll.functional.shard_bounds(10, 1) == [(0, 10)]
+
+
+def test_an_empty_batch_and_a_tiny_sample_rate() -> None:
+    """No sample on any rank: the mean of nothing, NaN (InsightFace's crashes), and a zero gradient. A rate whose
+    share rounds to no class (int(0.01 · 10) = 0): the positives alone, as InsightFace's."""
+    module = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), 4, 10)
+    loss = module(torch.zeros(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert torch.isnan(loss) and torch.equal(module.weight.grad, torch.zeros(10, 4))
+    tiny = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), 4, 10, sample_rate=0.01)
+    assert tiny.num_sample == 0
+    loss = tiny(torch.randn(3, 4), torch.tensor([1, 1, 7]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert (tiny.weight.grad.abs().sum(1) > 0).nonzero().squeeze(1).tolist() == [1, 7]

@@ -119,6 +119,26 @@ def resumed(case: Case, rank: int, world: int, folder: str, dense: bool = False)
     return train(case, wrap(backbone, world), head, opt, range(SAVED_AFTER, STEPS), rank, world)
 
 
+def stale_rank(rank: int, world: int, folder: str) -> str:
+    """Rank 1 resumes from a checkpoint of another step (its class-sampling key is behind): every rank raises the
+    same error at the next step, and the group is usable once the rank is fixed."""
+    case = BY_NAME["arcface-sgd-sampled"]
+    backbone, head = build(case, seed=2)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("rank"))
+    mll.nn.load_resharded(head, files, head_key="head")
+    if rank == 1:
+        head.sampling_step -= 1
+    x, y = batch(SAVED_AFTER, rank, world)
+    try:
+        head.loss(backbone(x), y)
+        message = ""
+    except ValueError as error:
+        message = str(error)
+    head.sampling_step = SAVED_AFTER
+    assert torch.isfinite(head.loss(backbone(x), y))
+    return message
+
+
 def worker(rank: int, world: int, path: str) -> None:
     """``path``'s name says the job: ``first`` (world 2, and world 1 for the 1 → any direction) or ``resume``."""
     torch.set_num_threads(1)
@@ -132,6 +152,8 @@ def worker(rank: int, world: int, path: str) -> None:
         else:
             for case in CASES:
                 jobs[case.name] = lambda case=case: resumed(case, rank, world, f"{root}/ckpt-w2-{case.name}")
+            if world > 1:
+                jobs["stale"] = lambda: stale_rank(rank, world, f"{root}/ckpt-w2-arcface-sgd-sampled")
             if world == 1:
                 name = "arcface-adam"
                 jobs["dense"] = lambda: resumed(BY_NAME[name], rank, world, f"{root}/ckpt-w2-{name}", dense=True)

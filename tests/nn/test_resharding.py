@@ -91,3 +91,11 @@ def test_the_sampled_runs_did_sample(runs) -> None:
     first = assembled(runs["first-w2"], "arcface-sgd-sampled", 0)
     plain = assembled(runs["first-w2"], "arcface-sgd", 0)
     assert not torch.allclose(first["loss"][0], plain["loss"][0])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_resumed_from_another_step_is_refused_on_every_rank(runs, world: int) -> None:
+    messages = [r["stale"] for r in runs[f"resume-w{world}"]]
+    assert all(m == messages[0] for m in messages)
+    assert "ShardedArcFace's class-sampling step (load every rank's checkpoint of one step) must be the same on " \
+        "every rank, but got [2, 1" in messages[0]  # fmt: skip
