@@ -64,19 +64,19 @@ def kept_classes(y: Tensor, blocks: list[tuple[int, int]], rate: float, seeds: l
     return torch.cat(parts)
 
 
-def insightface_loss(
-    x: Tensor, weight: Tensor, y: Tensor, *, s: float, m2: float = 0.0, m3: float = 0.0, threshold: float = 0.0,
-    exact: bool = False, kept: Optional[Tensor] = None,
+def their_logits(
+    cos: Tensor, labels: Tensor, *, s: float, m2: float = 0.0, m3: float = 0.0, threshold: float = 0.0,
+    exact: bool = False,
 ) -> Tensor:  # fmt: skip
-    cos = (F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T).clamp(-1, 1)
-    if kept is not None:
-        cos, y = cos[:, kept], torch.searchsorted(kept, y)
-    target = torch.arange(cos.shape[1]) == y[:, None]
+    """CombinedMarginLoss.forward: cosines (N, B) and block-local labels (−1: the class is in another block) in,
+    scaled logits out (the filter, then the target logit of the rows whose class is here)."""
+    labels = labels.reshape(-1)
+    target = (torch.arange(cos.shape[1]) == labels[:, None]) & (labels >= 0)[:, None]
     if threshold > 0:
         with torch.no_grad():
             keep = ~((cos > threshold) & ~target)
         cos = cos * keep
-    c = cos.gather(1, y[:, None])
+    c = cos.gather(1, labels.clamp(min=0)[:, None])
     if m3 > 0:
         new = c - m3
     elif exact:
@@ -86,7 +86,17 @@ def insightface_loss(
         with torch.no_grad():
             shifted = torch.cos(torch.acos(c) + m2)
         new = c + (shifted - c).detach()
-    logits = torch.where(target, new, cos) * s
+    return torch.where(target, new, cos) * s
+
+
+def insightface_loss(
+    x: Tensor, weight: Tensor, y: Tensor, *, s: float, m2: float = 0.0, m3: float = 0.0, threshold: float = 0.0,
+    exact: bool = False, kept: Optional[Tensor] = None,
+) -> Tensor:  # fmt: skip
+    cos = (F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T).clamp(-1, 1)
+    if kept is not None:
+        cos, y = cos[:, kept], torch.searchsorted(kept, y)
+    logits = their_logits(cos, y, s=s, m2=m2, m3=m3, threshold=threshold, exact=exact)
     if exact:
         return F.cross_entropy(logits, y)
     return TheirCrossEntropy.apply(logits, y)

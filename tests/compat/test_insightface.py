@@ -17,7 +17,7 @@ import mll
 from mll import functional as MF
 from mll.compat.insightface import CombinedMarginLoss, PartialFC_V2
 from tests.compat import insightface_world as W
-from tests.compat.insightface_reference import insightface_loss, kept_classes
+from tests.compat.insightface_reference import insightface_loss, kept_classes, their_logits
 from tests.conftest import run_world
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -119,28 +119,6 @@ def cosines_and_labels(n: int = 9, b: int = 7) -> tuple[torch.Tensor, torch.Tens
     return cos, labels
 
 
-def their_logits(cos: torch.Tensor, labels: torch.Tensor, s, m2, m3, threshold, exact=False) -> torch.Tensor:
-    """CombinedMarginLoss.forward's equations: the filter, then the target logit of the rows with a label here."""
-    labels = labels.reshape(-1)
-    here = labels >= 0
-    target = (torch.arange(cos.shape[1]) == labels[:, None]) & here[:, None]
-    if threshold > 0:
-        with torch.no_grad():
-            keep = ~((cos > threshold) & ~target)
-        cos = cos * keep
-    c = cos.gather(1, labels.clamp(min=0)[:, None])
-    if m3 > 0:
-        new = c - m3
-    elif exact:
-        theta = torch.acos(c)
-        new = torch.where(theta + m2 < math.pi, torch.cos(theta + m2), c - m2 * math.sin(m2))
-    else:
-        with torch.no_grad():
-            shifted = torch.cos(torch.acos(c) + m2)
-        new = c + (shifted - c).detach()
-    return torch.where(target, new, cos) * s
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -157,7 +135,7 @@ def test_combined_margin_loss_gives_their_logits_and_gradients(args, exact) -> N
     cos, labels = cosines_and_labels()
     module = CombinedMarginLoss(*args, exact=exact)
     got = module(cos, labels)
-    want = their_logits(cos, labels, *args[:1], args[2], args[3], args[4], exact=exact)
+    want = their_logits(cos, labels, s=args[0], m2=args[2], m3=args[3], threshold=args[4], exact=exact)
     torch.testing.assert_close(got, want, **TOL)
     probe = torch.randn_like(got)
     torch.testing.assert_close(torch.autograd.grad(got, cos, probe)[0], torch.autograd.grad(want, cos, probe)[0], **TOL)
@@ -296,7 +274,7 @@ def test_cosface_ignores_m1_and_m2_as_insightface_does_and_says_so() -> None:
     with pytest.warns(UserWarning, match=r"ignores m1 and m2 when m3 > 0"):
         module = CombinedMarginLoss(64, 1.0, 0.5, 0.2)
     cos, labels = cosines_and_labels()
-    torch.testing.assert_close(module(cos, labels), their_logits(cos, labels, 64, 0.0, 0.2, 0), **TOL)
+    torch.testing.assert_close(module(cos, labels), their_logits(cos, labels, s=64, m3=0.2), **TOL)
 
 
 def test_insightfaces_own_margin_object_is_read_as_ours() -> None:
