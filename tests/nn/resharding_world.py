@@ -13,7 +13,7 @@ from torch import nn
 
 import mll
 
-D_IN, D, C, N = 6, 5, 13, 12  # N: the global batch, split evenly over 1, 2 or 3 ranks
+D_IN, D, C, N = 6, 5, 40, 12  # N: the global batch, split evenly over 1, 2 or 3 ranks
 SAVED_AFTER, STEPS = 2, 4
 
 

@@ -81,9 +81,10 @@ def test_a_run_of_one_process_resumes_on_three(runs) -> None:
 def test_block_sampling_resumes_bit_for_bit_on_the_same_ranks_and_anew_on_others(runs) -> None:
     name = "arcface-sgd-block-sampling"
     check(runs["resume-w2"], name, runs["first-w2"], name, bitwise=True)
-    for world in (1, 3):  # its sample depends on the blocks: another draw, a loss of the same kind
-        got = assembled(runs[f"resume-w{world}"], name, 0)
+    for world in (1, 3):  # its sample depends on the blocks: another draw, another step
+        got, want = assembled(runs[f"resume-w{world}"], name, 0), assembled(runs["first-w2"], name, R.SAVED_AFTER)
         assert all(torch.isfinite(loss) for loss in got["loss"])
+        assert differences(got, want) > 1e-6
 
 
 def test_the_sampled_runs_did_sample(runs) -> None:
