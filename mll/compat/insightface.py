@@ -243,12 +243,11 @@ class PartialFC_V2(nn.Module):
         self.num_sample = int(self.sample_rate * self.num_local)
         self.weight = nn.Parameter(torch.empty(self.num_local, self.embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
-        on = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
         self.sampling_generator: Optional[torch.Generator] = None
-        if self.sample_rate < 1:
+        if self.sample_rate < 1:  # on the CPU, as InsightFace's draws (then moved to the weights' device)
             seed = int(torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else
                                      generator.device))  # fmt: skip
-            self.sampling_generator = torch.Generator(device=on).manual_seed(seed + self.rank)
+            self.sampling_generator = torch.Generator().manual_seed(seed + self.rank)
         self.register_state_dict_post_hook(_save_sampling)
         self.register_load_state_dict_pre_hook(_load_sampling)
 
@@ -263,7 +262,9 @@ class PartialFC_V2(nn.Module):
         kept = positive.nonzero().squeeze(1)
         if self.num_sample < kept.numel():
             return kept
-        score = torch.rand(positive.numel(), generator=self.sampling_generator, device=positive.device)
+        generator = self.sampling_generator
+        device = generator.device if generator is not None else positive.device
+        score = torch.rand(positive.numel(), generator=generator, device=device).to(positive.device)
         score[positive] = 2.0
         return score.topk(self.num_sample).indices.sort().values
 

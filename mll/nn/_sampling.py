@@ -29,7 +29,10 @@ from torch import Tensor
 
 from mll import functional as MF
 
-__all__ = ["RANDOM_STATE_KEYS", "SAMPLING_RULES", "check_sampling", "init_sampling", "own_stream", "sampling_kwargs"]
+__all__ = [
+    "RANDOM_STATE_KEYS", "SAMPLING_RULES", "check_sampling", "follow_device", "init_sampling", "own_stream",
+    "sampling_kwargs",
+]  # fmt: skip
 
 SAMPLING_RULES = ("block", "class")
 #: the state_dict entries of a head's random state (never per class, never in a dense head's state_dict)
@@ -64,6 +67,7 @@ def init_sampling(
     ``sampling_step`` (``"class"``: one draw from ``generator`` — every rank must draw the same seed)."""
     head.sampling = sampling
     head.sampling_generator = generator
+    head.owns_sampling_stream = False
     head.sampling_seed, head.sampling_step = 0, 0
     if head.sample_rate >= 1:
         return
@@ -72,6 +76,25 @@ def init_sampling(
         head.sampling_seed = int(torch.randint(0, 2**52, (), generator=generator, device=_device_of(generator)))
     elif draws or generator is None:  # a stream of the head's own, saved in its state_dict
         head.sampling_generator = own_stream(generator, device, rank)
+        head.owns_sampling_stream = True
+
+
+def follow_device(head: Any) -> None:
+    """After ``head.to(device)``: the head's own sampling stream moves to the weights' device (it draws there), as a
+    stream seeded from one draw of the old one. A user's generator stays where the user put it."""
+    generator, device = head.sampling_generator, head.rows().device
+    if not head.owns_sampling_stream or generator is None or device.type == "meta":
+        return
+    if torch.device(generator.device) != _normalized(device):
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        head.sampling_generator = torch.Generator(device=device).manual_seed(seed)
+
+
+def _normalized(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: how a generator names its device."""
+    if device.type != "cpu" and device.index is None:
+        return torch.device(device.type, torch.get_device_module(device.type).current_device())
+    return device
 
 
 def samples_by_key(head: Any) -> bool:

@@ -45,6 +45,7 @@ from mll.nn._sampling import (
     advance_sampling,
     agreed_sampling,
     check_sampling,
+    follow_device,
     init_sampling,
     load_random_state,
     sampling_kwargs,
@@ -105,6 +106,11 @@ class Sharded(_Base):
     def rows(self) -> Tensor:
         """The block's per-class rows (the weights; DeepNCM's class means)."""
         return self.weight
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), …: the sampling stream follows
+        out = super()._apply(fn, recurse)
+        follow_device(self)
+        return out
 
     def weight_rows(self) -> int:
         """The block's rows: ``(class_stop − class_start)·K``; the block is resolved here, as the weight is made."""
