@@ -1,7 +1,6 @@
 """The package's layers and the one way its imports run (``docs/architecture.md``), read from the source with ``ast``.
 
     mll.metrics  →  mll.nn  →  mll.functional  →  mll.functional._engine  →  torch
-    mll.compat   ↗ (peers' APIs, above the heads; nothing below imports it)
 
 A layer imports the layers below it and never one above; private names (``_x``) do not cross a package's border;
 and no module outgrows 400 lines. The rules are checked on every import statement, at module level or inside a
@@ -24,8 +23,8 @@ LAYERS: dict[str, set[str]] = {
     "mll.nn": {"mll.functional", "mll.functional._engine"},
     # evaluation: public maths (cosine_logits) and the heads it evaluates, never the engine's private modules
     "mll.metrics": {"mll.nn", "mll.functional"},
-    # peers' APIs (pml, InsightFace) over the heads and the maths; the engine for the ranks' agreement and collectives
-    "mll.compat": {"mll.nn", "mll.functional", "mll.functional._engine"},
+    # peers' APIs (mll.compat.pml): shells over the public maths and the heads, never the engine's private modules
+    "mll.compat": {"mll.nn", "mll.functional"},
     "mll": {"mll.metrics", "mll.nn", "mll.functional", "mll.functional._engine"},  # the package's face and the demo
 }
 MAX_LINES = 400

@@ -1,8 +1,8 @@
-"""Peers' APIs as thin shells over mll's engine: their arguments, units, calls, parameter names and checkpoints.
+"""Peers' APIs as thin shells over mll's engine.
 
-* :mod:`mll.compat.insightface` — InsightFace's ``CombinedMarginLoss`` and ``PartialFC_V2`` (arcface_torch).
-* :mod:`mll.compat.checkpoints` — InsightFace's per-rank and pytorch-metric-learning's checkpoints, read into mll's
-  heads on any number of ranks.
+* :mod:`mll.compat.pml` — pytorch-metric-learning's classification losses (``ArcFaceLoss``, ``ProxyAnchorLoss``, …):
+  its constructor arguments, units, call, parameter names and checkpoints, computed by :mod:`mll.functional`.
 
-Nothing here imports the peers; the layers below (:mod:`mll.nn`, :mod:`mll.functional`) never import this one.
+Nothing here imports the peers: their objects that users pass in (reducers, regularizers, distances) are recognised
+by what they are and do, and called as the peer would call them.
 """

@@ -23,17 +23,17 @@ gradient and monotone fix, no clamp — the loss and gradients of :class:`mll.Sh
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from mll import functional as MF
-from mll.functional._engine.agreement import agree_on_call
-from mll.functional._engine.checks import check_generator, check_sample_rate, check_scale, is_int, is_real
-from mll.functional._engine.distributed import all_reduce_sum, rank_and_world
 from mll.functional.insightface import ARC_FILTERED, COS_FILTERED, INSIGHTFACE_ARC, INSIGHTFACE_ARC_FILTERED
+from mll.nn._head import agreed
 
 __all__ = ["CombinedMarginLoss", "PartialFC_V2"]
 
@@ -74,11 +74,18 @@ class CombinedMarginLoss(nn.Module):
         *, exact: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        check_scale(s, "CombinedMarginLoss s")
-        for name, value in (("m1", m1), ("m2", m2), ("m3", m3), ("interclass_filtering_threshold",
-                                                                    interclass_filtering_threshold)):  # fmt: skip
-            if not is_real(value) or not math.isfinite(float(value)):
+        threshold = interclass_filtering_threshold
+        for name, value in (
+            ("s", s),
+            ("m1", m1),
+            ("m2", m2),
+            ("m3", m3),
+            ("interclass_filtering_threshold", threshold),
+        ):
+            if not _is_real(value) or not math.isfinite(float(value)):
                 raise TypeError(f"CombinedMarginLoss {name} must be a finite float, but got {value!r}")
+        if s <= 0:
+            raise ValueError(f"CombinedMarginLoss s must be a float > 0 (InsightFace's configs: 64), but got {s!r}")
         if not isinstance(exact, bool):
             raise TypeError(f"CombinedMarginLoss exact must be a bool, but got {type(exact).__name__}")
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
@@ -160,6 +167,23 @@ class CombinedMarginLoss(nn.Module):
         )
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _rank_and_world(group: Any) -> tuple[int, int]:
+    """This process's rank in ``group`` and its size; ``(0, 1)`` without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("PartialFC_V2 group was given, but torch.distributed is not initialised")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"dtype {value.dtype}, shape {tuple(value.shape)}"
@@ -223,13 +247,15 @@ class PartialFC_V2(nn.Module):
         super().__init__()
         self.margin_softmax = as_combined_margin(margin_loss)
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-            if not is_int(value) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"PartialFC_V2 {name} must be an integer >= 1, but got {value!r}")
-        check_sample_rate(sample_rate)
+        if not _is_real(sample_rate) or not 0 < sample_rate <= 1:
+            raise ValueError(f"PartialFC_V2 sample_rate must be a float in (0, 1], but got {sample_rate!r}")
         if not isinstance(fp16, bool):
             raise TypeError(f"PartialFC_V2 fp16 must be a bool, but got {fp16!r}")
-        check_generator(generator)
-        self.rank, self.world_size = rank_and_world(group)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"PartialFC_V2 generator must be a torch.Generator, but got {type(generator).__name__}")
+        self.rank, self.world_size = _rank_and_world(group)
         self.group = group
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.sample_rate, self.fp16 = float(sample_rate), fp16
@@ -273,7 +299,7 @@ class PartialFC_V2(nn.Module):
         device = local_embeddings.device if isinstance(local_embeddings, Tensor) else self.weight.device
         labels = local_labels.reshape(-1) if isinstance(local_labels, Tensor) else local_labels
         # the one setting the sharded loss's own agreement cannot see (every rank raises, or none)
-        agree_on_call(None, {"PartialFC_V2 fp16": int(self.fp16)}, device, self.group)
+        agreed(lambda: None, {"PartialFC_V2 fp16": int(self.fp16)}, device, self.group)
         margin = self.margin_softmax.margin()
         exact = self.margin_softmax.exact
         with torch.autocast(device.type, dtype=torch.float16, enabled=self.fp16):
@@ -301,8 +327,9 @@ def floored_mean(losses: Tensor, group: Any = None) -> Tensor:
     samples' share."""
     cap = -torch.log(torch.tensor(TARGET_PROBABILITY_FLOOR, dtype=losses.dtype, device=losses.device))
     capped = losses.detach().clamp(max=cap)
-    totals = all_reduce_sum(torch.stack([capped.sum(), torch.tensor(float(losses.numel()), dtype=losses.dtype,
-                                                                      device=losses.device)]), group)  # fmt: skip
+    totals = torch.stack([capped.sum(), torch.tensor(float(losses.numel()), dtype=losses.dtype, device=losses.device)])
+    if _rank_and_world(group)[1] > 1:
+        dist.all_reduce(totals, group=group)
     count = totals[1]
     share = losses.sum() / count  # this rank's samples' part of the mean: its gradient
     return share + (totals[0] / count - share).detach()
