@@ -68,7 +68,7 @@ from mll.functional.proxy import (
 )
 from mll.functional.scale import adacos_reduce, adacos_scale, adacos_statistics, heuristic_scale
 from mll.functional.sharded import sharded_margin_cross_entropy
-from mll.functional.sharding import sample_classes, shard_bounds
+from mll.functional.sharding import sample_classes, sample_classes_by_key, shard_bounds
 from mll.functional.soft_triple import soft_triple_distinct_centers, soft_triple_regularizer
 from mll.functional.sub_centers import dominant_sub_centers, sub_center_counts, sub_center_outliers
 
@@ -142,6 +142,7 @@ __all__ = [
     "proxy_nca_logits",
     "proxy_nca_scale",
     "sample_classes",
+    "sample_classes_by_key",
     "set_chunk_kernel",
     "set_loss_path",
     "set_memory_budget",

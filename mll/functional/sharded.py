@@ -20,7 +20,7 @@ Per step and rank the traffic is O(N·d + N·P), independent of C; see ``docs/sh
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -134,6 +134,7 @@ def sharded_margin_cross_entropy(
     group: Any = None,
     reduction: Reduction = "mean",
     normalized: bool = True,
+    sampler: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     r"""Margin cross-entropy over C classes whose weights are split by class across the ranks of ``group``.
 
@@ -209,6 +210,10 @@ def sharded_margin_cross_entropy(
         normalized (bool): True (every cosine head): features and weights are L2-normalised, the family sees
             cosines; False: both are used as they are, the family sees the dot products x·w (L-Softmax, whose
             margin reads the norms: :data:`mll.functional.LARGE_MARGIN`).
+        sampler (callable, optional): with ``sample_rate < 1``, chooses the kept classes in place of
+            :func:`sample_classes`: ``sampler(positive) -> kept``, from the block's positive flags (Tensor[width] of
+            bool) to the sorted block-local indices to keep, every positive among them (e.g.
+            :func:`sample_classes_by_key`, whose sample does not depend on the blocks).
 
     Returns:
         Tensor: the loss (float32 for half-precision inputs).
@@ -216,7 +221,7 @@ def sharded_margin_cross_entropy(
     return _eager_sharded()(
         input, weight, target, class_start, num_classes, scale, margin, margin_type, easy_margin, num_sub_centers,
         pooling, pooling_temperature, sample_rate, generator, chunk_size, feature_grad_scale, group, reduction,
-        normalized,
+        normalized, sampler,
     )  # fmt: skip
 
 
@@ -236,6 +241,7 @@ def _sharded(
     margin_type: Optional[str], easy_margin: bool, num_sub_centers: int, pooling: str, pooling_temperature: float,
     sample_rate: float, generator: Optional[torch.Generator], chunk_size: Optional[int],
     feature_grad_scale: Optional[float], group: Any, reduction: str, normalized: bool = True,
+    sampler: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:  # fmt: skip
     rank, world = rank_and_world(group)
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
@@ -295,7 +301,7 @@ def _sharded(
             inside &= weights != 0
         positive = torch.zeros(width, dtype=torch.bool, device=weight.device)
         positive[classes[inside]] = True
-        kept = sample_classes(positive, sample_rate, generator=generator)
+        kept = sample_classes(positive, sample_rate, generator=generator) if sampler is None else sampler(positive)
         if kept.numel() < width:
             rows_of_kept = (kept.unsqueeze(1) * k + torch.arange(k, device=kept.device)).reshape(-1)
             w = weight.index_select(0, rows_of_kept)  # autograd scatters the gradient back to these rows

@@ -1,5 +1,6 @@
 """How the classes are split across ranks (:func:`shard_bounds`) and sampled per step (:func:`sample_classes`,
-Partial FC's class sample), for the class-sharded loss (:func:`sharded_margin_cross_entropy`) and heads."""
+Partial FC's class sample of each rank's block; :func:`sample_classes_by_key`, a sample that does not depend on the
+blocks), for the class-sharded loss (:func:`sharded_margin_cross_entropy`) and heads."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from mll.functional._engine.checks import check_generator, check_num_classes, check_sample_rate, is_int
 
-__all__ = ["sample_classes", "shard_bounds"]
+__all__ = ["sample_classes", "sample_classes_by_key", "shard_bounds"]
 
 
 def shard_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
@@ -70,3 +71,67 @@ def sample_classes(positive: Tensor, sample_rate: float, *, generator: Optional[
     count = max(count, int(positive.sum()))
     score = torch.rand(width, generator=generator, device=positive.device).masked_fill_(positive, 2.0)
     return score.topk(count, sorted=False).indices.sort().values
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x·c mod 2**32`` for 32-bit values held in int64, in two halves (no product reaches 2**63)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    # a 32-bit integer hash (xor-shift-multiply, the "lowbias32" constants of C. Wellons' hash-prospector)
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def class_uniforms(classes: Tensor, seed: int, step: int) -> Tensor:
+    """One uniform number in (0, 1) per class index (int64), a hash of ``(seed, step, class)``: the same for a class
+    whichever rank computes it, different per step and seed. Float64."""
+    key = torch.tensor(
+        [seed & _MASK32, (seed >> 32) & _MASK32, step & _MASK32, (step >> 32) & _MASK32], dtype=torch.int64
+    )
+    k = _mix32(key[0:1])
+    for part in key[1:]:
+        k = _mix32(k ^ part)
+    k = k.to(classes.device)
+    h = _mix32(_mix32((classes & _MASK32) ^ k) ^ ((classes >> 32) & _MASK32))
+    return (h.to(torch.float64) + 0.5) / 2.0**32
+
+
+def sample_classes_by_key(positive: Tensor, sample_rate: float, *, class_start: int, seed: int, step: int) -> Tensor:
+    """One step's class sample of a block that does not depend on how the classes are split over the ranks.
+
+    Every positive class is kept, and every other class c independently when its uniform number
+    ``u(seed, step, c) < sample_rate`` — a hash of the seed, the step and the class index (:func:`class_uniforms`),
+    not a draw from a generator. So the classes kept are the same whether one rank holds every class or several
+    ranks hold blocks of them: a training state saved on A ranks resumes on B ranks with the same samples (see
+    ``docs/sharded.md``). The number kept is random (``#positives + sample_rate·(width − #positives)`` on average),
+    where :func:`sample_classes` keeps a fixed share of each block. A rate of 1 keeps every class. O(width) integer
+    operations, on ``positive``'s device; eager only (the number kept depends on the data).
+
+    Args:
+        positive (Tensor[width] of bool): the block's classes that are targets of some sample in the global batch.
+        sample_rate (float): each other class's probability of being kept, in ``(0, 1]``.
+        class_start (int): the block's first class (its global index).
+        seed (int): ``>= 0``, the same on every rank.
+        step (int): ``>= 0``, this step's number, the same on every rank.
+
+    Returns:
+        Tensor[S] of int64: sorted block-local indices of the kept classes.
+    """
+    check_sample_rate(sample_rate)
+    if not isinstance(positive, Tensor) or positive.dtype != torch.bool or positive.dim() != 1:
+        raise TypeError("positive must be a 1-dim bool tensor (one flag per class of the block)")
+    for name, value in (("class_start", class_start), ("seed", seed), ("step", step)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, but got {value!r}")
+    width = positive.numel()
+    classes = torch.arange(int(class_start), int(class_start) + width, device=positive.device)
+    keep = positive | (class_uniforms(classes, int(seed), int(step)) < sample_rate)
+    return keep.nonzero().squeeze(1)

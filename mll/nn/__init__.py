@@ -13,6 +13,7 @@ from mll.nn.mv_softmax import MVSoftmax
 from mll.nn.ncm import DeepNCM
 from mll.nn.npcface import NPCFace
 from mll.nn.proxy import ProxyAnchor, ProxyNCAPlusPlus
+from mll.nn.resharding import load_resharded
 from mll.nn.sharded import (
     ShardedAdaCos,
     ShardedAdaFace,
@@ -96,4 +97,5 @@ __all__ = [
     "clean_sub_centers",
     "dense_state_dict",
     "keep_dominant_sub_centers",
+    "load_resharded",
 ]

@@ -40,6 +40,17 @@ from mll.functional._engine.checks import (
     is_int,
 )
 from mll.functional._engine.distributed import rank_and_world
+from mll.nn._sampling import (
+    RANDOM_STATE_KEYS,
+    advance_sampling,
+    agreed_sampling,
+    check_sampling,
+    follow_device,
+    init_sampling,
+    load_random_state,
+    sampling_kwargs,
+    save_random_state,
+)
 from mll.nn._state import keep_initial
 
 if TYPE_CHECKING:  # the mixin always comes before a head: type-check it as one
@@ -69,11 +80,12 @@ class Sharded(_Base):
     def __init__(
         self, *args: Any, class_range: Optional[tuple[int, int]] = None, group: Any = None,
         sample_rate: float = 1.0, feature_grad_scale: Optional[float] = None,
-        generator: Optional[torch.Generator] = None, **kwargs: Any,
+        generator: Optional[torch.Generator] = None, sampling: str = "block", **kwargs: Any,
     ) -> None:  # fmt: skip
         check_sample_rate(sample_rate)
         check_feature_grad_scale(feature_grad_scale)
         check_generator(generator)
+        check_sampling(sampling)
         rank_and_world(group)  # a group without torch.distributed is an error here, not at the first step
         self.requested_range, self.group = class_range, group  # read by weight_rows, during the dense __init__
         draws = "generator" in inspect.signature(self.dense).parameters
@@ -82,18 +94,23 @@ class Sharded(_Base):
         super().__init__(*args, **kwargs)
         self.sample_rate = float(sample_rate)
         self.feature_grad_scale = None if feature_grad_scale is None else float(feature_grad_scale)
-        self.sampling_generator = generator
-        if draws and self.sample_rate < 1:  # each rank samples its own block: a stream of its own
-            self.sampling_generator = own_stream(generator, self.rows().device, rank_and_world(group)[0])
+        init_sampling(self, sampling, generator, draws, self.rows().device, rank_and_world(group)[0])
         # saved with the weights: a checkpoint says which classes it holds
         block = torch.tensor([self.class_start, self.class_stop], dtype=torch.int64, device="cpu")
         self.register_buffer("class_range", block.to(self.rows().device))
         keep_initial(self, "class_range", block)
         self._register_load_state_dict_pre_hook(_check_class_range, with_module=True)
+        self.register_load_state_dict_pre_hook(load_random_state)
+        self.register_state_dict_post_hook(save_random_state)
 
     def rows(self) -> Tensor:
         """The block's per-class rows (the weights; DeepNCM's class means)."""
         return self.weight
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .cuda(), …: the sampling stream follows
+        out = super()._apply(fn, recurse)
+        follow_device(self)
+        return out
 
     def weight_rows(self) -> int:
         """The block's rows: ``(class_stop − class_start)·K``; the block is resolved here, as the weight is made."""
@@ -152,13 +169,16 @@ class Sharded(_Base):
             "soft": int(target is not None and soft_target(target)),
             **call_report(input, self.rows(), self.logit_scale(), reduction),
         }
+        shared.update(agreed_sampling(self))
         agree_on_call(problem, shared, self.rows().device, self.group, (self.class_start, self.class_stop),
                         self.out_features)  # fmt: skip
         if not self.training:
             margin = MF.NO_MARGIN()
         elif margin is None:
             margin = self.step_margin(input, target, None)
-        return self.loss_terms(input, target, margin, reduction, chunk_size)
+        out = self.loss_terms(input, target, margin, reduction, chunk_size)
+        advance_sampling(self)
+        return out
 
     def _agreed_options(self) -> dict[str, float]:
         """The constructor's numeric arguments, keyed as an error names them (a tensor or another object: nan): every
@@ -198,10 +218,8 @@ class Sharded(_Base):
             input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
             scale=self.logit_scale(), margin=self.block_margin(margin),
             num_sub_centers=self.num_sub_centers, pooling=self.pooling,
-            pooling_temperature=self.pooling_temperature,
-            sample_rate=self.sample_rate if self.training else 1.0, generator=self.sampling_generator,
-            chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale, group=self.group,
-            reduction=reduction,  # type: ignore[arg-type]
+            pooling_temperature=self.pooling_temperature, **sampling_kwargs(self), chunk_size=chunk_size,
+            feature_grad_scale=self.feature_grad_scale, group=self.group, reduction=reduction,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def block_margin(self, margin: MF.Margin) -> MF.Margin:
@@ -218,6 +236,8 @@ class Sharded(_Base):
             f"class_range=[{self.class_start}, {self.class_stop})",
             f"sample_rate={self.sample_rate}",
         ]
+        if self.sampling != "block":
+            parts.append(f"sampling={self.sampling!r}")
         if self.feature_grad_scale is not None:
             parts.append(f"feature_grad_scale={self.feature_grad_scale}")
         return ", ".join(parts)
@@ -243,16 +263,6 @@ class Sharded(_Base):
         block = block_state(head.state_dict(), shard.class_start, shard.class_stop, k, shard.get_buffer("class_range"))
         shard.load_state_dict(block)
         return shard
-
-
-def own_stream(generator: Optional[torch.Generator], device: torch.device, rank: int) -> torch.Generator:
-    """A generator of this rank's own, seeded from one draw of ``generator`` (the default one when None), which
-    every rank makes alike: the ranks' draws from ``generator`` stay in step."""
-    seed = int(
-        torch.randint(0, 2**62, (), generator=generator, device="cpu" if generator is None else generator.device)
-    )
-    device = torch.device("cpu") if device.type == "meta" else device
-    return torch.Generator(device=device).manual_seed(seed + rank)
 
 
 def soft_target(target: Any) -> bool:
@@ -282,7 +292,7 @@ def _check_class_range(module: Any, state_dict: dict[str, Any], prefix: str, *ar
         start, stop = saved.tolist()
         raise ValueError(
             f"this shard holds classes [{module.class_start}, {module.class_stop}), but the state_dict holds classes "
-            f"[{start}, {stop}): load each rank's own checkpoint, or re-shard with dense_state_dict and from_dense"
+            f"[{start}, {stop}): load each rank's own checkpoint, or re-shard with mll.nn.load_resharded"
         )
 
 
@@ -292,12 +302,17 @@ def dense_state_dict(shards: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor
     Checks that the shards' class ranges tile ``[0, C)`` (in any order; empty blocks allowed) and agree on
     ``in_features`` and sub-centers; the per-class rows (``weight``, DeepNCM's ``means``) are concatenated in class
     order, and every other entry (the scale, per-class margins, running statistics) must be the same on every shard
-    and is taken once. Load the result into the dense head with the same hyper-parameters (``ShardedArcFace`` →
+    and is taken once; the random state (the class sample's, ElasticFace's generator) is left out, as a dense head
+    keeps none. Load the result into the dense head with the same hyper-parameters (``ShardedArcFace`` →
     ``ArcFace`` …)::
 
         shards = [torch.load(f"head-{r}.pt") for r in range(world)]
         head = mll.ArcFace(in_features, num_classes, margin=0.5)
         head.load_state_dict(mll.nn.dense_state_dict(shards))
+
+    It holds every shard and the whole C·K×d matrix in this process: for one process that wants the dense head.
+    :func:`load_resharded` reads the same files into a dense head block by block (memory-mapped, no second copy of
+    the matrix), and into the heads of any other number of ranks, each reading only its own rows.
 
     Args:
         shards (sequence of state_dict): one per rank, as saved from ``head.state_dict()``.
@@ -330,7 +345,7 @@ def dense_state_dict(shards: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor
         raise ValueError("the shards must have the same number of sub-centers (weight rows per class)")
     out: dict[str, Tensor] = {}
     for key, first in shards[order[0]].items():
-        if key == "class_range":
+        if key == "class_range" or key in RANDOM_STATE_KEYS:
             continue
         if key == rows_key:
             out[key] = torch.cat([shards[i][key] for i in order])

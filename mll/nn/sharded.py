@@ -9,7 +9,9 @@ arguments, plus
 - ``group`` (ProcessGroup, optional): the ranks sharing the classes (the default group when None);
 - ``sample_rate`` (float): Partial FC's fraction of each block kept per training step, in ``(0, 1]``;
 - ``feature_grad_scale`` (float, optional): multiplier of the features' gradient; None: the world size;
-- ``generator`` (torch.Generator, optional): for the class sampling (and ElasticFace's margin draws).
+- ``generator`` (torch.Generator, optional): for the class sampling (and ElasticFace's margin draws);
+- ``sampling`` (str): ``"block"`` (Partial FC's share of each block) or ``"class"`` (the same sample on any number
+  of ranks: a resume on another world size continues exactly), see ``mll/nn/_sampling.py``.
 
 Every rank of ``group`` builds the head with the same arguments and keeps the weights of its block (per-class
 margins and running statistics are small and kept whole on every rank). ``head.loss(features, labels)`` is the
@@ -22,8 +24,8 @@ checks are those of :func:`mll.functional.sharded_margin_cross_entropy`.
 With a data-parallel backbone, wrap the backbone, not the head, in ``DistributedDataParallel`` (DDP would average
 different blocks); by default the features get ``world_size`` times their gradient, which DDP's average turns into
 the exact gradient of the global-batch loss. ``from_dense(head)`` cuts this rank's block out of a single-process
-head; each rank's ``state_dict`` records its block in ``class_range``, and :func:`dense_state_dict` reassembles them
-for the dense head (to resume on another number of ranks, or to evaluate on one device).
+head; each rank's ``state_dict`` records its block in ``class_range`` (and its random state), and
+:func:`mll.nn.load_resharded` reads the ranks' files for any other number of ranks, or for the dense head.
 
 Targets: class indices ``(*)``, soft targets ``(*, C)`` (their non-zero entries travel), or few-hot pairs
 ``(classes, weights)`` of shape ``(*, P)`` each, for heads whose statistics do not read the labels.
@@ -52,6 +54,7 @@ from mll.functional.margin import at_target
 from mll.functional.npcface import npcface_sharded_statistics
 from mll.functional.scale import adacos_statistics_chunked
 from mll.nn._regularized import reduce_rows, shared_class_term, sum_grad_over_ranks
+from mll.nn._sampling import sampling_kwargs
 from mll.nn._sharded import Sharded, dense_state_dict, soft_target
 from mll.nn.adacos import AdaCos, FixedAdaCos
 from mll.nn.adaptive_margin import AdaMSoftmax
@@ -235,8 +238,7 @@ class ShardedLargeMarginSoftmax(Sharded, LargeMarginSoftmax):
     ) -> Tensor:
         return MF.sharded_margin_cross_entropy(
             input, self.weight, labels, class_start=self.class_start, num_classes=self.out_features,
-            scale=self.logit_scale(), margin=self.block_margin(margin), num_sub_centers=1,
-            sample_rate=self.sample_rate if self.training else 1.0, generator=self.sampling_generator,
+            scale=self.logit_scale(), margin=self.block_margin(margin), num_sub_centers=1, **sampling_kwargs(self),
             chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale, group=self.group,
             reduction=reduction, normalized=False,  # type: ignore[arg-type]
         )  # fmt: skip
@@ -349,9 +351,8 @@ class ShardedDeepNCM(Sharded, DeepNCM):
         means = self.means.clone() if self.training else self.means  # backward needs the means of the forward
         loss = MF.sharded_margin_cross_entropy(
             input, means.to(input.dtype), labels, class_start=self.class_start, num_classes=self.out_features,
-            scale=self.scale, sample_rate=self.sample_rate if self.training else 1.0,
-            generator=self.sampling_generator, chunk_size=chunk_size, feature_grad_scale=self.feature_grad_scale,
-            group=self.group, reduction=reduction,  # type: ignore[arg-type]
+            scale=self.scale, **sampling_kwargs(self), chunk_size=chunk_size,
+            feature_grad_scale=self.feature_grad_scale, group=self.group, reduction=reduction,  # type: ignore[arg-type]
         )  # fmt: skip
         if self.training:
             with torch.no_grad():
