@@ -55,16 +55,9 @@ CONFIGS = ((1, 2), (2, 1), (4, 1))
 
 
 def worker(
-    rank: int,
-    world: int,
-    threads: int,
-    classes: int,
-    features: int,
-    batch: int,
-    steps: int,
-    store: str,
+    rank: int, world: int, threads: int, classes: int, features: int, batch: int, steps: int, store: str,
     floor: bool = False,
-) -> dict:
+) -> dict:  # fmt: skip
     torch.set_num_threads(threads)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -132,15 +125,9 @@ def floor_step(head: torch.nn.Module, batch: int, features: int) -> Callable[[],
 
 
 def launch(
-    world: int,
-    threads: int,
-    classes: int,
-    features: int,
-    batch: int,
-    steps: int,
-    memory: bool = False,
+    world: int, threads: int, classes: int, features: int, batch: int, steps: int, memory: bool = False,
     floor: bool = False,
-) -> list[dict]:
+) -> list[dict]:  # fmt: skip
     """One configuration in fresh processes; every rank's result."""
     env = {k: v for k, v in os.environ.items() if k not in TIMING_ENV}
     env.update(MEMORY_ENV if memory else TIMING_ENV)
