@@ -27,15 +27,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["kept", "recomputed", "row_tiles"])
+@pytest.fixture(params=["kept", "recomputed", "row_tiles", "dense"])
 def kernel_mode(request) -> Any:
     """Run a test on each exact path of the chunked loss: the chunk kernel keeping its logits from forward to
-    backward, the chunk kernel recomputing them, and the row tiles forming the gradient during the forward (three
-    rows per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a
-    gradient to build takes the cost model's path there)."""
+    backward, the chunk kernel recomputing them, the row tiles forming the gradient during the forward (three rows
+    per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a gradient to
+    build takes the cost model's path there), and the dense logits (a single process; the sharded loss takes the
+    cost model's path)."""
     from mll.functional import set_loss_path
 
-    path = {"kept": "keep", "recomputed": "recompute", "row_tiles": "row_tiles"}[request.param]
+    path = {"kept": "keep", "recomputed": "recompute", "row_tiles": "row_tiles", "dense": "dense"}[request.param]
     with set_loss_path(path, rows=3 if path == "row_tiles" else None):
         yield request.param
 
