@@ -156,7 +156,7 @@ class ProxyAnchor(Head):
                 "cross-entropy of these logits. Its loss is head.loss(input, labels) (or "
                 "mll.functional.proxy_anchor_loss(head.cosine(input), labels, ...))",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,  # the caller of head(...): past Module.__call__ and its _call_impl
             )
         return super().forward(input, labels)
 
