@@ -379,6 +379,73 @@ def zeroing_pml(name: str, **kwargs: object) -> Factory:
     return make
 
 
+def small_head(name: str, k: int = 1, *, loss: bool = False, regularized: bool = False, **kwargs: object) -> Factory:
+    """A head with ``k`` sub-centers (the small suite sets K per head, not per suite): its dense step
+    ``F.cross_entropy(head(x, y), y)`` (plus ``head.regularizer()`` with ``regularized``: SoftTriple's objective, as
+    pml's loss computes it), or (``loss``) ``head.loss(x, y)``; gradients accumulate, as in pml's step."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        head = getattr(mll, name)(cfg.features, cfg.classes, k, **kwargs).train()
+
+        def step() -> None:
+            if loss:
+                head.loss(data.x, data.y).backward()
+                return
+            if name == "ProxyAnchor":  # not a cross-entropy of logits: its dense loss of the N×C cosines
+                cosine = head.cosine(data.x)
+                mll.functional.proxy_anchor_loss(cosine, data.y, alpha=head.alpha, delta=head.delta).backward()
+                return
+            value = F.cross_entropy(head(data.x, data.y), data.y)
+            (value + head.regularizer() if regularized else value).backward()
+
+        return step
+
+    return make
+
+
+def small_pml(name: str, **kwargs: object) -> Factory:
+    """A pytorch-metric-learning loss with the arguments given (none taken from the suite but C and d)."""
+
+    def make(cfg: Config, data: Data) -> Step:
+        losses = load_pml()
+        assert losses is not None
+        loss_fn = getattr(losses, name)(num_classes=cfg.classes, embedding_size=cfg.features, **kwargs)
+
+        def step() -> None:
+            loss_fn(data.x, data.y).backward()
+
+        return step
+
+    return make
+
+
+def _small_cases() -> list[Case]:
+    """The small end (issue 22): every head pytorch-metric-learning has, dense and ``loss()``, beside pml's loss."""
+    heads: list[tuple[str, str, dict[str, Any], str, dict[str, Any]]] = [
+        ("ScaledNormalizedLinear", "ScaledNormalizedLinear", {"scale": SCALE}, "NormalizedSoftmaxLoss",
+         {"temperature": 1 / SCALE}),
+        ("CosFace", "CosFace", {"scale": SCALE, "margin": COS_MARGIN}, "CosFaceLoss",
+         {"scale": SCALE, "margin": COS_MARGIN}),
+        ("ArcFace", "ArcFace", {"scale": SCALE, "margin": ARC_MARGIN}, "ArcFaceLoss",
+         {"scale": SCALE, "margin": ARC_DEG}),
+        ("ArcFace, K = 3", "ArcFace", {"k": 3, "scale": SCALE, "margin": ARC_MARGIN}, "SubCenterArcFaceLoss",
+         {"scale": SCALE, "margin": ARC_DEG, "sub_centers": 3}),
+        ("LargeMarginSoftmax (m=4)", "LargeMarginSoftmax", {}, "LargeMarginSoftmaxLoss", {"margin": 4}),
+        ("SoftTriple (K = 10)", "SoftTriple", {"k": 10, "regularized": True}, "SoftTripleLoss", {}),
+        ("ProxyNCAPlusPlus (s = 18)", "ProxyNCAPlusPlus", {}, "ProxyNCALoss", {"softmax_scale": 9.0}),
+        ("ProxyAnchor", "ProxyAnchor", {}, "ProxyAnchorLoss", {}),
+    ]  # fmt: skip
+    cases = [Case("floor", "floor", floor)]
+    for title, name, ours_kwargs, theirs, theirs_kwargs in heads:
+        loss_kwargs = {key: value for key, value in ours_kwargs.items() if key != "regularized"}
+        cases += [
+            Case(title, "mll dense", small_head(name, **ours_kwargs)),  # type: ignore[arg-type]
+            Case(title, "mll loss()", small_head(name, loss=True, **loss_kwargs)),  # type: ignore[arg-type]
+            Case(title, "pml 2.9", small_pml(theirs, **theirs_kwargs), _has_pml),
+        ]
+    return cases
+
+
 @dataclass(frozen=True)
 class Case:
     head: str
@@ -556,6 +623,8 @@ SUITES: dict[str, list[Case]] = {
             step_bytes=dense_step_bytes,
         ),
     ],
+    # the small end (issue 22): N = 64, d = 32, C = 6, one thread — a first experiment on a laptop
+    "small": _small_cases(),
     "DeepNCM": [
         Case("ScaledNormalizedLinear (reference)", "mll", ours("ScaledNormalizedLinear", scale=SCALE)),
         Case("DeepNCM (logits + update)", "mll", ours("DeepNCM", scale=SCALE)),

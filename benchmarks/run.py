@@ -5,6 +5,7 @@
     python -m benchmarks.run --suites limit       # the three-GEMM limit, the floor, dense ArcFace and its loss()
     python -m benchmarks.run --allocator both     # every table twice: tuned allocator, then glibc's default
     python -m benchmarks.run --suites batch       # N = 256…8192 × C = 10^4…10^6: floor, peers, dense and loss()
+    python -m benchmarks.run --suites small       # N = 64, d = 32, C = 6, one thread: every head pml has, and pml
 
 Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by
 round in this one process with ``torch.utils.benchmark``; the median (and the minimum) per implementation, and
@@ -70,9 +71,15 @@ PLAN = {
     "limit": ([1_000, 10_000, 100_000, 1_000_000], 1, False),
     "zoo": ([10_000, 100_000], 1, False),
     "batch": ([10_000, 100_000, 1_000_000], 1, False),
+    "small": ([6], 1, False),
 }
 #: the batch sizes per suite (default: Config's, 256)
-BATCHES = {"batch": [256, 1024, 4096, 8192]}
+BATCHES = {"batch": [256, 1024, 4096, 8192], "small": [64]}
+#: the suites' own feature sizes and thread counts (default: Config's 512, and the process's threads)
+FEATURES = {"small": 32}
+THREADS = {"small": 1}
+#: steps per timed measurement where one step is too short to time alone (default 1)
+NUMBER = {"small": 20}
 QUICK = Config(batch=32, features=64)
 QUICK_CLASSES = 500
 
@@ -144,7 +151,7 @@ RESIDENT_PER_LIVE = {"tuned": 2.0, "default": 1.25}
 
 
 def time_suite(
-    suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2, allocator: str = "tuned"
+    suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2, allocator: str = "tuned", number: int = 1
 ) -> list[Result]:
     """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
     the memory left once every case is built gets a "skipped" row instead."""
@@ -165,7 +172,7 @@ def time_suite(
     timers = [(benchmark.Timer(stmt="step()", globals={"step": step}), result) for step, result in timed]
     for _ in range(rounds):
         for timer, result in timers:
-            result.times.append(timer.timeit(1).median)
+            result.times.append(timer.timeit(number).median)
     del steps, timed, timers, data
     release_heap()  # the probes' processes need that memory: at C = 10^6 this one holds 10 GB once freed
     if memory:
@@ -293,11 +300,22 @@ def run_suites(args: argparse.Namespace) -> None:
         for n, c in [(n, c) for n in batches for c in ([QUICK_CLASSES] if args.quick else (args.classes or classes))]:
             base = QUICK if args.quick else Config()
             cfg = replace(base, classes=c, sub_centers=sub_centers, soft=soft, batch=n or base.batch)
+            if not args.quick:
+                cfg = replace(cfg, features=FEATURES.get(suite, cfg.features))
             work = cfg.batch * c * sub_centers  # logits per step: 256 × 10^6 takes seconds
             rounds = args.rounds or (3 if args.quick or work >= 256 * 10**6 else (9 if work >= 256 * 10**5 else 25))
             warmup = 1 if work >= 256 * 10**6 else 2
-            results = time_suite(suite, cfg, rounds, not args.no_memory, warmup, args.allocator)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(THREADS.get(suite, threads))
+            try:
+                memory = not args.no_memory and suite != "small"  # a step of kilobytes: below the RSS's noise
+                results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator,
+                                     NUMBER.get(suite, 1))  # fmt: skip
+            finally:
+                torch.set_num_threads(threads)
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"
+            if suite in THREADS:
+                title += f"; {THREADS[suite]} thread(s)"
             load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
             print(f"\n### {title}\n\n{table(results)}\n\nload average (1/5/15 min) after: {load}", flush=True)
 

@@ -8,6 +8,7 @@ the memory budget the fronts choose their chunks and the kernel's kept logits by
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -26,12 +27,12 @@ from mll.functional._engine.checks import (
 from mll.functional._engine.chunks import Spec, prepare
 from mll.functional._engine.compiled import chunk_kernel
 from mll.functional._engine.kernel import chunked_ce
-from mll.functional._engine.normalization import normalize
+from mll.functional._engine.normalization import folded_cosines, normalize
 from mll.functional._engine.numerics import Scale, acc_dtype
-from mll.functional._engine.plan import Plan, chunk_classes, plan
+from mll.functional._engine.plan import Plan, chunk_classes, dense_first, plan
 from mll.functional._engine.row_tiles import row_tiled_ce
 from mll.functional._engine.targets import Target, Targets, kernel_targets, tensor_targets
-from mll.functional.cosine import Pooling, cosine_logits
+from mll.functional.cosine import Pooling, pool_sub_centers
 from mll.functional.margin import Margin, MarginParam, apply_margin, param_tensor
 from mll.functional.margins import resolve_margin
 
@@ -168,15 +169,21 @@ def chunked_loss(
     are, so that the margin family sees the dot products x·w (L-Softmax)."""
     num_classes = weight.shape[0] // num_sub_centers
     lead = tuple(input.shape[:-1])
-    x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
-    n, acc = x.shape[0], acc_dtype(input.dtype)
+    n, acc = math.prod(lead), acc_dtype(input.dtype)
     if isinstance(targets, Tensor):
         targets = tensor_targets(targets, num_classes, acc)
     if margin.family.class_indices_only and (targets.weights is not None or targets.dense is not None):
         raise ValueError(
             f"{margin.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
         )
-    params = tuple(flat_param(p, lead, num_classes, acc, x.device) for p in margin.params)
+    params = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
+    if n > 0 and dense_first(n, num_classes, int(num_sub_centers), chunk_size):
+        # a small step: decided before the kernel's preparation, whose fixed cost is what this path avoids
+        logits = _dense_logits(input, weight, targets, Margin(margin.family, params), scale, num_sub_centers,
+                               pooling, pooling_temperature, normalized)  # fmt: skip
+        losses = F.cross_entropy(logits.to(acc), _dense_target(targets, num_classes, acc), reduction=reduction)
+        return losses.reshape(lead) if reduction == "none" else losses
+    x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     if n == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
         losses = x.sum(-1).to(acc) + 0.0 * weight.sum()
     else:
@@ -185,11 +192,7 @@ def chunked_loss(
         choice = plan(n, num_classes, int(num_sub_centers), logits_buffers(spec), input.dtype, x.device,
                       scalar_loss=not spec.compiled and scalar_loss(reduction, input, weight, scale, params),
                       chunk=chunk_size, held=accumulating_bytes(weight), dense=True)  # fmt: skip
-        if choice.path == "dense":
-            logits = _dense_logits(input, weight, targets, Margin(margin.family, params), scale, num_sub_centers,
-                                   pooling, pooling_temperature, normalized)  # fmt: skip
-            losses = F.cross_entropy(logits.to(acc), _dense_target(targets, num_classes, acc), reduction="none")
-            return _reduced(losses, input.dtype, lead, reduction)
+        assert choice.path != "dense"  # dense_first said no: the plan agrees
         spec.chunk, spec.keep = choice.chunk, choice.path == "keep"
         value = prepare(spec, x, weight, params)
         if choice.path == "row_tiles":
@@ -212,9 +215,11 @@ def _dense_logits(
 ) -> Tensor:  # fmt: skip
     """The dense path's logits for the flattened rows: what a head's forward computes (the reference every path
     equals)."""
-    flat = input.reshape(-1, input.shape[-1])
-    if normalized:
-        cos = cosine_logits(flat, weight, num_sub_centers, pooling=pooling, pooling_temperature=pooling_temperature)  # type: ignore[arg-type]
+    flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    if normalized:  # cosine_logits after its checks (the caller's ran)
+        cos = folded_cosines(normalize(flat), weight)
+        if num_sub_centers > 1:
+            cos = pool_sub_centers(cos.unflatten(-1, (-1, num_sub_centers)), pooling, pooling_temperature)  # type: ignore[arg-type]
     else:
         cos = F.linear(flat, weight)
     return apply_margin(cos, _dense_target(targets, cos.shape[-1], None), margin, scale)

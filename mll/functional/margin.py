@@ -132,9 +132,11 @@ class MarginFamily:
         value_and_slope (callable): ``fn(cos, w, *params) -> (ψ, ∂ψ/∂cos)``.
         parameters (tuple of MarginParameter): names and ranges of ``params``.
         target_logit (callable, optional): ``ψ(θ, *params)`` on Python floats, for :func:`heuristic_scale`.
-        negatives (callable, optional): ``fn(cos, target_cos, *params) -> (value, slope)`` on non-target entries.
+        negatives (callable, optional): ``fn(cos, target_cos, *params) -> (value, slope)`` on non-target entries
+            (``value`` a new tensor, or ``cos`` itself: never a view of it — the dense path writes into it).
         class_indices_only (bool): the family is not defined for soft targets.
         title (str): how error messages name the family (its paper's name), default ``name``.
+        identity (bool): ψ = cos for every target (no margin): the dense logits are the scaled cosines.
     """
 
     name: str
@@ -144,6 +146,7 @@ class MarginFamily:
     negatives: Optional[Negatives] = None
     class_indices_only: bool = False
     title: str = ""
+    identity: bool = False
 
     def __post_init__(self) -> None:
         name_code(self.name)  # so that the ranks' agreement names a family another rank used
@@ -269,6 +272,8 @@ def margin_logits(cosine: Tensor, target: Tensor, margin: Margin, *, scale: Scal
 def apply_margin(cosine: Tensor, target: Tensor, margin: Margin, scale: Scale) -> Tensor:
     """:func:`margin_logits` without argument checks (``target`` checked and int64 already)."""
     family = margin.family
+    if family.identity:
+        return cosine * scale
     dtype = work_dtype(cosine.dtype)
     ps = [param_tensor(p, dtype, cosine.device) for p in margin.params]
     fn = family.value_and_slope
@@ -295,7 +300,25 @@ def apply_margin(cosine: Tensor, target: Tensor, margin: Margin, scale: Scale) -
     with torch.set_grad_enabled(graph):
         at = [at_target(p, cosine.shape, target) for p in ps]
         value, slope = fn(gather_target(cosine, target).to(dtype), 1.0, *at)
+    if cosine.numel() <= FEW_LOGITS and dtype == cosine.dtype and not torch.compiler.is_compiling():
+        # (compiled, the Python cost this saves is gone; and Inductor in torch 2.13 got the gradient of two heads
+        # sharing one cosine wrong with it, one through this replacement and one through the plain scale)
+        return _few_replaced(cosine, target, value, slope.detach(), scale)
     return scaled_target_replace(cosine, target, value, slope.detach(), scale)
+
+
+#: at most this many logits take :func:`_few_replaced` (2^14: a batch of 64 over 256 classes)
+FEW_LOGITS = 1 << 14
+
+
+def _few_replaced(cosine: Tensor, target: Tensor, value: Tensor, slope: Tensor, scale: Scale) -> Tensor:
+    """:func:`scaled_target_replace` in autograd's own operations, for a few logits: the same values (the target
+    entry is ``value + slope·0``) and first derivatives (``slope`` at the target, a constant as there). Autograd's
+    nodes cost microseconds where one Python backward costs tens; the N×C passes they add cost nothing here."""
+    index = target.unsqueeze(-1)
+    at = cosine.gather(-1, index)
+    shaped = value.unsqueeze(-1) + slope.unsqueeze(-1) * (at - at.detach())
+    return cosine.scatter(-1, index, shaped) * scale
 
 
 def _with_negatives(
@@ -310,7 +333,10 @@ def _with_negatives(
         value, slope = family.value_and_slope(c, 1.0, *at)
     with torch.no_grad():  # the row's parameters at its target class, (*, 1)
         rows = [p if p.dim() == 0 else a.detach().unsqueeze(-1) for p, a in zip(ps, at)]
-        neg_value, neg_slope = family.negatives(cosine.detach().to(dtype), c.unsqueeze(-1), *rows)
+        cos_in = cosine.detach().to(dtype)
+        neg_value, neg_slope = family.negatives(cos_in, c.unsqueeze(-1), *rows)
+        if neg_value is cos_in:  # the dense path writes the logits into the values: never into the cosines
+            neg_value = neg_value.clone()
     return scaled_negatives_replace(cosine, target, neg_value, neg_slope, value, slope.detach(), scale)
 
 

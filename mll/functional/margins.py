@@ -107,7 +107,7 @@ def _arc_easy_fn(cosine: Tensor, w: Tensor | float, margin: Tensor) -> tuple[Ten
 
 
 #: The plain scaled cosine: no margin (eval mode, ScaledNormalizedLinear, AdaCos, DeepNCM).
-NO_MARGIN = MarginFamily("none", _none_fn, (), target_logit=math.cos)
+NO_MARGIN = MarginFamily("none", _none_fn, (), target_logit=math.cos, identity=True)
 #: CosFace: ψ = cos θ − m·t.
 COS = MarginFamily(
     "cos", _cos_fn, (MarginParameter("margin", *COS_MARGIN_RANGE),), target_logit=lambda th, m: math.cos(th) - m,

@@ -120,8 +120,9 @@ def soft_triple_regularizer(
     https://arxiv.org/abs/1909.05235), the regulariser of its "adaptive number of centers", with the
     authors' ε under the square root (the distance between unit vectors is :math:`\sqrt{2 - 2\cos}`). The loss adds
     :math:`\tau \sum_j R_j / (C K (K - 1))`. Computed over chunks of classes, forward and backward (a custom
-    gradient, first derivatives only), in float32 for half-precision weights: no normalised copy of the weights and
-    no C×K×K buffer. A zero row is a zero centre, as :func:`normalize` makes it (its gradient is
+    gradient, first derivatives only; weights of at most 2^16 elements without ``chunk_size``: autograd's own
+    operations, which also give a double backward), in float32 for half-precision weights: no normalised copy of
+    the weights and no C×K×K buffer. A zero row is a zero centre, as :func:`normalize` makes it (its gradient is
     :func:`normalize`'s, ``1/ε`` times the upstream one).
 
     Args:
@@ -137,8 +138,31 @@ def soft_triple_regularizer(
     eps = check_positive(eps, "eps")
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, but got {chunk_size!r}")
+    if chunk_size is None and weight.numel() <= FEW_ELEMENTS:
+        if torch.is_autocast_enabled(weight.device.type):  # the Gram matrix in the accumulation dtype, not bf16
+            with torch.autocast(weight.device.type, enabled=False):
+                return _few_center_distances(weight, k, eps)
+        return _few_center_distances(weight, k, eps)
     chunk = max(1, CHUNK_ROWS // (k * k)) if chunk_size is None else int(chunk_size)
     return _CenterDistances.apply(weight, k, eps, chunk)
+
+
+#: weights of at most this many elements (and no ``chunk_size``) take :func:`_few_center_distances`
+FEW_ELEMENTS = 1 << 16
+
+
+def _few_center_distances(weight: Tensor, k: int, eps: float) -> Tensor:
+    """:class:`_CenterDistances` in autograd's own operations, for a few centres (a normalised copy costs nothing
+    there, and autograd's nodes cost microseconds where the chunked Python backward costs a hundred): the same values
+    and first derivatives (the radicand's floor at ε, reached by rounding only, passes the unfloored root's
+    derivative, as the chunked backward does); a double backward runs here."""
+    acc = acc_dtype(weight.dtype)
+    w = weight.to(acc).reshape(-1, k, weight.shape[-1])
+    w_hat = w / w.norm(dim=-1, keepdim=True).clamp(min=weight_eps(weight.dtype))
+    radicand = 2 + eps - 2 * torch.bmm(w_hat, w_hat.transpose(1, 2))
+    floored = radicand + (radicand.clamp(min=eps) - radicand).detach()
+    upper = torch.ones(k, k, dtype=torch.bool, device=weight.device).triu(1)
+    return (floored.sqrt() * upper).sum((1, 2))
 
 
 def soft_triple_distinct_centers(

@@ -279,6 +279,20 @@ def _cost_model_checks() -> None:
         MF.set_memory_budget(-1)
 
 
+@pytest.mark.parametrize("path", ["auto", "dense", "keep", "row_tiles", "recompute"])
+def test_the_early_dense_answer_is_the_plans(path) -> None:
+    """``chunked_loss`` asks :func:`dense_first` before it prepares the kernel; ``plan`` must say the same."""
+    from mll.functional._engine.plan import dense_first, plan
+
+    shapes = [(64, 6, 1), (64, 6, 3), (128, 128, 1), (128, 129, 1), (1, 16_384, 1), (1, 16_385, 1), (4096, 10, 1)]
+    with MF.set_loss_path(path):
+        for rows, classes, k in shapes:
+            for chunk in (None, 2):
+                for scalar in (False, True):
+                    chosen = plan(rows, classes, k, 1, torch.float32, scalar_loss=scalar, chunk=chunk, dense=True)
+                    assert dense_first(rows, classes, k, chunk) == (chosen.path == "dense"), (rows, classes, k, chunk)
+
+
 def test_a_second_backward_gives_the_same_gradients(kernel_mode) -> None:
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)

@@ -205,7 +205,11 @@ def test_per_sample_gradients_of_the_chunked_loss_say_to_use_the_dense_path() ->
     with pytest.raises(RuntimeError, match=r"chunked margin cross-entropy's backward does not run under .*jacrev"):
         torch.func.jacrev(lambda weight: losses(weight, chunk_size=3))(w)
     with pytest.raises(RuntimeError, match=r"chunked Proxy-Anchor loss's backward does not run under .*jacrev"):
-        torch.func.jacrev(lambda weight: MF.chunked_proxy_anchor_loss(x, weight, y))(w)
+        torch.func.jacrev(lambda weight: MF.chunked_proxy_anchor_loss(x, weight, y, chunk_size=3))(w)
+    tiny = torch.func.jacrev(lambda weight: MF.chunked_proxy_anchor_loss(x, weight, y))(w)  # the dense path: runs
+    torch.testing.assert_close(
+        tiny, torch.func.jacrev(lambda weight: MF.proxy_anchor_loss(MF.cosine_logits(x, weight), y))(w)
+    )
     # the dense path it points to gives them
     dense = torch.func.jacrev(
         lambda weight: F.cross_entropy(
@@ -266,3 +270,40 @@ def test_an_angular_margin_out_of_range_says_radians_and_reads_degrees() -> None
         MF.ARC(-0.1)
     with pytest.raises(ValueError, match=r"CosFace margin must be in \[0, 1\), but got 1.5$"):  # not an angle
         MF.COS(1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "margin",
+    [
+        MF.ARC(0.5),
+        MF.ARC_EASY(0.5),
+        MF.COS(torch.linspace(0.1, 0.4, 7)),
+        MF.COMBINED(1.2, 0.2, 0.1),
+        MF.SPHERE(2.0, torch.tensor(1.5)),
+    ],
+    ids=repr,
+)
+def test_a_few_logits_take_autograds_operations_with_the_same_numbers(margin, dtype, monkeypatch) -> None:
+    """Below ``FEW_LOGITS`` the target replacement is written in autograd's own operations: the fused Function's
+    logits bit for bit and its gradients (to rounding), at cos = ±1 too, and under ``torch.func.vmap``."""
+    from mll.functional import margin as margin_module
+
+    g = torch.Generator().manual_seed(1)
+    cos = (torch.rand(6, 7, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    y = torch.tensor([0, 1, 2, 3, 4, 6])
+    cos[0, 0], cos[1, 1] = 1.0, -1.0
+    upstream = torch.randn(6, 7, generator=g, dtype=dtype)
+    results = []
+    for few in (1 << 14, 0):
+        monkeypatch.setattr(margin_module, "FEW_LOGITS", few)
+        leaf = cos.clone().requires_grad_(True)
+        logits = MF.margin_logits(leaf, y, margin, scale=4.0)
+        (grad,) = torch.autograd.grad((logits * upstream).sum(), leaf)
+        results.append((logits.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert torch.isfinite(results[0][1]).all()
+    monkeypatch.setattr(margin_module, "FEW_LOGITS", 1 << 14)
+    batched = torch.func.vmap(lambda c: MF.margin_logits(c, y, margin, scale=4.0))(torch.stack([cos, cos.flip(1)]))
+    torch.testing.assert_close(batched[1], MF.margin_logits(cos.flip(1), y, margin, scale=4.0), rtol=0, atol=0)

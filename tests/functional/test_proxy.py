@@ -350,7 +350,12 @@ def test_proxy_anchor_under_vmap_grad_and_compile() -> None:
     want = torch.autograd.grad(MF.chunked_proxy_anchor_loss(xr, w, yy, chunk_size=2), xr)[0]
     torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match=r"does not run under torch.func.vmap"):
-        torch.func.vmap(lambda a: MF.chunked_proxy_anchor_loss(a, w, yy))(x.unsqueeze(0).expand(2, -1, -1))
+        torch.func.vmap(lambda a: MF.chunked_proxy_anchor_loss(a, w, yy, chunk_size=2))(
+            x.unsqueeze(0).expand(2, -1, -1)
+        )
+    # a step small enough for the dense path (no chunk size) runs under vmap: the dense loss per batch
+    batched = torch.func.vmap(lambda a: MF.chunked_proxy_anchor_loss(a, w, yy))(torch.stack([x, 2 * x]))
+    torch.testing.assert_close(batched, torch.stack([MF.chunked_proxy_anchor_loss(v, w, yy) for v in (x, 2 * x)]))
     # and compiles with fullgraph=True (the chunk loop unrolls), value and gradients
     wr = w.clone().requires_grad_(True)
     compiled_chunked = torch.compile(
@@ -365,9 +370,14 @@ def test_proxy_anchor_under_vmap_grad_and_compile() -> None:
 def test_proxy_anchor_refuses_a_double_backward() -> None:
     x, w, y = _data(12)
     x.requires_grad_(True)
-    loss = MF.chunked_proxy_anchor_loss(x, w, y)
+    loss = MF.chunked_proxy_anchor_loss(x, w, y, chunk_size=2)
     with pytest.raises(RuntimeError, match=r"first derivatives only"):
         torch.autograd.grad(loss, x, create_graph=True)
+    # a step small enough for the cost model's dense path (no chunk size): the dense loss, to any order
+    (grad,) = torch.autograd.grad(MF.chunked_proxy_anchor_loss(x, w, y), x, create_graph=True)
+    (want,) = torch.autograd.grad(MF.proxy_anchor_loss(MF.cosine_logits(x, w), y), x, create_graph=True)
+    torch.testing.assert_close(grad, want)
+    assert grad.requires_grad
 
 
 def test_proxy_anchor_checks_its_arguments() -> None:

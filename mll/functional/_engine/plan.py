@@ -168,5 +168,14 @@ def plan(
     return Plan("recompute", chunk, rows, budget)
 
 
+def dense_first(rows: int, classes: int, sub_centers: int, chunk: Optional[int]) -> bool:
+    """Whether a single-process step takes the dense path — :func:`plan`'s first answer, in a few operations so that
+    a small step pays for nothing else (the caller need not build the kernel's specification to ask)."""
+    forced = _STATE["path"]
+    if forced != "auto":
+        return forced == "dense"
+    return chunk is None and rows * classes * sub_centers <= DENSE_LOGITS and not torch.compiler.is_compiling()
+
+
 def _bytes(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float64 else 4
