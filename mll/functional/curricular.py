@@ -43,7 +43,14 @@ def _curricular_negatives(cosine: Tensor, target: Tensor, margin: Tensor, t: Ten
     threshold = target * torch.cos(margin) - ((1 - target) * (1 + target)).clamp(min=0).sqrt() * torch.sin(margin)
     hard = cosine > threshold
     t = t.to(cosine.dtype)
-    return torch.where(hard, cosine * (t + cosine), cosine), torch.where(hard, t + 2 * cosine, 1.0)
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return torch.where(hard, cosine * (t + cosine), cosine), torch.where(hard, t + 2 * cosine, 1.0)
+    # the dense path's statistics (no graph): two N×C buffers of this function's own, written in place — not the
+    # five temporaries of the expressions above, at the size of the logits
+    value = (cosine + t).mul_(cosine)
+    value = torch.where(hard, value, cosine, out=value)
+    slope = (cosine * 2).add_(t).masked_fill_(hard.logical_not_(), 1.0)
+    return value, slope
 
 
 #: CurricularFace: ArcFace's target logit, hard negatives re-weighted by the running statistic t.

@@ -46,12 +46,20 @@ def class_log_sums(
     z = torch.where(inside, -alpha * (cos.gather(1, at).squeeze(1) - delta), -math.inf)
     top = _per_class(z.detach(), col, w, "amax")  # max(0, max z) per class
     pos = top + torch.log(torch.exp(-top) + _per_class(torch.exp(z - top[col]), col, w, "sum"))
-    negatives = alpha * (cos + delta)
+    # one N×W buffer of this function's own, written in place (autograd records in-place ops on it; torch.func's
+    # transforms get the out-of-place forms): the dense loss holds one N×W tensor, as a cross-entropy does
+    own = not torch._C._are_functorch_transforms_active()
+    negatives = cos + delta
+    negatives = negatives.mul_(alpha) if own else negatives * alpha
     if every_label_inside:  # the dense loss: a constant written at the positives, differentiable elsewhere
-        negatives = negatives.scatter(1, at, -math.inf)
+        fill: Tensor | float = -math.inf
     else:  # a chunk (no autograd in the kernel's forward): a row of another chunk's class keeps its entry
-        negatives = negatives.scatter(1, at, torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at)))
-    neg = torch.logsumexp(torch.cat([negatives, negatives.new_zeros(1, w)]), dim=0)
+        fill = torch.where(inside.unsqueeze(1), -math.inf, negatives.gather(1, at))
+    negatives = negatives.scatter_(1, at, fill) if own else negatives.scatter(1, at, fill)
+    # log(1 + Σ_rows e^z) down each column, shifted by max(0, max z): the 1 is a row of zeros, never concatenated
+    shift = negatives.detach().amax(0).clamp(min=0) if negatives.shape[0] else negatives.new_zeros(w)
+    terms = negatives.sub_(shift).exp_() if own else (negatives - shift).exp()
+    neg = shift + torch.log(torch.exp(-shift) + terms.sum(0))
     present = _per_class(inside.to(cos.dtype), col, w, "sum").clamp(max=1)
     return pos, neg, present
 

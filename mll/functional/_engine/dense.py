@@ -155,7 +155,11 @@ class ScaledNegativesReplace(DirectApply, torch.autograd.Function):
     def forward(
         cosine: Tensor, index: Tensor, neg_value: Tensor, neg_slope: Tensor, value: Tensor, slope: Tensor, scale: Scale
     ) -> Tensor:
-        out = (neg_value * scale).to(cosine.dtype)
+        owned = in_place_ok() and neg_value.dtype == cosine.dtype and neg_value.is_contiguous()
+        if owned and not (isinstance(scale, Tensor) and (scale.requires_grad or scale.dim() > 0)):
+            out = neg_value.mul_(scale)  # computed for this call (no graph): its N×C buffer becomes the output
+        else:
+            out = (neg_value * scale).to(cosine.dtype)
         return _scatter(out, index, (value * scale).to(out.dtype))
 
     @staticmethod
@@ -175,12 +179,14 @@ class ScaledNegativesReplace(DirectApply, torch.autograd.Function):
         index, neg_slope, slope, scale_t, neg_value, value = ctx.saved_tensors
         scale = scale_t if ctx.scale_is_tensor else ctx.scale
         grad_cosine = grad_value = grad_scale = None
-        g = grad.to(neg_slope.dtype) * scale
-        g_target = g.gather(-1, index)
+        g_target = grad.gather(-1, index).to(neg_slope.dtype) * scale
         if ctx.needs_input_grad[4]:
             grad_value = g_target.to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_cosine = _scatter(g * neg_slope, index, g_target * slope).to(ctx.dtypes[0])
+            # one fresh N×C buffer beside the incoming gradient and the kept slopes (not two: scale, then slope)
+            g = grad.to(neg_slope.dtype) * neg_slope
+            g = g.mul_(scale) if in_place_ok() else g * scale
+            grad_cosine = _scatter(g, index, g_target * slope).to(ctx.dtypes[0])
         if ctx.scale_needs_grad:
             unscaled = neg_value.scatter(-1, index, value.to(neg_value.dtype))
             grad_scale = (grad.to(unscaled.dtype) * unscaled).sum_to_size(scale_t.shape).to(scale_t.dtype)
