@@ -215,7 +215,8 @@ def table(results: list[Result]) -> str:
         else:
             ratios = to_floor
         mem = "—" if r.memory_mb is None else f"{r.memory_mb:.1f}"
-        cells = [f"{median * 1e3:.1f}", *ratios, mem, _ratio(r.memory_mb, base and base.memory_mb)]
+        ms = median * 1e3
+        cells = [f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}", *ratios, mem, _ratio(r.memory_mb, base and base.memory_mb)]
         lines.append(f"| {r.head} | {r.impl} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

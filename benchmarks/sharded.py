@@ -238,15 +238,17 @@ def main(argv: list[str] | None = None) -> None:
     best = {w: min(t for r in rounds for t in r[w][0]["times"]) for w, _ in configs}
     for world, threads in configs:
         per_round = [r[world] for r in rounds]
-        ratios = [min(r[world][0]["times"]) / min(r[1][0]["times"]) for r in rounds]
+        # (against world 1 where it ran: --worlds may leave it out)
+        ratios = [min(r[world][0]["times"]) / min(r[1][0]["times"]) for r in rounds if 1 in r]
+        to_one = f"{best[world] / best[1]:.3f}" if 1 in best else "—"
+        to_one_median = f"{statistics.median(ratios):.3f}" if ratios else "—"
         ranks = per_round[-1]
         median = statistics.median(t for r in per_round for t in r[0]["times"])
         extra = max(rank["extra_mb"] for rank in memory[world])
         rss = max(rank["peak_rss_mb"] for rank in memory[world])
         print(
             f"| {world} | {threads} | {ranks[0]['classes']} | {ranks[0]['weight_mb']:.1f} | {ranks[0]['grad_mb']:.1f} "
-            f"| {extra:.1f} | {rss:.0f} | {best[world]:.2f} | {median:.2f} | {best[world] / best[1]:.3f} "
-            f"| {statistics.median(ratios):.3f} |"
+            f"| {extra:.1f} | {rss:.0f} | {best[world]:.2f} | {median:.2f} | {to_one} | {to_one_median} |"
         )
     if args.floor:
         print(

@@ -179,9 +179,12 @@ def chunked_loss(
     params = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
     if n > 0 and dense_first(n, num_classes, int(num_sub_centers), chunk_size):
         # a small step: decided before the kernel's preparation, whose fixed cost is what this path avoids
-        logits = _dense_logits(input, weight, targets, Margin(margin.family, params), scale, num_sub_centers,
-                               pooling, pooling_temperature, normalized)  # fmt: skip
-        losses = F.cross_entropy(logits.to(acc), _dense_target(targets, num_classes, acc), reduction=reduction)
+        target = _dense_target(targets, num_classes, None)
+        bound = Margin(margin.family, params) if params else margin
+        logits = _dense_logits(input, weight, target, bound, scale, num_sub_centers, pooling, pooling_temperature,
+                               normalized)  # fmt: skip
+        target = target.to(acc) if target.is_floating_point() else target
+        losses = F.cross_entropy(logits.to(acc), target, reduction=reduction)
         return losses.reshape(lead) if reduction == "none" else losses
     x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     if n == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
@@ -210,11 +213,11 @@ def _reduced(losses: Tensor, dtype: torch.dtype, lead: tuple[int, ...], reductio
 
 
 def _dense_logits(
-    input: Tensor, weight: Tensor, targets: Targets, margin: Margin, scale: Scale, num_sub_centers: int, pooling: str,
+    input: Tensor, weight: Tensor, target: Tensor, margin: Margin, scale: Scale, num_sub_centers: int, pooling: str,
     pooling_temperature: float, normalized: bool,
 ) -> Tensor:  # fmt: skip
-    """The dense path's logits for the flattened rows: what a head's forward computes (the reference every path
-    equals)."""
+    """The dense path's logits for the flattened rows and their targets (:func:`_dense_target`): what a head's
+    forward computes (the reference every path equals)."""
     flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     if normalized:  # cosine_logits after its checks (the caller's ran)
         cos = folded_cosines(normalize(flat), weight)
@@ -222,7 +225,7 @@ def _dense_logits(
             cos = pool_sub_centers(cos.unflatten(-1, (-1, num_sub_centers)), pooling, pooling_temperature)  # type: ignore[arg-type]
     else:
         cos = F.linear(flat, weight)
-    return apply_margin(cos, _dense_target(targets, cos.shape[-1], None), margin, scale)
+    return apply_margin(cos, target, margin, scale)
 
 
 def _dense_target(targets: Targets, num_classes: int, dtype: Optional[torch.dtype]) -> Tensor:
