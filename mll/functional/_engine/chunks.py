@@ -21,7 +21,7 @@ from torch import Tensor
 from mll.functional._engine import compiled
 from mll.functional._engine.compiled import pool, pool_backward
 from mll.functional._engine.normalization import fold_normalization_, normalize
-from mll.functional._engine.numerics import acc_dtype, weight_eps
+from mll.functional._engine.numerics import acc_dtype, in_place_ok, weight_eps
 from mll.functional._engine.targets import Targets
 
 #: ``reduce(tensor, op)`` with op "max" or "sum": combines per-row statistics over the blocks (in place)
@@ -222,7 +222,8 @@ class Chunk(ChunkRows):
             if family.negatives is not None:
                 assert spec.target_cos is not None
                 z, self.neg_slope = family.negatives(self.pooled, spec.target_cos, *spec.row_params)
-                self.z = z * s
+                # the values are the family's own buffer (unless it hands back the cosines): scaled where they lie
+                self.z = z.mul_(s) if z is not self.pooled and in_place_ok() and z.is_contiguous() else z * s
             else:
                 self.z = self.pooled * s
         assert targets.classes is not None and value is not None
