@@ -307,3 +307,30 @@ def test_a_few_logits_take_autograds_operations_with_the_same_numbers(margin, dt
     monkeypatch.setattr(margin_module, "FEW_LOGITS", 1 << 14)
     batched = torch.func.vmap(lambda c: MF.margin_logits(c, y, margin, scale=4.0))(torch.stack([cos, cos.flip(1)]))
     torch.testing.assert_close(batched[1], MF.margin_logits(cos.flip(1), y, margin, scale=4.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [3.0, torch.tensor(3.0), torch.tensor([3.0]), torch.tensor([[3.0]])],
+    ids=["float", "0-dim", "(1,)", "(1, 1)"],
+)
+def test_the_non_target_replacement_scales_every_entry_by_its_own_scale(scale) -> None:
+    """``scaled_negatives_replace`` (the dense path of families with a non-target part): the cosine's gradient is
+    ``scale·slope`` entry by entry for a scale of any one-element shape (``check_scale``'s contract), and the values
+    are scaled where they lie."""
+    from mll.functional._engine.dense import scaled_negatives_replace
+
+    g = torch.Generator().manual_seed(0)
+    cos = torch.rand(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.tensor([0, 6, 3, 3, 1])
+    scale = scale.double() if isinstance(scale, torch.Tensor) else scale
+    neg_value, neg_slope = cos.detach() ** 2, 2 * cos.detach()
+    value, slope = cos.detach().gather(1, y[:, None]).squeeze(1) - 0.3, torch.full((5,), 0.5, dtype=torch.float64)
+    out = scaled_negatives_replace(cos, y, neg_value.clone(), neg_slope, value, slope, scale)
+    full = torch.as_tensor(scale, dtype=torch.float64).expand(5, 7)
+    target = F.one_hot(y, 7).bool()
+    torch.testing.assert_close(out, torch.where(target, value[:, None], neg_value) * full, rtol=0, atol=1e-15)
+    upstream = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), cos)
+    want = torch.where(target, slope[:, None].expand(5, 7), neg_slope) * full * upstream
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-14)
