@@ -80,6 +80,8 @@ FEATURES = {"small": 32}
 THREADS = {"small": 1}
 #: steps per timed measurement where one step is too short to time alone (default 1)
 NUMBER = {"small": 20}
+#: suites whose steps are too small for the resident set's resolution: no memory probes
+NO_MEMORY = {"small"}
 QUICK = Config(batch=32, features=64)
 QUICK_CLASSES = 500
 
@@ -309,7 +311,7 @@ def run_suites(args: argparse.Namespace) -> None:
             threads = torch.get_num_threads()
             torch.set_num_threads(THREADS.get(suite, threads))
             try:
-                memory = not args.no_memory and suite != "small"  # a step of kilobytes: below the RSS's noise
+                memory = not args.no_memory and suite not in NO_MEMORY
                 results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator,
                                      NUMBER.get(suite, 1))  # fmt: skip
             finally:

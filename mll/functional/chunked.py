@@ -27,12 +27,12 @@ from mll.functional._engine.checks import (
 from mll.functional._engine.chunks import Spec, prepare
 from mll.functional._engine.compiled import chunk_kernel
 from mll.functional._engine.kernel import chunked_ce
-from mll.functional._engine.normalization import folded_cosines, normalize
+from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import Scale, acc_dtype
 from mll.functional._engine.plan import Plan, chunk_classes, dense_first, plan
 from mll.functional._engine.row_tiles import row_tiled_ce
 from mll.functional._engine.targets import Target, Targets, kernel_targets, tensor_targets
-from mll.functional.cosine import Pooling, pool_sub_centers
+from mll.functional.cosine import Pooling, pooled_cosines
 from mll.functional.margin import Margin, MarginParam, apply_margin, param_tensor
 from mll.functional.margins import resolve_margin
 
@@ -219,10 +219,8 @@ def _dense_logits(
     """The dense path's logits for the flattened rows and their targets (:func:`_dense_target`): what a head's
     forward computes (the reference every path equals)."""
     flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-    if normalized:  # cosine_logits after its checks (the caller's ran)
-        cos = folded_cosines(normalize(flat), weight)
-        if num_sub_centers > 1:
-            cos = pool_sub_centers(cos.unflatten(-1, (-1, num_sub_centers)), pooling, pooling_temperature)  # type: ignore[arg-type]
+    if normalized:
+        cos = pooled_cosines(flat, weight, num_sub_centers, pooling, pooling_temperature)
     else:
         cos = F.linear(flat, weight)
     return apply_margin(cos, target, margin, scale)

@@ -58,9 +58,14 @@ def cosine_logits(
     pooling_temperature = renamed(pooling_temperature, temperature, "temperature", "pooling_temperature")
     check_features(input, weight, num_sub_centers, weight_name=weight_name)
     check_pooling(pooling, pooling_temperature)
+    return pooled_cosines(input, weight, num_sub_centers, pooling, pooling_temperature)
+
+
+def pooled_cosines(input: Tensor, weight: Tensor, num_sub_centers: int, pooling: str, temperature: float) -> Tensor:
+    """:func:`cosine_logits` after its checks (the losses' dense paths, whose callers checked their arguments)."""
     cosine = folded_cosines(normalize(input), weight)
     if num_sub_centers > 1:
-        cosine = pool_sub_centers(cosine.unflatten(-1, (-1, num_sub_centers)), pooling, pooling_temperature)
+        cosine = pool_sub_centers(cosine.unflatten(-1, (-1, num_sub_centers)), pooling, temperature)  # type: ignore[arg-type]
     return cosine
 
 

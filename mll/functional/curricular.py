@@ -26,7 +26,7 @@ from mll.functional._engine.checks import (
     values_checkable,
 )
 from mll.functional._engine.dense import gather_target
-from mll.functional._engine.numerics import Scale, work_dtype
+from mll.functional._engine.numerics import Scale, in_place_ok, work_dtype
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin, param_tensor
 from mll.functional.margins import ARC_MARGIN_RANGE, _arc_value_and_slope
 
@@ -43,7 +43,7 @@ def _curricular_negatives(cosine: Tensor, target: Tensor, margin: Tensor, t: Ten
     threshold = target * torch.cos(margin) - ((1 - target) * (1 + target)).clamp(min=0).sqrt() * torch.sin(margin)
     hard = cosine > threshold
     t = t.to(cosine.dtype)
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+    if not in_place_ok():
         return torch.where(hard, cosine * (t + cosine), cosine), torch.where(hard, t + 2 * cosine, 1.0)
     # the dense path's statistics (no graph): two N×C buffers of this function's own, written in place — not the
     # five temporaries of the expressions above, at the size of the logits

@@ -51,11 +51,11 @@ from mll.functional._engine.checks import (
 )
 from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, ProxyAnchorOnePass, class_log_sums
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
-from mll.functional._engine.normalization import folded_cosines, normalize
+from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import acc_dtype
 from mll.functional._engine.plan import dense_first
 from mll.functional.chunked import accumulating_bytes, default_chunk_size, scalar_loss
-from mll.functional.cosine import pool_sub_centers
+from mll.functional.cosine import pooled_cosines
 
 __all__ = [
     "PROXY_ANCHOR_ALPHA",
@@ -232,9 +232,7 @@ def proxy_anchor_chunked(
     num_classes = weight.shape[0] // k
     rows = input.numel() // max(1, input.shape[-1])
     if rows > 0 and dense_first(rows, num_classes, k, chunk_size):  # a small step: the dense cosines
-        cosine = folded_cosines(normalize(input.reshape(rows, input.shape[-1])), weight)
-        if k > 1:
-            cosine = pool_sub_centers(cosine.unflatten(-1, (-1, k)), pooling, pooling_temperature)  # type: ignore[arg-type]
+        cosine = pooled_cosines(input.reshape(rows, input.shape[-1]), weight, k, pooling, pooling_temperature)
         return proxy_anchor_from_cosines(cosine, labels.reshape(-1), alpha, delta)
     x = normalize(input).reshape(-1, input.shape[-1])
     chunk = default_chunk_size(x.shape[0], num_classes, k, x.device) if chunk_size is None else int(chunk_size)

@@ -55,13 +55,21 @@ def _check_weight(weight: object, num_sub_centers: object) -> tuple[Tensor, int]
 
 def _distances(rows: Tensor, k: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A chunk's centres ``(B·K, d)``: normalised ``(B, K, d)``, norms ``(B, K, 1)``, and ``sqrt(2 + ε − 2 ŵ·ŵ')``
-    ``(B, K, K)`` (the radicand floored at ε, which it is up to rounding), in the accumulation dtype."""
+    ``(B, K, K)``, in the accumulation dtype. The radicand is floored at ε (which it is up to rounding) with the
+    unfloored root's derivative where autograd follows it, as the chunked backward does."""
     acc = acc_dtype(rows.dtype)
-    w = rows.detach().to(acc).view(-1, k, rows.shape[-1])
+    w = rows.to(acc).reshape(-1, k, rows.shape[-1])
     norms = w.norm(dim=-1, keepdim=True)
     w_hat = w / norms.clamp(min=weight_eps(rows.dtype))
     gram = torch.bmm(w_hat, w_hat.transpose(1, 2))
-    return w_hat, norms, gram, (2 + eps - 2 * gram).clamp(min=eps).sqrt()
+    radicand = 2 + eps - 2 * gram
+    return w_hat, norms, gram, (radicand + (radicand.clamp(min=eps) - radicand).detach()).sqrt()
+
+
+def _pair_sums(dist: Tensor) -> Tensor:
+    """Each class's ``Σ_{t<t'} D_{tt'}`` from its ``(B, K, K)`` distances."""
+    k = dist.shape[-1]
+    return (dist * torch.ones(k, k, dtype=torch.bool, device=dist.device).triu(1)).sum((1, 2))
 
 
 class _CenterDistances(torch.autograd.Function):
@@ -72,10 +80,8 @@ class _CenterDistances(torch.autograd.Function):
         acc = acc_dtype(weight.dtype)
         width = weight.shape[0] // k
         out = torch.zeros(width, dtype=acc, device=weight.device)
-        upper = torch.ones(k, k, dtype=torch.bool, device=weight.device).triu(1)
         for start, stop in chunk_bounds(width, chunk):
-            _, _, _, dist = _distances(weight[start * k : stop * k], k, eps)
-            out[start:stop] = (dist * upper).sum((1, 2))
+            out[start:stop] = _pair_sums(_distances(weight[start * k : stop * k].detach(), k, eps)[3])
         return out
 
     @staticmethod
@@ -98,7 +104,7 @@ class _CenterDistances(torch.autograd.Function):
         off = ~torch.eye(k, dtype=torch.bool, device=weight.device)
         g = grad.to(acc)
         for start, stop in chunk_bounds(weight.shape[0] // k, ctx.chunk):
-            w_hat, norms, _, dist = _distances(weight[start * k : stop * k], k, eps)
+            w_hat, norms, _, dist = _distances(weight[start * k : stop * k].detach(), k, eps)
             # ∂R/∂ŵ_t = −Σ_{t' ≠ t} ŵ_{t'} / D_{tt'} (each pair once, and D symmetric)
             coef = torch.where(off, -1 / dist, 0.0) * g[start:stop, None, None]
             d_hat = torch.bmm(coef, w_hat)
@@ -154,15 +160,8 @@ FEW_ELEMENTS = 1 << 16
 def _few_center_distances(weight: Tensor, k: int, eps: float) -> Tensor:
     """:class:`_CenterDistances` in autograd's own operations, for a few centres (a normalised copy costs nothing
     there, and autograd's nodes cost microseconds where the chunked Python backward costs a hundred): the same values
-    and first derivatives (the radicand's floor at ε, reached by rounding only, passes the unfloored root's
-    derivative, as the chunked backward does); a double backward runs here."""
-    acc = acc_dtype(weight.dtype)
-    w = weight.to(acc).reshape(-1, k, weight.shape[-1])
-    w_hat = w / w.norm(dim=-1, keepdim=True).clamp(min=weight_eps(weight.dtype))
-    radicand = 2 + eps - 2 * torch.bmm(w_hat, w_hat.transpose(1, 2))
-    floored = radicand + (radicand.clamp(min=eps) - radicand).detach()
-    upper = torch.ones(k, k, dtype=torch.bool, device=weight.device).triu(1)
-    return (floored.sqrt() * upper).sum((1, 2))
+    and first derivatives (see :func:`_distances`); a double backward runs here."""
+    return _pair_sums(_distances(weight, k, eps)[3])
 
 
 def soft_triple_distinct_centers(
@@ -189,7 +188,7 @@ def soft_triple_distinct_centers(
     with torch.no_grad():
         merged = torch.zeros(weight.shape[0] // k, k, dtype=torch.bool, device=weight.device)
         for start, stop in chunk_bounds(weight.shape[0] // k, max(1, CHUNK_ROWS // (k * k))):
-            _, _, gram, _ = _distances(weight[start * k : stop * k], k, 0.0)
+            _, _, gram, _ = _distances(weight[start * k : stop * k].detach(), k, 0.0)
             close = (2 - 2 * gram).clamp(min=0).sqrt() <= limit
             block = merged[start:stop]
             for t in range(1, k):  # K is small: a loop over centres, vectorised over classes

@@ -179,9 +179,7 @@ class ScaledNegativesReplace(DirectApply, torch.autograd.Function):
         index, neg_slope, slope, scale_t, neg_value, value = ctx.saved_tensors
         scale = scale_t if ctx.scale_is_tensor else ctx.scale
         grad_cosine = grad_value = grad_scale = None
-        # the scale at the target entries (a per-class or per-sample scale tensor broadcasts to the logits)
-        at = scale.expand(grad.shape).gather(-1, index) if isinstance(scale, Tensor) and scale.dim() > 0 else scale
-        g_target = grad.gather(-1, index).to(neg_slope.dtype) * at
+        g_target = grad.gather(-1, index).to(neg_slope.dtype) * scale  # (a one-element scale, check_scale's contract)
         if ctx.needs_input_grad[4]:
             grad_value = g_target.to(ctx.dtypes[1])
         if ctx.needs_input_grad[0]:

@@ -153,14 +153,14 @@ def plan(
     chunk = chunk_classes(rows, classes, sub_centers, device) if chunk is None else int(chunk)
     forced = _STATE["path"]
     tile = max(1, min(rows, _STATE["rows"] or max(0, budget - held) // per_row))
+    if dense and dense_first(rows, classes, sub_centers, given):
+        return Plan("dense", chunk, rows, budget)
     if forced == "row_tiles" and scalar_loss:
         return Plan("row_tiles", chunk, tile, budget)
-    if forced in ("keep", "recompute") or (forced == "dense" and dense):
+    if forced in ("keep", "recompute"):
         return Plan(forced, chunk, rows, budget)
     if torch.compiler.is_compiling():  # a traced kernel cannot hand its chunks from forward to backward
         return Plan("recompute", chunk, rows, budget)
-    if dense and forced == "auto" and given is None and rows * classes * sub_centers <= DENSE_LOGITS:
-        return Plan("dense", chunk, rows, budget)
     if rows * per_row <= budget:
         return Plan("keep", chunk, rows, budget)
     if scalar_loss and forced != "recompute" and tile >= min(MIN_TILE_ROWS, rows):
@@ -169,8 +169,9 @@ def plan(
 
 
 def dense_first(rows: int, classes: int, sub_centers: int, chunk: Optional[int]) -> bool:
-    """Whether a single-process step takes the dense path — :func:`plan`'s first answer, in a few operations so that
-    a small step pays for nothing else (the caller need not build the kernel's specification to ask)."""
+    """Whether a single-process step takes the dense path (forced, or at most :data:`DENSE_LOGITS` logits, no chunk
+    size given, eager) — :func:`plan`'s first question, askable alone so that a small step pays for nothing else (the
+    caller need not build the kernel's specification)."""
     forced = _STATE["path"]
     if forced != "auto":
         return forced == "dense"
