@@ -1,3 +1,4 @@
+import faulthandler
 import os
 import time
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from hypothesis import HealthCheck, settings
+from torch.multiprocessing.spawn import ProcessException
 
 # dev: fast feedback, failures print a reproduction blob; ci: reproducible (same examples every run).
 settings.register_profile("dev", deadline=None, print_blob=True, max_examples=40)
@@ -60,16 +62,40 @@ def exported_heads(*, sharded: bool) -> list[str]:
 _SPAWNED: dict[int, list[dict[str, Any]]] = {}
 
 
+def _logged(rank: int, worker: Callable[[int, int, str], None], world: int, path: str) -> None:
+    """A spawned rank's entry: its stdout and stderr go to ``path / f"rank{rank}.log"``, and a fatal signal (an abort
+    in C++, a crash) writes every thread's Python stack there first, so that a failed spawn can say where it died."""
+    with open(os.path.join(path, f"rank{rank}.log"), "w", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        faulthandler.enable(file=log, all_threads=True)
+        worker(rank, world, path)
+
+
+def _log_tails(path: Path, world: int, lines: int = 25) -> str:
+    """The last lines each rank wrote, on one line (a failed spawn's message, whole in CI's short summary)."""
+    parts = []
+    for rank in range(world):
+        log = path / f"rank{rank}.log"
+        text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+        parts.append(f"rank {rank}: " + " | ".join(line.strip() for line in text if line.strip()))
+    return " || ".join(parts)
+
+
 def run_world(worker: Callable[[int, int, str], None], world: int, path: Path) -> list[dict[str, Any]]:
     """Run ``worker(rank, world, str(path))`` in ``world`` spawned processes and return what each rank saved to
-    ``path / f"rank{rank}.pt"``; a rank left waiting in a collective fails the test after 600 s, never stalls CI."""
-    context = mp.start_processes(worker, args=(world, str(path)), nprocs=world, join=False)
+    ``path / f"rank{rank}.pt"``; a rank left waiting in a collective fails the test after 600 s, never stalls CI, and
+    a rank that fails or dies fails the test with the end of every rank's output (``path / f"rank{rank}.log"``)."""
+    context = mp.start_processes(_logged, args=(worker, world, str(path)), nprocs=world, join=False)
     start = time.monotonic()
-    while not context.join(timeout=1):
-        if time.monotonic() - start > 600:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"world {world}: a rank hung")
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() - start > 600:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"world {world}: a rank hung; {_log_tails(path, world)}")
+    except ProcessException as error:
+        pytest.fail(f"world {world}: {error}; {_log_tails(path, world)}")
     return [torch.load(path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 

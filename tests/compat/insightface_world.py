@@ -132,5 +132,6 @@ def worker(rank: int, world: int, path: str) -> None:
             "faults": run_faults(rank, world),
         }
         torch.save(results, f"{path}/rank{rank}.pt")
+        dist.barrier()  # no rank shuts its connections while another still works (gloo aborts on that)
     finally:
         dist.destroy_process_group()

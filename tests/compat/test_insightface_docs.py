@@ -84,6 +84,7 @@ def worker(rank: int, world: int, path: str) -> None:
         out["resharded"] = (head.class_start, head.class_stop, head.weight.detach().clone(),
                             mine["opt"].state[head.weight]["momentum_buffer"].clone(), head.sampling_step)  # fmt: skip
         torch.save(out, f"{path}/rank{rank}.pt")
+        dist.barrier()  # no rank shuts its connections while another still works (gloo aborts on that)
     finally:
         dist.destroy_process_group()
 

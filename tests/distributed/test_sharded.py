@@ -419,6 +419,7 @@ def _worker(rank: int, world: int, path: str) -> None:
         if world == test_common.WORLD:
             results["common_statistics"] = test_common.run_statistics(rank, world)
         torch.save(results, f"{path}/rank{rank}.pt")
+        dist.barrier()  # no rank shuts its connections while another still works (gloo aborts on that)
     finally:
         dist.destroy_process_group()
 

@@ -126,6 +126,7 @@ def _worker(rank: int, world: int, path: str) -> None:
         results = {"cases": {case.name: run_case(case, rank, world) for case in CASES},
                    "errors": run_errors(rank, world)}  # fmt: skip
         torch.save(results, f"{path}/rank{rank}.pt")
+        dist.barrier()  # no rank shuts its connections while another still works (gloo aborts on that)
     finally:
         dist.destroy_process_group()
 

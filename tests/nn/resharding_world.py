@@ -162,5 +162,6 @@ def worker(rank: int, world: int, path: str) -> None:
                                                  f"{root}/ckpt-w1-arcface-sgd-sampled")  # fmt: skip
         results = {name: job() for name, job in jobs.items()}
         torch.save(results, f"{path}/rank{rank}.pt")
+        dist.barrier()  # no rank shuts its connections while another still works (gloo aborts on that)
     finally:
         dist.destroy_process_group()
