@@ -176,16 +176,20 @@ def chunked_loss(
         raise ValueError(
             f"{margin.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
         )
-    params = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
     if n > 0 and dense_first(n, num_classes, int(num_sub_centers), chunk_size):
-        # a small step: decided before the kernel's preparation, whose fixed cost is what this path avoids
+        # a small step: decided before the kernel's preparation, whose fixed cost is what this path avoids (and
+        # numbers for parameters stay numbers, as in a head's forward)
         target = _dense_target(targets, num_classes, None)
-        bound = Margin(margin.family, params) if params else margin
+        bound = margin
+        if any(isinstance(p, Tensor) for p in margin.params):
+            flat = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
+            bound = Margin(margin.family, flat)
         logits = _dense_logits(input, weight, target, bound, scale, num_sub_centers, pooling, pooling_temperature,
                                normalized)  # fmt: skip
         target = target.to(acc) if target.is_floating_point() else target
         losses = F.cross_entropy(logits.to(acc), target, reduction=reduction)
         return losses.reshape(lead) if reduction == "none" else losses
+    params = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
     x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     if n == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
         losses = x.sum(-1).to(acc) + 0.0 * weight.sum()

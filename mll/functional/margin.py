@@ -137,6 +137,8 @@ class MarginFamily:
         class_indices_only (bool): the family is not defined for soft targets.
         title (str): how error messages name the family (its paper's name), default ``name``.
         identity (bool): ψ = cos for every target (no margin): the dense logits are the scaled cosines.
+        shift (bool): ψ = cos − p·t with ``p`` the first parameter (CosFace): the target logit moves by a constant,
+            its slope is 1, and a few class-index logits take one scatter-add (:func:`_few_shifted`).
     """
 
     name: str
@@ -147,6 +149,7 @@ class MarginFamily:
     class_indices_only: bool = False
     title: str = ""
     identity: bool = False
+    shift: bool = False
 
     def __post_init__(self) -> None:
         name_code(self.name)  # so that the ranks' agreement names a family another rank used
@@ -275,9 +278,12 @@ def apply_margin(cosine: Tensor, target: Tensor, margin: Margin, scale: Scale) -
     if family.identity:
         return cosine * scale
     dtype = work_dtype(cosine.dtype)
+    soft = is_soft(target)
+    few = cosine.numel() <= FEW_LOGITS and dtype == cosine.dtype and not torch.compiler.is_compiling()
+    if few and family.shift and not soft:
+        return _few_shifted(cosine, target, margin.params[0], scale)
     ps = [param_tensor(p, dtype, cosine.device) for p in margin.params]
     fn = family.value_and_slope
-    soft = is_soft(target)
     # the value needs a graph only for margins (MagFace) or soft targets that require grad: skipping autograd's
     # bookkeeping elsewhere keeps the dozens of small O(N) ops of a margin cheap
     graph = torch.is_grad_enabled() and (any(p.requires_grad for p in ps) or (soft and target.requires_grad))
@@ -300,7 +306,7 @@ def apply_margin(cosine: Tensor, target: Tensor, margin: Margin, scale: Scale) -
     with torch.set_grad_enabled(graph):
         at = [at_target(p, cosine.shape, target) for p in ps]
         value, slope = fn(gather_target(cosine, target).to(dtype), 1.0, *at)
-    if cosine.numel() <= FEW_LOGITS and dtype == cosine.dtype and not torch.compiler.is_compiling():
+    if few:
         # (compiled, the Python cost this saves is gone; and Inductor in torch 2.13 got the gradient of two heads
         # sharing one cosine wrong with it, one through this replacement and one through the plain scale)
         return _few_replaced(cosine, target, value, slope.detach(), scale)
@@ -319,6 +325,16 @@ def _few_replaced(cosine: Tensor, target: Tensor, value: Tensor, slope: Tensor, 
     at = cosine.gather(-1, index)
     shaped = value.unsqueeze(-1) + slope.unsqueeze(-1) * (at - at.detach())
     return cosine.scatter(-1, index, shaped) * scale
+
+
+def _few_shifted(cosine: Tensor, target: Tensor, shift: MarginParam, scale: Scale) -> Tensor:
+    """:func:`_few_replaced` for a family that moves the target cosine by ``−shift`` (slope 1): one scatter-add,
+    whose gradient passes through to every cosine (and to ``shift`` where it requires one)."""
+    index = target.unsqueeze(-1)
+    if isinstance(shift, Tensor):
+        by = -at_target(shift.to(device=cosine.device, dtype=cosine.dtype), cosine.shape, target)
+        return cosine.scatter_add(-1, index, by.expand(target.shape).unsqueeze(-1)) * scale
+    return cosine.scatter_add(-1, index, cosine.new_full(index.shape, -shift)) * scale
 
 
 def _with_negatives(

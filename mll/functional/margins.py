@@ -111,7 +111,7 @@ NO_MARGIN = MarginFamily("none", _none_fn, (), target_logit=math.cos, identity=T
 #: CosFace: ψ = cos θ − m·t.
 COS = MarginFamily(
     "cos", _cos_fn, (MarginParameter("margin", *COS_MARGIN_RANGE),), target_logit=lambda th, m: math.cos(th) - m,
-    title="CosFace",
+    title="CosFace", shift=True,
 )  # fmt: skip
 #: ArcFace: ψ = cos(θ + m·t), cos θ − m·t·sin(m·t) past θ > π − m·t.
 ARC = MarginFamily(

@@ -278,15 +278,19 @@ def test_an_angular_margin_out_of_range_says_radians_and_reads_degrees() -> None
     [
         MF.ARC(0.5),
         MF.ARC_EASY(0.5),
-        MF.COS(torch.linspace(0.1, 0.4, 7)),
+        MF.COS(torch.linspace(0.1, 0.4, 7)),  # CosFace's shift: one scatter-add, per class here
+        MF.COS(0.35),
+        MF.COS(torch.tensor(0.2)),
+        MF.COS(torch.linspace(0.1, 0.3, 6).unsqueeze(1)),  # per sample
         MF.COMBINED(1.2, 0.2, 0.1),
         MF.SPHERE(2.0, torch.tensor(1.5)),
     ],
     ids=repr,
 )
 def test_a_few_logits_take_autograds_operations_with_the_same_numbers(margin, dtype, monkeypatch) -> None:
-    """Below ``FEW_LOGITS`` the target replacement is written in autograd's own operations: the fused Function's
-    logits bit for bit and its gradients (to rounding), at cos = ±1 too, and under ``torch.func.vmap``."""
+    """Below ``FEW_LOGITS`` the target replacement is written in autograd's own operations (CosFace's, a shift, in
+    one scatter-add): the fused Function's logits bit for bit and its gradients (to rounding), at cos = ±1 too, and
+    under ``torch.func.vmap``."""
     from mll.functional import margin as margin_module
 
     g = torch.Generator().manual_seed(1)
@@ -307,6 +311,31 @@ def test_a_few_logits_take_autograds_operations_with_the_same_numbers(margin, dt
     monkeypatch.setattr(margin_module, "FEW_LOGITS", 1 << 14)
     batched = torch.func.vmap(lambda c: MF.margin_logits(c, y, margin, scale=4.0))(torch.stack([cos, cos.flip(1)]))
     torch.testing.assert_close(batched[1], MF.margin_logits(cos.flip(1), y, margin, scale=4.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(6,), (7,), (6, 1), (6, 7)], ids=["0-dim", "per class", "per sample", "per entry"])
+def test_a_few_cosface_logits_give_a_trained_margin_its_gradient(shape, monkeypatch) -> None:
+    """CosFace's few-logit shift passes the gradient to a margin that requires one, as the fused path does, for
+    each shape a margin broadcasts from, and over a batch of more than one leading dimension."""
+    from mll.functional import margin as margin_module
+
+    g = torch.Generator().manual_seed(3)
+    cos = torch.rand(2, 3, 7, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([[0, 6, 2], [2, 5, 1]])
+    upstream = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    base = torch.rand(shape[:-1] if shape == (6,) else shape, generator=g, dtype=torch.float64) * 0.4
+    base = base.reshape(2, 3, 1) if shape == (6, 1) else base.reshape(2, 3, 7) if shape == (6, 7) else base
+    results = []
+    for few in (1 << 14, 0):
+        monkeypatch.setattr(margin_module, "FEW_LOGITS", few)
+        leaf, m = cos.clone().requires_grad_(True), base.clone().requires_grad_(True)
+        logits = MF.margin_logits(leaf, y, MF.COS(m), scale=3.0)
+        results.append((logits.detach(), *torch.autograd.grad((logits * upstream).sum(), [leaf, m])))
+    for few, fused in zip(results[0], results[1]):
+        torch.testing.assert_close(few, fused, rtol=1e-12, atol=1e-12)
+    target_upstream = upstream.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert results[0][2].abs().sum() > 0
+    torch.testing.assert_close(results[0][2].sum(), -3.0 * target_upstream.sum())
 
 
 @pytest.mark.parametrize(
