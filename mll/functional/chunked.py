@@ -171,15 +171,22 @@ def chunked_loss(
     lead = tuple(input.shape[:-1])
     n, acc = math.prod(lead), acc_dtype(input.dtype)
     if isinstance(targets, Tensor):
-        targets = tensor_targets(targets, num_classes, acc)
-    if margin.family.class_indices_only and (targets.weights is not None or targets.dense is not None):
+        soft = targets.is_floating_point()
+    else:
+        soft = targets.weights is not None or targets.dense is not None
+    if margin.family.class_indices_only and soft:
         raise ValueError(
             f"{margin.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
         )
     if n > 0 and dense_first(n, num_classes, int(num_sub_centers), chunk_size):
         # a small step: decided before the kernel's preparation, whose fixed cost is what this path avoids (and
         # numbers for parameters stay numbers, as in a head's forward)
-        target = _dense_target(targets, num_classes, None)
+        if not isinstance(targets, Tensor):
+            target = _dense_target(targets, num_classes, None)
+        elif targets.is_floating_point():  # dense soft targets, flattened
+            target = targets.reshape(-1, num_classes)
+        else:  # class indices
+            target = targets if targets.dim() == 1 else targets.reshape(-1)
         bound = margin
         if any(isinstance(p, Tensor) for p in margin.params):
             flat = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
@@ -187,8 +194,10 @@ def chunked_loss(
         logits = _dense_logits(input, weight, target, bound, scale, num_sub_centers, pooling, pooling_temperature,
                                normalized)  # fmt: skip
         target = target.to(acc) if target.is_floating_point() else target
-        losses = F.cross_entropy(logits.to(acc), target, reduction=reduction)
+        losses = F.cross_entropy(logits if logits.dtype == acc else logits.to(acc), target, reduction=reduction)
         return losses.reshape(lead) if reduction == "none" else losses
+    if isinstance(targets, Tensor):
+        targets = tensor_targets(targets, num_classes, acc)
     params = tuple(flat_param(p, lead, num_classes, acc, input.device) for p in margin.params)
     x = (normalize(input) if normalized else input).reshape(-1, input.shape[-1])
     if n == 0:  # an empty batch: empty per-sample losses (the mean is NaN, as F.cross_entropy's)
