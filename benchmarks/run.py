@@ -7,14 +7,15 @@
     python -m benchmarks.run --suites batch       # N = 256…8192 × C = 10^4…10^6: floor, peers, dense and loss()
     python -m benchmarks.run --suites small       # N = 64, d = 32, C = 6, one thread: every head pml has, and pml
 
-Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by
-round in this one process with ``torch.utils.benchmark``; the median (and the minimum) per implementation, and
-their ratios to the floor of the same suite and class count (and, in the "limit" suite, to the three GEMMs a
-cosine head cannot avoid). With ``--allocator tuned`` (the default) the process re-executes itself with
-``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (the same for every implementation) so that large
+Timing: forward+backward of head + cross-entropy (training mode), every implementation interleaved round by round in
+this one process with ``torch.utils.benchmark`` (where the implementations' steps do not fit in memory together, one
+process each, in turn, the floor's first and last; the table's title says so); the median (and the minimum) per
+implementation, and their ratios to the floor of the same suite and class count (and, in the "limit" suite, to the
+three GEMMs a cosine head cannot avoid). With ``--allocator tuned`` (the default) the process re-executes itself
+with ``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` (the same for every implementation) so that large
 tensors are not mmapped and unmapped on every step (page faults otherwise take a third of the time at C=50k);
-``--allocator default`` re-executes without any ``MALLOC_*`` variable (glibc's defaults, what a user gets);
-``both`` runs the suites once under each, in a child process per setting. Every table's title names its allocator.
+``--allocator default`` re-executes without any ``MALLOC_*`` variable (glibc's defaults, what a user gets); ``both``
+runs the suites once under each, in a child process per setting. Every table's title names its allocator.
 
 Memory: each implementation runs in a fresh process; after a warm-up step (gradient buffers allocated) the peak
 resident set of one more step is read from ``VmHWM`` (reset through ``/proc/self/clear_refs``), minus the resident
@@ -39,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils import benchmark
 
-from benchmarks.cases import SUITES, Config, make_data
+from benchmarks.cases import SUITES, Case, Config, make_data
 from benchmarks.peers import load_legacy, pml_version
 
 TIMING_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
@@ -156,17 +157,21 @@ def time_suite(
     suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2, allocator: str = "tuned", number: int = 1
 ) -> list[Result]:
     """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
-    the memory left once every case is built gets a "skipped" row instead."""
+    the memory left once every case is built gets a "skipped" row instead. Where the cases do not fit in memory
+    together (:func:`apart_needed`), one process per case instead (:func:`time_apart`)."""
     cases = [case for case in SUITES[suite] if case.available()]
-    data = make_data(cfg)
-    steps = [case.factory(cfg, data) for case in cases]
     results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
+    apart = apart_needed(suite, cfg, allocator)
+    data = None if apart else make_data(cfg)
+    steps = [None if apart else case.factory(cfg, data) for case in cases]
     free = available_memory()
     for case, result in zip(cases, results):
         if case.step_bytes is not None:
             need = RESIDENT_PER_LIVE[allocator] * case.step_bytes(cfg)
             if need > 0.9 * free:
                 result.note = f"skipped: a step needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
+    if apart:
+        return time_apart(suite, cfg, cases, results, rounds, memory, warmup, number)
     timed = [(step, result) for step, result in zip(steps, results) if result.note is None]
     for step, _ in timed:  # warm-up, and allocate the gradient buffers
         for _ in range(warmup):
@@ -182,6 +187,51 @@ def time_suite(
             if result.note is None:
                 result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
     return results
+
+
+def apart_needed(suite: str, cfg: Config, allocator: str) -> bool:
+    """Whether the suite's cases must run one process each: the resident memory their steps need at once in one
+    process (each keeps its weights, gradients and the heap its steps left) would pass what is available (with the
+    tuned allocator at N = 4096, C = 10^5 that passed 24 GB)."""
+    cases = [case for case in SUITES[suite] if case.available() and case.step_bytes is not None]
+    together = sum(RESIDENT_PER_LIVE[allocator] * case.step_bytes(cfg) for case in cases)  # type: ignore[misc]
+    return together > 0.9 * available_memory()
+
+
+def time_apart(
+    suite: str, cfg: Config, cases: list[Case], results: list[Result], rounds: int, memory: bool, warmup: int,
+    number: int,
+) -> list[Result]:  # fmt: skip
+    """:func:`time_suite` where the cases do not fit in memory together: one child process per case, in turn, each
+    timing its own rounds; the floor's child runs first and again last, and its times are both runs' (the drift of
+    a shared machine over the run shows as their spread). Not interleaved: read these ratios as coarser."""
+    order = [i for i, result in enumerate(results) if result.note is None]
+    floors = [i for i in order if cases[i].impl == "floor"]
+    for i in floors + [i for i in order if i not in floors] + floors:
+        index = SUITES[suite].index(cases[i])
+        args = [sys.executable, "-m", "benchmarks.run", "--time", suite, str(index), json.dumps(cfg.__dict__),
+                str(rounds), str(warmup), str(number)]  # fmt: skip
+        done = subprocess.run(args, env=dict(os.environ), capture_output=True, text=True)
+        if done.returncode != 0:
+            results[i].note = f"its process failed (exit status {done.returncode})"
+            print(f"timing failed for {cases[i].head} ({cases[i].impl}):\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[i].times += json.loads(done.stdout.strip().splitlines()[-1])
+    if memory:
+        for case, result in zip(cases, results):
+            if result.times:
+                result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
+    return results
+
+
+def time_alone(suite: str, index: int, cfg: Config, rounds: int, warmup: int, number: int) -> list[float]:
+    """One case's timed rounds in this (fresh) process, after ``warmup`` steps: :func:`time_apart`'s child."""
+    case = SUITES[suite][index]
+    step = case.factory(cfg, make_data(cfg))
+    for _ in range(warmup):
+        step()
+    timer = benchmark.Timer(stmt="step()", globals={"step": step})
+    return [timer.timeit(number).median for _ in range(rounds)]
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -258,12 +308,19 @@ def main(argv: list[str] | None = None) -> None:
         help="glibc malloc settings of the timing process: tuned (no mmap, no trim), default, or both in turn",
     )
     parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--time", nargs=6, help=argparse.SUPPRESS)  # SUITE INDEX CONFIG ROUNDS WARMUP NUMBER
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw)
 
     if args.probe:
         suite, index, cfg = args.probe
         print(probe_memory(suite, int(index), Config(**json.loads(cfg))))
+        return
+    if args.time:  # time_apart's child, in the parent's allocator environment already
+        suite, index, cfg, rounds, warmup, number = args.time
+        torch.set_num_threads(THREADS.get(suite, torch.get_num_threads()))
+        print(json.dumps(time_alone(suite, int(index), Config(**json.loads(cfg)), int(rounds), int(warmup),
+                                    int(number))))  # fmt: skip
         return
     if args.allocator == "both":
         # glibc reads its settings at start-up: one child per setting (the last --allocator on a command line wins),
@@ -312,6 +369,7 @@ def run_suites(args: argparse.Namespace) -> None:
             torch.set_num_threads(THREADS.get(suite, threads))
             try:
                 memory = not args.no_memory and suite not in NO_MEMORY
+                apart = apart_needed(suite, cfg, args.allocator)
                 results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator,
                                      NUMBER.get(suite, 1))  # fmt: skip
             finally:
@@ -319,6 +377,8 @@ def run_suites(args: argparse.Namespace) -> None:
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"
             if suite in THREADS:
                 title += f"; {THREADS[suite]} thread(s)"
+            if apart:
+                title += "; one process per case, in turn (the floor's first and last): not interleaved"
             load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
             print(f"\n### {title}\n\n{table(results)}\n\nload average (1/5/15 min) after: {load}", flush=True)
 

@@ -228,6 +228,7 @@ def test_gpu_quick_cpu_run_prints_every_case_and_the_sync_table(
 
 def test_a_step_that_would_not_fit_in_memory_is_skipped_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "available_memory", lambda: 1)
+    monkeypatch.setattr(run, "apart_needed", lambda *args: False)
     results = run.time_suite("limit", Config(batch=8, features=16, classes=50), rounds=1, memory=False)
     skipped = {r.impl for r in results if r.note}
     assert skipped == {
@@ -240,6 +241,22 @@ def test_a_step_that_would_not_fit_in_memory_is_skipped_not_run(monkeypatch: pyt
     printed = run.table(results)
     assert "| floor | floor | skipped: a step needs ~0 GiB, 0 GiB available |" in printed
     assert "| 1.000 | — | 1.000 | — |" in printed  # the limit row: no floor, no ratio to it
+
+
+@pytest.mark.slow  # a process per case
+def test_cases_that_do_not_fit_in_memory_together_run_one_process_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the steps would not fit in one process together (the tuned allocator at N = 4096, C = 10^5), each case
+    is timed in a process of its own, the floor's first and last: every available case gets its rounds, the floor
+    twice as many, and the table its ratios."""
+    monkeypatch.setattr(run, "apart_needed", lambda *args: True)
+    cfg = Config(batch=8, features=16, classes=50, soft=True)
+    results = run.time_suite("soft targets", cfg, rounds=2, memory=False)
+    timed = [r for r in results if r.times]
+    assert len(timed) >= 3 and all(r.note is None for r in timed)  # the floor, CosFace, ArcFace (and 0.1.6's)
+    assert [len(r.times) for r in timed] == [4 if r.impl == "floor" else 2 for r in timed]
+    printed = run.table(results)
+    assert "| floor | " in printed and "| 1.000 | 1.000 | — | — |" in printed  # the floor's row: ratios 1
+    assert printed.count("| — | — |") == len(timed)  # every timed row has its ratios (no memory columns here)
 
 
 def test_the_zoo_benchmark_cases_run_a_step() -> None:
