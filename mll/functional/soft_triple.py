@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mll.functional._engine.checks import check_floating, check_num_sub_centers, check_positive, is_int, shape_str
 from mll.functional._engine.chunks import chunk_bounds
-from mll.functional._engine.numerics import acc_dtype, weight_eps
+from mll.functional._engine.numerics import DirectApply, acc_dtype, weight_eps
 from mll.functional._engine.numerics import double_backward as _double_backward
 
 __all__ = ["soft_triple_distinct_centers", "soft_triple_regularizer"]
@@ -158,10 +158,61 @@ FEW_ELEMENTS = 1 << 16
 
 
 def _few_center_distances(weight: Tensor, k: int, eps: float) -> Tensor:
-    """:class:`_CenterDistances` in autograd's own operations, for a few centres (a normalised copy costs nothing
-    there, and autograd's nodes cost microseconds where the chunked Python backward costs a hundred): the same values
-    and first derivatives (see :func:`_distances`); a double backward runs here."""
+    """:class:`_CenterDistances` for a few centres, in one piece (no chunks: a normalised copy costs nothing there):
+    the same values and first derivatives, and a double backward (:class:`_FewCenterDistances`); under
+    ``torch.func`` transforms and ``torch.compile``, autograd's own operations (forward mode and every transform
+    included)."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return _center_term_ops(weight, k, eps)
+    return _FewCenterDistances.apply(weight, k, eps)[0]
+
+
+def _center_term_ops(weight: Tensor, k: int, eps: float) -> Tensor:
+    """The regulariser in autograd's own operations (see :func:`_distances`): what a double backward differentiates."""
     return _pair_sums(_distances(weight, k, eps)[3])
+
+
+class _FewCenterDistances(DirectApply, torch.autograd.Function):
+    """The regulariser of a few centres: the forward keeps the normalised centres, their norms and the distances,
+    and the backward is :class:`_CenterDistances`'s closed form on them — half the time of autograd's thirty nodes
+    for six classes of ten centres. A backward that is itself differentiated (``create_graph=True``) recomputes the
+    forward in autograd's operations (:func:`_center_term_ops`) and differentiates that, so second derivatives stay
+    exact."""
+
+    @staticmethod
+    def forward(weight: Tensor, k: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # _distances' numbers in fewer operations: 2 + ε − 2·ŵŵᵀ in one baddbmm, its floor in place
+        w = weight.to(acc_dtype(weight.dtype)).reshape(-1, k, weight.shape[-1])
+        norms = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        w_hat = w / norms.clamp(min=weight_eps(weight.dtype))
+        base = torch.full((1, 1, 1), 2 + eps, dtype=w.dtype, device=w.device)
+        dist = torch.baddbmm(base, w_hat, w_hat.transpose(1, 2), alpha=-2).clamp_(min=eps).sqrt_()
+        return dist.triu(1).sum((1, 2)), w_hat, norms, dist
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        weight, k, eps = inputs
+        _, w_hat, norms, dist = output
+        ctx.mark_non_differentiable(w_hat, norms, dist)
+        ctx.k, ctx.eps = k, eps
+        ctx.save_for_backward(weight, w_hat, norms, dist)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Optional[Tensor], None, None]:
+        weight, w_hat, norms, dist = ctx.saved_tensors
+        if _double_backward():
+            with torch.enable_grad():
+                out = _center_term_ops(weight, ctx.k, ctx.eps)
+                (d_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
+            return d_weight, None, None
+        tiny = weight_eps(weight.dtype)
+        coef = dist.reciprocal().mul_(grad.view(-1, 1, 1)).neg_()  # −g/D_tt' off the diagonal (see _CenterDistances)
+        coef.diagonal(0, 1, 2).zero_()
+        d_hat = torch.bmm(coef, w_hat)
+        radial = (w_hat * d_hat).sum(-1, keepdim=True)
+        rows = torch.where(norms > tiny, d_hat - w_hat * radial, d_hat).div_(norms.clamp(min=tiny))
+        rows = rows.reshape(weight.shape)
+        return rows if rows.dtype == weight.dtype else rows.to(weight.dtype), None, None
 
 
 def soft_triple_distinct_centers(

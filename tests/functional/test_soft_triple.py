@@ -60,3 +60,27 @@ def test_a_few_centres_give_a_double_backward() -> None:
     w = torch.randn(3 * 4, D, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda v: MF.soft_triple_regularizer(v, 4), (w,))
     torch.autograd.gradgradcheck(lambda v: MF.soft_triple_regularizer(v, 4), (w,))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func.hessian's own, in torch 2.13
+def test_a_few_centres_work_under_the_transforms_and_the_eager_form_matches_them() -> None:
+    """The eager few-centre regulariser (one Function, closed-form backward) against the same maths under
+    ``torch.func`` (autograd's operations there): values and gradients, batched by ``vmap``, and the Hessian in
+    forward-over-reverse mode against autograd's double backward of the eager form."""
+    g = torch.Generator().manual_seed(4)
+    ws = torch.randn(3, 5 * 4, D, generator=g, dtype=torch.float64)
+    ws[1, 2] = 0.0  # a zero centre
+    batched = torch.func.vmap(lambda v: MF.soft_triple_regularizer(v, 4))(ws)
+    grads = torch.func.vmap(torch.func.grad(lambda v: MF.soft_triple_regularizer(v, 4).sum()))(ws)
+    for w, value, grad in zip(ws, batched, grads):
+        leaf = w.clone().requires_grad_(True)
+        eager = MF.soft_triple_regularizer(leaf, 4)
+        torch.testing.assert_close(eager, value, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(eager.sum(), leaf)[0], grad, rtol=1e-10, atol=1e-10)
+    w = ws[0, :8].clone()  # two classes of four centres
+    forward_mode = torch.func.hessian(lambda v: MF.soft_triple_regularizer(v, 4).sum())(w)
+    leaf = w.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(MF.soft_triple_regularizer(leaf, 4).sum(), leaf, create_graph=True)
+    rows = [torch.autograd.grad(first.reshape(-1)[i], leaf, retain_graph=True)[0] for i in range(first.numel())]
+    double_backward = torch.stack(rows).reshape(*w.shape, *w.shape)
+    torch.testing.assert_close(forward_mode, double_backward, rtol=1e-9, atol=1e-9)
