@@ -1,5 +1,6 @@
 import faulthandler
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,11 +66,11 @@ _SPAWNED: dict[int, list[dict[str, Any]]] = {}
 def _logged(rank: int, worker: Callable[[int, int, str], None], world: int, path: str) -> None:
     """A spawned rank's entry: its stdout and stderr go to ``path / f"rank{rank}.log"``, and a fatal signal (an abort
     in C++, a crash) writes every thread's Python stack there first, so that a failed spawn can say where it died."""
-    with open(os.path.join(path, f"rank{rank}.log"), "w", buffering=1) as log:
+    with open(os.path.join(path, f"rank{rank}.log"), "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-        faulthandler.enable(file=log, all_threads=True)
-        worker(rank, world, path)
+    faulthandler.enable(file=sys.stderr, all_threads=True)  # fd 2, the log, to the process's very end
+    worker(rank, world, path)
 
 
 def _log_tails(path: Path, world: int, lines: int = 25) -> str:
