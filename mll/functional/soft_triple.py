@@ -68,8 +68,30 @@ def _distances(rows: Tensor, k: int, eps: float) -> tuple[Tensor, Tensor, Tensor
 
 def _pair_sums(dist: Tensor) -> Tensor:
     """Each class's ``Σ_{t<t'} D_{tt'}`` from its ``(B, K, K)`` distances."""
-    k = dist.shape[-1]
-    return (dist * torch.ones(k, k, dtype=torch.bool, device=dist.device).triu(1)).sum((1, 2))
+    return dist.triu(1).sum((1, 2))
+
+
+def _lean_distances(rows: Tensor, k: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_distances`' normalised centres, norms and distances where no autograd follows (the Functions'
+    forwards and backwards), in fewer operations: ``2 + ε − 2·ŵŵᵀ`` in one ``baddbmm``, its floor and root in
+    place."""
+    w = rows.detach().to(acc_dtype(rows.dtype)).reshape(-1, k, rows.shape[-1])
+    norms = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    w_hat = w / norms.clamp(min=weight_eps(rows.dtype))
+    base = torch.full((1, 1, 1), 2 + eps, dtype=w.dtype, device=w.device)
+    return w_hat, norms, torch.baddbmm(base, w_hat, w_hat.transpose(1, 2), alpha=-2).clamp_(min=eps).sqrt_()
+
+
+def _center_rows_grad(w_hat: Tensor, norms: Tensor, dist: Tensor, grad: Tensor, tiny: float) -> Tensor:
+    """The closed-form gradient of ``grad · R`` for a chunk's centres ``(B, K, d)``, from :func:`_lean_distances`'
+    values and the classes' upstream gradient ``(B,)``."""
+    # ∂R/∂ŵ_t = −Σ_{t' ≠ t} ŵ_{t'} / D_{tt'} (each pair once, and D symmetric)
+    coef = dist.reciprocal().mul_(grad.view(-1, 1, 1)).neg_()
+    coef.diagonal(0, 1, 2).zero_()
+    d_hat = torch.bmm(coef, w_hat)
+    # backward of w / ‖w‖: project out the radial part (where the norm is above the normalisation's ε)
+    radial = (w_hat * d_hat).sum(-1, keepdim=True)
+    return torch.where(norms > tiny, d_hat - w_hat * radial, d_hat).div_(norms.clamp(min=tiny))
 
 
 class _CenterDistances(torch.autograd.Function):
@@ -81,7 +103,7 @@ class _CenterDistances(torch.autograd.Function):
         width = weight.shape[0] // k
         out = torch.zeros(width, dtype=acc, device=weight.device)
         for start, stop in chunk_bounds(width, chunk):
-            out[start:stop] = _pair_sums(_distances(weight[start * k : stop * k].detach(), k, eps)[3])
+            out[start:stop] = _pair_sums(_lean_distances(weight[start * k : stop * k], k, eps)[2])
         return out
 
     @staticmethod
@@ -101,17 +123,10 @@ class _CenterDistances(torch.autograd.Function):
         k, eps = ctx.k, ctx.eps
         acc = acc_dtype(weight.dtype)
         out = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        off = ~torch.eye(k, dtype=torch.bool, device=weight.device)
         g = grad.to(acc)
         for start, stop in chunk_bounds(weight.shape[0] // k, ctx.chunk):
-            w_hat, norms, _, dist = _distances(weight[start * k : stop * k].detach(), k, eps)
-            # ∂R/∂ŵ_t = −Σ_{t' ≠ t} ŵ_{t'} / D_{tt'} (each pair once, and D symmetric)
-            coef = torch.where(off, -1 / dist, 0.0) * g[start:stop, None, None]
-            d_hat = torch.bmm(coef, w_hat)
-            # backward of w / ‖w‖: project out the radial part (where the norm is above the normalisation's ε)
-            radial = (w_hat * d_hat).sum(-1, keepdim=True)
-            big = norms > weight_eps(weight.dtype)
-            rows = torch.where(big, d_hat - w_hat * radial, d_hat) / norms.clamp(min=weight_eps(weight.dtype))
+            w_hat, norms, dist = _lean_distances(weight[start * k : stop * k], k, eps)
+            rows = _center_rows_grad(w_hat, norms, dist, g[start:stop], weight_eps(weight.dtype))
             out[start * k : stop * k] = rows.reshape(-1, weight.shape[-1])
         return out.to(weight.dtype), None, None, None
 
@@ -181,13 +196,8 @@ class _FewCenterDistances(DirectApply, torch.autograd.Function):
 
     @staticmethod
     def forward(weight: Tensor, k: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # _distances' numbers in fewer operations: 2 + ε − 2·ŵŵᵀ in one baddbmm, its floor in place
-        w = weight.to(acc_dtype(weight.dtype)).reshape(-1, k, weight.shape[-1])
-        norms = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
-        w_hat = w / norms.clamp(min=weight_eps(weight.dtype))
-        base = torch.full((1, 1, 1), 2 + eps, dtype=w.dtype, device=w.device)
-        dist = torch.baddbmm(base, w_hat, w_hat.transpose(1, 2), alpha=-2).clamp_(min=eps).sqrt_()
-        return dist.triu(1).sum((1, 2)), w_hat, norms, dist
+        w_hat, norms, dist = _lean_distances(weight, k, eps)
+        return _pair_sums(dist), w_hat, norms, dist
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -205,13 +215,7 @@ class _FewCenterDistances(DirectApply, torch.autograd.Function):
                 out = _center_term_ops(weight, ctx.k, ctx.eps)
                 (d_weight,) = torch.autograd.grad(out, weight, grad, create_graph=True)
             return d_weight, None, None
-        tiny = weight_eps(weight.dtype)
-        coef = dist.reciprocal().mul_(grad.view(-1, 1, 1)).neg_()  # −g/D_tt' off the diagonal (see _CenterDistances)
-        coef.diagonal(0, 1, 2).zero_()
-        d_hat = torch.bmm(coef, w_hat)
-        radial = (w_hat * d_hat).sum(-1, keepdim=True)
-        rows = torch.where(norms > tiny, d_hat - w_hat * radial, d_hat).div_(norms.clamp(min=tiny))
-        rows = rows.reshape(weight.shape)
+        rows = _center_rows_grad(w_hat, norms, dist, grad, weight_eps(weight.dtype)).reshape(weight.shape)
         return rows if rows.dtype == weight.dtype else rows.to(weight.dtype), None, None
 
 
