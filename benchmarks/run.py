@@ -154,14 +154,21 @@ RESIDENT_PER_LIVE = {"tuned": 2.0, "default": 1.25}
 
 
 def time_suite(
-    suite: str, cfg: Config, rounds: int, memory: bool, warmup: int = 2, allocator: str = "tuned", number: int = 1
+    suite: str,
+    cfg: Config,
+    rounds: int,
+    memory: bool,
+    warmup: int = 2,
+    allocator: str = "tuned",
+    number: int = 1,
+    apart: bool | None = None,
 ) -> list[Result]:
     """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
     the memory left once every case is built gets a "skipped" row instead. Where the cases do not fit in memory
-    together (:func:`apart_needed`), one process per case instead (:func:`time_apart`)."""
+    together (``apart``; None: :func:`apart_needed` decides), one process per case instead (:func:`time_apart`)."""
     cases = [case for case in SUITES[suite] if case.available()]
     results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
-    apart = apart_needed(suite, cfg, allocator)
+    apart = apart_needed(suite, cfg, allocator) if apart is None else apart
     data = None if apart else make_data(cfg)
     steps = [None if apart else case.factory(cfg, data) for case in cases]
     free = available_memory()
@@ -375,8 +382,8 @@ def run_suites(args: argparse.Namespace) -> None:
             try:
                 memory = not args.no_memory and suite not in NO_MEMORY
                 apart = apart_needed(suite, cfg, args.allocator)
-                results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator,
-                                     NUMBER.get(suite, 1))  # fmt: skip
+                results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator, NUMBER.get(suite, 1),
+                                     apart)  # fmt: skip
             finally:
                 torch.set_num_threads(threads)
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"

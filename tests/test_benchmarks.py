@@ -248,9 +248,8 @@ def test_cases_that_do_not_fit_in_memory_together_run_one_process_each(monkeypat
     """Where the steps would not fit in one process together (the tuned allocator at N = 4096, C = 10^5), each case
     is timed in a process of its own, the floor's first and last: every available case gets its rounds, the floor
     twice as many, and the table its ratios."""
-    monkeypatch.setattr(run, "apart_needed", lambda *args: True)
     cfg = Config(batch=8, features=16, classes=50, soft=True)
-    results = run.time_suite("soft targets", cfg, rounds=2, memory=False)
+    results = run.time_suite("soft targets", cfg, rounds=2, memory=False, apart=True)
     timed = [r for r in results if r.times]
     assert len(timed) >= 3 and all(r.note is None for r in timed)  # the floor, CosFace, ArcFace (and 0.1.6's)
     assert [len(r.times) for r in timed] == [4 if r.impl == "floor" else 2 for r in timed]

@@ -332,7 +332,7 @@ def _few_shifted(cosine: Tensor, target: Tensor, shift: MarginParam, scale: Scal
     whose gradient passes through to every cosine (and to ``shift`` where it requires one)."""
     index = target.unsqueeze(-1)
     if isinstance(shift, Tensor):
-        by = -at_target(shift.to(device=cosine.device, dtype=cosine.dtype), cosine.shape, target)
+        by = -at_target(param_tensor(shift, cosine.dtype, cosine.device), cosine.shape, target)
         return cosine.scatter_add(-1, index, by.expand(target.shape).unsqueeze(-1)) * scale
     return cosine.scatter_add(-1, index, cosine.new_full(index.shape, -shift)) * scale
 
