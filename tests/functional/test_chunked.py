@@ -220,7 +220,8 @@ def test_an_existing_grad_is_accumulated_into_in_place(kernel_mode) -> None:
     assert len(fresh.seen) >= 1
     with _LargeAllocations(big) as accumulating:
         head.loss(x, y, chunk_size=300).backward()
-    assert len(accumulating.seen) == (1 if kernel_mode in ("row_tiles", "dense") else 0), accumulating.seen
+    forms_its_own = kernel_mode in ("row_tiles", "row_columns", "dense")
+    assert len(accumulating.seen) == (1 if forms_its_own else 0), accumulating.seen
     torch.testing.assert_close(head.weight.grad, 2 * once, rtol=1e-12, atol=1e-12)
     (g,) = torch.autograd.grad(head.loss(x, y), [head.weight])
     torch.testing.assert_close(g, once, rtol=1e-12, atol=1e-12)
@@ -241,9 +242,13 @@ def test_the_cost_model_picks_three_gemms_where_the_budget_allows() -> None:
 
 
 def _cost_model_checks() -> None:
-    # the automatic budget: a quarter of one N×C·K logits buffer, within [16 MB, 1 GB] on the CPU
+    # the automatic budget: an eighth of one N×C·K logits buffer, raised to 256 rows of it but not above a quarter,
+    # within [16 MB, 1 GB] on the CPU
     assert MF.loss_plan(256, 10_000).budget == 1 << 24
-    assert MF.loss_plan(4096, 100_000).budget == 4096 * 100_000 * 4 // 4
+    assert MF.loss_plan(4096, 100_000).budget == 4096 * 100_000 * 4 // 8
+    assert MF.loss_plan(2048, 100_000).budget == 256 * 100_000 * 4  # 256 rows: an eighth would be 256 rows too
+    assert MF.loss_plan(1024, 100_000).budget == 256 * 100_000 * 4  # raised to 256 rows (a quarter)
+    assert MF.loss_plan(512, 100_000).budget == 512 * 100_000 * 4 // 4  # 256 rows would be half: a quarter
     assert MF.loss_plan(8192, 1_000_000).budget == 1 << 30
     assert MF.loss_plan(256, 10_000, device="meta").budget == 1 << 26  # an accelerator's floor is larger
     # all the logits within the budget: kept (three GEMMs)
@@ -253,9 +258,18 @@ def _cost_model_checks() -> None:
     assert MF.loss_plan(256, 8_193, dtype=torch.float64).path != "keep"  # 8 bytes per logit
     assert MF.loss_plan(256, 4_096, dtype=torch.bfloat16, plain=False).path == "keep"  # float32, four buffers
     assert MF.loss_plan(256, 4_097, dtype=torch.bfloat16, plain=False).path != "keep"
-    # a scalar loss whose tile of >= 128 rows fits: row tiles (three GEMMs); else the logits are recomputed
+    # a scalar loss whose tile of >= 96 rows fits: row tiles (three GEMMs); else the logits are recomputed
     plan = MF.loss_plan(4096, 100_000)
-    assert (plan.path, plan.rows) == ("row_tiles", 1024)
+    assert (plan.path, plan.rows) == ("row_tiles", 512)
+    # a non-target part (K = 1, class targets) is shaped a few columns at a time: one buffer per tile, as plain
+    # logits; dense soft targets and sub-centers hold four
+    assert (MF.loss_plan(1024, 100_000, plain=False).path, MF.loss_plan(1024, 100_000, plain=False).rows) == (
+        "row_tiles",
+        256,
+    )
+    assert MF.loss_plan(1024, 100_000, plain=False, soft_targets=True).path == "recompute"  # 64 rows
+    assert MF.loss_plan(1024, 100_000, 2).path == "recompute"
+    assert MF.loss_plan(4096, 100_000, plain=False, soft_targets=True).rows == 128
     assert MF.loss_plan(4096, 100_000, reduction="none").path == "recompute"
     assert MF.loss_plan(4096, 100_000, requires_grad=False).path == "recompute"
     assert MF.loss_plan(256, 100_000).path == "recompute"  # a 64-row tile: skinny GEMMs
@@ -315,3 +329,27 @@ def test_an_empty_batch_with_sub_centers_gives_empty_losses(name, kernel_mode) -
     assert torch.isnan(loss)  # the mean of nothing, as F.cross_entropy's
     loss.backward()
     assert x.grad is not None and x.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("name", ["ScaledNormalizedLinear", "ArcFace", "CurricularFace"])
+def test_row_tiles_hold_one_tile_sized_buffer(name: str, monkeypatch) -> None:
+    """Every row tile's GEMM writes into one buffer, allocated once per step; a family's non-target part
+    (CurricularFace) is shaped a few columns at a time, so its values and slopes are never the size of a tile. The
+    same loss and gradients as the chunk kernel keeping its logits."""
+    from mll.functional._engine import row_tiles
+
+    monkeypatch.setattr(row_tiles, "COLUMN_ELEMENTS", 4096)  # chunks of 1024 columns: temporaries far below a tile
+    torch.manual_seed(0)
+    n, c, d, rows = 16, 5000, 3, 4  # a tile has 4·C logits, more than the weight (3·C) or anything else
+    head = getattr(mll, name)(d, c, dtype=torch.float64).eval()  # (CurricularFace's t stays where it is)
+    x, y = torch.randn(n, d, dtype=torch.float64, requires_grad=True), torch.randint(0, c, (n,))
+    with MF.set_loss_path("keep"):
+        want = head.loss(x, y)
+        want_grads = torch.autograd.grad(want, [x, head.weight])
+    with MF.set_loss_path("row_tiles", rows=rows), _LargeAllocations(rows * c) as tiled:
+        got = head.loss(x, y)
+    assert tiled.seen == ["aten.empty.memory_format"], tiled.seen
+    got_grads = torch.autograd.grad(got, [x, head.weight])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

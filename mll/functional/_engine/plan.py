@@ -11,12 +11,16 @@ A margin cross-entropy over a block of C classes (K sub-centers each) for N rows
   logits and no chunk size given: there the Python of a kernel costs more than the few N×C passes it saves.
 
 The GEMMs are the cost of a large step, so three beat four wherever the memory allows; the budget is the working
-memory the loss may hold beyond its inputs and the gradients it returns. By default it is a quarter of one N×C·K
-logits buffer (the dense path holds several: about 5% of its peak), at least :data:`MIN_BUDGET` and at most
-:data:`MAX_BUDGET` (per device type); :func:`set_memory_budget` (or ``MLL_MEMORY_BUDGET``, in bytes) sets it.
-Then: ``"keep"`` when all the logits fit; else ``"row_tiles"`` when a tile of at least :data:`MIN_TILE_ROWS` rows
-fits (smaller tiles make skinny GEMMs and more passes over W than the fourth GEMM costs); else ``"recompute"``, with
-chunks of at least :data:`MIN_CHUNK_CLASSES` classes (narrower GEMMs run far below the machine's rate).
+memory the loss may hold beyond its inputs and the gradients it returns. By default it is an eighth of one N×C·K
+logits buffer (the floor's step holds about three: some 4% of its peak), raised to :data:`EFFICIENT_TILE_ROWS` rows
+of logits where that is at most a quarter of the buffer (N ≤ 2048: shorter tiles cost more time than they save
+memory), at least :data:`MIN_BUDGET` and at most :data:`MAX_BUDGET` (per device type); :func:`set_memory_budget` (or
+``MLL_MEMORY_BUDGET``, in bytes) sets it. A row tile holds one logits-sized buffer with one sub-center and class
+targets (a family's non-target part is shaped a few columns at a time), four otherwise; a chunk of the chunk kernel
+one for plain logits, four otherwise. Then: ``"keep"`` when all the logits fit; else ``"row_tiles"`` when a tile of
+at least :data:`MIN_TILE_ROWS` rows fits (smaller tiles make skinny GEMMs and more passes over W than the fourth GEMM
+costs); else ``"recompute"``, with chunks of at least :data:`MIN_CHUNK_CLASSES` classes (narrower GEMMs run far below
+the machine's rate).
 :func:`set_loss_path` forces a path (for measurements and tests).
 """
 
@@ -40,8 +44,14 @@ MIN_BUDGET = 1 << 24
 MAX_BUDGET = 1 << 30
 ACCELERATOR_MIN_BUDGET = 1 << 26
 ACCELERATOR_MAX_BUDGET = 1 << 32
-#: the default budget as a fraction of one N×C·K logits buffer
-BUDGET_FRACTION = 0.25
+#: the default budget: an eighth of one N×C·K logits buffer (a row tile of N/8 rows: about 4% of the floor's step,
+#: which holds about three such buffers), raised to :data:`EFFICIENT_TILE_ROWS` rows' worth but never above a quarter
+BUDGET_FRACTION = 0.125
+MAX_BUDGET_FRACTION = 0.25
+#: a row tile of this many rows streams the class weights few enough times (twice per tile, and the weight gradient
+#: once more) that its GEMMs run near the floor's (ArcFace, d = 512, C = 10^5, 2 threads, tuned allocator, × the
+#: floor's time: N = 1024 tiles of 256 rows 0.97, 128 rows 1.05; N = 4096 tiles of 1024 rows 1.03, 512 1.03, 256 1.12)
+EFFICIENT_TILE_ROWS = 256
 #: the smallest row tile worth its skinny GEMMs (CurricularFace, N = 1024, d = 512, 2 threads, × the floor's time:
 #: at C = 10^4 tiles of 102 rows 0.86 against recomputing 0.99, at C = 10^5 tiles of 64 rows 0.97 against 0.95)
 MIN_TILE_ROWS = 96
@@ -117,8 +127,10 @@ def memory_budget(rows: int, classes: int, sub_centers: int, dtype: torch.dtype,
         return int(_STATE["budget"])
     cpu = torch.device(device).type == "cpu"
     low, high = (MIN_BUDGET, MAX_BUDGET) if cpu else (ACCELERATOR_MIN_BUDGET, ACCELERATOR_MAX_BUDGET)
-    logits = rows * classes * sub_centers * _bytes(dtype)
-    return int(min(high, max(low, BUDGET_FRACTION * logits)))
+    row = classes * sub_centers * _bytes(dtype)
+    logits = rows * row
+    auto = min(MAX_BUDGET_FRACTION * logits, max(BUDGET_FRACTION * logits, EFFICIENT_TILE_ROWS * row))
+    return int(min(high, max(low, auto)))
 
 
 def chunk_classes(rows: int, classes: int, sub_centers: int, device: Any = "cpu") -> int:
@@ -142,19 +154,22 @@ class Plan:
 def plan(
     rows: int, classes: int, sub_centers: int, buffers: int, dtype: torch.dtype, device: Any = "cpu", *,
     scalar_loss: bool = False, chunk: Optional[int] = None, held: int = 0, dense: bool = False,
+    tile_buffers: Optional[int] = None,
 ) -> Plan:  # fmt: skip
     """The path for N = ``rows`` rows and a block of ``classes`` classes with ``sub_centers`` each, whose chunks hold
     ``buffers`` logits-sized tensors (1 for plain scaled cosines; more with sub-centers, a non-target part or dense
     soft targets). ``scalar_loss``: the loss ends the graph (a ``"mean"``/``"sum"`` reduction with a gradient to
     build, eager) — only then can it take ``"row_tiles"``. ``chunk``: the caller's classes per chunk. ``held``: bytes
     the row tiles would hold besides a tile (a weight gradient formed beside an existing ``.grad``). ``dense``: the
-    caller can run the dense path (a single process)."""
+    caller can run the dense path (a single process). ``tile_buffers``: the logits-sized tensors a row tile holds
+    (default ``buffers``; 1 where the row tiles shape a family's non-target part a few columns at a time)."""
     budget = memory_budget(rows, classes, sub_centers, dtype, device)
     per_row = max(1, classes * sub_centers * _bytes(dtype) * buffers)
     given = chunk
     chunk = chunk_classes(rows, classes, sub_centers, device) if chunk is None else int(chunk)
     forced = _STATE["path"]
-    tile = max(1, min(rows, _STATE["rows"] or max(0, budget - held) // per_row))
+    per_tile_row = max(1, classes * sub_centers * _bytes(dtype) * (buffers if tile_buffers is None else tile_buffers))
+    tile = max(1, min(rows, _STATE["rows"] or max(0, budget - held) // per_tile_row))
     if dense and dense_first(rows, classes, sub_centers, given):
         return Plan("dense", chunk, rows, budget)
     if forced == "row_tiles" and scalar_loss:
