@@ -30,20 +30,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["kept", "recomputed", "row_tiles", "row_columns", "dense"])
+@pytest.fixture(params=["kept", "recomputed", "row_tiles", "row_groups", "dense"])
 def kernel_mode(request, monkeypatch) -> Any:
     """Run a test on each exact path of the chunked loss: the chunk kernel keeping its logits from forward to
     backward, the chunk kernel recomputing them, the row tiles forming the gradient during the forward (three rows
     per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a gradient to
-    build takes the cost model's path there) — their column pass in one chunk of columns, and ("row_columns") in
-    chunks of two columns, the last one ragged where the block's width is odd — and the dense logits (a single
-    process; the sharded loss takes the cost model's path)."""
+    build takes the cost model's path there) — a tile's elementwise work in one group of rows, and ("row_groups") in
+    groups of two rows, the last one ragged — and the dense logits (a single process; the sharded loss takes the cost
+    model's path)."""
     from mll.functional import set_loss_path
     from mll.functional._engine import row_tiles
 
     path = {"kept": "keep", "recomputed": "recompute", "dense": "dense"}.get(request.param, "row_tiles")
-    if request.param == "row_columns":
-        monkeypatch.setattr(row_tiles, "COLUMN_ELEMENTS", 6)
+    if request.param == "row_groups":
+        single = row_tiles.group_rows
+        monkeypatch.setattr(row_tiles, "group_rows", lambda spec, columns: min(2, single(spec, columns)))
     with set_loss_path(path, rows=3 if path == "row_tiles" else None):
         yield request.param
 

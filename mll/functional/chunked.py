@@ -50,33 +50,26 @@ def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, devic
 def loss_plan(
     batch: int, num_classes: int, num_sub_centers: int = 1, *, dtype: torch.dtype = torch.float32,
     device: Any = "cpu", reduction: Reduction = "mean", requires_grad: bool = True, plain: bool = True,
-    chunk_size: Optional[int] = None, soft_targets: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> Plan:  # fmt: skip
     """The path :func:`margin_cross_entropy` (and every head's ``loss()``) takes for a batch of ``batch`` rows over
     ``num_classes`` classes — ``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and
     memory budget
     (see ``docs/chunked.md``: how the path is chosen). ``plain``: plain scaled cosine logits with class indices (no
-    sub-centers, non-target part or dense soft targets, which hold four logits-sized buffers per chunk);
-    ``soft_targets``: dense soft targets (whose row tiles hold four such buffers too; a non-target part's one)."""
+    sub-centers, non-target part or dense soft targets, which hold four logits-sized buffers per chunk; a row tile holds
+    one whatever the logits)."""
     check_chunk_size(chunk_size)
     check_reduction(reduction)
     scalar = reduction != "none" and requires_grad and torch.is_grad_enabled() and chunk_kernel() != "compiled"
-    buffers = 1 if plain and num_sub_centers == 1 and not soft_targets else 4
-    tiles = 1 if num_sub_centers == 1 and not soft_targets else 4
+    buffers = 1 if plain and num_sub_centers == 1 else 4
     return plan(batch, num_classes, num_sub_centers, buffers, dtype, device, scalar_loss=scalar, chunk=chunk_size,
-                dense=True, tile_buffers=tiles)  # fmt: skip
+                dense=True, tile_buffers=1)  # fmt: skip
 
 
 def logits_buffers(spec: Spec) -> int:
     """How many logits-sized tensors a chunk of ``spec`` holds: 1 for plain scaled cosines, 4 with sub-centers, a
     non-target part or dense soft targets (their cosines, pooled cosines and slopes)."""
     return 1 if spec.plain else 4
-
-
-def tile_buffers(spec: Spec) -> int:
-    """How many logits-sized tensors a row tile of ``spec`` holds: 1 with one sub-center and class targets (a
-    non-target part is shaped a few columns at a time), else as a chunk (:func:`logits_buffers`)."""
-    return 1 if spec.num_sub_centers == 1 and spec.targets.dense is None else logits_buffers(spec)
 
 
 def flat_param(param: MarginParam, lead: tuple[int, ...], num_classes: int, dtype: torch.dtype, device: Any) -> Tensor:
@@ -216,7 +209,7 @@ def chunked_loss(
         choice = plan(n, num_classes, int(num_sub_centers), logits_buffers(spec), input.dtype, x.device,
                       scalar_loss=not spec.compiled and scalar_loss(reduction, input, weight, scale, params),
                       chunk=chunk_size, held=accumulating_bytes(weight), dense=True,
-                      tile_buffers=tile_buffers(spec))  # fmt: skip
+                      tile_buffers=1)  # fmt: skip
         assert choice.path != "dense"  # dense_first said no: the plan agrees
         spec.chunk, spec.keep = choice.chunk, choice.path == "keep"
         value = prepare(spec, x, weight, params)

@@ -44,7 +44,7 @@ from mll.functional._engine.numerics import Scale, acc_dtype
 from mll.functional._engine.plan import Plan, plan
 from mll.functional._engine.row_tiles import row_tiled_ce
 from mll.functional._engine.targets import Target, Targets, dense_to_pair, merge_duplicates, pad_pairs
-from mll.functional.chunked import Reduction, logits_buffers, scalar_loss, tile_buffers
+from mll.functional.chunked import Reduction, logits_buffers, scalar_loss
 from mll.functional.margin import Margin, param_tensor
 from mll.functional.margins import resolve_margin
 from mll.functional.sharding import sample_classes
@@ -346,7 +346,7 @@ def _agreed_plan(
     buffers = logits_buffers(spec)
     scalar = not spec.compiled and scalar_loss(reduction, input, weight, scale, params)
     choice = plan(total, max(width, 1), spec.num_sub_centers, buffers, input.dtype, input.device, scalar_loss=scalar,
-                  chunk=chunk_size, tile_buffers=tile_buffers(spec))  # fmt: skip
+                  chunk=chunk_size)  # fmt: skip
     if not scalar:
         return choice
     mine = choice.rows if choice.path == "row_tiles" else 0

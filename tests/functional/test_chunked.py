@@ -186,18 +186,22 @@ def test_bad_arguments(kwargs, match) -> None:
 
 
 class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the outputs of at least ``numel`` elements that a region allocates."""
+    """Records the outputs of at least ``numel`` elements (``exact``: of ``numel`` elements) that a region
+    allocates."""
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, numel: int, exact: bool = False) -> None:
         super().__init__()
-        self.numel, self.seen = numel, []
+        self.numel, self.exact, self.seen = numel, exact, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         inputs = torch.utils._pytree.tree_leaves((args, kwargs))
         known = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):  # new storage only: views and in-place ops allocate nothing
-            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in known:
+            size = t.numel() if isinstance(t, torch.Tensor) else 0
+            if (
+                size == self.numel or (size > self.numel and not self.exact)
+            ) and t.untyped_storage().data_ptr() not in known:
                 self.seen.append(str(func))
         return out
 
@@ -220,7 +224,7 @@ def test_an_existing_grad_is_accumulated_into_in_place(kernel_mode) -> None:
     assert len(fresh.seen) >= 1
     with _LargeAllocations(big) as accumulating:
         head.loss(x, y, chunk_size=300).backward()
-    forms_its_own = kernel_mode in ("row_tiles", "row_columns", "dense")
+    forms_its_own = kernel_mode in ("row_tiles", "row_groups", "dense")
     assert len(accumulating.seen) == (1 if forms_its_own else 0), accumulating.seen
     torch.testing.assert_close(head.weight.grad, 2 * once, rtol=1e-12, atol=1e-12)
     (g,) = torch.autograd.grad(head.loss(x, y), [head.weight])
@@ -261,15 +265,14 @@ def _cost_model_checks() -> None:
     # a scalar loss whose tile of >= 96 rows fits: row tiles (three GEMMs); else the logits are recomputed
     plan = MF.loss_plan(4096, 100_000)
     assert (plan.path, plan.rows) == ("row_tiles", 512)
-    # a non-target part (K = 1, class targets) is shaped a few columns at a time: one buffer per tile, as plain
-    # logits; dense soft targets and sub-centers hold four
+    # a tile's elementwise work runs on groups of rows: one buffer per tile whatever the logits (a non-target part,
+    # sub-centers, soft targets), where a chunk of the chunk kernel holds four
     assert (MF.loss_plan(1024, 100_000, plain=False).path, MF.loss_plan(1024, 100_000, plain=False).rows) == (
         "row_tiles",
         256,
     )
-    assert MF.loss_plan(1024, 100_000, plain=False, soft_targets=True).path == "recompute"  # 64 rows
-    assert MF.loss_plan(1024, 100_000, 2).path == "recompute"
-    assert MF.loss_plan(4096, 100_000, plain=False, soft_targets=True).rows == 128
+    assert (MF.loss_plan(1024, 50_000, 2).path, MF.loss_plan(1024, 50_000, 2).rows) == ("row_tiles", 256)
+    assert MF.loss_plan(256, 4_097, plain=False).path == "row_tiles"  # not kept (four buffers): one tile of 256 rows
     assert MF.loss_plan(4096, 100_000, reduction="none").path == "recompute"
     assert MF.loss_plan(4096, 100_000, requires_grad=False).path == "recompute"
     assert MF.loss_plan(256, 100_000).path == "recompute"  # a 64-row tile: skinny GEMMs
@@ -331,23 +334,31 @@ def test_an_empty_batch_with_sub_centers_gives_empty_losses(name, kernel_mode) -
     assert x.grad is not None and x.grad.shape == (0, 8)
 
 
-@pytest.mark.parametrize("name", ["ScaledNormalizedLinear", "ArcFace", "CurricularFace"])
-def test_row_tiles_hold_one_tile_sized_buffer(name: str, monkeypatch) -> None:
-    """Every row tile's GEMM writes into one buffer, allocated once per step; a family's non-target part
-    (CurricularFace) is shaped a few columns at a time, so its values and slopes are never the size of a tile. The
-    same loss and gradients as the chunk kernel keeping its logits."""
+@pytest.mark.parametrize(
+    ("name", "k", "soft"),
+    [("ScaledNormalizedLinear", 1, False), ("ArcFace", 1, False), ("CurricularFace", 1, False), ("ArcFace", 2, False),
+     ("ScaledNormalizedLinear", 1, True)],
+)  # fmt: skip
+def test_row_tiles_hold_one_tile_sized_buffer(name: str, k: int, soft: bool, monkeypatch) -> None:
+    """Every row tile's GEMM writes into one buffer, allocated once per step, and the tile's elementwise work runs on
+    groups of rows: a family's non-target part (CurricularFace), the sub-centers' pooling, soft targets make
+    temporaries of a group's size, never of a tile's. The same loss and gradients as the chunk kernel keeping its
+    logits."""
     from mll.functional._engine import row_tiles
 
-    monkeypatch.setattr(row_tiles, "COLUMN_ELEMENTS", 4096)  # chunks of 1024 columns: temporaries far below a tile
+    monkeypatch.setattr(row_tiles, "GROUP_ELEMENTS", 1)  # groups of one row: temporaries far below a tile
     torch.manual_seed(0)
-    n, c, d, rows = 16, 5000, 3, 4  # a tile has 4·C logits, more than the weight (3·C) or anything else
-    head = getattr(mll, name)(d, c, dtype=torch.float64).eval()  # (CurricularFace's t stays where it is)
-    x, y = torch.randn(n, d, dtype=torch.float64, requires_grad=True), torch.randint(0, c, (n,))
+    n, c, d, rows = 16, 5000, 3, 4  # a tile has 4·C·K logits, more than the weight (3·C·K) or anything else
+    head = getattr(mll, name)(d, c, k, dtype=torch.float64).eval()  # (CurricularFace's t stays where it is)
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, c, (n,))
+    target = torch.softmax(torch.randn(n, c, dtype=torch.float64), 1) if soft else y
     with MF.set_loss_path("keep"):
-        want = head.loss(x, y)
+        want = head.loss(x, target)
         want_grads = torch.autograd.grad(want, [x, head.weight])
-    with MF.set_loss_path("row_tiles", rows=rows), _LargeAllocations(rows * c) as tiled:
-        got = head.loss(x, y)
+    # (exactly a tile's size: the soft targets' checks make N×C temporaries of their own before the loss)
+    with MF.set_loss_path("row_tiles", rows=rows), _LargeAllocations(rows * c * k, exact=soft) as tiled:
+        got = head.loss(x, target)
     assert tiled.seen == ["aten.empty.memory_format"], tiled.seen
     got_grads = torch.autograd.grad(got, [x, head.weight])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -15,13 +15,13 @@ memory the loss may hold beyond its inputs and the gradients it returns. By defa
 logits buffer (the floor's step holds about three: some 4% of its peak), raised to :data:`EFFICIENT_TILE_ROWS` rows
 of logits where that is at most a quarter of the buffer (N ≤ 2048: shorter tiles cost more time than they save
 memory), at least :data:`MIN_BUDGET` and at most :data:`MAX_BUDGET` (per device type); :func:`set_memory_budget` (or
-``MLL_MEMORY_BUDGET``, in bytes) sets it. A row tile holds one logits-sized buffer with one sub-center and class
-targets (a family's non-target part is shaped a few columns at a time), four otherwise; a chunk of the chunk kernel
-one for plain logits, four otherwise. Then: ``"keep"`` when all the logits fit; else ``"row_tiles"`` when a tile of
-at least :data:`MIN_TILE_ROWS` rows fits (smaller tiles make skinny GEMMs and more passes over W than the fourth GEMM
-costs); else ``"recompute"``, with chunks of at least :data:`MIN_CHUNK_CLASSES` classes (narrower GEMMs run far below
-the machine's rate).
-:func:`set_loss_path` forces a path (for measurements and tests).
+``MLL_MEMORY_BUDGET``, in bytes) sets it. A row tile holds one logits-sized buffer in a single process (its
+elementwise work runs on cache-sized groups of rows) and, under class sharding, as many as a chunk of the chunk kernel:
+one for plain logits, four with sub-centers, a non-target part or dense soft targets. Then: ``"keep"`` when all the
+logits fit; else ``"row_tiles"`` when a tile of at least :data:`MIN_TILE_ROWS` rows fits (smaller tiles make skinny
+GEMMs and more passes over W than the fourth GEMM costs); else ``"recompute"``, with chunks of at least
+:data:`MIN_CHUNK_CLASSES` classes (narrower GEMMs run far below the machine's rate). :func:`set_loss_path` forces a
+path (for measurements and tests).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def plan(
     build, eager) — only then can it take ``"row_tiles"``. ``chunk``: the caller's classes per chunk. ``held``: bytes
     the row tiles would hold besides a tile (a weight gradient formed beside an existing ``.grad``). ``dense``: the
     caller can run the dense path (a single process). ``tile_buffers``: the logits-sized tensors a row tile holds
-    (default ``buffers``; 1 where the row tiles shape a family's non-target part a few columns at a time)."""
+    (default ``buffers``; 1 in a single process, where a tile's elementwise work runs on groups of rows)."""
     budget = memory_budget(rows, classes, sub_centers, dtype, device)
     per_row = max(1, classes * sub_centers * _bytes(dtype) * buffers)
     given = chunk

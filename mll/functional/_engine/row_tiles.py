@@ -17,19 +17,19 @@ numbers to rounding.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, in_chunk, row_slice
+from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, row_slice
 from mll.functional._engine.kernel import chunk_dcos, tile_softmax_grad
 from mll.functional._engine.normalization import fold_normalization_
 from mll.functional._engine.numerics import acc_dtype, double_backward, weight_eps
 
-#: the column pass's chunk: about this many logits (4 MB of float32: a chunk and its temporaries stay in the cache)
-COLUMN_ELEMENTS = 1 << 20
+#: a tile's elementwise work runs on groups of rows of about this many logits (4 MB of float32: a group and its
+#: temporaries stay in the cache between the GEMMs, which stream the whole tile)
+GROUP_ELEMENTS = 1 << 20
 
 
 def row_tiled_ce(
@@ -115,38 +115,40 @@ def tile_gradients(
     # one buffer for every tile's logits: a tile's GEMM writes where the last tile's gradient was (one tile resident,
     # and under glibc's default allocator one mapping of it per step, not one per tile)
     buf = torch.empty(min(n, rows) * width * k, dtype=acc, device=x.device)
-    # a non-target part (K = 1, class targets): the family's elementwise work a few columns at a time (column_pass)
-    columns = k == 1 and spec.targets.dense is None and spec.family.negatives is not None and width > 0
-    block = ChunkRows(weight, k, 0, width, acc, spec.normalize_weight, norms) if columns else None
+    block = ChunkRows(weight, k, 0, width, acc, spec.normalize_weight, norms)
+    # the tile's elementwise work a group of rows at a time, in cache (see group_rows)
+    group = group_rows(spec, width * k)
     for first, (r0, r1) in enumerate(chunk_bounds(n, rows)):
-        tile = spec.rows(r0, r1)
-        pt = tuple(row_slice(p.detach(), r0, r1) for p in params)
-        vt = None if value_d is None else value_d[r0:r1]
+        raw = gemm(x.detach()[r0:r1], block.rows, acc, buf[: (r1 - r0) * width * k].view(r1 - r0, width * k))
         if row_weights is None:
             gt, xg = torch.ones(r1 - r0, dtype=acc, device=x.device), x_acc[r0:r1]
         else:
             gt = row_weights[r0:r1].to(acc)
             xg = x_acc[r0:r1] * gt[:, None]
-        gv = None if grad_value is None else grad_value[r0:r1]
-        gp = [None if g is None else row_slice(g, r0, r1) for g in grad_params]
-        gx = None if grad_x is None else grad_x[r0:r1].zero_()
-        if block is not None:
-            raw = gemm(x.detach()[r0:r1], block.rows, acc, buf[: (r1 - r0) * width].view(r1 - r0, width))
-            losses[r0:r1] = column_pass(tile, x.detach()[r0:r1], weight, vt, pt, s, norms, raw, gt, gv, gp, grad_s)
-            add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
-            del raw
-        else:
-            chunk = Chunk(tile, x.detach()[r0:r1], weight, vt, pt, s, 0, width, buf=buf, norms=norms)
-            losses[r0:r1], dz = tile_softmax_grad(tile, chunk, vt, s, acc, keep_logits=grad_s is not None)
+        for g0, g1 in chunk_bounds(r1 - r0, group):
+            a, b = r0 + g0, r0 + g1
+            part = raw[g0:g1]
+            tile = spec.rows(a, b)
+            pt = tuple(row_slice(p.detach(), a, b) for p in params)
+            vt = None if value_d is None else value_d[a:b]
+            chunk = Chunk(tile, x.detach()[a:b], weight, vt, pt, s, 0, width, norms=norms, raw=part)
+            losses[a:b], dz = tile_softmax_grad(tile, chunk, vt, s, acc, keep_logits=grad_s is not None)
             if width == 0:  # an empty block (a rank without classes): its rows' statistics only, no gradient
                 continue
             if grad_s is not None:
-                grad_s += ((dz * chunk.z).sum(1) * gt).sum() / s
-            dcos = chunk_dcos(tile, chunk, dz, s, gt, gv, list(pt), gp)
-            add_grads(dcos, xg, chunk, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
-            del chunk, dz, dcos  # the tile's other logits-sized tensors (values, slopes) go before the next's
+                grad_s += ((dz * chunk.z).sum(1) * gt[g0:g1]).sum() / s
+            gv = None if grad_value is None else grad_value[a:b]
+            gp = [None if g is None else row_slice(g, a, b) for g in grad_params]
+            dcos = chunk_dcos(tile, chunk, dz, s, gt[g0:g1], gv, list(pt), gp)
+            if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
+                part.copy_(dcos)
+            del chunk, dz, dcos
+        gx = None if grad_x is None else grad_x[r0:r1].zero_()
+        if width > 0:
+            add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
         if gx is not None and row_weights is not None:
             gx.mul_(gt[:, None])
+        del raw
     if grad_w is not None and norms is not None and n > 0 and width > 0:  # the rows' normalisation, once
         eps = weight_eps(weight.dtype)
         rows_acc = weight.detach() if weight.dtype == acc else weight.detach().to(acc)
@@ -156,58 +158,12 @@ def tile_gradients(
     return losses, [grad_x, grad_w, grad_s, grad_value, *grad_params]
 
 
-def column_pass(
-    spec: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...], s: Any,
-    norms: Optional[Tensor], raw: Tensor, g: Tensor, grad_value: Optional[Tensor], grad_params: list[Optional[Tensor]],
-    grad_s: Optional[Tensor],
-) -> Tensor:  # fmt: skip
-    """A row tile's losses for a family with a non-target part (K = 1, class targets); ``raw``, its GEMM output over
-    the whole block (T × W), becomes ∂loss/∂cos divided by the weight rows' norms, in place.
-
-    Such a family's values and slopes are two more tensors the size of the logits (and a mask): shaped over the
-    whole tile they would hold three to four tiles' worth, so that a budget holds a tile a third as tall. Here they
-    are formed :data:`COLUMN_ELEMENTS` logits at a time, twice, from the cosines that stay in ``raw``: first each
-    chunk of columns folds into an online max and sum (the softmax statistics), then each forms its gradient and
-    writes it back into ``raw``. One tile-sized buffer, at the price of the family's elementwise work done twice
-    (CurricularFace, N = 1024, C = 10^5, tiles of 256 rows: 1.13× the floor's time, as the whole-tile epilogue with
-    three times the memory; plain logits keep that epilogue, where a second pass only costs)."""
-    n, width = raw.shape
-    acc, targets = raw.dtype, spec.targets
-    assert targets.classes is not None and value is not None
-    bounds = chunk_bounds(width, max(1, COLUMN_ELEMENTS // max(n, 1)))
-
-    def chunk(c0: int, c1: int, again: bool) -> Chunk:
-        rows_norms = None if norms is None else norms[c0:c1]
-        return Chunk(spec, x, weight, value, params, s, c0, c1, norms=rows_norms, raw=raw[:, c0:c1], cosines=again)
-
-    top = torch.full((n,), -math.inf, dtype=acc, device=raw.device)
-    total = torch.zeros(n, dtype=acc, device=raw.device)
-    for c0, c1 in bounds:
-        z = chunk(c0, c1, False).z
-        new = torch.maximum(top, z.amax(1))
-        total = total * torch.exp(top - new) + z.sub_(new[:, None]).exp_().sum(1)
-        top = new
-    del z
-    inside = (targets.classes >= 0) & (targets.classes < width)
-    w = 1.0 if targets.weights is None else targets.weights.to(acc)
-    term = torch.where(inside, value * s * w, 0.0).sum(1)
-    if spec.reduce is not None:  # the other blocks' statistics (class sharding): the global max, then the sums
-        every = spec.reduce(top.clone(), "max")
-        total, term = spec.reduce(torch.stack([total * torch.exp(top - every), term]), "sum")
-        top = every
-    lse = top + torch.log(total)
-    losses = (lse if targets.row_sum is None else lse * targets.row_sum) - term
-    for c0, c1 in bounds:
-        part = chunk(c0, c1, True)
-        z = part.z
-        dz = z.sub_(lse[:, None]).exp_() if grad_s is None else torch.exp(z - lse[:, None])
-        if targets.row_sum is not None:
-            dz.mul_(targets.row_sum[:, None])
-        for p in range(targets.classes.shape[1]):
-            hit, col = in_chunk(targets.classes[:, p : p + 1], c0, c1)
-            wp = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(acc)
-            dz.scatter_add_(1, col, torch.where(hit, -wp, 0.0).to(acc))
-        if grad_s is not None:
-            grad_s += ((dz * z).sum(1) * g).sum() / s
-        raw[:, c0:c1].copy_(chunk_dcos(spec, part, dz, s, g, grad_value, list(params), grad_params))
-    return losses
+def group_rows(spec: Spec, columns: int) -> int:
+    """Rows per group of a tile's elementwise work: about :data:`GROUP_ELEMENTS` logits, so that the dozen passes of
+    the softmax, the margin and a family's non-target part (its values, slopes and mask: temporaries of the group's
+    size) run in cache, and the tile holds one logits-sized buffer whatever the family. Under class sharding each
+    group's softmax joins the other ranks' blocks (two all-reduces), so every rank must group alike while the ranks'
+    blocks differ in width: there a tile is one group (and its tile is planned with a chunk's buffers)."""
+    if spec.reduce is not None:
+        return 1 << 62
+    return max(1, GROUP_ELEMENTS // max(1, columns))
