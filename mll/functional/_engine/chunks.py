@@ -195,13 +195,12 @@ class Chunk(ChunkRows):
     def __init__(
         self, spec: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...],
         s: Any, start: int, stop: int, buf: Optional[Tensor] = None, epilogue: bool = True,
-        norms: Optional[Tensor] = None, raw: Optional[Tensor] = None, cosines: bool = False,
+        norms: Optional[Tensor] = None, raw: Optional[Tensor] = None,
     ) -> None:  # fmt: skip
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
         n, cols = x.shape[0], (stop - start) * k
         super().__init__(weight, k, start, stop, acc, spec.normalize_weight, norms)
-        # ``raw``: the chunk's GEMM output, computed by the caller (a view, written in place); ``cosines``: already
-        # scaled by ``inv`` (a second pass over the same columns)
+        # ``raw``: the chunk's GEMM output, computed by the caller (a row tile's group of rows, written in place)
         if raw is None:
             raw = gemm(x, self.rows, acc, None if buf is None else buf[: n * cols].view(n, cols))
         self.slope: Optional[Tensor] = None  # dense soft targets: ∂ψ/∂cos per entry
@@ -214,7 +213,7 @@ class Chunk(ChunkRows):
         if spec.plain:
             self.z = raw.mul_(self.inv * s)  # the plain scaled cosines: one pass, in place
         else:
-            self.cos_k = raw if cosines else raw.mul_(self.inv)
+            self.cos_k = raw.mul_(self.inv)
             self.pooled = pool(self.cos_k, k, spec.tau)
             if targets.dense is not None:
                 self.t = targets.dense[:, start:stop].to(acc)
