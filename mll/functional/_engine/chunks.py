@@ -152,16 +152,21 @@ class ChunkRows:
     ``inv = 1 / max(‖w‖, ε)`` per row, by which a GEMM on the raw rows is scaled column by column, and ``radial``, the
     rows whose normalisation's backward projects out the radial part (‖w‖ > ε). With ``normalize_weight=False`` the
     rows are used as they are (``inv`` = 1, nothing to chain through in backward). ``cos_k`` and ``pooled`` are the
-    chunk's sub-center and pooled cosines where a path keeps them (for :func:`sub_center_grads`)."""
+    chunk's sub-center and pooled cosines where a path keeps them (for :func:`sub_center_grads`). ``shared``: the same
+    rows and their normalisation, computed once (a row tile's groups of rows share the tile's)."""
 
     def __init__(
         self, weight: Tensor, k: int, start: int, stop: int, acc: torch.dtype, normalize_weight: bool = True,
-        norms: Optional[Tensor] = None,
+        norms: Optional[Tensor] = None, shared: Optional[ChunkRows] = None,
     ) -> None:  # fmt: skip
-        self.rows = weight[start * k : stop * k].detach()
+        self.rows: Tensor = weight[start * k : stop * k].detach() if shared is None else shared.rows
         self.start, self.stop = start, stop
         self.norms: Optional[Tensor] = None
-        if normalize_weight:
+        self.inv: Tensor
+        self.radial: Tensor
+        if shared is not None:
+            self.norms, self.inv, self.radial = shared.norms, shared.inv, shared.radial
+        elif normalize_weight:
             if norms is None:  # (a recomputing backward passes the forward's: one C·K×d read fewer)
                 norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
             self.norms = norms
@@ -195,11 +200,11 @@ class Chunk(ChunkRows):
     def __init__(
         self, spec: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...],
         s: Any, start: int, stop: int, buf: Optional[Tensor] = None, epilogue: bool = True,
-        norms: Optional[Tensor] = None, raw: Optional[Tensor] = None,
+        norms: Optional[Tensor] = None, raw: Optional[Tensor] = None, shared: Optional[ChunkRows] = None,
     ) -> None:  # fmt: skip
         k, acc = spec.num_sub_centers, acc_dtype(x.dtype)
         n, cols = x.shape[0], (stop - start) * k
-        super().__init__(weight, k, start, stop, acc, spec.normalize_weight, norms)
+        super().__init__(weight, k, start, stop, acc, spec.normalize_weight, norms, shared)
         # ``raw``: the chunk's GEMM output, computed by the caller (a row tile's group of rows, written in place)
         if raw is None:
             raw = gemm(x, self.rows, acc, None if buf is None else buf[: n * cols].view(n, cols))

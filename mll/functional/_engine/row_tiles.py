@@ -131,7 +131,7 @@ def tile_gradients(
             tile = spec.rows(a, b)
             pt = tuple(row_slice(p.detach(), a, b) for p in params)
             vt = None if value_d is None else value_d[a:b]
-            chunk = Chunk(tile, x.detach()[a:b], weight, vt, pt, s, 0, width, norms=norms, raw=part)
+            chunk = Chunk(tile, x.detach()[a:b], weight, vt, pt, s, 0, width, raw=part, shared=block)
             losses[a:b], dz = tile_softmax_grad(tile, chunk, vt, s, acc, keep_logits=grad_s is not None)
             if width == 0:  # an empty block (a rank without classes): its rows' statistics only, no gradient
                 continue
