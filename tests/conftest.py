@@ -35,16 +35,20 @@ def kernel_mode(request, monkeypatch) -> Any:
     """Run a test on each exact path of the chunked loss: the chunk kernel keeping its logits from forward to
     backward, the chunk kernel recomputing them, the row tiles forming the gradient during the forward (three rows
     per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a gradient to
-    build takes the cost model's path there) — a tile's elementwise work in one group of rows, and ("row_groups") in
-    groups of two rows, the last one ragged — and the dense logits (a single process; the sharded loss takes the cost
-    model's path)."""
+    build takes the cost model's path there) — a tile's elementwise work in one group of rows, the plain logits of a
+    single process class-major in blocks of two classes (the last one ragged), and ("row_groups") every family's
+    row-major in groups of two rows, the last one ragged — and the dense logits (a single process; the sharded loss
+    takes the cost model's path)."""
     from mll.functional import set_loss_path
     from mll.functional._engine import row_tiles
 
     path = {"kept": "keep", "recomputed": "recompute", "dense": "dense"}.get(request.param, "row_tiles")
+    if request.param == "row_tiles":
+        monkeypatch.setattr(row_tiles, "block_columns", lambda rows, width: 2)
     if request.param == "row_groups":
         single = row_tiles.group_rows
         monkeypatch.setattr(row_tiles, "group_rows", lambda spec, columns: min(2, single(spec, columns)))
+        monkeypatch.setattr(row_tiles, "CLASS_MAJOR", False)
     with set_loss_path(path, rows=3 if path == "row_tiles" else None):
         yield request.param
 

@@ -275,7 +275,15 @@ def _cost_model_checks() -> None:
     assert MF.loss_plan(256, 4_097, plain=False).path == "row_tiles"  # not kept (four buffers): one tile of 256 rows
     assert MF.loss_plan(4096, 100_000, reduction="none").path == "recompute"
     assert MF.loss_plan(4096, 100_000, requires_grad=False).path == "recompute"
-    assert MF.loss_plan(256, 100_000).path == "recompute"  # a 64-row tile: skinny GEMMs
+    plan = MF.loss_plan(256, 100_000)  # a quarter of the logits: tiles of 64 rows
+    assert (plan.path, plan.rows) == ("row_tiles", 64)
+    assert MF.loss_plan(128, 100_000).path == "recompute"  # the least budget, 16 MB, holds 40 rows: skinny GEMMs
+    # a planned tile's rows are a multiple of 32 (the GEMM's blocks): 16 MB of 10^4 logits a row is 419 rows
+    assert MF.loss_plan(1024, 10_000).rows == 416
+    with MF.set_memory_budget(100 * 100_000 * 4):
+        assert MF.loss_plan(1024, 100_000).rows == 96
+    with MF.set_memory_budget(20 * 100_000 * 4), MF.set_loss_path("row_tiles"):
+        assert MF.loss_plan(1024, 100_000).rows == 20  # below 32 rows: as they are
     with MF.set_memory_budget(1 << 20):
         assert MF.loss_plan(4096, 100_000).path == "recompute"
     with MF.set_memory_budget(1 << 34):

@@ -11,8 +11,12 @@ the weight gradient (the other two GEMMs). The weight gradient is accumulated un
 normalisation folded into it once (``normalization.fold_normalization_``). Memory: one tile's logits and the
 gradients themselves (the weight gradient is the tensor that becomes ``.grad``).
 
-The margin, the targets and the pooling are the chunk kernel's (``chunks.Chunk``, ``kernel.chunk_dcos``): the same
-numbers to rounding.
+A tile's elementwise work runs where its logits stay in cache: for the plain logits of a single process (one
+sub-center, class indices, no non-target part: ArcFace, CosFace, ScaledNormalizedLinear, …) the tile is formed
+class-major, ``W x̂ᵀ`` (a faster GEMM here), and walked a block of classes at a time in two passes
+(:func:`class_blocks`); for the others (a non-target part, sub-centers, soft targets, class sharding) it is row-major
+and walked a group of rows at a time (:func:`row_groups`). The margin, the targets and the pooling are the chunk
+kernel's (``chunks.Chunk``, ``kernel.chunk_dcos``): the same numbers to rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, row_slice
+from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, in_chunk, row_slice
 from mll.functional._engine.kernel import chunk_dcos, tile_softmax_grad
 from mll.functional._engine.normalization import fold_normalization_
 from mll.functional._engine.numerics import acc_dtype, double_backward, weight_eps
@@ -30,6 +34,8 @@ from mll.functional._engine.numerics import acc_dtype, double_backward, weight_e
 #: a tile's elementwise work runs on groups of rows of about this many logits (4 MB of float32: a group and its
 #: temporaries stay in the cache between the GEMMs, which stream the whole tile)
 GROUP_ELEMENTS = 1 << 20
+#: the plain logits of a single process run class-major (:func:`class_blocks`); False: row-major, in groups of rows
+CLASS_MAJOR = True
 
 
 def row_tiled_ce(
@@ -116,33 +122,27 @@ def tile_gradients(
     # and under glibc's default allocator one mapping of it per step, not one per tile)
     buf = torch.empty(min(n, rows) * width * k, dtype=acc, device=x.device)
     block = ChunkRows(weight, k, 0, width, acc, spec.normalize_weight, norms)
-    # the tile's elementwise work a group of rows at a time, in cache (see group_rows)
-    group = group_rows(spec, width * k)
+    # a tile's elementwise work: a group of rows at a time, in cache (row_groups), or for the plain logits of a single
+    # process on a class-major tile, a block of classes at a time (class_blocks)
+    by_classes = class_major(spec, width, grad_s is not None)
+    shape = class_blocks if by_classes else row_groups
     for first, (r0, r1) in enumerate(chunk_bounds(n, rows)):
-        raw = gemm(x.detach()[r0:r1], block.rows, acc, buf[: (r1 - r0) * width * k].view(r1 - r0, width * k))
+        out, xt = buf[: (r1 - r0) * width * k], x.detach()[r0:r1]
+        if by_classes:  # Wx̂ᵀ (classes × rows) rather than x̂Wᵀ: the same numbers, a faster GEMM (see class_blocks)
+            raw = gemm(block.rows, xt, acc, out.view(width, r1 - r0)).t()
+        else:
+            raw = gemm(xt, block.rows, acc, out.view(r1 - r0, width * k))
         if row_weights is None:
             gt, xg = torch.ones(r1 - r0, dtype=acc, device=x.device), x_acc[r0:r1]
         else:
             gt = row_weights[r0:r1].to(acc)
             xg = x_acc[r0:r1] * gt[:, None]
-        for g0, g1 in chunk_bounds(r1 - r0, group):
-            a, b = r0 + g0, r0 + g1
-            part = raw[g0:g1]
-            tile = spec.rows(a, b)
-            pt = tuple(row_slice(p.detach(), a, b) for p in params)
-            vt = None if value_d is None else value_d[a:b]
-            chunk = Chunk(tile, x.detach()[a:b], weight, vt, pt, s, 0, width, raw=part, shared=block)
-            losses[a:b], dz = tile_softmax_grad(tile, chunk, vt, s, acc, keep_logits=grad_s is not None)
-            if width == 0:  # an empty block (a rank without classes): its rows' statistics only, no gradient
-                continue
-            if grad_s is not None:
-                grad_s += ((dz * chunk.z).sum(1) * gt[g0:g1]).sum() / s
-            gv = None if grad_value is None else grad_value[a:b]
-            gp = [None if g is None else row_slice(g, a, b) for g in grad_params]
-            dcos = chunk_dcos(tile, chunk, dz, s, gt[g0:g1], gv, list(pt), gp)
-            if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
-                part.copy_(dcos)
-            del chunk, dz, dcos
+        losses[r0:r1] = shape(
+            spec.rows(r0, r1), xt, weight, None if value_d is None else value_d[r0:r1],
+            tuple(row_slice(p.detach(), r0, r1) for p in params), s, raw, block, gt,
+            None if grad_value is None else grad_value[r0:r1],
+            [None if g is None else row_slice(g, r0, r1) for g in grad_params], grad_s,
+        )  # fmt: skip
         gx = None if grad_x is None else grad_x[r0:r1].zero_()
         if width > 0:
             add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
@@ -156,6 +156,96 @@ def tile_gradients(
     if grad_s is not None and spec.reduce is not None:
         spec.reduce(grad_s, "sum")
     return losses, [grad_x, grad_w, grad_s, grad_value, *grad_params]
+
+
+def class_major(spec: Spec, width: int, keep_logits: bool) -> bool:
+    """Whether a tile's logits are formed class-major and shaped :func:`class_blocks`' way: the plain logits (one
+    sub-center, class indices, no non-target part) in a single process, unless the scale's gradient needs the
+    logits after the softmax."""
+    return CLASS_MAJOR and spec.plain and spec.reduce is None and width > 0 and not keep_logits
+
+
+def row_groups(
+    tile: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...], s: Any, raw: Tensor,
+    block: ChunkRows, g: Tensor, grad_value: Optional[Tensor], grad_params: list[Optional[Tensor]],
+    grad_s: Optional[Tensor],
+) -> Tensor:  # fmt: skip
+    """A row tile's losses, and ∂loss/∂cos (divided by the rows' norms) written over its logits ``raw`` (rows ×
+    B·K) in place, for an upstream gradient ``g`` per row on the margin's parameters and the scale (``grad_s``,
+    accumulated). The work runs on groups of rows of about :data:`GROUP_ELEMENTS` logits (see :func:`group_rows`)."""
+    width = raw.shape[1] // tile.num_sub_centers
+    losses = raw.new_empty(raw.shape[0])
+    for a, b in chunk_bounds(raw.shape[0], group_rows(tile, raw.shape[1])):
+        part, group = raw[a:b], tile.rows(a, b)
+        pt = tuple(row_slice(p, a, b) for p in params)
+        vt = None if value is None else value[a:b]
+        chunk = Chunk(group, x[a:b], weight, vt, pt, s, 0, width, raw=part, shared=block)
+        losses[a:b], dz = tile_softmax_grad(group, chunk, vt, s, raw.dtype, keep_logits=grad_s is not None)
+        if width == 0:  # an empty block (a rank without classes): its rows' statistics only, no gradient
+            continue
+        if grad_s is not None:
+            grad_s += ((dz * chunk.z).sum(1) * g[a:b]).sum() / s
+        gv = None if grad_value is None else grad_value[a:b]
+        gp = [None if gr is None else row_slice(gr, a, b) for gr in grad_params]
+        dcos = chunk_dcos(group, chunk, dz, s, g[a:b], gv, list(pt), gp)
+        if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
+            part.copy_(dcos)
+        del chunk, dz, dcos
+    return losses
+
+
+def class_blocks(
+    tile: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...], s: Any, raw: Tensor,
+    block: ChunkRows, g: Tensor, grad_value: Optional[Tensor], grad_params: list[Optional[Tensor]],
+    grad_s: Optional[Tensor] = None,
+) -> Tensor:  # fmt: skip
+    """A tile of plain logits held class-major (``raw`` = the ``rows × B`` view of a ``B × rows`` GEMM output): its
+    rows' losses, and ∂loss/∂cos (divided by the rows' norms) written over ``raw`` in place, for an upstream gradient
+    ``g`` per row on the margin's parameters.
+
+    Why class-major: on this CPU the GEMM Wx̂ᵀ runs 5–25% faster than x̂Wᵀ for tiles of 64–512 rows (ZT = W X^T
+    against Z = X W^T, d = 512, C = 10^5: 536 against 660 µs per row at 128 rows, 501 against 584 at 256). A block of
+    classes is then contiguous, so the elementwise work walks blocks of about :data:`GROUP_ELEMENTS` logits in two
+    passes that each read the tile once from memory: the first shapes a block's logits in place, takes each row's
+    block maximum m_b and replaces the logits by e^{z − m_b}, summing them; the second scales a block by
+    e^{m_b − max}/Σ (its rows' softmax, no second exp) and forms ``softmax − target`` and the margin's chain."""
+    rows, width = raw.shape
+    targets = tile.targets
+    assert targets.classes is not None and value is not None
+    chunks, tops, sums = [], [], []
+    for c0, c1 in chunk_bounds(width, block_columns(rows, width)):
+        norms = None if block.norms is None else block.norms[c0:c1]
+        chunk = Chunk(tile, x, weight, value, params, s, c0, c1, raw=raw[:, c0:c1], norms=norms)
+        top = chunk.z.amax(1)
+        sums.append(chunk.z.sub_(top[:, None]).exp_().sum(1))
+        tops.append(top)
+        chunks.append(chunk)
+    top_b = torch.stack(tops)
+    top = top_b.amax(0)
+    rescale = (top_b - top).exp_()  # e^{m_b − max}, (blocks, rows)
+    total = (torch.stack(sums) * rescale).sum(0)
+    inside = (targets.classes >= 0) & (targets.classes < width)
+    w = 1.0 if targets.weights is None else targets.weights.to(total.dtype)
+    term = torch.where(inside, value * s * w, 0.0).sum(1)
+    lse = top + torch.log(total)
+    losses = (lse if targets.row_sum is None else lse * targets.row_sum) - term
+    rescale.mul_(total.reciprocal() if targets.row_sum is None else targets.row_sum / total)
+    for chunk, factor in zip(chunks, rescale):
+        dz = chunk.z.mul_(factor[:, None])  # the block's softmax (times Σt)
+        for p in range(targets.classes.shape[1]):
+            hit, col = in_chunk(targets.classes[:, p : p + 1], chunk.start, chunk.stop)
+            wp = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(dz.dtype)
+            dz.scatter_add_(1, col, torch.where(hit, -wp, 0.0).to(dz.dtype))
+        dcos = chunk_dcos(tile, chunk, dz, s, g, grad_value, list(params), grad_params)
+        if dcos.data_ptr() != dz.data_ptr():
+            dz.copy_(dcos)
+    return losses
+
+
+def block_columns(rows: int, width: int) -> int:
+    """Classes per block of :func:`class_blocks`: about :data:`GROUP_ELEMENTS` logits, and at least 16 (each block
+    keeps two numbers per row until the second pass: at most an eighth of the tile)."""
+    return max(16, GROUP_ELEMENTS // max(1, rows))
 
 
 def group_rows(spec: Spec, columns: int) -> int:
