@@ -35,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -183,7 +184,7 @@ def time_suite(
     for step, _ in timed:  # warm-up, and allocate the gradient buffers
         for _ in range(warmup):
             step()
-    timers = [(benchmark.Timer(stmt="step()", globals={"step": step}), result) for step, result in timed]
+    timers = [(_timer(step), result) for step, result in timed]
     for _ in range(rounds):
         for timer, result in timers:
             result.times.append(timer.timeit(number).median)
@@ -242,8 +243,14 @@ def time_alone(suite: str, index: int, cfg: Config, rounds: int, warmup: int, nu
     step = case.factory(cfg, make_data(cfg))
     for _ in range(warmup):
         step()
-    timer = benchmark.Timer(stmt="step()", globals={"step": step})
+    timer = _timer(step)
     return [timer.timeit(number).median for _ in range(rounds)]
+
+
+def _timer(step: Callable[[], None]) -> benchmark.Timer:
+    """A timer of ``step()`` at this process's thread count: ``torch.utils.benchmark.Timer`` sets its own, 1 unless
+    told (every table before 2026-12-07 was timed on one thread whatever its header said)."""
+    return benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
 
 
 def _ratio(value: float | None, base: float | None) -> str:
