@@ -33,12 +33,22 @@ from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backw
 def class_log_sums(
     cos: Tensor, labels: Tensor, alpha: float, delta: float, every_label_inside: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Each class's positive and negative log-sums and whether it has a positive (see :func:`class_log_terms`)."""
+    pos, neg, present, _, _ = class_log_terms(cos, labels, alpha, delta, every_label_inside)
+    return pos, neg, present
+
+
+def class_log_terms(
+    cos: Tensor, labels: Tensor, alpha: float, delta: float, every_label_inside: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Each class's positive and negative log-sums and whether it has a positive, ``(W,)`` each, from cosines
     ``(N, W)`` and labels ``(N,)`` (a label outside ``[0, W)`` is a class elsewhere: a negative for every class here).
 
     The positives are the N target entries only: their log-sums by scatter over the classes, O(N) — not a masked pass
     over the N×W cosines. The negatives: every entry with the positives set to −inf and a row of zeros for the 1 in
-    log(1 + Σ eᶻ), one fused log-sum-exp down each column, forward and backward."""
+    log(1 + Σ eᶻ), one fused log-sum-exp down each column, forward and backward. Also the negatives' terms
+    ``e^{b − shift}`` ``(N, W)`` (0 at the positives) and each column's ``shift``, from which a one-pass kernel forms
+    the negatives' gradient ``e^{b − neg}`` by one column scaling."""
     w = cos.shape[1]
     inside = (labels >= 0) & (labels < w)
     col = labels.clamp(0, max(w - 1, 0))
@@ -61,7 +71,7 @@ def class_log_sums(
     terms = negatives.sub_(shift).exp_() if own else (negatives - shift).exp()
     neg = shift + torch.log(torch.exp(-shift) + terms.sum(0))
     present = _per_class(inside.to(cos.dtype), col, w, "sum").clamp(max=1)
-    return pos, neg, present
+    return pos, neg, present, terms, shift
 
 
 def _per_class(values: Tensor, col: Tensor, w: int, reduce: str) -> Tensor:
@@ -179,6 +189,25 @@ def column_dcos(
     return dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
 
 
+def terms_dcos(
+    chunk: ChunkRows, labels: Tensor, spec: ClassSumsSpec, pos: Tensor, neg: Tensor, terms: Tensor, shift: Tensor,
+    factor_pos: Any, factor_neg: Any,
+) -> Tensor:  # fmt: skip
+    """:func:`column_dcos` from the negatives' terms ``e^{b − shift}`` of :func:`class_log_terms` (overwritten):
+    ``factor_neg·e^{b − neg}`` is one column scaling of them, and the N positive entries (0 there) are written
+    after, ``factor_pos·e^{a − pos}``."""
+    s = chunk.pooled
+    assert s is not None
+    width = chunk.stop - chunk.start
+    dcos = terms.mul_((torch.exp(shift - neg) * factor_neg).unsqueeze(0))
+    inside = (labels >= chunk.start) & (labels < chunk.stop)
+    col = (labels - chunk.start).clamp(0, max(width - 1, 0)).unsqueeze(1)
+    a = -spec.alpha * (s.gather(1, col).squeeze(1) - spec.delta) - pos[col.squeeze(1)]
+    dcos.scatter_(1, col, torch.where(inside, torch.exp(a) * factor_pos, dcos.gather(1, col).squeeze(1)).unsqueeze(1))
+    k = spec.num_sub_centers
+    return dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
+
+
 class ProxyAnchorOnePass(torch.autograd.Function):
     """``forward(x̂, weight, labels, spec, w_pos, w_neg) -> (w_pos·Σ pos + w_neg·Σ neg, stats)``: a block's part of
     the Proxy-Anchor loss with its gradient formed during the forward, chunk by chunk — a chunk's column log-sums are
@@ -234,9 +263,9 @@ def one_pass(
     for start, stop in chunk_bounds(width, spec.chunk):
         chunk = cosines(x, weight, k, spec.tau, start, stop)
         assert chunk.pooled is not None
-        pos, neg, present = class_log_sums(chunk.pooled, labels - start, spec.alpha, spec.delta)
+        pos, neg, present, terms, shift = class_log_terms(chunk.pooled, labels - start, spec.alpha, spec.delta)
         stats += torch.stack([pos.sum(), neg.sum(), present.sum()])
         if grad_x is not None or grad_w is not None:
-            dcos = column_dcos(chunk, labels, spec, pos, neg, factor_pos, factor_neg)
+            dcos = terms_dcos(chunk, labels, spec, pos, neg, terms, shift, factor_pos, factor_neg)
             add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=True)
     return stats[0] * w_pos + stats[1] * w_neg, stats, [grad_x, grad_w]
