@@ -201,7 +201,9 @@ def class_blocks(
 ) -> Tensor:  # fmt: skip
     """A tile of plain logits held class-major (``raw`` = the ``rows × B`` view of a ``B × rows`` GEMM output): its
     rows' losses, and ∂loss/∂cos (divided by the rows' norms) written over ``raw`` in place, for an upstream gradient
-    ``g`` per row on the margin's parameters.
+    ``g`` per row on the margin's parameters. ``grad_s`` is always None here (:func:`class_major` leaves a scale that
+    needs a gradient to :func:`row_groups`, which keeps the logits for it); it keeps the two functions' signatures
+    alike.
 
     Why class-major: on this CPU the GEMM Wx̂ᵀ runs 5–25% faster than x̂Wᵀ for tiles of 64–512 rows (ZT = W X^T
     against Z = X W^T, d = 512, C = 10^5: 536 against 660 µs per row at 128 rows, 501 against 584 at 256). A block of
