@@ -152,21 +152,29 @@ class ChunkRows:
     ``inv = 1 / max(‖w‖, ε)`` per row, by which a GEMM on the raw rows is scaled column by column, and ``radial``, the
     rows whose normalisation's backward projects out the radial part (‖w‖ > ε). With ``normalize_weight=False`` the
     rows are used as they are (``inv`` = 1, nothing to chain through in backward). ``cos_k`` and ``pooled`` are the
-    chunk's sub-center and pooled cosines where a path keeps them (for :func:`sub_center_grads`). ``shared``: the same
-    rows and their normalisation, computed once (a row tile's groups of rows share the tile's)."""
+    chunk's sub-center and pooled cosines where a path keeps them (for :func:`sub_center_grads`). ``shared``: rows of
+    a range that holds ``[start, stop)``, whose normalisation is computed once and sliced here (a row tile's groups of
+    rows and blocks of classes share the tile's)."""
 
     def __init__(
         self, weight: Tensor, k: int, start: int, stop: int, acc: torch.dtype, normalize_weight: bool = True,
         norms: Optional[Tensor] = None, shared: Optional[ChunkRows] = None,
     ) -> None:  # fmt: skip
-        self.rows: Tensor = weight[start * k : stop * k].detach() if shared is None else shared.rows
         self.start, self.stop = start, stop
+        self.cos_k: Optional[Tensor] = None  # sub-center cosines (K > 1, for the pooling's backward)
+        self.pooled: Optional[Tensor] = None  # pooled cosines (where a path needs them)
         self.norms: Optional[Tensor] = None
         self.inv: Tensor
         self.radial: Tensor
         if shared is not None:
-            self.norms, self.inv, self.radial = shared.norms, shared.inv, shared.radial
-        elif normalize_weight:
+            assert shared.start <= start <= stop <= shared.stop
+            part = slice((start - shared.start) * k, (stop - shared.start) * k)
+            self.rows: Tensor = shared.rows[part]
+            self.norms = None if shared.norms is None else shared.norms[part]
+            self.inv, self.radial = shared.inv[part], shared.radial[part]
+            return
+        self.rows = weight[start * k : stop * k].detach()
+        if normalize_weight:
             if norms is None:  # (a recomputing backward passes the forward's: one C·K×d read fewer)
                 norms = torch.linalg.vector_norm(self.rows, dim=1, dtype=acc)
             self.norms = norms
@@ -176,8 +184,6 @@ class ChunkRows:
         else:
             self.inv = torch.ones(self.rows.shape[0], dtype=acc, device=weight.device)
             self.radial = torch.zeros(self.rows.shape[0], dtype=torch.bool, device=weight.device)
-        self.cos_k: Optional[Tensor] = None  # sub-center cosines (K > 1, for the pooling's backward)
-        self.pooled: Optional[Tensor] = None  # pooled cosines (where a path needs them)
 
 
 def cosines(x: Tensor, weight: Tensor, k: int, tau: Optional[float], start: int, stop: int) -> ChunkRows:

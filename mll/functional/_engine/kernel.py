@@ -38,6 +38,7 @@ from mll.functional._engine.chunks import (
     sub_center_grads,
 )
 from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
+from mll.functional._engine.targets import Targets
 
 
 def chunked_ce(
@@ -114,9 +115,7 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
             spec.kept = kept
         if targets.classes is not None and width > 0:
             assert value_d is not None
-            inside = (targets.classes >= 0) & (targets.classes < width)
-            w = 1.0 if targets.weights is None else targets.weights.to(acc)
-            target_term = torch.where(inside, value_d * s * w, 0.0).sum(1)
+            target_term = target_logit_sum(targets, value_d, s, width, acc)
         if spec.reduce is not None:
             # the softmax over every block: the global row max first, so that no block's exp overflows, then one
             # sum of the rescaled sums and the target terms (an empty block adds exp(−inf)·0 = 0)
@@ -209,10 +208,7 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
                 dz.sub_(chunk.t)
             else:
                 assert targets.classes is not None
-                for p in range(targets.classes.shape[1]):
-                    inside, col = in_chunk(targets.classes[:, p : p + 1], start, stop)
-                    w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(acc)
-                    dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(acc))
+                subtract_targets_(dz, targets, start, stop)
             if grad_s is not None:
                 grad_s += ((dz * chunk.z).sum(1) * g).sum() / s
             dcos = chunk_dcos(spec, chunk, dz, s, g, grad_value, params, grad_params)
@@ -340,9 +336,7 @@ def tile_softmax_grad(
         term = (chunk.t * z).sum(1)
     elif width > 0:
         assert targets.classes is not None and value is not None
-        inside = (targets.classes >= 0) & (targets.classes < width)
-        w = 1.0 if targets.weights is None else targets.weights.to(acc)
-        term = torch.where(inside, value * s * w, 0.0).sum(1)
+        term = target_logit_sum(targets, value, s, width, acc)
     else:
         term = z.new_zeros(z.shape[0])
     top = z.amax(1) if width > 0 else z.new_full((z.shape[0],), -torch.inf)
@@ -359,8 +353,26 @@ def tile_softmax_grad(
         dz.sub_(chunk.t)
     else:
         assert targets.classes is not None
-        for p in range(targets.classes.shape[1] if width > 0 else 0):
-            inside, col = in_chunk(targets.classes[:, p : p + 1], 0, width)
-            w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(acc)
-            dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(acc))
+        if width > 0:
+            subtract_targets_(dz, targets, 0, width)
     return losses, dz
+
+
+def target_logit_sum(targets: Targets, value: Tensor, s: Any, width: int, acc: torch.dtype) -> Tensor:
+    """Each row's Σ_p w_p·s·ψ_p over its target entries inside a block of ``width`` classes (``value`` = ψ at the
+    targets, ``(N, P)``): the target part of the cross-entropy, ``lse·Σt − term``."""
+    assert targets.classes is not None
+    inside = (targets.classes >= 0) & (targets.classes < width)
+    w = 1.0 if targets.weights is None else targets.weights.to(acc)
+    return torch.where(inside, value * s * w, 0.0).sum(1)
+
+
+def subtract_targets_(dz: Tensor, targets: Targets, start: int, stop: int) -> Tensor:
+    """``dz −= t`` in place on the chunk of classes ``[start, stop)``: each target entry's weight (1 for a class
+    index) subtracted where it falls in the chunk."""
+    assert targets.classes is not None
+    for p in range(targets.classes.shape[1]):
+        inside, col = in_chunk(targets.classes[:, p : p + 1], start, stop)
+        w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(dz.dtype)
+        dz.scatter_add_(1, col, torch.where(inside, -w, 0.0).to(dz.dtype))
+    return dz

@@ -26,8 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, in_chunk, row_slice
-from mll.functional._engine.kernel import chunk_dcos, tile_softmax_grad
+from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, row_slice
+from mll.functional._engine.kernel import chunk_dcos, subtract_targets_, target_logit_sum, tile_softmax_grad
 from mll.functional._engine.normalization import fold_normalization_
 from mll.functional._engine.numerics import acc_dtype, double_backward, weight_eps
 
@@ -216,8 +216,7 @@ def class_blocks(
     assert targets.classes is not None and value is not None
     chunks, tops, sums = [], [], []
     for c0, c1 in chunk_bounds(width, block_columns(rows, width)):
-        norms = None if block.norms is None else block.norms[c0:c1]
-        chunk = Chunk(tile, x, weight, value, params, s, c0, c1, raw=raw[:, c0:c1], norms=norms)
+        chunk = Chunk(tile, x, weight, value, params, s, c0, c1, raw=raw[:, c0:c1], shared=block)
         top = chunk.z.amax(1)
         sums.append(chunk.z.sub_(top[:, None]).exp_().sum(1))
         tops.append(top)
@@ -226,18 +225,12 @@ def class_blocks(
     top = top_b.amax(0)
     rescale = (top_b - top).exp_()  # e^{m_b − max}, (blocks, rows)
     total = (torch.stack(sums) * rescale).sum(0)
-    inside = (targets.classes >= 0) & (targets.classes < width)
-    w = 1.0 if targets.weights is None else targets.weights.to(total.dtype)
-    term = torch.where(inside, value * s * w, 0.0).sum(1)
+    term = target_logit_sum(targets, value, s, width, total.dtype)
     lse = top + torch.log(total)
     losses = (lse if targets.row_sum is None else lse * targets.row_sum) - term
     rescale.mul_(total.reciprocal() if targets.row_sum is None else targets.row_sum / total)
     for chunk, factor in zip(chunks, rescale):
-        dz = chunk.z.mul_(factor[:, None])  # the block's softmax (times Σt)
-        for p in range(targets.classes.shape[1]):
-            hit, col = in_chunk(targets.classes[:, p : p + 1], chunk.start, chunk.stop)
-            wp = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(dz.dtype)
-            dz.scatter_add_(1, col, torch.where(hit, -wp, 0.0).to(dz.dtype))
+        dz = subtract_targets_(chunk.z.mul_(factor[:, None]), targets, chunk.start, chunk.stop)  # softmax·Σt − t
         dcos = chunk_dcos(tile, chunk, dz, s, g, grad_value, list(params), grad_params)
         if dcos.data_ptr() != dz.data_ptr():
             dz.copy_(dcos)
