@@ -35,8 +35,8 @@ def kernel_mode(request, monkeypatch) -> Any:
     """Run a test on each exact path of the chunked loss: the chunk kernel keeping its logits from forward to
     backward, the chunk kernel recomputing them, the row tiles forming the gradient during the forward (three rows
     per tile, so that a small batch has several and a ragged last one; a loss that is not a scalar with a gradient to
-    build takes the cost model's path there) — a tile's elementwise work in one group of rows, the plain logits of a
-    single process class-major in blocks of two classes (the last one ragged), and ("row_groups") every family's
+    build takes the cost model's path there) — a tile's elementwise work in one group of rows, one sub-center's logits
+    of a single process class-major in blocks of two classes (the last one ragged), and ("row_groups") every family's
     row-major in groups of two rows, the last one ragged — and the dense logits (a single process; the sharded loss
     takes the cost model's path)."""
     from mll.functional import set_loss_path

@@ -41,16 +41,20 @@ def _curricular_negatives(cosine: Tensor, target: Tensor, margin: Tensor, t: Ten
     """N(t, c) = c·(t + c) on hard negatives, c > T(cos θ_y) = cos(θ_y + m) (the paper's T, before the fix past
     π − m), c elsewhere; slope t + 2c and 1. The threshold and ``t`` are statistics (no gradient), as in the paper."""
     threshold = target * torch.cos(margin) - ((1 - target) * (1 + target)).clamp(min=0).sqrt() * torch.sin(margin)
-    hard = cosine > threshold
     t = t.to(cosine.dtype)
     if not in_place_ok():
+        hard = cosine > threshold
         return torch.where(hard, cosine * (t + cosine), cosine), torch.where(hard, t + 2 * cosine, 1.0)
-    # the dense path's statistics (no graph): two N×C buffers of this function's own, written in place — not the
-    # five temporaries of the expressions above, at the size of the logits
-    value = (cosine + t).mul_(cosine)
-    value = torch.where(hard, value, cosine, out=value)
-    slope = (cosine * 2).add_(t).masked_fill_(hard.logical_not_(), 1.0)
-    return value, slope
+    # no graph (the dense path's statistics, the chunked loss's blocks): all arithmetic in two buffers of the
+    # logits' size — the mask as a number h = 1 or 0 (the sign of c − T), u = 1 + h·(t + c − 1) (a lerp: exactly
+    # t + c or 1), the slope u + h·c over h and the value c·u over u. A boolean mask, ``where`` and ``masked_fill``
+    # run several times slower than arithmetic on this many numbers (a block of 64 × 16384 logits on this CPU: 2.7
+    # against 0.4 ms).
+    step = torch.sub(cosine, threshold).sign_().clamp_(min=0)
+    u = torch.add(cosine, t)
+    u = torch.lerp(torch.ones((), dtype=u.dtype, device=u.device).expand_as(u), u, step, out=u)
+    slope = step.mul_(cosine).add_(u)
+    return u.mul_(cosine), slope
 
 
 #: CurricularFace: ArcFace's target logit, hard negatives re-weighted by the running statistic t.

@@ -233,15 +233,25 @@ class Chunk(ChunkRows):
                 self.z = z * s
                 return
             if family.negatives is not None:
-                assert spec.target_cos is not None
-                z, self.neg_slope = family.negatives(self.pooled, spec.target_cos, *spec.row_params)
-                # the values are the family's own buffer (unless it hands back the cosines): scaled where they lie
-                self.z = z.mul_(s) if z is not self.pooled and in_place_ok() and z.is_contiguous() else z * s
+                self.shape_negatives(spec, s)
             else:
                 self.z = self.pooled * s
+        self.write_targets(targets, value, s)
+
+    def shape_negatives(self, spec: Spec, s: Any) -> None:
+        """The family's non-target part on the pooled cosines, scaled: ``z`` and ``neg_slope`` (formed again from the
+        cosines where a pass dropped them: ``row_tiles.class_blocks``)."""
+        assert spec.target_cos is not None and spec.family.negatives is not None and self.pooled is not None
+        z, self.neg_slope = spec.family.negatives(self.pooled, spec.target_cos, *spec.row_params)
+        # the values are the family's own buffer (unless it hands back the cosines): scaled where they lie
+        dense = z.is_contiguous() or z.t().is_contiguous()
+        self.z = z.mul_(s) if z is not self.pooled and in_place_ok() and dense else z * s
+
+    def write_targets(self, targets: Targets, value: Optional[Tensor], s: Any) -> None:
+        """The margin's values at the target entries ``ψ·s`` written over ``z``, where they fall in the chunk."""
         assert targets.classes is not None and value is not None
-        for p in range(targets.classes.shape[1] if stop > start else 0):  # one entry per row at a time
-            inside, col = in_chunk(targets.classes[:, p : p + 1], start, stop)
+        for p in range(targets.classes.shape[1] if self.stop > self.start else 0):  # one entry per row at a time
+            inside, col = in_chunk(targets.classes[:, p : p + 1], self.start, self.stop)
             self.z.scatter_(1, col, torch.where(inside, value[:, p : p + 1] * s, self.z.gather(1, col)))
 
 

@@ -11,12 +11,12 @@ the weight gradient (the other two GEMMs). The weight gradient is accumulated un
 normalisation folded into it once (``normalization.fold_normalization_``). Memory: one tile's logits and the
 gradients themselves (the weight gradient is the tensor that becomes ``.grad``).
 
-A tile's elementwise work runs where its logits stay in cache: for the plain logits of a single process (one
-sub-center, class indices, no non-target part: ArcFace, CosFace, ScaledNormalizedLinear, …) the tile is formed
-class-major, ``W x̂ᵀ`` (a faster GEMM here), and walked a block of classes at a time in two passes
-(:func:`class_blocks`); for the others (a non-target part, sub-centers, soft targets, class sharding) it is row-major
-and walked a group of rows at a time (:func:`row_groups`). The margin, the targets and the pooling are the chunk
-kernel's (``chunks.Chunk``, ``kernel.chunk_dcos``): the same numbers to rounding.
+A tile's elementwise work runs where its logits stay in cache: for one sub-center and class targets in a single
+process (ArcFace, CosFace, ScaledNormalizedLinear, …; CurricularFace and the other families with a non-target part in
+small tiles) the tile is formed class-major, ``W x̂ᵀ`` (a faster GEMM here), and walked a block of classes at a time
+in two passes (:func:`class_blocks`); for the others (sub-centers, soft targets, class sharding, a non-target part in
+larger tiles) it is row-major and walked a group of rows at a time (:func:`row_groups`). The margin, the targets and
+the pooling are the chunk kernel's (``chunks.Chunk``, ``kernel.chunk_dcos``): the same numbers to rounding.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ from mll.functional._engine.numerics import acc_dtype, double_backward, weight_e
 GROUP_ELEMENTS = 1 << 20
 #: the plain logits of a single process run class-major (:func:`class_blocks`); False: row-major, in groups of rows
 CLASS_MAJOR = True
+#: a family with a non-target part runs class-major only in tiles of fewer rows than this: its values and slopes
+#: are formed twice there (once per pass), which the faster GEMM repays at 64 rows (CurricularFace, d = 512,
+#: C = 10^5, 2 threads: 0.97–1.05× the floor against 1.05–1.18× row-major) but not at 128 (1.120 against 1.113) or
+#: 256 (1.067 against 1.032)
+NEGATIVES_CLASS_MAJOR_ROWS = 128
 
 
 def row_tiled_ce(
@@ -124,7 +129,7 @@ def tile_gradients(
     block = ChunkRows(weight, k, 0, width, acc, spec.normalize_weight, norms)
     # a tile's elementwise work: a group of rows at a time, in cache (row_groups), or for the plain logits of a single
     # process on a class-major tile, a block of classes at a time (class_blocks)
-    by_classes = class_major(spec, width, grad_s is not None)
+    by_classes = class_major(spec, width, min(n, rows), grad_s is not None)
     shape = class_blocks if by_classes else row_groups
     for first, (r0, r1) in enumerate(chunk_bounds(n, rows)):
         out, xt = buf[: (r1 - r0) * width * k], x.detach()[r0:r1]
@@ -158,11 +163,13 @@ def tile_gradients(
     return losses, [grad_x, grad_w, grad_s, grad_value, *grad_params]
 
 
-def class_major(spec: Spec, width: int, keep_logits: bool) -> bool:
-    """Whether a tile's logits are formed class-major and shaped :func:`class_blocks`' way: the plain logits (one
-    sub-center, class indices, no non-target part) in a single process, unless the scale's gradient needs the
-    logits after the softmax."""
-    return CLASS_MAJOR and spec.plain and spec.reduce is None and width > 0 and not keep_logits
+def class_major(spec: Spec, width: int, rows: int, keep_logits: bool) -> bool:
+    """Whether a tile's logits are formed class-major and shaped :func:`class_blocks`' way: one sub-center and class
+    targets in a single process, unless the scale's gradient needs the logits after the softmax — and for a family
+    with a non-target part, tiles of fewer than :data:`NEGATIVES_CLASS_MAJOR_ROWS` rows."""
+    one = spec.num_sub_centers == 1 and spec.targets.dense is None
+    small = spec.family.negatives is None or rows < NEGATIVES_CLASS_MAJOR_ROWS
+    return CLASS_MAJOR and one and small and spec.reduce is None and width > 0 and not keep_logits
 
 
 def row_groups(
@@ -199,26 +206,34 @@ def class_blocks(
     block: ChunkRows, g: Tensor, grad_value: Optional[Tensor], grad_params: list[Optional[Tensor]],
     grad_s: Optional[Tensor] = None,
 ) -> Tensor:  # fmt: skip
-    """A tile of plain logits held class-major (``raw`` = the ``rows × B`` view of a ``B × rows`` GEMM output): its
-    rows' losses, and ∂loss/∂cos (divided by the rows' norms) written over ``raw`` in place, for an upstream gradient
-    ``g`` per row on the margin's parameters. ``grad_s`` is always None here (:func:`class_major` leaves a scale that
-    needs a gradient to :func:`row_groups`, which keeps the logits for it); it keeps the two functions' signatures
-    alike.
+    """A tile of one sub-center's logits held class-major (``raw`` = the ``rows × B`` view of a ``B × rows`` GEMM
+    output), class targets: its rows' losses, and ∂loss/∂cos (divided by the rows' norms) written over ``raw`` in
+    place, for an upstream gradient ``g`` per row on the margin's parameters. ``grad_s`` is always None here
+    (:func:`class_major` leaves a scale that needs a gradient to :func:`row_groups`, which keeps the logits for it);
+    it keeps the two functions' signatures alike.
 
     Why class-major: on this CPU the GEMM Wx̂ᵀ runs 5–25% faster than x̂Wᵀ for tiles of 64–512 rows (ZT = W X^T
     against Z = X W^T, d = 512, C = 10^5: 536 against 660 µs per row at 128 rows, 501 against 584 at 256). A block of
     classes is then contiguous, so the elementwise work walks blocks of about :data:`GROUP_ELEMENTS` logits in two
     passes that each read the tile once from memory: the first shapes a block's logits in place, takes each row's
     block maximum m_b and replaces the logits by e^{z − m_b}, summing them; the second scales a block by
-    e^{m_b − max}/Σ (its rows' softmax, no second exp) and forms ``softmax − target`` and the margin's chain."""
+    e^{m_b − max}/Σ (its rows' softmax, no second exp) and forms ``softmax − target`` and the margin's chain. A
+    family's non-target part leaves the cosines in the tile instead: its values and slopes (block-sized) are formed
+    in each pass, and the second takes e^{z − lse}."""
     rows, width = raw.shape
     targets = tile.targets
     assert targets.classes is not None and value is not None
+    # a non-target part (CurricularFace, …): its values and slopes are block-sized temporaries, dropped after the
+    # first pass and formed again from the cosines (left in the tile) in the second
+    again = tile.family.negatives is not None
     chunks, tops, sums = [], [], []
     for c0, c1 in chunk_bounds(width, block_columns(rows, width)):
         chunk = Chunk(tile, x, weight, value, params, s, c0, c1, raw=raw[:, c0:c1], shared=block)
         top = chunk.z.amax(1)
         sums.append(chunk.z.sub_(top[:, None]).exp_().sum(1))
+        if again:
+            del chunk.z
+            chunk.neg_slope = None
         tops.append(top)
         chunks.append(chunk)
     top_b = torch.stack(tops)
@@ -230,10 +245,19 @@ def class_blocks(
     losses = (lse if targets.row_sum is None else lse * targets.row_sum) - term
     rescale.mul_(total.reciprocal() if targets.row_sum is None else targets.row_sum / total)
     for chunk, factor in zip(chunks, rescale):
-        dz = subtract_targets_(chunk.z.mul_(factor[:, None]), targets, chunk.start, chunk.stop)  # softmax·Σt − t
+        if again:  # softmax·Σt = e^{z − lse}·Σt, from the logits formed again
+            chunk.shape_negatives(tile, s)
+            chunk.write_targets(targets, value, s)
+            dz = chunk.z.sub_(lse[:, None]).exp_()
+            if targets.row_sum is not None:
+                dz.mul_(targets.row_sum[:, None])
+        else:  # the plain logits' e^{z − m_b} are in the tile: softmax·Σt = e^{z − m_b}·e^{m_b − max}·Σt/Σ
+            dz = chunk.z.mul_(factor[:, None])
+        dz = subtract_targets_(dz, targets, chunk.start, chunk.stop)
         dcos = chunk_dcos(tile, chunk, dz, s, g, grad_value, list(params), grad_params)
-        if dcos.data_ptr() != dz.data_ptr():
-            dz.copy_(dcos)
+        part = raw[:, chunk.start : chunk.stop]
+        if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
+            part.copy_(dcos)
     return losses
 
 
