@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mll.functional._engine.numerics import above
 from mll.functional.margin import MarginFamily, MarginParameter
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope
 
@@ -67,8 +68,10 @@ class _Variant:
 
     def negatives(self, cosine: Tensor, target: Tensor, margin: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
         # a non-target cosine above the threshold becomes 0 (InsightFace multiplies it by a 0/1 mask: no gradient)
-        dirty = cosine > threshold.to(cosine.dtype)
-        return torch.where(dirty, 0.0, cosine), torch.where(dirty, 0.0, 1.0).to(cosine.dtype)
+        # (the mask as a number, ``above``: a lerp to 0 and 1 − mask, exact)
+        dirty = above(cosine, threshold.to(cosine.dtype))
+        zero = torch.zeros((), dtype=cosine.dtype, device=cosine.device).expand_as(dirty)
+        return torch.lerp(cosine, zero, dirty), torch.rsub(dirty, 1)
 
     def target_logit(self, theta: float, m: float, *threshold: float) -> float:
         if self.kind == "cos":

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mll.functional._engine.checks import check_cosine, check_scale, check_target, is_soft
-from mll.functional._engine.numerics import Scale
+from mll.functional._engine.numerics import Scale, above, in_place_ok
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope
 
@@ -47,13 +47,16 @@ class _Variant:
 
     def negatives(self, cosine: Tensor, target: Tensor, margin: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # I_k = 1 where ψ(θ_y) − cos θ_k < 0: the row's decision boundary (ArcFace's with its fix past π − m)
+        # (the mask as a number, ``above``: arithmetic and lerps, exact at I_k = 0 and 1)
         boundary, _ = self.target(target, margin)
-        hard = cosine > boundary
+        hard = above(cosine, boundary)
         t = t.to(cosine.dtype)
-        if self.adaptive:  # h = e^{s t (cos θ_k + 1) I_k}: logit (t + 1) cos θ_k + t
-            return torch.where(hard, (t + 1) * cosine + t, cosine), torch.where(hard, t + 1, 1.0)
+        if self.adaptive:  # h = e^{s t (cos θ_k + 1) I_k}: logit (t + 1) cos θ_k + t, slope t + 1
+            shifted = (t + 1) * cosine + t
+            value = torch.lerp(cosine, shifted, hard, out=shifted if in_place_ok() else None)
+            return value, hard.mul_(t).add_(1) if in_place_ok() else hard * t + 1
         # fixed: h = e^{s t I_k}, logit cos θ_k + t
-        return torch.where(hard, cosine + t, cosine), cosine.new_ones(()).expand(cosine.shape)
+        return torch.addcmul(cosine, hard, t), cosine.new_ones(()).expand(cosine.shape)
 
     def target_logit(self, theta: float, m: float, t: float) -> float:
         return math.cos(theta + m) if self.arc else math.cos(theta) - m

@@ -48,6 +48,17 @@ def in_place_ok() -> bool:
     return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active())
 
 
+def above(values: Tensor, threshold: Tensor) -> Tensor:
+    """1 where ``values > threshold`` and 0 elsewhere (NaN: 0), broadcast, in ``values``' dtype and layout: a
+    family's hard-negative mask (no autograd) as a number, for arithmetic and ``lerp``. On a CPU ``>`` into a
+    boolean tensor and each ``where`` or ``masked_fill`` on it run 4–15 times slower than arithmetic on as many
+    numbers (a 64 × 16384 float32 block: 0.18 and 0.63 ms against 0.03–0.05 ms); ``>`` written straight into a
+    tensor of the values' dtype costs a copy's time."""
+    if in_place_ok() and torch.broadcast_shapes(values.shape, threshold.shape) == values.shape:
+        return torch.gt(values, threshold, out=torch.empty_like(values))
+    return torch.gt(values, threshold).to(values.dtype)
+
+
 def refuse_batched_backward(loss: str, instead: str) -> None:
     """Raise a clear error when a chunked loss's backward runs under ``torch.func.vmap`` — ``torch.func.jacrev`` or
     a ``vmap`` over a ``vjp`` (per-sample gradients) — where its loop over chunks writes into buffers (``out=``),

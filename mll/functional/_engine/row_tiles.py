@@ -258,6 +258,9 @@ def class_blocks(
         part = raw[:, chunk.start : chunk.stop]
         if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
             part.copy_(dcos)
+        if again:  # (the block's values and slopes go now: one block's at a time)
+            del chunk.z, dz, dcos
+            chunk.neg_slope = None
     return losses
 
 

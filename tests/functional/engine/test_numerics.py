@@ -1,0 +1,57 @@
+"""The hard-negative mask as a number (``numerics.above``) and the families that use it: the same values and slopes
+as a boolean mask with ``where``, in every dtype and layout, under ``vmap`` too."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mll.functional._engine.numerics import above
+from mll.functional.curricular import _curricular_negatives
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(rows=st.integers(0, 9), cols=st.integers(0, 9), seed=st.integers(0, 2**16), class_major=st.booleans())
+def test_above_is_the_comparison_as_a_number(dtype, rows, cols, seed, class_major) -> None:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(cols, rows, generator=g).to(dtype).t() if class_major else torch.randn(rows, cols, generator=g).to(dtype)
+    threshold = torch.randn(rows, 1, generator=g).to(dtype)
+    if rows and cols:  # the edges: equal to the threshold, NaN, ±inf
+        values[0, 0] = threshold[0, 0]
+        values[-1, -1] = float("nan")
+        values[0, -1] = float("inf")
+        values[-1, 0] = -float("inf")
+    with torch.no_grad():
+        got = above(values, threshold)
+    assert got.dtype == dtype and got.stride() == values.stride()
+    assert torch.equal(got, (values > threshold).to(dtype))
+    # out of place where in-place writes are not allowed (grad mode, torch.func)
+    assert torch.equal(above(values, threshold), got)
+    if rows:  # under vmap: each row against the first row's threshold
+        batched = torch.func.vmap(lambda v: above(v, threshold[:1]))(values.unsqueeze(1)).squeeze(1)
+        assert torch.equal(batched, (values > threshold[:1]).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_curricular_negatives_without_a_graph_equal_the_masked_form(dtype) -> None:
+    """The arithmetic (no-graph) branch against the ``where`` branch (grad mode on): the values exactly, the slopes
+    to an ulp (t + 2c against (c + t) + c), on both layouts and at a cosine equal to the threshold."""
+    g = torch.Generator().manual_seed(3)
+    margin, t = torch.tensor(0.5, dtype=dtype), torch.tensor(0.27)
+    target = (torch.rand(33, 1, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    threshold = target * torch.cos(margin) - ((1 - target) * (1 + target)).clamp(min=0).sqrt() * torch.sin(margin)
+    for layout in ("row", "class"):
+        cosine = (torch.rand(33, 70, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+        cosine[:, 0:1] = threshold  # not hard: c > T fails
+        if layout == "class":
+            cosine = cosine.t().contiguous().t()
+        with torch.no_grad():
+            value, slope = _curricular_negatives(cosine, target, margin, t)
+        with torch.enable_grad():
+            ref_value, ref_slope = _curricular_negatives(cosine.clone().requires_grad_(True), target, margin, t)
+        assert torch.equal(value, ref_value.detach())
+        ulp = torch.finfo(dtype).eps * 4
+        torch.testing.assert_close(slope, ref_slope.to(dtype), rtol=ulp, atol=ulp)
+        assert torch.equal(slope[:, 0], torch.ones_like(slope[:, 0]))
