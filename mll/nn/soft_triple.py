@@ -41,8 +41,6 @@ class SoftTriple(Head):
         pooling_temperature (float): γ (0.1).
     """
 
-    regularized = True
-
     margin: Any
 
     def __init__(
@@ -61,6 +59,12 @@ class SoftTriple(Head):
         self.tau = self_tau
         self.reset_parameters()
 
+    @property
+    def regularized(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`loss` adds the centre term: not where it is 0 (τ = 0 — pytorch-metric-learning's
+        ``SoftTripleLoss`` has no regulariser — or K = 1)."""
+        return self.tau != 0 and self.num_sub_centers > 1
+
     def step_margin(self, input: Tensor, labels: Tensor, cosine: Optional[Tensor]) -> MF.Margin:
         return MF.COS(self.margin)
 
@@ -71,7 +75,7 @@ class SoftTriple(Head):
     def center_term(self, weight: Tensor, num_classes: int) -> Tensor:
         """τ·ΣR_j/(C·K·(K − 1)) over the classes of ``weight`` (a block's rows: its part of the sum), C all classes."""
         k = self.num_sub_centers
-        if k == 1:
+        if k == 1 or self.tau == 0:  # (0, with a gradient: zeros)
             return weight.sum() * 0.0
         total = MF.soft_triple_regularizer(weight, k).sum()
         return total * (self.tau / (num_classes * k * (k - 1)))

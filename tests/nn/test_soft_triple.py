@@ -90,6 +90,33 @@ def test_soft_triple_against_pytorch_metric_learning(k) -> None:
     torch.testing.assert_close(got[1], want[1].T, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_soft_triple_without_its_regularizer_is_pml_s_loss(chunk_size) -> None:
+    """τ = 0: pml's SoftTripleLoss itself — ``loss()`` adds no term (``regularized`` is False) and the dense step
+    needs no ``regularizer()``, which is a zero that still has a (zero) gradient."""
+    SoftTripleLoss = pytest.importorskip("pytorch_metric_learning.losses").SoftTripleLoss  # the bench extra
+
+    head = mll.SoftTriple(D, C, 4, tau=0.0, dtype=torch.float64)
+    assert not head.regularized and mll.SoftTriple(D, C, 4).regularized and not mll.SoftTriple(D, C, 1).regularized
+    theirs_fn = SoftTripleLoss(C, D, centers_per_class=4, la=20, gamma=0.1, margin=0.01)
+    theirs_fn.fc.data = head.weight.detach().T.clone()
+    x, y = batch(n=8)
+    xs = [x.clone().requires_grad_(True) for _ in range(3)]
+    theirs = theirs_fn(xs[0], y)
+    ours = head.loss(xs[1], y, chunk_size=chunk_size)
+    dense = F.cross_entropy(head(xs[2], y), y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dense, theirs, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(ours, [xs[1], head.weight])
+    want = torch.autograd.grad(theirs, [xs[0], theirs_fn.fc])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1].T, rtol=1e-10, atol=1e-12)
+    zero = head.regularizer()
+    assert zero.item() == 0.0 and torch.equal(torch.autograd.grad(zero, head.weight)[0], torch.zeros_like(head.weight))
+    head.tau = 0.2  # a later τ counts
+    assert head.regularized and head.regularizer().item() > 0
+
+
 def autograd_center_regularizer(w: torch.Tensor, k: int) -> torch.Tensor:
     """The regulariser in plain autograd (F.normalize, a Gram matrix per class, its upper triangle)."""
     w_hat = F.normalize(w).view(-1, k, w.shape[-1])
