@@ -35,7 +35,8 @@ class SoftTriple(Head):
         num_sub_centers (int): K, centres per class (10).
         scale (float): λ (20; ``None``: mll's default-scale heuristic).
         margin (float or Tensor): δ in ``[0, 1)`` (0.01), or ``(C,)``.
-        tau (float): τ >= 0, the regulariser's weight (0.2).
+        tau (float): τ >= 0, the regulariser's weight (0.2; 0: no centre term, which :meth:`loss` then skips —
+            pytorch-metric-learning's ``SoftTripleLoss``, which has no regulariser).
         pooling (str): ``"soft"`` (SoftTriple's relaxed similarity; ``"max"`` gives a sub-center CosFace with the
             regulariser).
         pooling_temperature (float): γ (0.1).
