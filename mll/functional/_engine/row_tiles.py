@@ -34,12 +34,13 @@ from mll.functional._engine.numerics import acc_dtype, double_backward, weight_e
 #: a tile's elementwise work runs on groups of rows of about this many logits (4 MB of float32: a group and its
 #: temporaries stay in the cache between the GEMMs, which stream the whole tile)
 GROUP_ELEMENTS = 1 << 20
-#: the plain logits of a single process run class-major (:func:`class_blocks`); False: row-major, in groups of rows
+#: one sub-center's logits in a single process run class-major (:func:`class_blocks`, :func:`class_major`); False:
+#: row-major, in groups of rows
 CLASS_MAJOR = True
 #: a family with a non-target part runs class-major only in tiles of fewer rows than this: its values and slopes
 #: are formed twice there (once per pass), which the faster GEMM repays at 64 rows (CurricularFace, d = 512,
-#: C = 10^5, 2 threads: 0.97–1.05× the floor against 1.05–1.18× row-major) but not at 128 (1.120 against 1.113) or
-#: 256 (1.067 against 1.032)
+#: C = 10^5, 2 threads: 0.97–1.05× the floor against 1.05–1.18× row-major) but not at 128 or 256 (even: 1.000 against
+#: 1.001 and 1.010 against 1.005 with its mask as arithmetic; 1.120/1.113 and 1.067/1.032 before)
 NEGATIVES_CLASS_MAJOR_ROWS = 128
 
 
@@ -127,8 +128,8 @@ def tile_gradients(
     # and under glibc's default allocator one mapping of it per step, not one per tile)
     buf = torch.empty(min(n, rows) * width * k, dtype=acc, device=x.device)
     block = ChunkRows(weight, k, 0, width, acc, spec.normalize_weight, norms)
-    # a tile's elementwise work: a group of rows at a time, in cache (row_groups), or for the plain logits of a single
-    # process on a class-major tile, a block of classes at a time (class_blocks)
+    # a tile's elementwise work: a group of rows at a time, in cache (row_groups), or for one sub-center's logits in a
+    # single process on a class-major tile, a block of classes at a time (class_blocks)
     by_classes = class_major(spec, width, min(n, rows), grad_s is not None)
     shape = class_blocks if by_classes else row_groups
     for first, (r0, r1) in enumerate(chunk_bounds(n, rows)):
