@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mll.functional._engine.accumulate import accumulate_node, grad_to_accumulate_into
 from mll.functional._engine.agreement import check_backward_agreement
-from mll.functional._engine.chunks import ChunkRows, add_grads, chunk_bounds, cosines, sub_center_grads
+from mll.functional._engine.chunks import ChunkRows, add_grads, chunk_bounds, cosines, in_chunk, sub_center_grads
 from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
 
 
@@ -178,15 +178,14 @@ def column_dcos(
     negatives (b = α(s + δ)); each exponent is at most its column's log-sum, so each exponential is in [0, 1]."""
     s = chunk.pooled
     assert s is not None
-    alpha, delta, k = spec.alpha, spec.delta, spec.num_sub_centers
+    alpha, delta = spec.alpha, spec.delta
     positive = labels.unsqueeze(1) == torch.arange(chunk.start, chunk.stop, device=labels.device)
     exponent = torch.where(positive, -alpha * (s - delta) - pos, alpha * (s + delta) - neg)
     # (torch.where of two Python floats would be float32)
     on_pos, on_neg = (
         torch.as_tensor(f, dtype=exponent.dtype, device=exponent.device) for f in (factor_pos, factor_neg)
     )
-    dcos = torch.exp(exponent).mul_(torch.where(positive, on_pos, on_neg))
-    return dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
+    return _through_rows(torch.exp(exponent).mul_(torch.where(positive, on_pos, on_neg)), chunk, spec)
 
 
 def terms_dcos(
@@ -198,12 +197,16 @@ def terms_dcos(
     after, ``factor_pos·e^{a − pos}``."""
     s = chunk.pooled
     assert s is not None
-    width = chunk.stop - chunk.start
     dcos = terms.mul_((torch.exp(shift - neg) * factor_neg).unsqueeze(0))
-    inside = (labels >= chunk.start) & (labels < chunk.stop)
-    col = (labels - chunk.start).clamp(0, max(width - 1, 0)).unsqueeze(1)
-    a = -spec.alpha * (s.gather(1, col).squeeze(1) - spec.delta) - pos[col.squeeze(1)]
-    dcos.scatter_(1, col, torch.where(inside, torch.exp(a) * factor_pos, dcos.gather(1, col).squeeze(1)).unsqueeze(1))
+    inside, col = in_chunk(labels.unsqueeze(1), chunk.start, chunk.stop)
+    a = -spec.alpha * (s.gather(1, col) - spec.delta) - pos[col]
+    dcos.scatter_(1, col, torch.where(inside, torch.exp(a) * factor_pos, dcos.gather(1, col)))
+    return _through_rows(dcos, chunk, spec)
+
+
+def _through_rows(dcos: Tensor, chunk: ChunkRows, spec: ClassSumsSpec) -> Tensor:
+    """∂ℓ/∂(pooled cosines) on to what :func:`chunks.add_grads` takes: divided by the rows' norms (K = 1), or through
+    the pooling to the sub-center cosines."""
     k = spec.num_sub_centers
     return dcos.mul_(chunk.inv) if k == 1 else sub_center_grads(dcos, chunk, k, spec.tau)
 
