@@ -255,13 +255,21 @@ def _cost_model_checks() -> None:
     assert MF.loss_plan(512, 100_000).budget == 512 * 100_000 * 4 // 4  # 256 rows would be half: a quarter
     assert MF.loss_plan(8192, 1_000_000).budget == 1 << 30
     assert MF.loss_plan(256, 10_000, device="meta").budget == 1 << 26  # an accelerator's floor is larger
-    # all the logits within the budget: kept (three GEMMs)
-    assert MF.loss_plan(256, 16_384).path == "keep"
-    assert MF.loss_plan(256, 16_385).path != "keep"
-    assert MF.loss_plan(256, 8_192, dtype=torch.float64).path == "keep"
-    assert MF.loss_plan(256, 8_193, dtype=torch.float64).path != "keep"  # 8 bytes per logit
-    assert MF.loss_plan(256, 4_096, dtype=torch.bfloat16, plain=False).path == "keep"  # float32, four buffers
-    assert MF.loss_plan(256, 4_097, dtype=torch.bfloat16, plain=False).path != "keep"
+    # a loss that cannot take the row tiles (per-row losses): all the logits within the budget are kept (three GEMMs)
+    per_row = {"reduction": "none"}
+    assert MF.loss_plan(256, 16_384, **per_row).path == "keep"
+    assert MF.loss_plan(256, 16_385, **per_row).path != "keep"
+    assert MF.loss_plan(256, 8_192, dtype=torch.float64, **per_row).path == "keep"
+    assert MF.loss_plan(256, 8_193, dtype=torch.float64, **per_row).path != "keep"  # 8 bytes per logit
+    assert MF.loss_plan(256, 4_096, dtype=torch.bfloat16, plain=False, **per_row).path == "keep"  # four buffers
+    assert MF.loss_plan(256, 4_097, dtype=torch.bfloat16, plain=False, **per_row).path != "keep"
+    # a single process's scalar loss takes the row tiles even where every logit fits: one tile of all the rows here
+    for classes in (129, 1_000, 16_384):
+        assert (MF.loss_plan(256, classes).path, MF.loss_plan(256, classes).rows) == ("row_tiles", 256)
+    assert (MF.loss_plan(256, 10_000, requires_grad=False).path, MF.loss_plan(64, 6, chunk_size=2).path) == (
+        "keep",
+        "row_tiles",
+    )
     # a scalar loss whose tile of >= 96 rows fits: row tiles (three GEMMs); else the logits are recomputed
     plan = MF.loss_plan(4096, 100_000)
     assert (plan.path, plan.rows) == ("row_tiles", 512)
@@ -272,7 +280,7 @@ def _cost_model_checks() -> None:
         256,
     )
     assert (MF.loss_plan(1024, 50_000, 2).path, MF.loss_plan(1024, 50_000, 2).rows) == ("row_tiles", 256)
-    assert MF.loss_plan(256, 4_097, plain=False).path == "row_tiles"  # not kept (four buffers): one tile of 256 rows
+    assert MF.loss_plan(256, 4_097, plain=False).path == "row_tiles"  # one tile of 256 rows (a tile holds one buffer)
     assert MF.loss_plan(4096, 100_000, reduction="none").path == "recompute"
     assert MF.loss_plan(4096, 100_000, requires_grad=False).path == "recompute"
     plan = MF.loss_plan(256, 100_000)  # a quarter of the logits: tiles of 64 rows
@@ -286,8 +294,9 @@ def _cost_model_checks() -> None:
         assert MF.loss_plan(1024, 100_000).rows == 20  # below 32 rows: as they are
     with MF.set_memory_budget(1 << 20):
         assert MF.loss_plan(4096, 100_000).path == "recompute"
-    with MF.set_memory_budget(1 << 34):
-        assert MF.loss_plan(4096, 100_000).path == "keep"
+    with MF.set_memory_budget(1 << 34):  # every logit fits: one tile of all the rows, or kept for per-row losses
+        assert (MF.loss_plan(4096, 100_000).path, MF.loss_plan(4096, 100_000).rows) == ("row_tiles", 4096)
+        assert MF.loss_plan(4096, 100_000, reduction="none").path == "keep"
     with MF.set_loss_path("row_tiles", rows=5):
         assert (MF.loss_plan(256, 100_000).path, MF.loss_plan(256, 100_000).rows) == ("row_tiles", 5)
         assert MF.loss_plan(256, 100_000, reduction="none").path == "recompute"
@@ -296,8 +305,8 @@ def _cost_model_checks() -> None:
     assert MF.loss_plan(4096, 100_000).path == "row_tiles"  # the settings are restored
     # a tiny single-process step: the dense logits (the kernel's Python would cost more); not with a chunk size
     assert MF.loss_plan(64, 6).path == "dense"
-    assert MF.loss_plan(64, 6, chunk_size=2).path == "keep"
-    assert MF.loss_plan(128, 129).path == "keep"  # 2^14 + 128 logits
+    assert MF.loss_plan(64, 6, chunk_size=2, reduction="none").path == "keep"
+    assert MF.loss_plan(128, 129).path == "row_tiles"  # 2^14 + 128 logits: the kernel, in one tile
     with pytest.raises(ValueError, match="path must be one of 'auto', 'dense', 'keep', 'row_tiles', 'recompute'"):
         MF.set_loss_path("fused")
     with pytest.raises(ValueError, match="budget must be None or a number of bytes >= 0, but got -1"):
