@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         default="tuned",
         help="glibc malloc settings of the timing process: tuned (no mmap, no trim), default, or both in turn",
     )
+    parser.add_argument(
+        "--apart",
+        action="store_true",
+        help="one process per case, in turn, whatever the memory estimate says (it missed glibc's default allocator "
+        "at N = 8192, C = 10^5: the interleaved process was killed at 24 GB)",
+    )
     parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=6, help=argparse.SUPPRESS)  # SUITE INDEX CONFIG ROUNDS WARMUP NUMBER
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -388,7 +394,7 @@ def run_suites(args: argparse.Namespace) -> None:
             torch.set_num_threads(THREADS.get(suite, threads))
             try:
                 memory = not args.no_memory and suite not in NO_MEMORY
-                apart = apart_needed(suite, cfg, args.allocator)
+                apart = args.apart or apart_needed(suite, cfg, args.allocator)
                 results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator, NUMBER.get(suite, 1),
                                      apart)  # fmt: skip
             finally:
