@@ -76,7 +76,7 @@ class SoftTriple(Head):
     def center_term(self, weight: Tensor, num_classes: int) -> Tensor:
         """τ·ΣR_j/(C·K·(K − 1)) over the classes of ``weight`` (a block's rows: its part of the sum), C all classes."""
         k = self.num_sub_centers
-        if k == 1 or self.tau == 0:  # (0, with a gradient: zeros)
+        if not self.regularized:  # (0, with a gradient: zeros)
             return weight.sum() * 0.0
         total = MF.soft_triple_regularizer(weight, k).sum()
         return total * (self.tau / (num_classes * k * (k - 1)))

@@ -187,10 +187,10 @@ def plan(
     # logits in backward (N = 256, C = 10^4, d = 512: ArcFace 0.90× the floor in one tile against 1.07× kept,
     # CurricularFace 0.96× against 1.14×; N = 64–512, C = 129–4000: 0.88–1.00×, sub-centers 0.92–1.01× and SoftTriple
     # 1.00–1.02× the kept path's time)
-    rows_first = scalar_loss and dense and tile >= min(MIN_TILE_ROWS, rows)
-    if rows * per_row <= budget and not rows_first:
+    tiles = scalar_loss and tile >= min(MIN_TILE_ROWS, rows)  # (a forced "recompute" returned above)
+    if rows * per_row <= budget and not (tiles and dense):
         return Plan("keep", chunk, rows, budget)
-    if scalar_loss and forced != "recompute" and tile >= min(MIN_TILE_ROWS, rows):
+    if tiles:
         return Plan("row_tiles", chunk, tile, budget)
     return Plan("recompute", chunk, rows, budget)
 
