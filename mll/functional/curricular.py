@@ -107,7 +107,7 @@ def curricular_margin(
         raise ValueError(
             f"CurricularFace t must be a float or a one-element tensor, but got shape {shape_str(t.shape)}"
         )
-    if values_checkable() and not math.isfinite(float(t)):
+    if values_checkable(t) and not math.isfinite(float(t)):
         raise ValueError(f"CurricularFace t must be finite, but got {float(t)!r}")
     target = check_target(target, cosine.shape)
     if is_soft(target):

@@ -62,7 +62,7 @@ def _check_statistic(value: object, name: str, *, nonnegative: bool = False) -> 
     if isinstance(value, Tensor):
         if not value.is_floating_point() or value.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element floating tensor, but got {value!r}")
-        if not values_checkable():
+        if not values_checkable(value):
             return
         value = float(value)
     if not is_real(value) or not math.isfinite(value) or (nonnegative and value < 0):  # type: ignore[arg-type, operator]
@@ -281,7 +281,7 @@ def check_magface_args(
     check_margin_param(margin_low, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_low")
     check_margin_param(margin_high, *ARC_MARGIN_RANGE, "MagFace", shape, name="margin_high")
     if isinstance(margin_low, Tensor) or isinstance(margin_high, Tensor):
-        if not values_checkable():
+        if not values_checkable(margin_low, margin_high):
             return
         increasing = bool((margin_low <= margin_high).all())  # type: ignore[union-attr]  # (a tensor)
     else:

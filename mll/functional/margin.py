@@ -369,7 +369,7 @@ def _soft_nonzero(target: Tensor) -> Tensor | None:
     entries is data-dependent, so under ``torch.compile`` and ``torch.func`` (and for dense targets such as
     label smoothing, or targets that require grad) the dense path runs instead; both give identical logits.
     """
-    if target.requires_grad or not values_checkable():
+    if target.requires_grad or not values_checkable(target):
         return None
     index = target.reshape(-1).nonzero().squeeze(-1)
     return index if index.numel() <= SPARSE_FRACTION * target.numel() else None

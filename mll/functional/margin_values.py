@@ -90,7 +90,7 @@ def dynamic_margins(
     if not _is_bool(rescale):
         raise TypeError(f"dynamic_margins rescale must be a bool, but got {rescale!r}")
     counts = class_counts if class_counts.is_floating_point() else class_counts.float()
-    if values_checkable() and not bool((counts >= 1).all()):  # also catches NaN
+    if values_checkable(counts) and not bool((counts >= 1).all()):  # also catches NaN
         raise ValueError(f"class_counts must all be >= 1, but got a minimum of {float(counts.min()):g}")
     weight = counts.pow(-power)
     if rescale:
@@ -152,7 +152,7 @@ def elastic_margins(
             raise ValueError(f"margin of shape {tuple(margin.shape)} must broadcast against size {shape}") from None
         dtype = dtype or margin.dtype
         device = device or margin.device
-        if values_checkable() and margin.numel() > 0 and not bool(((margin >= low) & (margin < high)).all()):
+        if values_checkable(margin) and margin.numel() > 0 and not bool(((margin >= low) & (margin < high)).all()):
             lo, hi = (float(v) for v in torch.aminmax(margin.detach()))
             raise ValueError(
                 f"ElasticFace margin (the mean) must lie in bounds [{low:g}, {high:.4g}), "

@@ -15,7 +15,7 @@ from mll.functional._engine.checks import (
     renamed,
     shape_str,
 )
-from mll.functional._engine.numerics import Scale
+from mll.functional._engine.numerics import Scale, autocast_off
 from mll.functional.cosine import cosine_logits
 
 __all__ = ["ncm_batch_statistics", "ncm_logits", "ncm_update", "ncm_update_from_statistics"]
@@ -59,7 +59,7 @@ def ncm_batch_statistics(input: Tensor, target: Tensor, num_classes: int) -> tup
     if is_soft(target):
         weights = target.reshape(-1, num_classes).to(dtype) * finite.unsqueeze(-1)
         # class means are state: accumulate them in float32 or better even under autocast
-        with torch.autocast(features.device.type, enabled=False):
+        with autocast_off(features.device):
             return weights.transpose(0, 1) @ features, weights.sum(dim=0)
     labels = target.reshape(-1)
     # in place on the zeros allocated here (an out-of-place index_add would copy all C×d of them)

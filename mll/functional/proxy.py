@@ -52,7 +52,7 @@ from mll.functional._engine.checks import (
 from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, ProxyAnchorOnePass, class_log_sums
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
 from mll.functional._engine.normalization import normalize
-from mll.functional._engine.numerics import acc_dtype
+from mll.functional._engine.numerics import acc_dtype, has_values
 from mll.functional._engine.plan import dense_first
 from mll.functional.chunked import accumulating_bytes, default_chunk_size, scalar_loss
 from mll.functional.cosine import pooled_cosines
@@ -377,6 +377,9 @@ def _sharded(
 
 
 def present_classes(labels: Tensor, num_classes: int) -> int:
-    """|P⁺|: how many classes of ``[0, C)`` have a sample among ``labels`` (at least 1; a host read)."""
+    """|P⁺|: how many classes of ``[0, C)`` have a sample among ``labels`` (at least 1; a host read — none for labels
+    without values, on the meta device or fake, where the step runs on shapes alone: 1)."""
+    if not has_values(labels):
+        return 1
     inside = labels[(labels >= 0) & (labels < num_classes)]
     return max(1, int(torch.unique(inside).numel()))

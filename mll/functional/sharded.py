@@ -350,7 +350,7 @@ def _agreed_plan(
     if not scalar:
         return choice
     mine = choice.rows if choice.path == "row_tiles" else 0
-    rows = -int(all_reduce(torch.tensor([-mine], device=input.device), "max", group, world)[0])
+    rows = mine if world == 1 else -int(all_reduce(torch.tensor([-mine], device=input.device), "max", group, world)[0])
     if rows > 0:
         return replace(choice, path="row_tiles", rows=rows)
     return plan(total, max(width, 1), spec.num_sub_centers, buffers, input.dtype, input.device, chunk=chunk_size)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mll.functional._engine.checks import check_floating, check_num_sub_centers, check_positive, is_int, shape_str
 from mll.functional._engine.chunks import chunk_bounds
-from mll.functional._engine.numerics import DirectApply, acc_dtype, weight_eps
+from mll.functional._engine.numerics import DirectApply, acc_dtype, autocast_enabled, autocast_off, weight_eps
 from mll.functional._engine.numerics import double_backward as _double_backward
 
 __all__ = ["soft_triple_distinct_centers", "soft_triple_regularizer"]
@@ -160,8 +160,8 @@ def soft_triple_regularizer(
     if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, but got {chunk_size!r}")
     if chunk_size is None and weight.numel() <= FEW_ELEMENTS:
-        if torch.is_autocast_enabled(weight.device.type):  # the Gram matrix in the accumulation dtype, not bf16
-            with torch.autocast(weight.device.type, enabled=False):
+        if autocast_enabled(weight.device):  # the Gram matrix in the accumulation dtype, not bf16
+            with autocast_off(weight.device):
                 return _few_center_distances(weight, k, eps)
         return _few_center_distances(weight, k, eps)
     chunk = max(1, CHUNK_ROWS // (k * k)) if chunk_size is None else int(chunk_size)

@@ -49,7 +49,7 @@ def check_dominant(dominant: object, num_classes: int, num_sub_centers: int) -> 
         raise ValueError(
             f"dominant must have shape ({num_classes},), one sub-center per class, but got {tuple(dominant.shape)}"
         )
-    if values_checkable() and dominant.numel() > 0:
+    if values_checkable(dominant) and dominant.numel() > 0:
         outside = (dominant < 0) | (dominant >= num_sub_centers)
         if bool(outside.any()):
             classes = outside.nonzero().flatten().tolist()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mll import functional as MF
 from mll.functional._engine.checks import INDEX_DTYPES, is_int, values_checkable
+from mll.functional._engine.numerics import autocast_enabled
 from mll.functional.sub_centers import check_dominant, check_max_angle
 
 __all__ = ["SubCenterCleanup", "clean_sub_centers", "keep_dominant_sub_centers"]
@@ -79,7 +80,7 @@ def _check_features_and_labels(features: object, labels: object, weight: Tensor,
         raise ValueError(
             f"features must have shape (N, {d}) (d: the head's in_features), but got {tuple(features.shape)}"
         )
-    if features.dtype != weight.dtype and not torch.is_autocast_enabled(features.device.type):
+    if features.dtype != weight.dtype and not autocast_enabled(features.device):
         raise TypeError(
             f"features must have the head's dtype {weight.dtype} outside autocast, but got {features.dtype}"
         )
@@ -94,7 +95,7 @@ def _check_features_and_labels(features: object, labels: object, weight: Tensor,
         raise ValueError(f"labels must have shape ({n},), one per row of features, but got {tuple(labels.shape)}")
     if labels.device != features.device:
         raise ValueError(f"labels must be on the device of features ({features.device}), but are on {labels.device}")
-    if values_checkable() and n > 0:
+    if values_checkable(labels) and n > 0:
         lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must be class indices in [0, {num_classes}), but got values from {lo} to {hi}")

@@ -142,6 +142,74 @@ def test_builds_on_the_meta_device_and_in_float64(name) -> None:
     assert loss.dtype == torch.float64 and torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
+def shape_step(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """A training step through both paths — ``F.cross_entropy(head(x, y), y)`` (Proxy-Anchor: its cosines' sum; a
+    class-sharded head: its loss) and ``head.loss(x, y)``, per-row losses too where the head has them — and an eval
+    forward: each result with the feature gradient its backward left."""
+    out = []
+    for what in ("dense", "loss", "per-row", "eval"):
+        head.train(what != "eval")
+        if what == "dense":
+            logits = head(x, y)  # (Proxy-Anchor's cosines; a class-sharded head's loss)
+            plain = logits.dim() == 2 and not isinstance(head, mll.ProxyAnchor)
+            result = F.cross_entropy(logits, y) if plain else logits.sum()
+        elif what == "eval":
+            result = head(x)
+        else:
+            reduction = "none" if what == "per-row" else "mean"
+            if reduction == "none" and "reduction" not in inspect.signature(head.loss).parameters:
+                continue
+            if reduction == "none" and isinstance(head, mll.ProxyAnchor):
+                continue  # (a loss over classes: no per-row losses)
+            result = head.loss(x, y, reduction=reduction)
+        x.grad = None
+        result.sum().backward()
+        out.append((what, result, x.grad))
+    head.train()
+    return out
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_step_runs_on_the_meta_device(name) -> None:
+    """Shape inference, as PyTorch's own layers allow it: a head on the meta device runs a training step through both
+    paths and an eval forward on meta features and labels — no value is read (the checks of values, the path
+    choices that would read one, a class-sharded step's collectives in a world of 1) — and gives results and
+    gradients of the shapes a CPU step gives. Also at a size whose ``loss()`` takes the chunked and row-tiled
+    paths (nothing is allocated on the meta device)."""
+    cpu = build(name)
+    x, y = batch(0)
+    want = shape_step(cpu, x.clone().requires_grad_(), y)
+    head = build(name, device="meta")
+    got = shape_step(head, x.to("meta").requires_grad_(), y.to("meta"))
+    assert [what for what, _, _ in got] == [what for what, _, _ in want]
+    for (what, result, grad), (_, result_cpu, grad_cpu) in zip(got, want):
+        assert result.is_meta and grad.is_meta, what
+        assert result.shape == result_cpu.shape and result.dtype == result_cpu.dtype, what
+        assert grad.shape == grad_cpu.shape and grad.dtype == grad_cpu.dtype, what
+    assert all(p.grad is None or p.grad.is_meta for p in head.parameters())
+    big = getattr(mll, name)(64, 200_000, device="meta")
+    xb = torch.empty(512, 64, device="meta", requires_grad=True)
+    loss = big.loss(xb, torch.empty(512, dtype=torch.int64, device="meta"))
+    loss.backward()
+    assert loss.is_meta and loss.shape == () and xb.grad.shape == xb.shape
+    assert all(p.grad is None or p.grad.shape == p.shape for p in big.parameters())
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_a_step_runs_under_fake_tensors(name) -> None:
+    """Under ``FakeTensorMode`` (shapes without storage, as ``torch.export`` and memory estimators trace a model) a
+    head built on the CPU runs both paths' step: its real buffers (a scale, a statistic) meet fake features and no
+    value is read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    head = build(name)
+    x, y = batch(0)
+    want = shape_step(build(name), x.clone().requires_grad_(), y)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        got = shape_step(head, mode.from_tensor(x).requires_grad_(), mode.from_tensor(y))
+    assert [(w, r.shape, g.shape) for w, r, g in got] == [(w, r.shape, g.shape) for w, r, g in want]
+
+
 def test_a_per_class_margin_on_the_meta_device_is_refused_with_the_reason() -> None:
     with torch.device("meta"), pytest.raises(ValueError, match=r"ArcFace margin is a tensor on the meta device: its"):
         mll.ArcFace(D, C, margin=torch.linspace(0.1, 0.3, C))

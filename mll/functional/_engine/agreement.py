@@ -29,6 +29,7 @@ from mll.functional._engine.checks import (
     is_int,
 )
 from mll.functional._engine.distributed import all_gather_ints, bits_float, float_bits, rank_and_world
+from mll.functional._engine.numerics import has_values
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -60,6 +61,9 @@ class Report:
     requires_grad: int = 0  # bits: input, weight, scale
 
     def set_scale(self, scale: object) -> None:
+        if not has_values(scale):  # a scale on the meta device or fake: no value to compare
+            self.scale = _NOT_A_FLOAT
+            return
         value = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)  # type: ignore[arg-type]
         self.scale = float_bits(value)
 

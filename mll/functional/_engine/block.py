@@ -83,13 +83,15 @@ def pair_class_sums(features: Tensor, classes: Tensor, weights: Tensor, width: i
     features = features.to(dtype)
     finite = torch.isfinite(features).all(-1, keepdim=True)
     features = torch.where(finite, features, 0.0)
-    keep = (classes >= 0) & finite
-    row = torch.arange(classes.shape[0], device=classes.device).unsqueeze(1).expand_as(classes)[keep]
-    w = weights.to(dtype)[keep]
-    column = classes[keep]
-    sums = features.new_zeros(width, features.shape[-1]).index_add_(0, column, features[row] * w.unsqueeze(1))
-    counts = features.new_zeros(width).index_add_(0, column, w)
-    return sums, counts
+    sums, counts = features.new_zeros(width, features.shape[-1]), features.new_zeros(width)
+    if width == 0:
+        return sums, counts
+    # every entry added, those outside the block (−1) or of a non-finite row with weight 0: no boolean indexing, whose
+    # data-dependent size needs the values (none on the meta device)
+    w = torch.where((classes >= 0) & finite, weights.to(dtype), 0.0)
+    column = classes.clamp(min=0).reshape(-1)
+    pairs = (features.unsqueeze(1) * w.unsqueeze(-1)).reshape(-1, features.shape[-1])
+    return sums.index_add_(0, column, pairs), counts.index_add_(0, column, w.reshape(-1))
 
 
 def all_reduce_log_sum_exp(values: Tensor, group: Any) -> Tensor:
@@ -161,6 +163,8 @@ class Ranks:
         double backward on every rank first (no rank left waiting)."""
         world = len(self.sizes)
         check_backward_agreement(grad.device, self.group, world)
+        if world == 1:
+            return None
         per_rank = all_gather_rows(grad.reshape(1), [1] * world, self.group)
         if bool((per_rank == per_rank[0]).all()):
             return None

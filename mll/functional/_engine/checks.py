@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mll.functional._engine.numerics import autocast_enabled, has_values
+
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -52,12 +54,15 @@ class value_checks:
         _VALUE_CHECKS[0] = self.previous
 
 
-def values_checkable() -> bool:
-    """Whether data-dependent checks may run: switched on (:class:`value_checks`), in eager mode, outside any
-    ``torch.func`` transform."""
+def values_checkable(*tensors: object) -> bool:
+    """Whether data-dependent checks may run on ``tensors``: switched on (:class:`value_checks`), in eager mode,
+    outside any ``torch.func`` transform, and none of them a tensor without values — on the meta device or a fake
+    tensor (shape inference: the step then runs on shapes alone, as PyTorch's own layers do)."""
     if not _VALUE_CHECKS[0] or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    return not torch._C._are_functorch_transforms_active()
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(has_values(t) for t in tensors) and has_values(None)
 
 
 def shape_str(shape: tuple[int, ...] | torch.Size) -> str:
@@ -92,7 +97,7 @@ def check_features(input: Tensor, weight: Tensor, num_sub_centers: int, *, weigh
         raise ValueError(
             f"{weight_name} has {weight.shape[0]} rows, which is not a multiple of num_sub_centers={num_sub_centers}"
         )
-    if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+    if input.dtype != weight.dtype and not autocast_enabled(input.device):
         raise TypeError(
             f"input and {weight_name} must have the same dtype outside autocast, "
             f"but got {input.dtype} and {weight.dtype}"
@@ -131,7 +136,7 @@ def check_scale(scale: object, name: str = "scale") -> None:
             raise TypeError(f"{name} must be a floating-point tensor, but got {scale.dtype}")
         if scale.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element tensor, but got shape {shape_str(scale.shape)}")
-        if values_checkable() and scale.numel() > 0:
+        if values_checkable(scale) and scale.numel() > 0:
             bad = ~(torch.isfinite(scale) & (scale > 0))
             if bool(bad.any()):
                 raise ValueError(f"{name} must be positive and finite, but got {scale.detach().cpu().tolist()}")
@@ -210,7 +215,7 @@ def check_margin_param(
                 f"{kind} {name} must be a float or a tensor that broadcasts to the logits' shape "
                 f"{shape_str(cosine_shape)}: (C,) per class, (*, 1) per sample, but got shape {shape_str(margin.shape)}"
             )
-    if check_values and values_checkable() and margin.numel() > 0:
+    if check_values and values_checkable(margin) and margin.numel() > 0:
         lo, hi = (float(v) for v in torch.aminmax(margin.detach()))
         ok = low <= lo and (hi <= high if high_inclusive else hi < high)
         if not (ok and math.isfinite(lo) and math.isfinite(hi)):
@@ -252,7 +257,7 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
     if target.is_floating_point():
         if tuple(target.shape) != tuple(cosine_shape):
             raise ValueError(f"{name} must be {expected()}, but got a float tensor of shape {shape_str(target.shape)}")
-        if values_checkable() and not bool((torch.isfinite(target) & (target >= 0)).all()):  # NaN and ±inf too
+        if values_checkable(target) and not bool((torch.isfinite(target) & (target >= 0)).all()):  # NaN and ±inf too
             raise ValueError(
                 f"soft {name} must be non-negative and finite (not NaN or inf), but got values from "
                 f"{target.min().item():g} to {target.max().item():g}"
@@ -262,7 +267,7 @@ def check_target(target: object, cosine_shape: torch.Size, *, name: str = "targe
         raise TypeError(f"{name} must be {expected()}, but got dtype {target.dtype}")
     if tuple(target.shape) != lead:
         raise ValueError(f"{name} must be {expected()}, but got an integer tensor of shape {shape_str(target.shape)}")
-    if values_checkable() and target.numel() > 0:
+    if values_checkable(target) and target.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must hold class indices in [0, {num_classes}), but got values from {lo} to {hi}")
@@ -328,7 +333,7 @@ def check_lambda(lambda_: object, name: str = "SphereFace lambda_") -> None:
     if isinstance(lambda_, Tensor):
         if not lambda_.is_floating_point() or lambda_.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element floating tensor, but got {lambda_!r}")
-        if values_checkable() and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
+        if values_checkable(lambda_) and not bool(torch.isfinite(lambda_).all() & (lambda_ >= 0).all()):
             raise ValueError(f"{name} must be finite and >= 0, but got {float(lambda_):g}")
         return
     check_nonnegative(lambda_, name)

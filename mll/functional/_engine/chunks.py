@@ -21,7 +21,7 @@ from torch import Tensor
 from mll.functional._engine import compiled
 from mll.functional._engine.compiled import pool, pool_backward
 from mll.functional._engine.normalization import fold_normalization_, normalize
-from mll.functional._engine.numerics import acc_dtype, in_place_ok, weight_eps
+from mll.functional._engine.numerics import acc_dtype, autocast_enabled, in_place_ok, weight_eps
 from mll.functional._engine.targets import Targets
 
 #: ``reduce(tensor, op)`` with op "max" or "sum": combines per-row statistics over the blocks (in place)
@@ -132,7 +132,7 @@ def in_chunk(classes: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
 
 def gemm(x: Tensor, rows: Tensor, acc: torch.dtype, out: Optional[Tensor]) -> Tensor:
     """``x @ rowsᵀ`` in the accumulation dtype, into ``out`` (a reused chunk buffer) where the dtypes allow it."""
-    if out is not None and x.dtype == rows.dtype == acc and not torch.is_autocast_enabled(x.device.type):
+    if out is not None and x.dtype == rows.dtype == acc and not autocast_enabled(x.device):
         return torch.mm(x, rows.t(), out=out)
     return F.linear(x, rows).to(acc)
 

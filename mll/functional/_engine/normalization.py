@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mll.functional._engine.numerics import DirectApply, in_place_ok, weight_eps
+from mll.functional._engine.numerics import DirectApply, autocast_enabled, in_place_ok, weight_eps
 
 #: F.normalize's ε for float32 and float64
 EPS = 1e-12
@@ -90,7 +90,7 @@ def folded_cosines(x_hat: Tensor, weight: Tensor) -> Tensor:
         or weight.dtype != x_hat.dtype
         or weight.dim() != 2
         or weight.numel() <= FOLD_MIN_ELEMENTS
-        or torch.is_autocast_enabled(x_hat.device.type)
+        or autocast_enabled(x_hat.device)
     ):
         return F.linear(x_hat, normalize(weight))
     cosine, _ = FoldedCosine.apply(x_hat.reshape(-1, x_hat.shape[-1]), weight)

@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 #: a logit scale: a Python float, or a one-element tensor (trainable, or a running statistic such as AdaCos's)
 Scale = Union[float, Tensor]
@@ -36,6 +38,26 @@ def weight_eps(dtype: torch.dtype) -> float:
     """The ε of :func:`mll.functional.normalize` for rows of ``dtype``: ``2**-10`` for float16 (so that the gradient
     at a zero vector, 1/ε times the upstream gradient, stays representable), ``1e-12`` otherwise (F.normalize's)."""
     return 2.0**-10 if dtype == torch.float16 else 1e-12
+
+
+def has_values(tensor: object) -> bool:
+    """False for a tensor without values to read — on the meta device, or a fake tensor — and for anything while a
+    ``FakeTensorMode`` is active, where every result is fake (shape inference, ``torch.export``'s tracing)."""
+    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+    if key is not None and torch._C._get_dispatch_mode(key) is not None:
+        return False
+    return not isinstance(tensor, Tensor) or not (tensor.is_meta or is_fake(tensor))
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """``torch.is_autocast_enabled`` for the device's type; False on the meta device, which autocast does not know
+    (shape inference runs there)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
+def autocast_off(device: torch.device) -> Any:
+    """A context with autocast off on the device (nothing to do on the meta device)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def in_place_ok() -> bool:
