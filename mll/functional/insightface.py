@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mll.functional._engine.numerics import above
+from mll.functional._engine.numerics import above, in_place_ok, scratch
 from mll.functional.margin import MarginFamily, MarginParameter
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope
 
@@ -71,7 +71,9 @@ class _Variant:
         # (the mask as a number, ``above``: a lerp to 0 and 1 − mask, exact)
         dirty = above(cosine, threshold.to(cosine.dtype))
         zero = torch.zeros((), dtype=cosine.dtype, device=cosine.device).expand_as(dirty)
-        return torch.lerp(cosine, zero, dirty), torch.rsub(dirty, 1)
+        if not in_place_ok():
+            return torch.lerp(cosine, zero, dirty), torch.rsub(dirty, 1)
+        return torch.lerp(cosine, zero, dirty, out=scratch(cosine, 1)), dirty.neg_().add_(1)
 
     def target_logit(self, theta: float, m: float, *threshold: float) -> float:
         if self.kind == "cos":

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mll.functional._engine.checks import check_cosine, check_scale, check_target, is_soft
-from mll.functional._engine.numerics import Scale, above, in_place_ok
+from mll.functional._engine.numerics import Scale, above, in_place_ok, scratch
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin
 from mll.functional.margins import ARC_MARGIN_RANGE, COS_MARGIN_RANGE, _arc_value_and_slope
 
@@ -52,7 +52,9 @@ class _Variant:
         hard = above(cosine, boundary)
         t = t.to(cosine.dtype)
         if self.adaptive:  # h = e^{s t (cos θ_k + 1) I_k}: logit (t + 1) cos θ_k + t, slope t + 1
-            shifted = (t + 1) * cosine + t
+            shifted = (
+                torch.mul(cosine, t + 1, out=scratch(cosine, 1)).add_(t) if in_place_ok() else (t + 1) * cosine + t
+            )
             value = torch.lerp(cosine, shifted, hard, out=shifted if in_place_ok() else None)
             return value, hard.mul_(t).add_(1) if in_place_ok() else hard * t + 1
         # fixed: h = e^{s t I_k}, logit cos θ_k + t

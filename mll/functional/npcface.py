@@ -21,7 +21,7 @@ from mll.functional._engine.chunks import chunk_cosines, target_cosines
 from mll.functional._engine.dense import gather_target
 from mll.functional._engine.distributed import all_gather_ints, all_reduce_sum, rank_and_world
 from mll.functional._engine.normalization import normalize
-from mll.functional._engine.numerics import Scale, above, acc_dtype, in_place_ok, work_dtype
+from mll.functional._engine.numerics import Scale, above, acc_dtype, in_place_ok, scratch, work_dtype
 from mll.functional.chunked import default_chunk_size
 from mll.functional.margin import MarginFamily, MarginParam, MarginParameter, apply_margin, at_target, param_tensor
 from mll.functional.margins import ARC_MARGIN_RANGE, _arc_value_and_slope
@@ -41,7 +41,7 @@ def _npc_target(cosine: Tensor, w: Tensor | float, margin: Tensor, positive: Ten
 def _npc_negatives(cosine: Tensor, target: Tensor, margin: Tensor, positive: Tensor, t: Tensor, a: Tensor) -> Any:
     hard = above(cosine, _boundary(target, margin))  # the mask as a number: lerps, exact at 0 and 1
     t, a = t.to(cosine.dtype), a.to(cosine.dtype)
-    shifted = t * cosine + a
+    shifted = torch.mul(cosine, t, out=scratch(cosine, 1)).add_(a) if in_place_ok() else t * cosine + a
     value = torch.lerp(cosine, shifted, hard, out=shifted if in_place_ok() else None)
     one = torch.ones((), dtype=cosine.dtype, device=cosine.device)
     return value, torch.lerp(one.expand_as(hard), t.expand_as(hard), hard, out=hard if in_place_ok() else None)

@@ -166,9 +166,12 @@ class ChunkRows:
         self.norms: Optional[Tensor] = None
         self.inv: Tensor
         self.radial: Tensor
+        self._scaled: Optional[tuple[Any, Tensor]] = None  # (s, inv·s): see scaled_inv
+        self._within: Optional[tuple[ChunkRows, slice]] = None
         if shared is not None:
             assert shared.start <= start <= stop <= shared.stop
             part = slice((start - shared.start) * k, (stop - shared.start) * k)
+            self._within = (shared, part)
             self.rows: Tensor = shared.rows[part]
             self.norms = None if shared.norms is None else shared.norms[part]
             self.inv, self.radial = shared.inv[part], shared.radial[part]
@@ -184,6 +187,17 @@ class ChunkRows:
         else:
             self.inv = torch.ones(self.rows.shape[0], dtype=acc, device=weight.device)
             self.radial = torch.zeros(self.rows.shape[0], dtype=torch.bool, device=weight.device)
+
+    def scaled_inv(self, s: Any) -> Tensor:
+        """``inv · s``, the per-column factor of the scaled cosines: formed once per scale for the range that holds
+        these rows (a row tile's groups of rows each take their slice of the tile's, instead of a C-sized product
+        each — one per row at C = 10^6)."""
+        if self._within is not None:
+            shared, part = self._within
+            return shared.scaled_inv(s)[part]
+        if self._scaled is None or self._scaled[0] is not s:
+            self._scaled = (s, self.inv * s)
+        return self._scaled[1]
 
 
 def cosines(x: Tensor, weight: Tensor, k: int, tau: Optional[float], start: int, stop: int) -> ChunkRows:
@@ -222,7 +236,7 @@ class Chunk(ChunkRows):
             self.raw = raw
             return
         if spec.plain:
-            self.z = raw.mul_(self.inv * s)  # the plain scaled cosines: one pass, in place
+            self.z = raw.mul_(self.scaled_inv(s))  # the plain scaled cosines: one pass, in place
         else:
             self.cos_k = raw.mul_(self.inv)
             self.pooled = pool(self.cos_k, k, spec.tau)

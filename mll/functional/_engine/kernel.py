@@ -282,7 +282,7 @@ def chunk_dcos(
     sub-center cosines' gradient. Also the margin's own gradients (with ``g``). May overwrite ``dz``."""
     targets, k = spec.targets, spec.num_sub_centers
     # the per-column factor: the scale and, for K = 1, the rows' 1 / ‖w‖ (K > 1: after the pooling's backward)
-    factor = chunk.inv * s if k == 1 else s
+    factor = chunk.scaled_inv(s) if k == 1 else s
     if targets.dense is not None:
         assert chunk.slope is not None and chunk.pooled is not None
         if any(gp is not None for gp in grad_params):  # margins that need a gradient, at every soft entry

@@ -29,7 +29,7 @@ from torch import Tensor
 from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, row_slice
 from mll.functional._engine.kernel import chunk_dcos, subtract_targets_, target_logit_sum, tile_softmax_grad
 from mll.functional._engine.normalization import fold_normalization_
-from mll.functional._engine.numerics import acc_dtype, double_backward, weight_eps
+from mll.functional._engine.numerics import acc_dtype, double_backward, scratch_pool, weight_eps
 
 #: a tile's elementwise work runs on groups of rows of about this many logits (4 MB of float32: a group and its
 #: temporaries stay in the cache between the GEMMs, which stream the whole tile)
@@ -42,6 +42,12 @@ CLASS_MAJOR = True
 #: C = 10^5, 2 threads: 0.97–1.05× the floor against 1.05–1.18× row-major) but not at 128 or 256 (even: 1.000 against
 #: 1.001 and 1.010 against 1.005 with its mask as arithmetic; 1.120/1.113 and 1.067/1.032 before)
 NEGATIVES_CLASS_MAJOR_ROWS = 128
+#: … and at any tile size where a row-major group would hold fewer than 4 rows (more classes than this): groups of a
+#: row or two pay their fixed costs per row, and the row-major GEMM falls further behind (CurricularFace, N = 1024,
+#: tiles of 256 rows, 2 threads, × ArcFace, row-major against class-major: C = 10^5 1.039 against 1.074 with glibc's
+#: default allocator, 1.050 both tuned; C = 3·10^5 1.101 against 1.075, 1.088 against 1.087; C = 10^6 1.187 against
+#: 1.105)
+NEGATIVES_ROW_MAJOR_WIDTH = GROUP_ELEMENTS // 4
 
 
 def row_tiled_ce(
@@ -132,29 +138,30 @@ def tile_gradients(
     # single process on a class-major tile, a block of classes at a time (class_blocks)
     by_classes = class_major(spec, width, min(n, rows), grad_s is not None)
     shape = class_blocks if by_classes else row_groups
-    for first, (r0, r1) in enumerate(chunk_bounds(n, rows)):
-        out, xt = buf[: (r1 - r0) * width * k], x.detach()[r0:r1]
-        if by_classes:  # Wx̂ᵀ (classes × rows) rather than x̂Wᵀ: the same numbers, a faster GEMM (see class_blocks)
-            raw = gemm(block.rows, xt, acc, out.view(width, r1 - r0)).t()
-        else:
-            raw = gemm(xt, block.rows, acc, out.view(r1 - r0, width * k))
-        if row_weights is None:
-            gt, xg = torch.ones(r1 - r0, dtype=acc, device=x.device), x_acc[r0:r1]
-        else:
-            gt = row_weights[r0:r1].to(acc)
-            xg = x_acc[r0:r1] * gt[:, None]
-        losses[r0:r1] = shape(
-            spec.rows(r0, r1), xt, weight, None if value_d is None else value_d[r0:r1],
-            tuple(row_slice(p.detach(), r0, r1) for p in params), s, raw, block, gt,
-            None if grad_value is None else grad_value[r0:r1],
-            [None if g is None else row_slice(g, r0, r1) for g in grad_params], grad_s,
-        )  # fmt: skip
-        gx = None if grad_x is None else grad_x[r0:r1].zero_()
-        if width > 0:
-            add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
-        if gx is not None and row_weights is not None:
-            gx.mul_(gt[:, None])
-        del raw
+    with scratch_pool():  # a group's or block's temporaries: allocated once for all the tiles
+        for first, (r0, r1) in enumerate(chunk_bounds(n, rows)):
+            out, xt = buf[: (r1 - r0) * width * k], x.detach()[r0:r1]
+            if by_classes:  # Wx̂ᵀ (classes × rows) rather than x̂Wᵀ: the same numbers, a faster GEMM (see class_blocks)
+                raw = gemm(block.rows, xt, acc, out.view(width, r1 - r0)).t()
+            else:
+                raw = gemm(xt, block.rows, acc, out.view(r1 - r0, width * k))
+            if row_weights is None:
+                gt, xg = torch.ones(r1 - r0, dtype=acc, device=x.device), x_acc[r0:r1]
+            else:
+                gt = row_weights[r0:r1].to(acc)
+                xg = x_acc[r0:r1] * gt[:, None]
+            losses[r0:r1] = shape(
+                spec.rows(r0, r1), xt, weight, None if value_d is None else value_d[r0:r1],
+                tuple(row_slice(p.detach(), r0, r1) for p in params), s, raw, block, gt,
+                None if grad_value is None else grad_value[r0:r1],
+                [None if g is None else row_slice(g, r0, r1) for g in grad_params], grad_s,
+            )  # fmt: skip
+            gx = None if grad_x is None else grad_x[r0:r1].zero_()
+            if width > 0:
+                add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
+            if gx is not None and row_weights is not None:
+                gx.mul_(gt[:, None])
+            del raw
     if grad_w is not None and norms is not None and n > 0 and width > 0:  # the rows' normalisation, once
         eps = weight_eps(weight.dtype)
         rows_acc = weight.detach() if weight.dtype == acc else weight.detach().to(acc)
@@ -167,9 +174,10 @@ def tile_gradients(
 def class_major(spec: Spec, width: int, rows: int, keep_logits: bool) -> bool:
     """Whether a tile's logits are formed class-major and shaped :func:`class_blocks`' way: one sub-center and class
     targets in a single process, unless the scale's gradient needs the logits after the softmax — and for a family
-    with a non-target part, tiles of fewer than :data:`NEGATIVES_CLASS_MAJOR_ROWS` rows."""
+    with a non-target part, tiles of fewer than :data:`NEGATIVES_CLASS_MAJOR_ROWS` rows or blocks of more than
+    :data:`NEGATIVES_ROW_MAJOR_WIDTH` classes."""
     one = spec.num_sub_centers == 1 and spec.targets.dense is None
-    small = spec.family.negatives is None or rows < NEGATIVES_CLASS_MAJOR_ROWS
+    small = spec.family.negatives is None or rows < NEGATIVES_CLASS_MAJOR_ROWS or width > NEGATIVES_ROW_MAJOR_WIDTH
     return CLASS_MAJOR and one and small and spec.reduce is None and width > 0 and not keep_logits
 
 

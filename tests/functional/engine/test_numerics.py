@@ -6,8 +6,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mll.functional._engine.numerics import above
+import mll.functional as MF
+from mll.functional._engine.numerics import above, scratch, scratch_pool
 from mll.functional.curricular import _curricular_negatives
+from mll.functional.insightface import ARC_FILTERED
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -56,3 +58,51 @@ def test_curricular_negatives_without_a_graph_equal_the_masked_form(dtype) -> No
         ulp = torch.finfo(dtype).eps * 4
         torch.testing.assert_close(slope, ref_slope.to(dtype), rtol=ulp, atol=ulp)
         assert torch.equal(slope[:, 0], torch.ones_like(slope[:, 0]))
+
+
+def test_scratch_reuses_a_buffer_per_slot_inside_a_pool_only() -> None:
+    """Outside a pool: a fresh tensor each call (``empty_like``). Inside: the same storage for a slot whatever the
+    call, another for another slot or dtype, grown for a larger request, in the caller's layout (a class-major block
+    stays column-major); grad mode (a graph being recorded) gets fresh tensors; leaving the pool drops it."""
+    row = torch.randn(4, 6)
+    block = torch.randn(6, 4).t()  # class-major
+    assert scratch(row, 0).data_ptr() != scratch(row, 0).data_ptr()
+    with torch.no_grad(), scratch_pool():  # (no graph recorded: the engine's loops)
+        a, b = scratch(row, 0), scratch(row, 1)
+        assert a.shape == row.shape and a.is_contiguous() and a.data_ptr() != b.data_ptr()
+        assert scratch(block, 0).data_ptr() == a.data_ptr() and scratch(block, 0).stride() == block.stride()
+        assert scratch(row[:2], 0).data_ptr() == a.data_ptr()  # a smaller request: the front of the buffer
+        assert scratch(row.double(), 0).data_ptr() != a.data_ptr()
+        big = scratch(torch.empty(8, 6), 0)
+        assert big.shape == (8, 6) and scratch(row, 0).data_ptr() == big.data_ptr()  # grown, then reused
+        with torch.enable_grad():
+            assert scratch(row, 0).data_ptr() != big.data_ptr()
+    assert scratch(row, 0).data_ptr() != scratch(row, 0).data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["row", "class"])
+def test_the_non_target_parts_are_the_same_from_a_pool(layout) -> None:
+    """Every family whose non-target part takes scratch buffers gives the same values and slopes inside a pool as
+    outside (the two outputs in distinct slots), called twice in a row — the second call overwrites the first's."""
+    g = torch.Generator().manual_seed(5)
+    cosine = torch.rand(9, 40, generator=g, dtype=torch.float64) * 2 - 1
+    if layout == "class":
+        cosine = cosine.t().contiguous().t()
+    target = torch.rand(9, 1, generator=g, dtype=torch.float64) * 2 - 1
+    m = torch.tensor(0.4, dtype=torch.float64)
+    cases = [
+        (MF.CURRICULAR.negatives, (target, m, torch.tensor(0.3))),
+        (MF.NPC.negatives, (target, m, m, torch.tensor(1.1), torch.tensor(0.2))),
+        (MF.MV_ARC.negatives, (target, m, torch.tensor(0.2))),
+        (ARC_FILTERED.negatives, (target, m, torch.tensor(0.1, dtype=torch.float64))),
+    ]
+    for negatives, args in cases:
+        with torch.no_grad():
+            want = [t.clone() for t in negatives(cosine, *args)]
+            with scratch_pool():
+                first = negatives(cosine, *args)
+                first = [t.clone() for t in first]
+                second = negatives(cosine, *args)
+        for got in (first, second):
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), negatives
