@@ -43,13 +43,22 @@ def weight_eps(dtype: torch.dtype) -> float:
     return 2.0**-10 if dtype == torch.float16 else 1e-12
 
 
+#: the dispatch-mode key of ``FakeTensorMode`` (None in a torch without it)
+_FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def has_values(tensor: object) -> bool:
     """False for a tensor without values to read — on the meta device, or a fake tensor — and for anything while a
-    ``FakeTensorMode`` is active, where every result is fake (shape inference, ``torch.export``'s tracing)."""
-    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
-    if key is not None and torch._C._get_dispatch_mode(key) is not None:
+    ``FakeTensorMode`` is active, where every result is fake (shape inference, ``torch.export``'s tracing). About
+    0.3 µs for a plain tensor (it runs in every check of a step's values)."""
+    if _FAKE_KEY is not None and torch._C._get_dispatch_mode(_FAKE_KEY) is not None:
         return False
-    return not isinstance(tensor, Tensor) or not (tensor.is_meta or is_fake(tensor))
+    if not isinstance(tensor, Tensor):
+        return True
+    if tensor.is_meta:
+        return False
+    return type(tensor) in _PLAIN or not is_fake(tensor)  # (a subclass may wrap a fake tensor)
 
 
 def autocast_enabled(device: torch.device) -> bool:
