@@ -21,6 +21,7 @@ from torch import Tensor
 from mll.functional._engine.agreement import check_backward_agreement
 from mll.functional._engine.checks import is_soft
 from mll.functional._engine.distributed import all_gather_ints, all_gather_rows, all_reduce, rank_and_world
+from mll.functional._engine.numerics import has_values
 from mll.functional._engine.targets import dense_to_pair, pad_pairs
 
 __all__ = [
@@ -84,14 +85,18 @@ def pair_class_sums(features: Tensor, classes: Tensor, weights: Tensor, width: i
     finite = torch.isfinite(features).all(-1, keepdim=True)
     features = torch.where(finite, features, 0.0)
     sums, counts = features.new_zeros(width, features.shape[-1]), features.new_zeros(width)
-    if width == 0:
-        return sums, counts
-    # every entry added, those outside the block (−1) or of a non-finite row with weight 0: no boolean indexing, whose
-    # data-dependent size needs the values (none on the meta device)
-    w = torch.where((classes >= 0) & finite, weights.to(dtype), 0.0)
-    column = classes.clamp(min=0).reshape(-1)
-    pairs = (features.unsqueeze(1) * w.unsqueeze(-1)).reshape(-1, features.shape[-1])
-    return sums.index_add_(0, column, pairs), counts.index_add_(0, column, w.reshape(-1))
+    keep = (classes >= 0) & finite
+    if not has_values(classes):  # no values to select by (meta, fake): every entry, with weight 0 where not kept
+        if width == 0:
+            return sums, counts
+        w = torch.where(keep, weights.to(dtype), 0.0)
+        pairs = (features.unsqueeze(1) * w.unsqueeze(-1)).reshape(-1, features.shape[-1])
+        column = classes.clamp(min=0).reshape(-1)
+        return sums.index_add_(0, column, pairs), counts.index_add_(0, column, w.reshape(-1))
+    row = torch.arange(classes.shape[0], device=classes.device).unsqueeze(1).expand_as(classes)[keep]
+    w = weights.to(dtype)[keep]
+    column = classes[keep]
+    return sums.index_add_(0, column, features[row] * w.unsqueeze(1)), counts.index_add_(0, column, w)
 
 
 def all_reduce_log_sum_exp(values: Tensor, group: Any) -> Tensor:
