@@ -62,7 +62,7 @@ def values_checkable(*tensors: object) -> bool:
         return False
     if torch._C._are_functorch_transforms_active():
         return False
-    return all(has_values(t) for t in tensors) and has_values(None)
+    return has_values(*tensors)
 
 
 def shape_str(shape: tuple[int, ...] | torch.Size) -> str:

@@ -48,17 +48,16 @@ _FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", No
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def has_values(tensor: object) -> bool:
-    """False for a tensor without values to read — on the meta device, or a fake tensor — and for anything while a
-    ``FakeTensorMode`` is active, where every result is fake (shape inference, ``torch.export``'s tracing). About
-    0.3 µs for a plain tensor (it runs in every check of a step's values)."""
+def has_values(*tensors: object) -> bool:
+    """Whether every one of ``tensors`` has values to read: False for one on the meta device or a fake tensor, and
+    for all while a ``FakeTensorMode`` is active, where every result is fake (shape inference, ``torch.export``'s
+    tracing); non-tensors pass. About 0.3 µs for a plain tensor (it runs in every check of a step's values)."""
     if _FAKE_KEY is not None and torch._C._get_dispatch_mode(_FAKE_KEY) is not None:
         return False
-    if not isinstance(tensor, Tensor):
-        return True
-    if tensor.is_meta:
-        return False
-    return type(tensor) in _PLAIN or not is_fake(tensor)  # (a subclass may wrap a fake tensor)
+    return not any(
+        isinstance(t, Tensor) and (t.is_meta or (type(t) not in _PLAIN and is_fake(t)))  # (a subclass may wrap one)
+        for t in tensors
+    )
 
 
 def autocast_enabled(device: torch.device) -> bool:
