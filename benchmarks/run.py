@@ -192,7 +192,7 @@ def time_suite(
     release_heap()  # the probes' processes need that memory: at C = 10^6 this one holds 10 GB once freed
     if memory:
         for case, result in zip(cases, results):
-            if result.note is None:
+            if result.note is None and case.probe:
                 result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
     return results
 
@@ -232,7 +232,7 @@ def time_apart(
         results[i].times += json.loads(done.stdout.strip().splitlines()[-1])
     if memory:
         for case, result in zip(cases, results):
-            if result.times:
+            if result.times and case.probe:
                 result.memory_mb = measure_memory(suite, SUITES[suite].index(case), cfg)
     return results
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import chunked, gpu, metrics, run, scale, sharded
+from benchmarks import cases, chunked, gpu, metrics, run, scale, sharded
 from benchmarks.cases import SUITES, Config, make_data
 
 pytestmark = pytest.mark.slow  # runs the benchmark harness
@@ -269,3 +269,21 @@ def test_the_zoo_benchmark_cases_run_a_step() -> None:
         if case.available():
             case.factory(cfg, data)()
             assert data.x.grad is not None and torch.isfinite(data.x.grad).all(), case
+
+
+def test_the_batch_suites_limit_tiles_the_same_three_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = Config(batch=10, features=8, classes=30)
+    whole = cases.three_gemm_limit(cfg, make_data(cfg))
+    monkeypatch.setattr(cases, "LIMIT_TILE_ROWS", 4)  # tiles of 4, 4 and 2 rows
+    (case,) = [case for case in SUITES["batch"] if case.impl == "limit"]
+    tiled = case.factory(cfg, make_data(cfg))
+    assert isinstance(whole, cases.GemmLimit) and isinstance(tiled, cases.GemmLimit)
+    assert tiled.logits.shape == (4, 30) and not case.probe
+    tiled.w_hat.copy_(whole.w_hat)  # the same operands (the limit suite's weight is shared, the batch suite's not)
+    for step in (whole, tiled, tiled):  # twice: the weight's product is written by the first tile, not added to
+        step()
+    torch.testing.assert_close(tiled.grad_x, whole.grad_x)
+    torch.testing.assert_close(tiled.grad_w, whole.grad_w)
+    z = tiled.x_hat @ tiled.w_hat.t()  # written out: G = the logits
+    torch.testing.assert_close(whole.grad_w, z.t() @ tiled.x_hat)
+    torch.testing.assert_close(whole.grad_x, z @ tiled.w_hat)
