@@ -19,9 +19,11 @@ from mll.functional._engine.checks import (
     UNSET,
     check_chunk_size,
     check_features,
+    check_num_sub_centers,
     check_pooling,
     check_reduction,
     check_scale,
+    is_int,
     renamed,
 )
 from mll.functional._engine.chunks import Spec, prepare
@@ -50,20 +52,25 @@ def default_chunk_size(batch: int, num_classes: int, num_sub_centers: int, devic
 def loss_plan(
     batch: int, num_classes: int, num_sub_centers: int = 1, *, dtype: torch.dtype = torch.float32,
     device: Any = "cpu", reduction: Reduction = "mean", requires_grad: bool = True, plain: bool = True,
-    chunk_size: Optional[int] = None,
+    chunk_size: Optional[int] = None, held: int = 0,
 ) -> Plan:  # fmt: skip
     """The path :func:`margin_cross_entropy` (and every head's ``loss()``) takes for a batch of ``batch`` rows over
     ``num_classes`` classes — ``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and
     memory budget
     (see ``docs/chunked.md``: how the path is chosen). ``plain``: plain scaled cosine logits with class indices (no
     sub-centers, non-target part or dense soft targets, which hold four logits-sized buffers per chunk; a row tile holds
-    one whatever the logits)."""
+    one whatever the logits). ``held``: bytes the step holds besides a tile — with an existing ``.grad`` on the
+    weight, the C·K×d weight gradient (4 bytes a number; 8 in float64) that the row tiles form beside it."""
+    for name, value, least in (("batch", batch, 0), ("num_classes", num_classes, 1), ("held", held, 0)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, but got {value!r}")
+    check_num_sub_centers(num_sub_centers)
     check_chunk_size(chunk_size)
     check_reduction(reduction)
     scalar = reduction != "none" and requires_grad and torch.is_grad_enabled() and chunk_kernel() != "compiled"
     buffers = 1 if plain and num_sub_centers == 1 else 4
     return plan(batch, num_classes, num_sub_centers, buffers, dtype, device, scalar_loss=scalar, chunk=chunk_size,
-                dense=True, tile_buffers=1)  # fmt: skip
+                held=held, dense=True, tile_buffers=1)  # fmt: skip
 
 
 def logits_buffers(spec: Spec) -> int:
@@ -179,6 +186,11 @@ def chunked_loss(
         raise ValueError(
             f"{margin.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
         )
+    if _soft_targets_need_grad(targets):  # (whatever the path: the dense one would differentiate them, the others not)
+        raise ValueError(
+            "the chunked loss does not differentiate soft targets: detach the targets (labels), or use the dense "
+            "path F.cross_entropy(head(input, target), target)"
+        )
     if n > 0 and dense_first(n, num_classes, int(num_sub_centers), chunk_size):
         # a small step: decided before the kernel's preparation, whose fixed cost is what this path avoids (and
         # numbers for parameters stay numbers, as in a head's forward)
@@ -255,6 +267,16 @@ def _dense_target(targets: Targets, num_classes: int, dtype: Optional[torch.dtyp
     )
     dense.scatter_add_(1, targets.classes.clamp(min=0), torch.where(inside, targets.weights, 0.0))
     return dense if dtype is None else dense.to(dtype)
+
+
+def _soft_targets_need_grad(targets: Targets | Tensor) -> bool:
+    """Whether soft targets (dense, or a few-hot pair's weights) require a gradient in grad mode: the chunk kernel
+    and the row tiles hold them as constants (their gradient would be N×C: what the chunked loss exists to avoid)."""
+    if not torch.is_grad_enabled():
+        return False
+    if isinstance(targets, Tensor):
+        return targets.is_floating_point() and targets.requires_grad
+    return any(t is not None and t.requires_grad for t in (targets.weights, targets.dense))
 
 
 def accumulating_bytes(weight: Tensor) -> int:

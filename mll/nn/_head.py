@@ -233,7 +233,8 @@ class Head(nn.Module):
         self, input: Tensor, labels: Tensor, *, reduction: str = "mean", chunk_size: Optional[int] = None
     ) -> Tensor:
         """``F.cross_entropy(self(input, labels), labels, reduction=reduction)`` over class chunks, without the N×C
-        logits (see :func:`mll.functional.margin_cross_entropy`); running statistics update as in a forward.
+        logits (see :func:`mll.functional.margin_cross_entropy`); running statistics update as in a forward. Soft
+        targets that require a gradient are refused (detach them, or differentiate the dense form above).
 
         A head with a regulariser (``regularized``: AdaM-Softmax, SoftTriple) adds ``regularizer()`` to every
         sample's loss, in training and eval mode: ``"none"`` gives ``ce_i + reg``, ``"mean"`` ``mean(ce) + reg``,

@@ -146,6 +146,7 @@ class ClassLogSums(DirectApply, torch.autograd.Function):
         if spec.world > 1:  # before the features' reduce-scatter: no rank left waiting on a double backward
             check_backward_agreement(grad.device, spec.group, spec.world)
         x, weight, labels, pos, neg = ctx.saved_tensors
+        x, rows_w = x.detach(), weight.detach()  # values only: see ChunkedCE.backward (torch.func.grad)
         acc, k = acc_dtype(x.dtype), spec.num_sub_centers
         alpha = spec.alpha
         g = grad.to(acc)
@@ -159,7 +160,7 @@ class ClassLogSums(DirectApply, torch.autograd.Function):
         if needs[1] and into is None:
             grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
         for start, stop in chunk_bounds(weight.shape[0] // k, spec.chunk):
-            chunk = cosines(x, weight, k, spec.tau, start, stop)
+            chunk = cosines(x, rows_w, k, spec.tau, start, stop)
             dcos = column_dcos(chunk, labels, spec, pos[start:stop], neg[start:stop], factor_pos, factor_neg)
             add_grads(dcos, xg, chunk, k, spec.tau, grad_x, grad_w, fresh=into is None)
         return (
@@ -242,7 +243,7 @@ class ProxyAnchorOnePass(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:  # a second backward of a retained graph: the first took the forward's gradients
             w_pos, w_neg = ctx.weights
-            _, _, grads = one_pass(x, weight, labels, spec, w_pos, w_neg, ctx.needs)
+            _, _, grads = one_pass(x.detach(), weight.detach(), labels, spec, w_pos, w_neg, ctx.needs)
         out: list[Optional[Tensor]] = []
         for tensor, like in zip(grads, (x, weight)):
             out.append(None if tensor is None else tensor.mul_(grad.to(tensor.dtype)).to(like.dtype))

@@ -152,6 +152,9 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
             )
         refuse_batched_backward("chunked margin cross-entropy", "F.cross_entropy(head(input, target), target)")
         x, weight, lse, norms, scale_t, value, *params = ctx.saved_tensors
+        # the arithmetic runs on the values: under torch.func.grad the saved tensors still track the transform's
+        # gradient here, and the GEMMs write into preallocated outputs (``out=``), which autograd refuses
+        x, rows_w = x.detach(), weight.detach()
         spec: Spec = ctx.spec
         targets, k = spec.targets, spec.num_sub_centers
         acc = acc_dtype(x.dtype)
@@ -184,7 +187,7 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
                 if kept is not None:
                     chunk = kept[i]
                 else:
-                    chunk = Chunk(spec, x, weight, None, tuple(params), s, start, stop, buf, False,
+                    chunk = Chunk(spec, x, rows_w, None, tuple(params), s, start, stop, buf, False,
                                    saved_norms(norms, start, stop, k))  # fmt: skip
                 dcos, part_s, part_value = _compiled_backward(spec, chunk, value_d, params, s, lse, g, acc,
                                                              grad_s is not None, grad_value is not None)  # fmt: skip
@@ -198,7 +201,7 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
                 chunk = kept[i]
                 dz = into_buffer(buf, torch.sub, chunk.z, lse[:, None]).exp_()
             else:
-                chunk = Chunk(spec, x, weight, value_d, tuple(params), s, start, stop, buf,
+                chunk = Chunk(spec, x, rows_w, value_d, tuple(params), s, start, stop, buf,
                                norms=saved_norms(norms, start, stop, k))  # fmt: skip
                 # p = softmax; in place over the logits unless the scale's gradient still needs them
                 dz = torch.exp(chunk.z - lse[:, None]) if grad_s is not None else chunk.z.sub_(lse[:, None]).exp_()

@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import torch
 
+from mll.functional._engine.checks import is_int
+
 PATHS = ("auto", "dense", "keep", "row_tiles", "recompute")
 
 #: the chunk kernel's chunk: about this many logits per chunk (CPU 2^18, 1 MB of float32: a chunk's buffers stay in
@@ -72,7 +74,7 @@ def _parse_bytes(text: str) -> int:
     factor = units.get(t[-1:], 1)
     number = t[:-1] if t[-1:] in units else t
     value = float(number) * factor
-    if not value >= 0 or value != value:
+    if not 0 <= value < float("inf"):  # no NaN, no infinity (int() of which would raise OverflowError)
         raise ValueError
     return int(value)
 
@@ -92,10 +94,10 @@ class set_memory_budget:
     also a context manager. See the module notes (``docs/chunked.md``: how the path is chosen)."""
 
     def __init__(self, budget: Optional[int]) -> None:
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        if budget is not None and (not is_int(budget) or budget < 0):
             raise ValueError(f"budget must be None or a number of bytes >= 0, but got {budget!r}")
         self.previous = _STATE["budget"]
-        _STATE["budget"] = budget
+        _STATE["budget"] = None if budget is None else int(budget)
 
     def __enter__(self) -> set_memory_budget:
         return self
@@ -114,10 +116,10 @@ class set_loss_path:
     def __init__(self, path: str, rows: Optional[int] = None) -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, but got {path!r}")
-        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        if rows is not None and (not is_int(rows) or rows < 1):
             raise ValueError(f"rows must be None or an integer >= 1, but got {rows!r}")
         self.previous = (_STATE["path"], _STATE["rows"])
-        _STATE["path"], _STATE["rows"] = path, rows
+        _STATE["path"], _STATE["rows"] = path, None if rows is None else int(rows)
 
     def __enter__(self) -> set_loss_path:
         return self
