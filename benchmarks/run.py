@@ -35,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -181,13 +182,11 @@ def time_suite(
     if apart:
         return time_apart(suite, cfg, cases, results, rounds, memory, warmup, number)
     timed = [(step, result) for step, result in zip(steps, results) if result.note is None]
-    for step, _ in timed:  # warm-up, and allocate the gradient buffers
-        for _ in range(warmup):
-            step()
-    timers = [(_timer(step), result) for step, result in timed]
+    # warm-up, and allocate the gradient buffers
+    timers = [(_timer(step, _warm_up(step, warmup)), result) for step, result in timed]
     for _ in range(rounds):
         for timer, result in timers:
-            result.times.append(timer.timeit(number).median)
+            result.times.append(timer(number))
     del steps, timed, timers, data
     release_heap()  # the probes' processes need that memory: at C = 10^6 this one holds 10 GB once freed
     if memory:
@@ -241,16 +240,41 @@ def time_alone(suite: str, index: int, cfg: Config, rounds: int, warmup: int, nu
     """One case's timed rounds in this (fresh) process, after ``warmup`` steps: :func:`time_apart`'s child."""
     case = SUITES[suite][index]
     step = case.factory(cfg, make_data(cfg))
+    timer = _timer(step, _warm_up(step, warmup))
+    return [timer(number) for _ in range(rounds)]
+
+
+#: a step that took at least this long in its warm-up is timed one call per round: ``Timer.timeit`` runs its
+#: statement twice more first, as its own warm-up, which at N = 4096, C = 10^6 made each case of a run 10 steps of
+#: a minute or more instead of 4, and changes nothing that a step of seconds measures
+LONG_STEP_S = 1.0
+
+
+def _warm_up(step: Callable[[], None], warmup: int) -> float:
+    """Run ``step`` ``warmup`` times; the seconds the last one took (0 for none)."""
+    took = 0.0
     for _ in range(warmup):
+        start = time.perf_counter()
         step()
-    timer = _timer(step)
-    return [timer.timeit(number).median for _ in range(rounds)]
+        took = time.perf_counter() - start
+    return took
 
 
-def _timer(step: Callable[[], None]) -> benchmark.Timer:
-    """A timer of ``step()`` at this process's thread count: ``torch.utils.benchmark.Timer`` sets its own, 1 unless
-    told (every table before 2026-12-07 was timed on one thread whatever its header said)."""
-    return benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+def _timer(step: Callable[[], None], warm_step_s: float = 0.0) -> Callable[[int], float]:
+    """Seconds per call of ``step()``, ``number`` calls a round, at this process's thread count
+    (``torch.utils.benchmark.Timer`` sets its own, 1 unless told: every table before 2026-12-07 was timed on one thread
+    whatever its header said); a step of at least :data:`LONG_STEP_S` in its warm-up, one call timed alone."""
+    if warm_step_s >= LONG_STEP_S:
+
+        def alone(number: int) -> float:
+            start = time.perf_counter()
+            for _ in range(number):
+                step()
+            return (time.perf_counter() - start) / number
+
+        return alone
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return lambda number: timer.timeit(number).median
 
 
 def _ratio(value: float | None, base: float | None) -> str:

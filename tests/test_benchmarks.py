@@ -278,7 +278,7 @@ def test_the_batch_suites_limit_tiles_the_same_three_gemms(monkeypatch: pytest.M
     (case,) = [case for case in SUITES["batch"] if case.impl == "limit"]
     tiled = case.factory(cfg, make_data(cfg))
     assert isinstance(whole, cases.GemmLimit) and isinstance(tiled, cases.GemmLimit)
-    assert tiled.logits.shape == (4, 30) and not case.probe
+    assert tiled.logits.shape == (4 * 30,) and tiled.class_major and not whole.class_major and not case.probe
     tiled.w_hat.copy_(whole.w_hat)  # the same operands (the limit suite's weight is shared, the batch suite's not)
     for step in (whole, tiled, tiled):  # twice: the weight's product is written by the first tile, not added to
         step()
