@@ -186,7 +186,10 @@ def chunked_loss(
         raise ValueError(
             f"{margin.family.label} needs class indices (an integer tensor of shape (*)), not soft targets"
         )
-    if _soft_targets_need_grad(targets):  # (whatever the path: the dense one would differentiate them, the others not)
+    soft_with_grad = isinstance(targets, Tensor) and targets.is_floating_point() and targets.requires_grad
+    if soft_with_grad and torch.is_grad_enabled():
+        # a head's soft targets that need a gradient (margin_cross_entropy's were refused by kernel_targets): on every
+        # path, as the kernels hold targets as constants and their gradient would be N×C
         raise ValueError(
             "the chunked loss does not differentiate soft targets: detach the targets (labels), or use the dense "
             "path F.cross_entropy(head(input, target), target)"
@@ -267,16 +270,6 @@ def _dense_target(targets: Targets, num_classes: int, dtype: Optional[torch.dtyp
     )
     dense.scatter_add_(1, targets.classes.clamp(min=0), torch.where(inside, targets.weights, 0.0))
     return dense if dtype is None else dense.to(dtype)
-
-
-def _soft_targets_need_grad(targets: Targets | Tensor) -> bool:
-    """Whether soft targets (dense, or a few-hot pair's weights) require a gradient in grad mode: the chunk kernel
-    and the row tiles hold them as constants (their gradient would be N×C: what the chunked loss exists to avoid)."""
-    if not torch.is_grad_enabled():
-        return False
-    if isinstance(targets, Tensor):
-        return targets.is_floating_point() and targets.requires_grad
-    return any(t is not None and t.requires_grad for t in (targets.weights, targets.dense))
 
 
 def accumulating_bytes(weight: Tensor) -> int:
