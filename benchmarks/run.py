@@ -164,10 +164,12 @@ def time_suite(
     allocator: str = "tuned",
     number: int = 1,
     apart: bool | None = None,
+    case_limit_s: float | None = None,
 ) -> list[Result]:
     """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
     the memory left once every case is built gets a "skipped" row instead. Where the cases do not fit in memory
-    together (``apart``; None: :func:`apart_needed` decides), one process per case instead (:func:`time_apart`)."""
+    together (``apart``; None: :func:`apart_needed` decides), one process per case instead (:func:`time_apart`), each
+    stopped after ``case_limit_s`` seconds if given."""
     cases = [case for case in SUITES[suite] if case.available()]
     results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
     apart = apart_needed(suite, cfg, allocator) if apart is None else apart
@@ -180,7 +182,7 @@ def time_suite(
             if need > 0.9 * free:
                 result.note = f"skipped: a step needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
     if apart:
-        return time_apart(suite, cfg, cases, results, rounds, memory, warmup, number)
+        return time_apart(suite, cfg, cases, results, rounds, memory, warmup, number, case_limit_s)
     timed = [(step, result) for step, result in zip(steps, results) if result.note is None]
     # warm-up, and allocate the gradient buffers
     timers = [(_timer(step, _warm_up(step, warmup)), result) for step, result in timed]
@@ -212,18 +214,27 @@ def apart_needed(suite: str, cfg: Config, allocator: str) -> bool:
 
 def time_apart(
     suite: str, cfg: Config, cases: list[Case], results: list[Result], rounds: int, memory: bool, warmup: int,
-    number: int,
+    number: int, case_limit_s: float | None = None,
 ) -> list[Result]:  # fmt: skip
     """:func:`time_suite` where the cases do not fit in memory together: one child process per case, in turn, each
     timing its own rounds; the floor's child runs first and again last, and its times are both runs' (the drift of
-    a shared machine over the run shows as their spread). Not interleaved: read these ratios as coarser."""
+    a shared machine over the run shows as their spread). Not interleaved: read these ratios as coarser. A child
+    still running after ``case_limit_s`` seconds is stopped, and its row says so (at N = 4096, C = 10^6 PyTorch's
+    chunked ``F.linear_cross_entropy`` took more than 9 minutes a step: its warm-up and three rounds, 38 minutes
+    and more, would have been half the run)."""
     order = [i for i, result in enumerate(results) if result.note is None]
     floors = [i for i in order if cases[i].impl == "floor"]
     for i in floors + [i for i in order if i not in floors] + floors:
         index = SUITES[suite].index(cases[i])
         args = [sys.executable, "-m", "benchmarks.run", "--time", suite, str(index), json.dumps(cfg.__dict__),
                 str(rounds), str(warmup), str(number)]  # fmt: skip
-        done = subprocess.run(args, env=dict(os.environ), capture_output=True, text=True)
+        try:
+            done = subprocess.run(args, env=dict(os.environ), capture_output=True, text=True, timeout=case_limit_s)
+        except subprocess.TimeoutExpired:
+            print(f"stopped {cases[i].head} ({cases[i].impl}) after {case_limit_s:.0f} s", file=sys.stderr)
+            if not results[i].times:  # (the floor's second run stopped: its first run's rounds stand)
+                results[i].note = f"stopped after {case_limit_s:.0f} s: its warm-up and {rounds} rounds took longer"
+            continue
         if done.returncode != 0:
             results[i].note = f"its process failed (exit status {done.returncode})"
             print(f"timing failed for {cases[i].head} ({cases[i].impl}):\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -356,10 +367,17 @@ def main(argv: list[str] | None = None) -> None:
         help="one process per case, in turn, whatever the memory estimate says (it missed glibc's default allocator "
         "at N = 8192, C = 10^5: the interleaved process was killed at 24 GB)",
     )
+    parser.add_argument(
+        "--case-minutes",
+        type=float,
+        help="with one process per case: stop a case's process after this many minutes (its row says so)",
+    )
     parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=6, help=argparse.SUPPRESS)  # SUITE INDEX CONFIG ROUNDS WARMUP NUMBER
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw)
+    if args.case_minutes is not None and not args.case_minutes > 0:
+        parser.error(f"--case-minutes must be a positive number of minutes, but got {args.case_minutes}")
 
     if args.probe:
         suite, index, cfg = args.probe
@@ -419,8 +437,9 @@ def run_suites(args: argparse.Namespace) -> None:
             try:
                 memory = not args.no_memory and suite not in NO_MEMORY
                 apart = args.apart or apart_needed(suite, cfg, args.allocator)
+                limit_s = None if args.case_minutes is None else 60 * args.case_minutes
                 results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator, NUMBER.get(suite, 1),
-                                     apart)  # fmt: skip
+                                     apart, limit_s)  # fmt: skip
             finally:
                 torch.set_num_threads(threads)
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"

@@ -287,3 +287,31 @@ def test_the_batch_suites_limit_tiles_the_same_three_gemms(monkeypatch: pytest.M
     z = tiled.x_hat @ tiled.w_hat.t()  # written out: G = the logits
     torch.testing.assert_close(whole.grad_w, z.t() @ tiled.x_hat)
     torch.testing.assert_close(whole.grad_x, z @ tiled.w_hat)
+
+
+@pytest.mark.slow  # a process per case
+def test_a_case_past_its_time_limit_is_stopped_and_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--case-minutes``: a case's process still running at the limit is stopped; its row says so and the others
+    keep their rounds (PyTorch's chunked ``F.linear_cross_entropy`` took more than 9 minutes a step at N = 4096,
+    C = 10^6)."""
+    import subprocess
+
+    real = subprocess.run
+    calls = []
+
+    def slow_second(args, **kwargs):  # the second case's child "hangs": the limit is what stops it
+        calls.append(kwargs.get("timeout"))
+        if len(calls) == 2:
+            raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(run.subprocess, "run", slow_second)
+    cfg = Config(batch=8, features=16, classes=50, soft=True)
+    results = run.time_suite("soft targets", cfg, rounds=2, memory=False, apart=True, case_limit_s=90.0)
+    assert len(calls) >= 4 and set(calls) == {90.0}  # the limit reaches every child (the floor's twice)
+    stopped = [r for r in results if r.note and r.note.startswith("stopped after 90 s")]
+    assert len(stopped) == 1 and not stopped[0].times
+    assert all(r.times for r in results if r.note is None)
+    assert "stopped after 90 s: its warm-up and 2 rounds took longer" in run.table(results)
+    with pytest.raises(SystemExit):
+        run.main(["--case-minutes", "0"])
