@@ -97,7 +97,7 @@ def _check_locally(
         if not checked.is_floating_point():
             labels = checked.reshape(-1)
         else:
-            if checked.requires_grad:
+            if checked.requires_grad and torch.is_grad_enabled():
                 raise ValueError("the sharded loss does not differentiate soft targets: detach target")
             pair = dense_to_pair(checked.reshape(-1, num_classes))
     if margin_.family.class_indices_only and labels is None:

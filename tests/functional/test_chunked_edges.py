@@ -98,3 +98,26 @@ def test_loss_plan_checks_its_sizes_and_counts_an_existing_grad() -> None:
         assert ran == [128, 96]
     with MF.set_memory_budget(np.int64(1 << 24)), MF.set_loss_path("row_tiles", rows=np.int64(64)):
         assert MF.loss_plan(256, 100_000).rows == 64
+
+
+def test_the_functional_losses_take_soft_targets_that_require_grad_under_no_grad() -> None:
+    """As a head's ``loss()`` does: with no gradient asked for there is none to drop, and the loss is the detached
+    targets' (before, ``margin_cross_entropy`` and the sharded loss refused them even under ``no_grad``)."""
+    x = torch.randn(6, 4, dtype=torch.float64)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    soft = torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1).requires_grad_(True)
+    classes = torch.randint(0, 5, (6, 2))
+    weights = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    losses = {
+        "margin_cross_entropy": lambda t: MF.margin_cross_entropy(x, w, t, scale=10.0),
+        "sharded_margin_cross_entropy": lambda t: MF.sharded_margin_cross_entropy(
+            x, w, t, class_start=0, num_classes=5, scale=10.0
+        ),
+    }
+    for name, loss in losses.items():
+        for target, detached in ((soft, soft.detach()), ((classes, weights), (classes, weights.detach()))):
+            with pytest.raises(ValueError, match="not differentiate soft targets"):
+                loss(target)
+            with torch.no_grad():
+                got = loss(target)
+            assert torch.equal(got, loss(detached)), name

@@ -380,7 +380,7 @@ def check_pair(target: Any, lead: tuple[int, ...], num_classes: int) -> tuple[Te
             f"target's classes and weights must both have shape (*, P) with * = {shape_str(lead)}, "
             f"but got {shape_str(classes.shape)} and {shape_str(weights.shape)}"
         )
-    if weights.requires_grad:
+    if weights.requires_grad and torch.is_grad_enabled():
         raise ValueError("the chunked and sharded losses do not differentiate soft targets: detach the weights")
     if classes.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(classes))

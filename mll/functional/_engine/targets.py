@@ -65,7 +65,7 @@ def kernel_targets(target: Target, lead: tuple[int, ...], num_classes: int, acc:
         merged, merged_weights = merge_duplicates(classes.reshape(n, p), weights)
         return Targets(classes=merged, weights=merged_weights, row_sum=weights.sum(1))
     checked = check_target(target, torch.Size((*lead, num_classes)))
-    if checked.requires_grad:
+    if checked.requires_grad and torch.is_grad_enabled():  # (under no_grad there is no gradient to drop)
         raise ValueError(
             "margin_cross_entropy does not differentiate soft targets: detach target, or use the dense path "
             "F.cross_entropy(head(input, target), target)"
