@@ -29,7 +29,7 @@ from mll.functional._engine.checks import (
     check_target,
     is_soft,
 )
-from mll.functional.chunked import chunked_loss
+from mll.functional.chunked import chunked_loss, read_only
 from mll.functional.margin import apply_margin
 from mll.nn._regularized import plus_regularizer
 from mll.nn._state import InitialValue, float_repr, register_scale, restore_initial_values
@@ -247,9 +247,9 @@ class Head(nn.Module):
     ) -> Tensor:  # fmt: skip
         """The body of ``loss``: every check first, then this step's margin (which may change state; ``margin``,
         when given, instead), then the chunked cross-entropy."""
-        if not self.training:
+        if not self.training:  # (read, most often: see read_only)
             target = self._loss_checks(input, labels, reduction, chunk_size)
-            return self.loss_terms(input, target, MF.NO_MARGIN(), reduction, chunk_size)
+            return read_only(lambda: self.loss_terms(input, target, MF.NO_MARGIN(), reduction, chunk_size))
         target = self.agreed(lambda: self._loss_checks(input, labels, reduction, chunk_size))
         # every check above ran before the first change of state here
         if margin is None:

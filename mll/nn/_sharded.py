@@ -40,6 +40,7 @@ from mll.functional._engine.checks import (
     is_int,
 )
 from mll.functional._engine.distributed import rank_and_world
+from mll.functional.chunked import read_only
 from mll.nn._sampling import (
     RANDOM_STATE_KEYS,
     advance_sampling,
@@ -176,7 +177,10 @@ class Sharded(_Base):
             margin = MF.NO_MARGIN()
         elif margin is None:
             margin = self.step_margin(input, target, None)
-        out = self.loss_terms(input, target, margin, reduction, chunk_size)
+        if self.training:
+            out = self.loss_terms(input, target, margin, reduction, chunk_size)
+        else:  # (every rank alike: the ranks agreed on the mode above)
+            out = read_only(lambda: self.loss_terms(input, target, margin, reduction, chunk_size))
         advance_sampling(self)
         return out
 

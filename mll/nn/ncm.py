@@ -19,7 +19,7 @@ from mll.functional._engine.checks import (
     check_target,
 )
 from mll.functional._engine.distributed import all_reduce_sum
-from mll.functional.chunked import chunked_loss
+from mll.functional.chunked import chunked_loss, read_only
 from mll.nn._head import agreed
 from mll.nn._state import InitialValue, check_fits, float_repr, keep_initial, restore_initial_values
 
@@ -130,9 +130,13 @@ class DeepNCM(nn.Module):
         else:
             labels = self._loss_checks(input, labels, reduction, chunk_size)
         means = self.means.clone() if self.training else self.means  # backward needs the means of the forward
-        loss = chunked_loss(
-            input, means.to(input.dtype), labels, self.scale, MF.NO_MARGIN(), 1, "max", 0.1, chunk_size, reduction
-        )
+
+        def loss_of() -> Tensor:
+            return chunked_loss(
+                input, means.to(input.dtype), labels, self.scale, MF.NO_MARGIN(), 1, "max", 0.1, chunk_size, reduction
+            )
+
+        loss = loss_of() if self.training else read_only(loss_of)  # (an eval-mode loss: read, most often)
         if self.training:
             self._update(input, labels)
         return loss
