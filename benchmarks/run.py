@@ -255,6 +255,9 @@ def time_alone(suite: str, index: int, cfg: Config, rounds: int, warmup: int, nu
     return [timer(number) for _ in range(rounds)]
 
 
+#: the longest ``--case-minutes`` (a week; ``subprocess`` refuses a timeout far beyond it: OverflowError)
+MAX_CASE_MINUTES = 10_000
+
 #: a step that took at least this long in its warm-up is timed one call per round: ``Timer.timeit`` runs its
 #: statement twice more first, as its own warm-up, which at N = 4096, C = 10^6 made each case of a run 10 steps of
 #: a minute or more instead of 4, and changes nothing that a step of seconds measures
@@ -376,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time", nargs=6, help=argparse.SUPPRESS)  # SUITE INDEX CONFIG ROUNDS WARMUP NUMBER
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw)
-    if args.case_minutes is not None and not args.case_minutes > 0:
-        parser.error(f"--case-minutes must be a positive number of minutes, but got {args.case_minutes}")
+    if args.case_minutes is not None and not 0 < args.case_minutes <= MAX_CASE_MINUTES:  # (inf: subprocess overflows)
+        parser.error(f"--case-minutes must be in (0, {MAX_CASE_MINUTES}] minutes, but got {args.case_minutes}")
 
     if args.probe:
         suite, index, cfg = args.probe

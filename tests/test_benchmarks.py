@@ -313,5 +313,6 @@ def test_a_case_past_its_time_limit_is_stopped_and_said_so(monkeypatch: pytest.M
     assert len(stopped) == 1 and not stopped[0].times
     assert all(r.times for r in results if r.note is None)
     assert "stopped after 90 s: its warm-up and 2 rounds took longer" in run.table(results)
-    with pytest.raises(SystemExit):
-        run.main(["--case-minutes", "0"])
+    for bad in ("0", "-1", "nan", "inf", "1e300"):
+        with pytest.raises(SystemExit):
+            run.main(["--case-minutes", bad])

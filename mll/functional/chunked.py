@@ -55,9 +55,9 @@ def loss_plan(
     device: Any = "cpu", reduction: Reduction = "mean", requires_grad: bool = True, plain: bool = True,
     chunk_size: Optional[int] = None, held: int = 0,
 ) -> Plan:  # fmt: skip
-    """The path :func:`margin_cross_entropy` (and every head's ``loss()``) takes for a batch of ``batch`` rows over
-    ``num_classes`` classes — ``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and
-    memory budget
+    """The path :func:`margin_cross_entropy` (and every head's ``loss()`` in training mode; in eval mode, as with
+    ``requires_grad=False``: see :func:`read_only`) takes for a batch of ``batch`` rows over ``num_classes`` classes —
+    ``"dense"``, ``"keep"``, ``"row_tiles"`` or ``"recompute"`` — with its chunk, tile and memory budget
     (see ``docs/chunked.md``: how the path is chosen). ``plain``: plain scaled cosine logits with class indices (no
     sub-centers, non-target part or dense soft targets, which hold four logits-sized buffers per chunk; a row tile holds
     one whatever the logits). ``held``: bytes the step holds besides a tile — with an existing ``.grad`` on the
@@ -298,7 +298,7 @@ _READ_ONLY: ContextVar[bool] = ContextVar("mll_read_only_loss", default=False)
 T = TypeVar("T")
 
 
-def read_only(call: Callable[[], T]) -> T:
+def read_only(call: Callable[[], T], *, eager: bool = False) -> T:
     """``call()`` — a head's ``loss()`` in eval mode — without forming the gradient during the forward.
 
     An eval-mode loss is read far more often than differentiated (a validation loss computed outside
@@ -306,14 +306,33 @@ def read_only(call: Callable[[], T]) -> T:
     pay two more GEMMs and the weight gradient's C×d buffer for it: ArcFace, N = 1024, C = 2·10^4, d = 512, one
     thread, 2.19× the time of the same loss under ``no_grad``. Here the budget picks between the other paths, whose
     forward is one GEMM; a backward, if one comes (an attack on the inputs), runs theirs (the chunk kernel's two or
-    three GEMMs: at most 4/3 of the row tiles' three). The values are the same to rounding."""
-    if torch.compiler.is_compiling():  # (compiled, no path forms the gradient in the forward anyway)
-        return call()
+    three GEMMs: at most 4/3 of the row tiles' three). The values are the same to rounding.
+
+    Compiled, a traced loss never forms the gradient in its forward, and ``call`` is traced as it is; ``eager``: it
+    runs outside the graph there (a graph break) with the flag set — the class-sharded losses, which leave the graph
+    for their collectives and would form it there."""
+    if torch.compiler.is_compiling():
+        return _eager_read_only()(call) if eager else call()
+    return _flagged(call)
+
+
+def _flagged(call: Callable[[], T]) -> T:
     token = _READ_ONLY.set(True)
     try:
         return call()
     finally:
         _READ_ONLY.reset(token)
+
+
+_EAGER: list[Any] = []
+
+
+def _eager_read_only() -> Any:
+    """:func:`_flagged` behind ``torch.compiler.disable``, made at the first compiled call (at import it would
+    import ``torch._dynamo`` into every ``import mll``)."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_flagged))
+    return _EAGER[0]
 
 
 def _flat(items: Any) -> Any:

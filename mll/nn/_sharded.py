@@ -179,8 +179,8 @@ class Sharded(_Base):
             margin = self.step_margin(input, target, None)
         if self.training:
             out = self.loss_terms(input, target, margin, reduction, chunk_size)
-        else:  # (every rank alike: the ranks agreed on the mode above)
-            out = read_only(lambda: self.loss_terms(input, target, margin, reduction, chunk_size))
+        else:  # (every rank alike: the ranks agreed on the mode above; compiled, outside the graph, as the loss is)
+            out = read_only(lambda: self.loss_terms(input, target, margin, reduction, chunk_size), eager=True)
         advance_sampling(self)
         return out
 

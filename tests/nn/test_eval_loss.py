@@ -100,3 +100,21 @@ def test_an_eval_mode_loss_compiles_whole(name) -> None:
     y = torch.randint(0, C, (N,))
     compiled = torch.compile(lambda a, b: head.loss(a, b), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, y), head.loss(x, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow  # compiles three heads
+@pytest.mark.parametrize("name", ["ShardedArcFace", "ShardedDeepNCM", "ShardedProxyAnchor"])
+def test_a_sharded_heads_eval_loss_forms_no_gradient_when_compiled_either(name, formed) -> None:
+    """The class-sharded losses leave the graph for their collectives (``torch.compiler.disable``), where a traced
+    flag would not reach them: their heads run the eval-mode loss outside the graph, with the flag set."""
+    torch.manual_seed(1)
+    heads = {"ShardedDeepNCM": lambda: mll.ShardedDeepNCM(D, C, dtype=torch.float64), **HEADS}
+    head = heads[name]().eval()
+    x = torch.randn(100, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (100,))
+    with MF.set_memory_budget(64 * C * 8):  # a tile of 64 rows fits, the 100 rows' logits do not
+        want = head.loss(x, y)
+        assert formed == []
+        got = torch.compile(lambda a, b: head.loss(a, b), backend="aot_eager")(x, y)
+    assert formed == []
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
