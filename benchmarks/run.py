@@ -165,11 +165,12 @@ def time_suite(
     number: int = 1,
     apart: bool | None = None,
     case_limit_s: float | None = None,
+    skip: tuple[str, ...] = (),
 ) -> list[Result]:
     """Time the suite's available cases interleaved, after ``warmup`` steps each; a case whose step would not fit in
     the memory left once every case is built gets a "skipped" row instead. Where the cases do not fit in memory
     together (``apart``; None: :func:`apart_needed` decides), one process per case instead (:func:`time_apart`), each
-    stopped after ``case_limit_s`` seconds if given."""
+    stopped after ``case_limit_s`` seconds if given. Implementations named in ``skip`` get a "skipped" row."""
     cases = [case for case in SUITES[suite] if case.available()]
     results = [Result(suite, case.head, case.impl, cfg.classes, []) for case in cases]
     apart = apart_needed(suite, cfg, allocator) if apart is None else apart
@@ -181,6 +182,8 @@ def time_suite(
             need = RESIDENT_PER_LIVE[allocator] * case.step_bytes(cfg)
             if need > 0.9 * free:
                 result.note = f"skipped: a step needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB available"
+        if case.impl in skip:
+            result.note = "skipped (--skip)"
     if apart:
         return time_apart(suite, cfg, cases, results, rounds, memory, warmup, number, case_limit_s)
     timed = [(step, result) for step, result in zip(steps, results) if result.note is None]
@@ -375,12 +378,22 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         help="with one process per case: stop a case's process after this many minutes (its row says so)",
     )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        metavar="IMPL",
+        help='implementations to leave out, named as in the tables (e.g. "F.linear_cross_entropy, chunked")',
+    )
     parser.add_argument("--probe", nargs=3, metavar=("SUITE", "INDEX", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=6, help=argparse.SUPPRESS)  # SUITE INDEX CONFIG ROUNDS WARMUP NUMBER
     raw = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw)
     if args.case_minutes is not None and not 0 < args.case_minutes <= MAX_CASE_MINUTES:  # (inf: subprocess overflows)
         parser.error(f"--case-minutes must be in (0, {MAX_CASE_MINUTES}] minutes, but got {args.case_minutes}")
+    unknown = set(args.skip) - {case.impl for cases in SUITES.values() for case in cases}
+    if unknown:
+        parser.error(f"--skip names no implementation of the tables: {', '.join(sorted(map(repr, unknown)))}")
 
     if args.probe:
         suite, index, cfg = args.probe
@@ -442,7 +455,7 @@ def run_suites(args: argparse.Namespace) -> None:
                 apart = args.apart or apart_needed(suite, cfg, args.allocator)
                 limit_s = None if args.case_minutes is None else 60 * args.case_minutes
                 results = time_suite(suite, cfg, rounds, memory, warmup, args.allocator, NUMBER.get(suite, 1),
-                                     apart, limit_s)  # fmt: skip
+                                     apart, limit_s, tuple(args.skip))  # fmt: skip
             finally:
                 torch.set_num_threads(threads)
             title = f"{suite}: N={cfg.batch}, d={cfg.features}, C={c}, K={sub_centers}; allocator: {args.allocator}"

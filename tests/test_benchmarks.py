@@ -316,3 +316,13 @@ def test_a_case_past_its_time_limit_is_stopped_and_said_so(monkeypatch: pytest.M
     for bad in ("0", "-1", "nan", "inf", "1e300"):
         with pytest.raises(SystemExit):
             run.main(["--case-minutes", bad])
+
+
+def test_skipped_implementations_get_a_row_that_says_so() -> None:
+    cfg = Config(batch=8, features=16, classes=50)
+    results = run.time_suite("limit", cfg, rounds=1, memory=False, skip=("limit",))
+    skipped = [r for r in results if r.impl == "limit"]
+    assert len(skipped) == 1 and skipped[0].note == "skipped (--skip)" and not skipped[0].times
+    assert all(r.times for r in results if r.impl != "limit")
+    with pytest.raises(SystemExit):
+        run.main(["--skip", "F.linear_cross_entropy chunked"])  # (a typo: the comma)
