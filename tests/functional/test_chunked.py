@@ -1,5 +1,7 @@
 """margin_cross_entropy: the chunked loss equals the dense path, value and gradients, for every chunk size."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -366,7 +368,10 @@ def test_row_tiles_hold_one_tile_sized_buffer(name: str, k: int, soft: bool, mon
     monkeypatch.setattr(row_tiles, "GROUP_ELEMENTS", 1)  # groups of one row: temporaries far below a tile
     torch.manual_seed(0)
     n, c, d, rows = 16, 5000, 3, 4  # a tile has 4·C·K logits, more than the weight (3·C·K) or anything else
-    head = getattr(mll, name)(d, c, k, dtype=torch.float64).eval()  # (CurricularFace's t stays where it is)
+    # training mode (an eval-mode loss never forms its gradient in the forward); a twin for the tiles, so that
+    # CurricularFace's t moves alike in both
+    head = getattr(mll, name)(d, c, k, dtype=torch.float64)
+    twin = copy.deepcopy(head)
     x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, c, (n,))
     target = torch.softmax(torch.randn(n, c, dtype=torch.float64), 1) if soft else y
@@ -375,9 +380,9 @@ def test_row_tiles_hold_one_tile_sized_buffer(name: str, k: int, soft: bool, mon
         want_grads = torch.autograd.grad(want, [x, head.weight])
     # (exactly a tile's size: the soft targets' checks make N×C temporaries of their own before the loss)
     with MF.set_loss_path("row_tiles", rows=rows), _LargeAllocations(rows * c * k, exact=soft) as tiled:
-        got = head.loss(x, target)
+        got = twin.loss(x, target)
     assert tiled.seen == ["aten.empty.memory_format"], tiled.seen
-    got_grads = torch.autograd.grad(got, [x, head.weight])
+    got_grads = torch.autograd.grad(got, [x, twin.weight])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
