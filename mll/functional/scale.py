@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mll.functional._engine.checks import check_cosine, check_num_classes, check_scale, check_target, is_soft
-from mll.functional._engine.numerics import work_dtype
+from mll.functional._engine.numerics import exp_, work_dtype
 from mll.functional.margin import Margin
 from mll.functional.margins import COMBINED, FAMILIES, resolve_margin
 
@@ -165,7 +165,7 @@ def adacos_statistics_chunked(
             logits = logits.scatter(1, col, torch.where(inside.unsqueeze(1), -math.inf, logits.gather(1, col)))
         new_max = torch.maximum(run_max, logits.amax(1))
         shift = torch.where(torch.isfinite(new_max), new_max, 0.0)
-        run_sum = run_sum * torch.exp(run_max - shift) + torch.exp(logits - shift[:, None]).sum(1)
+        run_sum = run_sum * torch.exp(run_max - shift) + exp_(logits - shift[:, None]).sum(1)
         run_max = torch.where(torch.isfinite(new_max), new_max, run_max)
     if flat is None:
         theta = torch.arccos(best.clamp(-1, 1))

@@ -27,7 +27,7 @@ from torch import Tensor
 from mll.functional._engine.accumulate import accumulate_node, grad_to_accumulate_into
 from mll.functional._engine.agreement import check_backward_agreement
 from mll.functional._engine.chunks import ChunkRows, add_grads, chunk_bounds, cosines, in_chunk, sub_center_grads
-from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, exp, exp_, refuse_batched_backward
 
 
 def class_log_sums(
@@ -68,7 +68,7 @@ def class_log_terms(
     negatives = negatives.scatter_(1, at, fill) if own else negatives.scatter(1, at, fill)
     # log(1 + Σ_rows e^z) down each column, shifted by max(0, max z): the 1 is a row of zeros, never concatenated
     shift = negatives.detach().amax(0).clamp(min=0) if negatives.shape[0] else negatives.new_zeros(w)
-    terms = negatives.sub_(shift).exp_() if own else (negatives - shift).exp()
+    terms = exp_(negatives.sub_(shift)) if own else exp(negatives - shift)
     neg = shift + torch.log(torch.exp(-shift) + terms.sum(0))
     present = _per_class(inside.to(cos.dtype), col, w, "sum").clamp(max=1)
     return pos, neg, present, terms, shift
@@ -186,7 +186,7 @@ def column_dcos(
     on_pos, on_neg = (
         torch.as_tensor(f, dtype=exponent.dtype, device=exponent.device) for f in (factor_pos, factor_neg)
     )
-    return _through_rows(torch.exp(exponent).mul_(torch.where(positive, on_pos, on_neg)), chunk, spec)
+    return _through_rows(exp(exponent).mul_(torch.where(positive, on_pos, on_neg)), chunk, spec)
 
 
 def terms_dcos(

@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from mll.functional._engine.numerics import exp
+
 __all__ = ["chunk_kernel", "set_chunk_kernel"]
 
 _KERNELS = ("eager", "compiled")
@@ -116,7 +118,7 @@ def forward_body(
         raw, inv, s, value, cols, inside, t, target_cos, row_params, params, family, k, tau, plain
     )
     new_max = torch.maximum(run_max, z.amax(1))
-    new_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
+    new_sum = run_sum * torch.exp(run_max - new_max) + exp(z - new_max[:, None]).sum(1)
     term = None if t is None else (t * z).sum(1)
     if keep:
         return new_max, new_sum, term, z, cos_k, pooled, slope, neg
@@ -140,7 +142,7 @@ def backward_body(
         )
     else:
         z, cos_k, pooled, slope, neg = kept
-    dz = torch.exp(z - lse[:, None])
+    dz = exp(z - lse[:, None])
     if row_sum is not None:
         dz = dz * row_sum[:, None]
     if t is not None:

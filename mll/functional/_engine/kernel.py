@@ -37,7 +37,7 @@ from mll.functional._engine.chunks import (
     saved_norms,
     sub_center_grads,
 )
-from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, refuse_batched_backward
+from mll.functional._engine.numerics import DirectApply, acc_dtype, double_backward, exp, exp_, refuse_batched_backward
 from mll.functional._engine.targets import Targets
 
 
@@ -107,7 +107,7 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
                 target_term += (chunk.t * z).sum(1)
             new_max = torch.maximum(run_max, z.amax(1))
             shifted = z.sub_(new_max[:, None]) if kept is None else into_buffer(buf, torch.sub, z, new_max[:, None])
-            run_sum = run_sum * torch.exp(run_max - new_max) + shifted.exp_().sum(1)
+            run_sum = run_sum * torch.exp(run_max - new_max) + exp_(shifted).sum(1)
             run_max = new_max
             if kept is not None:
                 kept.append(chunk)
@@ -199,12 +199,12 @@ class ChunkedCE(DirectApply, torch.autograd.Function):
                 continue
             if kept is not None:  # the forward's logits, left as they are (a second backward reads them again)
                 chunk = kept[i]
-                dz = into_buffer(buf, torch.sub, chunk.z, lse[:, None]).exp_()
+                dz = exp_(into_buffer(buf, torch.sub, chunk.z, lse[:, None]))
             else:
                 chunk = Chunk(spec, x, rows_w, value_d, tuple(params), s, start, stop, buf,
                                norms=saved_norms(norms, start, stop, k))  # fmt: skip
                 # p = softmax; in place over the logits unless the scale's gradient still needs them
-                dz = torch.exp(chunk.z - lse[:, None]) if grad_s is not None else chunk.z.sub_(lse[:, None]).exp_()
+                dz = exp(chunk.z - lse[:, None]) if grad_s is not None else exp_(chunk.z.sub_(lse[:, None]))
             if targets.row_sum is not None:
                 dz.mul_(targets.row_sum[:, None])
             if targets.dense is not None:
@@ -345,7 +345,7 @@ def tile_softmax_grad(
     top = z.amax(1) if width > 0 else z.new_full((z.shape[0],), -torch.inf)
     if spec.reduce is not None:  # the row max over every block first, so that no block's exp overflows
         top = spec.reduce(top, "max")
-    e = torch.exp(z - top[:, None]) if keep_logits else z.sub_(top[:, None]).exp_()
+    e = exp(z - top[:, None]) if keep_logits else exp_(z.sub_(top[:, None]))
     total = e.sum(1)
     if spec.reduce is not None:
         total, term = spec.reduce(torch.stack([total, term]), "sum")

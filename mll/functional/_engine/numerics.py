@@ -6,6 +6,7 @@
   is itself being differentiated (:func:`double_backward`), and whether it runs batched
   (:func:`refuse_batched_backward`);
 - :func:`scratch`: a block's temporaries from buffers reused across the blocks of a row tile (:func:`scratch_pool`);
+- :func:`exp_` and :func:`exp`: the exponential of the softmax passes, through ``exp2`` on the CPU;
 - :class:`DirectApply`: the engine's autograd Functions skip what ``Function.apply`` spends on binding default
   arguments in eager mode (an ``inspect.signature`` per call: half the cost of a small Function's apply).
 """
@@ -41,6 +42,30 @@ def weight_eps(dtype: torch.dtype) -> float:
     """The ε of :func:`mll.functional.normalize` for rows of ``dtype``: ``2**-10`` for float16 (so that the gradient
     at a zero vector, 1/ε times the upstream gradient, stays representable), ``1e-12`` otherwise (F.normalize's)."""
     return 2.0**-10 if dtype == torch.float16 else 1e-12
+
+
+#: log2(e): e^t = 2^(t·log2 e)
+LOG2E = 1.4426950408889634
+_EXP2 = (torch.float32, torch.float64)
+
+
+def exp_(t: Tensor) -> Tensor:
+    """``t.exp_()``, as ``2^(t·log2 e)`` for float32 and float64 on the CPU: there PyTorch's ``exp2`` runs about three
+    times as fast as its ``exp`` (2 threads, float32, blocks of 2^20 numbers: 0.21 against 0.62 ns a number with the
+    product's pass, at t from −86 to 0), and where the result is subnormal (t < −87.3: the softmax of a row whose
+    logits span more than that, as s = 64 allows) ``exp`` takes a slow path, 14–23 ns a number against 0.36–0.51.
+    The product's rounding is one more of the argument's: below the GEMM's that formed it. Differentiable (the
+    dense losses' in-place passes record it)."""
+    if t.dtype in _EXP2 and t.device.type == "cpu":
+        return t.mul_(LOG2E).exp2_()
+    return t.exp_()
+
+
+def exp(t: Tensor) -> Tensor:
+    """:func:`exp_` into a new tensor."""
+    if t.dtype in _EXP2 and t.device.type == "cpu":
+        return torch.exp2(t * LOG2E)
+    return torch.exp(t)
 
 
 #: the dispatch-mode key of ``FakeTensorMode`` (None in a torch without it)

@@ -29,7 +29,7 @@ from torch import Tensor
 from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, row_slice
 from mll.functional._engine.kernel import chunk_dcos, subtract_targets_, target_logit_sum, tile_softmax_grad
 from mll.functional._engine.normalization import fold_normalization_
-from mll.functional._engine.numerics import acc_dtype, double_backward, scratch_pool, weight_eps
+from mll.functional._engine.numerics import acc_dtype, double_backward, exp_, scratch_pool, weight_eps
 
 #: a tile's elementwise work runs on groups of rows of about this many logits (4 MB of float32: a group and its
 #: temporaries stay in the cache between the GEMMs, which stream the whole tile)
@@ -239,7 +239,7 @@ def class_blocks(
     for c0, c1 in chunk_bounds(width, block_columns(rows, width)):
         chunk = Chunk(tile, x, weight, value, params, s, c0, c1, raw=raw[:, c0:c1], shared=block)
         top = chunk.z.amax(1)
-        sums.append(chunk.z.sub_(top[:, None]).exp_().sum(1))
+        sums.append(exp_(chunk.z.sub_(top[:, None])).sum(1))
         if again:
             del chunk.z
             chunk.neg_slope = None
@@ -257,7 +257,7 @@ def class_blocks(
         if again:  # softmax·Σt = e^{z − lse}·Σt, from the logits formed again
             chunk.shape_negatives(tile, s)
             chunk.write_targets(targets, value, s)
-            dz = chunk.z.sub_(lse[:, None]).exp_()
+            dz = exp_(chunk.z.sub_(lse[:, None]))
             if targets.row_sum is not None:
                 dz.mul_(targets.row_sum[:, None])
         else:  # the plain logits' e^{z − m_b} are in the tile: softmax·Σt = e^{z − m_b}·e^{m_b − max}·Σt/Σ
