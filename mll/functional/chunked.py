@@ -28,7 +28,7 @@ from mll.functional._engine.checks import (
     renamed,
 )
 from mll.functional._engine.chunks import Spec, prepare
-from mll.functional._engine.compiled import chunk_kernel
+from mll.functional._engine.compiled import chunk_kernel, outside_graph
 from mll.functional._engine.kernel import chunked_ce
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import Scale, acc_dtype
@@ -312,7 +312,7 @@ def read_only(call: Callable[[], T], *, eager: bool = False) -> T:
     runs outside the graph there (a graph break) with the flag set — the class-sharded losses, which leave the graph
     for their collectives and would form it there."""
     if torch.compiler.is_compiling():
-        return _eager_read_only()(call) if eager else call()
+        return outside_graph(_flagged, _EAGER)(call) if eager else call()
     return _flagged(call)
 
 
@@ -324,15 +324,7 @@ def _flagged(call: Callable[[], T]) -> T:
         _READ_ONLY.reset(token)
 
 
-_EAGER: list[Any] = []
-
-
-def _eager_read_only() -> Any:
-    """:func:`_flagged` behind ``torch.compiler.disable``, made at the first compiled call (at import it would
-    import ``torch._dynamo`` into every ``import mll``)."""
-    if not _EAGER:
-        _EAGER.append(torch.compiler.disable(_flagged))
-    return _EAGER[0]
+_EAGER: list[Any] = []  # _flagged outside the graph (outside_graph)
 
 
 def _flat(items: Any) -> Any:

@@ -50,6 +50,7 @@ from mll.functional._engine.checks import (
     shape_str,
 )
 from mll.functional._engine.class_sums import ClassLogSums, ClassSumsSpec, ProxyAnchorOnePass, class_log_sums
+from mll.functional._engine.compiled import outside_graph
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import acc_dtype, has_values
@@ -299,19 +300,13 @@ def sharded_proxy_anchor_loss(
     Returns:
         Tensor: the loss, 0-dim, identical on every rank (float32 for half-precision input).
     """
-    return _eager_sharded()(
+    return outside_graph(_sharded, _EAGER)(
         input, weight, target, class_start, num_classes, alpha, delta, num_sub_centers, pooling, pooling_temperature,
         chunk_size, feature_grad_scale, group,
     )  # fmt: skip
 
 
-_EAGER: list[Any] = []
-
-
-def _eager_sharded() -> Any:
-    if not _EAGER:  # made at the first call: decorating at import would import torch._dynamo into every import
-        _EAGER.append(torch.compiler.disable(_sharded))
-    return _EAGER[0]
+_EAGER: list[Any] = []  # _sharded outside the graph (outside_graph)
 
 
 def _check_locally(

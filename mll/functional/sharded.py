@@ -37,6 +37,7 @@ from mll.functional._engine.checks import (
     is_int,
 )
 from mll.functional._engine.chunks import Spec, prepare
+from mll.functional._engine.compiled import outside_graph
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
 from mll.functional._engine.kernel import chunked_ce
 from mll.functional._engine.normalization import normalize
@@ -218,22 +219,14 @@ def sharded_margin_cross_entropy(
     Returns:
         Tensor: the loss (float32 for half-precision inputs).
     """
-    return _eager_sharded()(
+    return outside_graph(_sharded, _EAGER)(
         input, weight, target, class_start, num_classes, scale, margin, margin_type, easy_margin, num_sub_centers,
         pooling, pooling_temperature, sample_rate, generator, chunk_size, feature_grad_scale, group, reduction,
         normalized, sampler,
     )  # fmt: skip
 
 
-_EAGER: list[Any] = []
-
-
-def _eager_sharded() -> Any:
-    """:func:`_sharded` behind ``torch.compiler.disable`` (a graph break under ``torch.compile``), made at the first
-    call: decorating it at import would import ``torch._dynamo`` (over a second) into every ``import mll``."""
-    if not _EAGER:
-        _EAGER.append(torch.compiler.disable(_sharded))
-    return _EAGER[0]
+_EAGER: list[Any] = []  # _sharded outside the graph (outside_graph)
 
 
 def _sharded(

@@ -27,6 +27,17 @@ from mll.functional._engine.numerics import exp
 
 __all__ = ["chunk_kernel", "set_chunk_kernel"]
 
+
+def outside_graph(fn: Callable[..., Any], made: list[Any]) -> Callable[..., Any]:
+    """``fn`` behind ``torch.compiler.disable`` (a graph break under ``torch.compile``: the class-sharded losses'
+    collectives, a flag a traced call would not carry), made at the first call and kept in the caller's ``made``
+    (an empty list of its module's): decorating at import would import ``torch._dynamo`` (over a second) into every
+    ``import mll``."""
+    if not made:
+        made.append(torch.compiler.disable(fn))
+    return made[0]
+
+
 _KERNELS = ("eager", "compiled")
 _mode = os.environ.get("MLL_CHUNK_KERNEL", "eager")
 if _mode not in _KERNELS:
