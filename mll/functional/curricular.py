@@ -52,7 +52,7 @@ def _curricular_negatives(cosine: Tensor, target: Tensor, margin: Tensor, t: Ten
     step = above(cosine, threshold)
     u = torch.add(cosine, t, out=scratch(cosine, 1))
     u = torch.lerp(torch.ones((), dtype=u.dtype, device=u.device).expand_as(u), u, step, out=u)
-    slope = step.mul_(cosine).add_(u)
+    slope = torch.addcmul(u, step, cosine, out=step)  # u + h·c, in the mask's buffer: one pass
     return u.mul_(cosine), slope
 
 

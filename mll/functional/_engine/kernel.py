@@ -278,11 +278,13 @@ def _compiled_backward(
 
 def chunk_dcos(
     spec: Spec, chunk: Chunk, dz: Tensor, s: Any, g: Tensor, grad_value: Optional[Tensor], params: list[Tensor],
-    grad_params: list[Optional[Tensor]],
+    grad_params: list[Optional[Tensor]], out: Optional[Tensor] = None,
 ) -> Tensor:  # fmt: skip
     """∂loss/∂(cosine) of the chunk from ∂loss/∂logit ``dz`` (without the rows' upstream gradient ``g``), through the
     margin, divided by each weight row's norm (the normalisation's forward factor, folded in here); for K > 1 the
-    sub-center cosines' gradient. Also the margin's own gradients (with ``g``). May overwrite ``dz``."""
+    sub-center cosines' gradient. Also the margin's own gradients (with ``g``). May overwrite ``dz``. ``out``: where
+    a family's non-target slopes (one sub-center, class targets) write it, if given — a row tile's cosines, which
+    nothing reads after the slopes are formed: the gradient lands in the tile without a copy."""
     targets, k = spec.targets, spec.num_sub_centers
     # the per-column factor: the scale and, for K = 1, the rows' 1 / ‖w‖ (K > 1: after the pooling's backward)
     factor = chunk.scaled_inv(s) if k == 1 else s
@@ -317,7 +319,8 @@ def chunk_dcos(
     if grad_value is not None:
         for p, (inside, _) in enumerate(entries):
             grad_value[:, p : p + 1] += torch.where(inside, at[p] * g[:, None], 0.0)
-    dcos = dz if chunk.neg_slope is None else dz.mul_(chunk.neg_slope)
+    into = dz if out is None or k != 1 else out
+    dcos = dz if chunk.neg_slope is None else torch.mul(dz, chunk.neg_slope, out=into)
     dcos.mul_(factor)
     for p, (inside, col) in enumerate(entries):
         target = at[p] * slope[:, p : p + 1]

@@ -161,7 +161,8 @@ def tile_gradients(
                 add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
             if gx is not None and row_weights is not None:
                 gx.mul_(gt[:, None])
-            del raw
+            del raw, out
+    del buf  # the tiles' logits go before the fold's own blocks come
     if grad_w is not None and norms is not None and n > 0 and width > 0:  # the rows' normalisation, once
         eps = weight_eps(weight.dtype)
         rows_acc = weight.detach() if weight.dtype == acc else weight.detach().to(acc)
@@ -203,7 +204,7 @@ def row_groups(
             grad_s += ((dz * chunk.z).sum(1) * g[a:b]).sum() / s
         gv = None if grad_value is None else grad_value[a:b]
         gp = [None if gr is None else row_slice(gr, a, b) for gr in grad_params]
-        dcos = chunk_dcos(group, chunk, dz, s, g[a:b], gv, list(pt), gp)
+        dcos = chunk_dcos(group, chunk, dz, s, g[a:b], gv, list(pt), gp, out=part)
         if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
             part.copy_(dcos)
         del chunk, dz, dcos
@@ -263,8 +264,8 @@ def class_blocks(
         else:  # the plain logits' e^{z − m_b} are in the tile: softmax·Σt = e^{z − m_b}·e^{m_b − max}·Σt/Σ
             dz = chunk.z.mul_(factor[:, None])
         dz = subtract_targets_(dz, targets, chunk.start, chunk.stop)
-        dcos = chunk_dcos(tile, chunk, dz, s, g, grad_value, list(params), grad_params)
         part = raw[:, chunk.start : chunk.stop]
+        dcos = chunk_dcos(tile, chunk, dz, s, g, grad_value, list(params), grad_params, out=part)
         if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
             part.copy_(dcos)
         if again:  # (the block's values and slopes go now: one block's at a time)
