@@ -8,8 +8,10 @@ forward, and backward only scales it. Each tile of rows computes its logits over
 ``rows × B·K`` numbers), its exact log-sum-exp (with the other blocks' under class sharding: one MAX and one SUM
 all-reduce per tile), its per-row losses and ``softmax − target``, and then its share of the feature gradient and of
 the weight gradient (the other two GEMMs). The weight gradient is accumulated unfolded over the tiles and the rows'
-normalisation folded into it once (``normalization.fold_normalization_``). Memory: one tile's logits and the
-gradients themselves (the weight gradient is the tensor that becomes ``.grad``).
+normalisation folded into it once (``normalization.fold_normalization_``). A factor common to a row's entries (its
+upstream gradient, and for class-major tiles its softmax's Σt/Σe) scales the GEMMs' small operands — the row's
+features and its feature gradient — rather than the tile. Memory: one tile's logits and the gradients themselves
+(the weight gradient is the tensor that becomes ``.grad``).
 
 A tile's elementwise work runs where its logits stay in cache: for one sub-center and class targets in a single
 process (ArcFace, CosFace, ScaledNormalizedLinear, …; CurricularFace and the other families with a non-target part in
@@ -26,8 +28,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, row_slice
-from mll.functional._engine.kernel import chunk_dcos, subtract_targets_, target_logit_sum, tile_softmax_grad
+from mll.functional._engine.chunks import Chunk, ChunkRows, Spec, add_grads, chunk_bounds, gemm, in_chunk, row_slice
+from mll.functional._engine.kernel import chunk_dcos, target_logit_sum, tile_softmax_grad
 from mll.functional._engine.normalization import fold_normalization_
 from mll.functional._engine.numerics import acc_dtype, double_backward, exp_, scratch_pool, weight_eps
 
@@ -40,7 +42,9 @@ CLASS_MAJOR = True
 #: a family with a non-target part runs class-major only in tiles of fewer rows than this: its values and slopes
 #: are formed twice there (once per pass), which the faster GEMM repays at 64 rows (CurricularFace, d = 512,
 #: C = 10^5, 2 threads: 0.97–1.05× the floor against 1.05–1.18× row-major) but not at 128 or 256 (even: 1.000 against
-#: 1.001 and 1.010 against 1.005 with its mask as arithmetic; 1.120/1.113 and 1.067/1.032 before)
+#: 1.001 and 1.010 against 1.005 with its mask as arithmetic; 1.120/1.113 and 1.067/1.032 before). With the rows'
+#: softmax factor on the GEMMs' operands (two passes fewer), measured again beside the floor: 128 rows 0.978 and
+#: 1.024 against 1.008 and 1.006 row-major (even), 256 rows 1.063 and 1.106 against 0.911 and 1.069 (row-major ahead)
 NEGATIVES_CLASS_MAJOR_ROWS = 128
 #: … and at any tile size where a row-major group would hold fewer than 4 rows (more classes than this): groups of a
 #: row or two pay their fixed costs per row, and the row-major GEMM falls further behind (CurricularFace, N = 1024,
@@ -145,22 +149,24 @@ def tile_gradients(
                 raw = gemm(block.rows, xt, acc, out.view(width, r1 - r0)).t()
             else:
                 raw = gemm(xt, block.rows, acc, out.view(r1 - r0, width * k))
-            if row_weights is None:
-                gt, xg = torch.ones(r1 - r0, dtype=acc, device=x.device), x_acc[r0:r1]
-            else:
-                gt = row_weights[r0:r1].to(acc)
-                xg = x_acc[r0:r1] * gt[:, None]
-            losses[r0:r1] = shape(
+            gt = torch.ones(r1 - r0, dtype=acc, device=x.device) if row_weights is None else row_weights[r0:r1].to(acc)
+            losses[r0:r1], factor = shape(
                 spec.rows(r0, r1), xt, weight, None if value_d is None else value_d[r0:r1],
                 tuple(row_slice(p.detach(), r0, r1) for p in params), s, raw, block, gt,
                 None if grad_value is None else grad_value[r0:r1],
                 [None if g is None else row_slice(g, r0, r1) for g in grad_params], grad_s,
             )  # fmt: skip
+            # each row's share of both gradients scaled by its upstream gradient and, class-major, its softmax factor:
+            # on the GEMMs' small operands (the features, the feature gradient), not on the tile
+            rows_factor = None if row_weights is None else gt
+            if factor is not None:
+                rows_factor = factor if rows_factor is None else rows_factor * factor
+            xg = x_acc[r0:r1] if rows_factor is None else x_acc[r0:r1] * rows_factor[:, None]
             gx = None if grad_x is None else grad_x[r0:r1].zero_()
             if width > 0:
                 add_grads(raw, xg, block, k, spec.tau, gx, grad_w, fresh=first == 0, fold=False)
-            if gx is not None and row_weights is not None:
-                gx.mul_(gt[:, None])
+            if gx is not None and rows_factor is not None:
+                gx.mul_(rows_factor[:, None])
             del raw, out
     del buf  # the tiles' logits go before the fold's own blocks come
     if grad_w is not None and norms is not None and n > 0 and width > 0:  # the rows' normalisation, once
@@ -186,10 +192,11 @@ def row_groups(
     tile: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...], s: Any, raw: Tensor,
     block: ChunkRows, g: Tensor, grad_value: Optional[Tensor], grad_params: list[Optional[Tensor]],
     grad_s: Optional[Tensor],
-) -> Tensor:  # fmt: skip
+) -> tuple[Tensor, None]:  # fmt: skip
     """A row tile's losses, and ∂loss/∂cos (divided by the rows' norms) written over its logits ``raw`` (rows ×
     B·K) in place, for an upstream gradient ``g`` per row on the margin's parameters and the scale (``grad_s``,
-    accumulated). The work runs on groups of rows of about :data:`GROUP_ELEMENTS` logits (see :func:`group_rows`)."""
+    accumulated). The work runs on groups of rows of about :data:`GROUP_ELEMENTS` logits (see :func:`group_rows`).
+    No factor for the rows (None: :func:`class_blocks`' second result)."""
     width = raw.shape[1] // tile.num_sub_centers
     losses = raw.new_empty(raw.shape[0])
     for a, b in chunk_bounds(raw.shape[0], group_rows(tile, raw.shape[1])):
@@ -208,70 +215,82 @@ def row_groups(
         if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
             part.copy_(dcos)
         del chunk, dz, dcos
-    return losses
+    return losses, None
 
 
 def class_blocks(
     tile: Spec, x: Tensor, weight: Tensor, value: Optional[Tensor], params: tuple[Tensor, ...], s: Any, raw: Tensor,
     block: ChunkRows, g: Tensor, grad_value: Optional[Tensor], grad_params: list[Optional[Tensor]],
     grad_s: Optional[Tensor] = None,
-) -> Tensor:  # fmt: skip
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """A tile of one sub-center's logits held class-major (``raw`` = the ``rows × B`` view of a ``B × rows`` GEMM
-    output), class targets: its rows' losses, and ∂loss/∂cos (divided by the rows' norms) written over ``raw`` in
-    place, for an upstream gradient ``g`` per row on the margin's parameters. ``grad_s`` is always None here
-    (:func:`class_major` leaves a scale that needs a gradient to :func:`row_groups`, which keeps the logits for it);
-    it keeps the two functions' signatures alike.
+    output), class targets: its rows' losses and their softmax factor f = Σt/Σ_j e^{z_j − max}, with ∂loss/∂cos
+    (divided by the rows' norms) *over f* written over ``raw`` in place — the caller scales each row's share of the
+    two gradient GEMMs by f on their small operands, so that no pass over the tile does. ``g``: an upstream gradient
+    per row, on the margin's parameters. ``grad_s`` is always None here (:func:`class_major` leaves a scale that needs
+    a gradient to :func:`row_groups`, which keeps the logits for it); it keeps the two functions' signatures alike.
 
     Why class-major: on this CPU the GEMM Wx̂ᵀ runs 5–25% faster than x̂Wᵀ for tiles of 64–512 rows (ZT = W X^T
-    against Z = X W^T, d = 512, C = 10^5: 536 against 660 µs per row at 128 rows, 501 against 584 at 256). A block of
-    classes is then contiguous, so the elementwise work walks blocks of about :data:`GROUP_ELEMENTS` logits in two
-    passes that each read the tile once from memory: the first shapes a block's logits in place, takes each row's
-    block maximum m_b and replaces the logits by e^{z − m_b}, summing them; the second scales a block by
-    e^{m_b − max}/Σ (its rows' softmax, no second exp) and forms ``softmax − target`` and the margin's chain. A
-    family's non-target part leaves the cosines in the tile instead: its values and slopes (block-sized) are formed
-    in each pass, and the second takes e^{z − lse}."""
+    against Z = X W^T, d = 512, C = 10^5: 536 against 660 µs per row at 128 rows, 501 against 584 at 256; at 256
+    rows the forward GEMM 220 against 248 ms, the two gradient GEMMs alike). A block of classes is then contiguous,
+    so the elementwise work walks blocks of about :data:`GROUP_ELEMENTS` logits in two passes that each read the
+    tile once from memory: the first shapes a block's logits (in place) and takes each row's maximum; the second
+    replaces them by e^{z − max}, sums them, and forms ``e^{z − max}·slope`` (the target entries last, once the sums
+    are known). A family's non-target part leaves the cosines in the tile: its values (and slopes) are formed in
+    each pass from them, block-sized temporaries."""
     rows, width = raw.shape
     targets = tile.targets
-    assert targets.classes is not None and value is not None
+    assert targets.classes is not None and value is not None and tile.slope is not None
     # a non-target part (CurricularFace, …): its values and slopes are block-sized temporaries, dropped after the
     # first pass and formed again from the cosines (left in the tile) in the second
     again = tile.family.negatives is not None
-    chunks, tops, sums = [], [], []
+    chunks: list[Chunk] = []
+    top: Optional[Tensor] = None
     for c0, c1 in chunk_bounds(width, block_columns(rows, width)):
         chunk = Chunk(tile, x, weight, value, params, s, c0, c1, raw=raw[:, c0:c1], shared=block)
-        top = chunk.z.amax(1)
-        sums.append(exp_(chunk.z.sub_(top[:, None])).sum(1))
+        block_top = chunk.z.amax(1)
+        top = block_top if top is None else torch.maximum(top, block_top, out=top)
         if again:
             del chunk.z
             chunk.neg_slope = None
-        tops.append(top)
         chunks.append(chunk)
-    top_b = torch.stack(tops)
-    top = top_b.amax(0)
-    rescale = (top_b - top).exp_()  # e^{m_b − max}, (blocks, rows)
-    total = (torch.stack(sums) * rescale).sum(0)
+    assert top is not None
+    entries = targets.classes.shape[1]
+    total = raw.new_zeros(rows)
+    at_targets = raw.new_zeros(rows, entries)  # e^{z − max} at each target entry
+    for chunk in chunks:
+        if again:
+            chunk.shape_negatives(tile, s)
+            chunk.write_targets(targets, value, s)
+        e = exp_(chunk.z.sub_(top[:, None]))
+        total += e.sum(1)
+        for p in range(entries):
+            inside, col = in_chunk(targets.classes[:, p : p + 1], chunk.start, chunk.stop)
+            at_targets[:, p : p + 1] += torch.where(inside, e.gather(1, col), 0.0)
+        part = raw[:, chunk.start : chunk.stop]
+        dcos = e if chunk.neg_slope is None else torch.mul(e, chunk.neg_slope, out=part)
+        dcos.mul_(chunk.scaled_inv(s))  # the scale and the rows' 1/‖w‖, per class
+        if dcos.data_ptr() != part.data_ptr():  # (a family's own values where no slope came: into the tile)
+            part.copy_(dcos)
+        if again:  # (the block's values and slopes go now: one block's at a time)
+            del chunk.z, e, dcos
+            chunk.neg_slope = None
     term = target_logit_sum(targets, value, s, width, total.dtype)
     lse = top + torch.log(total)
     losses = (lse if targets.row_sum is None else lse * targets.row_sum) - term
-    rescale.mul_(total.reciprocal() if targets.row_sum is None else targets.row_sum / total)
-    for chunk, factor in zip(chunks, rescale):
-        if again:  # softmax·Σt = e^{z − lse}·Σt, from the logits formed again
-            chunk.shape_negatives(tile, s)
-            chunk.write_targets(targets, value, s)
-            dz = exp_(chunk.z.sub_(lse[:, None]))
-            if targets.row_sum is not None:
-                dz.mul_(targets.row_sum[:, None])
-        else:  # the plain logits' e^{z − m_b} are in the tile: softmax·Σt = e^{z − m_b}·e^{m_b − max}·Σt/Σ
-            dz = chunk.z.mul_(factor[:, None])
-        dz = subtract_targets_(dz, targets, chunk.start, chunk.stop)
-        part = raw[:, chunk.start : chunk.stop]
-        dcos = chunk_dcos(tile, chunk, dz, s, g, grad_value, list(params), grad_params, out=part)
-        if dcos.data_ptr() != part.data_ptr():  # a family's own tensor: the gradient goes where the logits were
-            part.copy_(dcos)
-        if again:  # (the block's values and slopes go now: one block's at a time)
-            del chunk.z, dz, dcos
-            chunk.neg_slope = None
-    return losses
+    factor = total.reciprocal() if targets.row_sum is None else targets.row_sum / total
+    # the target entries: ∂loss/∂z = e·f − w there, through the margin's slope to the cosine, over f (a row with no
+    # target weight, f = 0, has no gradient at all)
+    for p in range(entries):
+        inside, col = in_chunk(targets.classes[:, p : p + 1], 0, width)
+        w = 1.0 if targets.weights is None else targets.weights[:, p : p + 1].to(raw.dtype)
+        at = (at_targets[:, p : p + 1] * factor[:, None] - w) * s  # ∂loss/∂ψ
+        if grad_value is not None:
+            grad_value[:, p : p + 1] += torch.where(inside, at * g[:, None], 0.0)
+        entry = at * tile.slope[:, p : p + 1] * block.inv[col] / factor[:, None]
+        keep = inside & (factor[:, None] != 0)
+        raw.scatter_(1, col, torch.where(keep, entry, torch.where(inside, 0.0, raw.gather(1, col))))
+    return losses, factor
 
 
 def block_columns(rows: int, width: int) -> int:

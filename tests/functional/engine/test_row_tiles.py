@@ -87,3 +87,42 @@ def test_the_tiles_buffer_is_released_before_the_weight_gradients_fold(name: str
     loss.backward()
     assert 8 * 3000 in sizes  # the tiles' buffer was made here (and the check above can see it)
     assert alive == [False], alive
+
+
+@pytest.mark.parametrize("margin_type", ["arc", "cos", "curricular"])
+def test_class_major_tiles_equal_the_kept_logits_with_few_hot_pairs(margin_type: str, monkeypatch) -> None:
+    """The class-major tiles leave each row's softmax factor Σt/Σe^{z−max} to the gradient GEMMs' small operands
+    and form the target entries last: few-hot pairs (a class twice in a row, merged; a row whose weights sum to 0,
+    which has no gradient), a per-class margin that needs a gradient, several blocks with a ragged last one and a
+    ragged last tile (CurricularFace: class indices, its non-target part formed in both passes) — the same losses
+    and gradients as the chunk kernel keeping its logits, in float64."""
+    calls = []
+    blocks = row_tiles.class_blocks
+    monkeypatch.setattr(row_tiles, "class_blocks", lambda *a, **k: calls.append(1) or blocks(*a, **k))
+    monkeypatch.setattr(row_tiles, "block_columns", lambda rows, width: 3)
+    torch.manual_seed(0)
+    n, c, d = 7, 11, 4
+    x = torch.randn(n, d, dtype=torch.float64)
+    w = torch.randn(c, d, dtype=torch.float64)
+    classes = torch.randint(0, c, (n, 2))
+    classes[2, 1] = classes[2, 0]  # a mixup of two samples of one class
+    weights = torch.rand(n, 2, dtype=torch.float64)
+    weights[4] = 0.0  # no target weight at all
+    losses = {}
+    for path in ("keep", "row_tiles"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        m = torch.full((c,), 0.3, dtype=torch.float64, requires_grad=True)
+        # (CurricularFace takes class indices only; its t is a statistic, without a gradient)
+        if margin_type == "curricular":
+            target: object = classes[:, 0]
+            margin = {"margin": MF.CURRICULAR(m, torch.tensor(0.4, dtype=torch.float64))}
+        else:
+            target, margin = (classes, weights), {"margin": m, "margin_type": margin_type}
+        with MF.set_loss_path(path, rows=3):
+            loss = MF.margin_cross_entropy(xs, ws, target, scale=9.0, **margin)
+        losses[path] = (loss, torch.autograd.grad(loss, [xs, ws, m]))
+    assert calls, "the class-major tiles did not run"
+    (want, want_grads), (got, got_grads) = losses["keep"], losses["row_tiles"]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, ref in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
