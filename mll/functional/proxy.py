@@ -54,8 +54,8 @@ from mll.functional._engine.compiled import outside_graph
 from mll.functional._engine.distributed import GatherRows, all_gather_rows, all_reduce, rank_and_world
 from mll.functional._engine.normalization import normalize
 from mll.functional._engine.numerics import acc_dtype, has_values
-from mll.functional._engine.plan import dense_first
-from mll.functional.chunked import accumulating_bytes, default_chunk_size, scalar_loss
+from mll.functional._engine.plan import class_sums_chunk, dense_first
+from mll.functional.chunked import accumulating_bytes, scalar_loss
 from mll.functional.cosine import pooled_cosines
 
 __all__ = [
@@ -205,7 +205,9 @@ def chunked_proxy_anchor_loss(
         num_sub_centers (int): ``K`` proxies per class; a class's similarity is their pooled cosine.
         pooling (str): ``"max"`` or ``"soft"`` sub-center pooling (see :func:`cosine_logits`).
         pooling_temperature (float): γ of soft pooling.
-        chunk_size (int, optional): classes per chunk; default as :func:`margin_cross_entropy`'s.
+        chunk_size (int, optional): classes per chunk; default: three N×chunk·K buffers (and a share for the
+            step's other tensors) within the memory budget, 2^18 to 2^22 logits, at least 512 classes (see
+            ``docs/chunked.md``).
 
     Returns:
         Tensor: the loss, 0-dim (float32 for half-precision input).
@@ -236,8 +238,8 @@ def proxy_anchor_chunked(
         cosine = pooled_cosines(input.reshape(rows, input.shape[-1]), weight, k, pooling, pooling_temperature)
         return proxy_anchor_from_cosines(cosine, labels.reshape(-1), alpha, delta)
     x = normalize(input).reshape(-1, input.shape[-1])
-    chunk = default_chunk_size(x.shape[0], num_classes, k, x.device) if chunk_size is None else int(chunk_size)
-    spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk)
+    chunk = chunk_size if chunk_size is not None else class_sums_chunk(x.shape[0], num_classes, k, x.dtype, x.device)
+    spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), int(chunk))
     labels = labels.reshape(-1)
     if scalar_loss("mean", x, weight) and not accumulating_bytes(weight):  # the gradient formed in the forward
         count = present_classes(labels, num_classes)
@@ -355,8 +357,8 @@ def _sharded(
         x = GatherRows.apply(x, sizes, rank, group, grad_scale)
     y = all_gather_rows(labels.reshape(-1, 1), sizes, group).reshape(-1)
     local_y = torch.where((y >= class_start) & (y < class_start + width), y - int(class_start), -1)
-    chunk = default_chunk_size(sum(sizes), max(width, 1), k, x.device) if chunk_size is None else int(chunk_size)
-    spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), chunk, group, world)
+    chunk = chunk_size if chunk_size is not None else class_sums_chunk(sum(sizes), max(width, 1), k, x.dtype, x.device)
+    spec = ClassSumsSpec(alpha, delta, k, _tau(pooling, pooling_temperature, k), int(chunk), group, world)
     if scalar_loss("mean", x, weight) and not accumulating_bytes(weight):  # the gradient formed in the forward
         count = present_classes(y, int(num_classes))  # |P⁺| of the global batch, the same on every rank
         part, stats = ProxyAnchorOnePass.apply(x, weight, local_y, spec, 1.0 / count, 1.0 / int(num_classes))

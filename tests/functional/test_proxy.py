@@ -411,3 +411,31 @@ def test_sharded_proxy_anchor_in_one_process_is_the_chunked_loss() -> None:
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(torch.autograd.grad(got, [xs[0], ws[0]]), torch.autograd.grad(want, [xs[1], ws[1]])):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_proxy_anchor_chunks_hold_a_share_of_the_budget(monkeypatch) -> None:
+    """Proxy-Anchor's chunks: four shares of the memory budget (three N×chunk·K buffers and the step's other
+    tensors), 2^18 to 2^22 logits, a multiple of 512 classes, at most C; the user's budget where set; the chunk the
+    loss runs with when no ``chunk_size`` is given."""
+    from mll.functional._engine.plan import chunk_classes, class_sums_chunk
+
+    f32 = torch.float32
+    assert class_sums_chunk(1024, 100_000, 1, f32) == 4096  # 2^22 logits (the budget's share: 6.4 M)
+    assert class_sums_chunk(256, 100_000, 1, f32) == 6144  # 25.6 MB / 16 B: 1.6 M logits, 6250 classes, rounded
+    assert class_sums_chunk(4096, 1_000_000, 1, f32) == 1024
+    assert class_sums_chunk(1024, 10_000, 1, f32) == 512  # at C = 10^4 the budget leaves 2^18 logits: 256 classes
+    assert class_sums_chunk(256, 10_000, 1, f32) == 1024
+    assert class_sums_chunk(256, 100_000, 3, f32) == 5120  # K = 3: 2^22 logits are 5461 classes, rounded
+    assert class_sums_chunk(8, 700, 1, f32) == 700  # at most C
+    assert class_sums_chunk(256, 100_000, 1, torch.float64) == 6144  # 8 bytes a logit, a budget of twice the bytes
+    assert class_sums_chunk(1024, 100_000, 1, f32, device="meta") == chunk_classes(1024, 100_000, 1, "meta") == 4096
+    with MF.set_memory_budget(0):
+        assert class_sums_chunk(1024, 100_000, 1, f32) == 512  # 2^18 logits at least
+    with MF.set_memory_budget(1 << 40):
+        assert class_sums_chunk(256, 100_000, 1, f32) == 16384  # 2^22 logits at most
+    seen = []
+    spec = mll.functional.proxy.ClassSumsSpec
+    monkeypatch.setattr(mll.functional.proxy, "ClassSumsSpec", lambda *a: seen.append(a[4]) or spec(*a))
+    head = mll.ProxyAnchor(4, 20_000)
+    head.loss(torch.randn(300, 4), torch.randint(0, 20_000, (300,))).backward()
+    assert seen == [class_sums_chunk(300, 20_000, 1, f32)] == [1024], seen  # 6 MB / 16 B: 1250 classes, rounded

@@ -43,6 +43,14 @@ PATHS = ("auto", "dense", "keep", "row_tiles", "recompute")
 CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_CLASSES = 512
+#: Proxy-Anchor's one pass holds three N×chunk·K buffers (the cosines, the negatives' terms, the gradient), counted
+#: as four: the step's own tensors (the features, their gradient) take a share of the budget too; its chunks hold up
+#: to this many logits where the budget allows (larger GEMMs, fewer passes of Python: ProxyAnchor,
+#: d = 512, 2 threads, tuned allocator, × the floor's time, chunks of 2^18 logits against larger: N = 1024, C = 10^5
+#: 1.074 against 0.989 (2048 classes) and 0.960 (4096); N = 256, C = 10^5 1.042 against 0.917 (8192) and 0.941
+#: (16384); N = 1024, C = 10^4 1.081 against 1.031 (1024) and 1.002 (4096))
+CLASS_SUMS_MAX_ELEMENTS = 1 << 22
+CLASS_SUMS_BUFFERS = 4
 #: the default budget's bounds, per device type (CPU; accelerators: chosen, not yet measured)
 MIN_BUDGET = 1 << 24
 MAX_BUDGET = 1 << 30
@@ -134,10 +142,31 @@ def memory_budget(rows: int, classes: int, sub_centers: int, dtype: torch.dtype,
         return int(_STATE["budget"])
     cpu = torch.device(device).type == "cpu"
     low, high = (MIN_BUDGET, MAX_BUDGET) if cpu else (ACCELERATOR_MIN_BUDGET, ACCELERATOR_MAX_BUDGET)
+    return int(min(high, max(low, _shape_budget(rows, classes, sub_centers, dtype))))
+
+
+def _shape_budget(rows: int, classes: int, sub_centers: int, dtype: torch.dtype) -> float:
+    """The automatic budget before its bounds: an eighth of the N×C·K logits, raised to 256 rows, at most a
+    quarter."""
     row = classes * sub_centers * _bytes(dtype)
     logits = rows * row
-    auto = min(MAX_BUDGET_FRACTION * logits, max(BUDGET_FRACTION * logits, EFFICIENT_TILE_ROWS * row))
-    return int(min(high, max(low, auto)))
+    return min(MAX_BUDGET_FRACTION * logits, max(BUDGET_FRACTION * logits, EFFICIENT_TILE_ROWS * row))
+
+
+def class_sums_chunk(rows: int, classes: int, sub_centers: int, dtype: torch.dtype, device: Any = "cpu") -> int:
+    """Classes per chunk of Proxy-Anchor's kernel (``class_sums.py``), counted as :data:`CLASS_SUMS_BUFFERS`
+    N×chunk·K buffers: on a CPU the budget's share of each (the user's budget, or the automatic one without its
+    16 MB floor, which at C = 10^4 would hold a tenth of the dense step's memory and more), between
+    :data:`CHUNK_ELEMENTS` and :data:`CLASS_SUMS_MAX_ELEMENTS` logits; a multiple of :data:`MIN_CHUNK_CLASSES`
+    classes (at most C, at least 1). Accelerators: :func:`chunk_classes` (not yet measured)."""
+    if torch.device(device).type != "cpu":
+        return chunk_classes(rows, classes, sub_centers, device)
+    user = _STATE["budget"]
+    budget = min(MAX_BUDGET, _shape_budget(rows, classes, sub_centers, dtype)) if user is None else user
+    elements = int(min(CLASS_SUMS_MAX_ELEMENTS, max(CHUNK_ELEMENTS, budget // (CLASS_SUMS_BUFFERS * _bytes(dtype)))))
+    chunk = max(MIN_CHUNK_CLASSES, elements // max(1, rows * sub_centers))
+    # a multiple of 512 classes: the GEMMs' blocks (N = 256, C = 10^5, × the floor: 6144 classes 0.949, 6250 1.019)
+    return max(1, min(classes, chunk - chunk % MIN_CHUNK_CLASSES))
 
 
 def chunk_classes(rows: int, classes: int, sub_centers: int, device: Any = "cpu") -> int:
