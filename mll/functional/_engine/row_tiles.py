@@ -268,10 +268,10 @@ def class_blocks(
             inside, col = in_chunk(targets.classes[:, p : p + 1], chunk.start, chunk.stop)
             at_targets[:, p : p + 1] += torch.where(inside, e.gather(1, col), 0.0)
         part = raw[:, chunk.start : chunk.stop]
+        # plain logits: e is the tile's block itself (shaped in place); a non-target part writes e·slope there
         dcos = e if chunk.neg_slope is None else torch.mul(e, chunk.neg_slope, out=part)
+        assert dcos.data_ptr() == part.data_ptr()
         dcos.mul_(chunk.scaled_inv(s))  # the scale and the rows' 1/‖w‖, per class
-        if dcos.data_ptr() != part.data_ptr():  # (a family's own values where no slope came: into the tile)
-            part.copy_(dcos)
         if again:  # (the block's values and slopes go now: one block's at a time)
             del chunk.z, e, dcos
             chunk.neg_slope = None
